@@ -1,0 +1,3 @@
+from vlcp.cli import main
+
+main()

@@ -1,0 +1,192 @@
+"""Content-addressed stage cache.
+
+Every stage artefact lives under a key that is the hash of everything that can change it (stage
+name, the stage's code version, parameters, input identities, model identity), in the spirit of
+joblib.Memory and DVC's run-cache. The index (diskcache, SQLite: safe for concurrent processes)
+maps ``stage/key`` to a record holding the JSON metadata inline and, for tensors, the name of an
+immutable safetensors blob whose file name carries its own checksum. Blobs are written to a temp
+file and renamed, so a killed writer never leaves a half-written entry behind; a blob whose bytes no
+longer match its checksum is reported, dropped and recomputed.
+
+Tensors are numpy arrays here (``safetensors.numpy``): reading the cache never imports torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("vlcp")
+
+INDEX_DIR = "index"
+BLOB_DIR = "blobs"
+MODELS_DIR = "models"
+
+
+def stable_hash(obj: Any, n: int = 32) -> str:
+    """Hash a JSON-able object independently of dict order and whitespace."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def stage_key(stage: str, version: int, **parts: Any) -> str:
+    """The key of one artefact: stage name + code version + everything else that changes it."""
+    return stable_hash({"stage": stage, "version": version, **parts})
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Entry:
+    meta: dict
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class CorruptEntry(Exception):
+    pass
+
+
+class StageCache:
+    """One cache directory: ``index/`` (diskcache), ``blobs/<stage>/``, ``models/`` (tiny models)."""
+
+    def __init__(self, root: str | os.PathLike):
+        import diskcache
+
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Tens of thousands of small records: keep them all in SQLite, never as loose files.
+        self.index = diskcache.Cache(str(self.root / INDEX_DIR), disk_min_file_size=1 << 30,
+                                     size_limit=1 << 62, cull_limit=0, eviction_policy="none")
+        self.corrupt = 0
+
+    # -- records -----------------------------------------------------------------------------
+    def _blob_path(self, stage: str, name: str) -> Path:
+        return self.root / BLOB_DIR / stage / name[:2] / name
+
+    def has(self, stage: str, key: str) -> bool:
+        return f"{stage}/{key}" in self.index
+
+    def get(self, stage: str, key: str) -> Entry | None:
+        """The entry, or None when missing or corrupt (a corrupt one is dropped with a warning)."""
+        rec = self.index.get(f"{stage}/{key}")
+        if rec is None:
+            return None
+        try:
+            return self._read(stage, rec)
+        except (CorruptEntry, OSError, ValueError) as exc:
+            log.warning("cache entry %s/%s is corrupt (%s); recomputing it", stage, key[:12], exc)
+            self.corrupt += 1
+            self.index.pop(f"{stage}/{key}", None)
+            return None
+
+    def _read(self, stage: str, rec: dict) -> Entry:
+        meta_text = rec["meta"]
+        if hashlib.sha256(meta_text.encode()).hexdigest() != rec["meta_sha"]:
+            raise CorruptEntry("metadata checksum mismatch")
+        tensors: dict[str, np.ndarray] = {}
+        if rec.get("blob"):
+            from safetensors.numpy import load
+
+            path = self._blob_path(stage, rec["blob"])
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != rec["blob_sha"]:
+                raise CorruptEntry(f"checksum mismatch in {path.name}")
+            tensors = load(data)
+        return Entry(json.loads(meta_text), tensors)
+
+    def put(self, stage: str, key: str, meta: dict, tensors: dict[str, np.ndarray] | None = None) -> Entry:
+        meta_text = json.dumps(meta, sort_keys=True)
+        rec: dict[str, Any] = {"meta": meta_text, "meta_sha": hashlib.sha256(meta_text.encode()).hexdigest(),
+                               "stage": stage, "bytes": len(meta_text), "created": time.time()}
+        if tensors:
+            from safetensors.numpy import save
+
+            data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+            sha = hashlib.sha256(data).hexdigest()
+            name = f"{key}-{sha[:16]}.safetensors"  # immutable: a concurrent writer gets its own file
+            path = self._blob_path(stage, name)
+            atomic_write_bytes(path, data)
+            rec.update(blob=name, blob_sha=sha, bytes=rec["bytes"] + len(data))
+        self.index.set(f"{stage}/{key}", rec)
+        return Entry(meta, dict(tensors or {}))
+
+    # -- housekeeping ------------------------------------------------------------------------
+    def stats(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for k in self.index.iterkeys():
+            stage = k.split("/", 1)[0]
+            if stage.startswith("_"):  # memoised helper values, not artefacts
+                continue
+            rec = self.index.get(k)
+            if rec is None:
+                continue
+            s = out.setdefault(stage, {"entries": 0, "bytes": 0})
+            s["entries"] += 1
+            s["bytes"] += int(rec.get("bytes", 0))
+        models = self.root / MODELS_DIR
+        if models.exists():
+            n = sum(f.stat().st_size for f in models.rglob("*") if f.is_file())
+            out["models"] = {"entries": sum(1 for _ in models.iterdir()), "bytes": n}
+        return out
+
+    def clear(self, stage: str | None = None) -> int:
+        """Remove one stage's entries (or everything); return how many entries went."""
+        removed = 0
+        for k in list(self.index.iterkeys()):
+            if stage is None or k.split("/", 1)[0] == stage:
+                removed += self.index.pop(k, None) is not None
+        if stage is None:
+            shutil.rmtree(self.root / BLOB_DIR, ignore_errors=True)
+            shutil.rmtree(self.root / MODELS_DIR, ignore_errors=True)
+        elif stage == "models":
+            removed += len(list((self.root / MODELS_DIR).glob("*"))) if (self.root / MODELS_DIR).exists() else 0
+            shutil.rmtree(self.root / MODELS_DIR, ignore_errors=True)
+        else:
+            shutil.rmtree(self.root / BLOB_DIR / stage, ignore_errors=True)
+        return removed
+
+    def memo(self, name: str, key: str, compute) -> Any:
+        """Small JSON values memoised in the index (e.g. directory hashes keyed by file mtimes)."""
+        k = f"_memo/{name}/{key}"
+        val = self.index.get(k)
+        if val is None:
+            val = compute()
+            self.index.set(k, val)
+        return val
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory and rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(Path(path), text.encode())

@@ -1,0 +1,231 @@
+"""The ``vlcp`` command line. Heavy libraries (torch, diffusers, transformers) are imported only inside
+commands that compute something, so ``--help``, ``--version`` and fully cached runs start fast."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from vlcp import __version__
+
+log = logging.getLogger("vlcp")
+
+STAGE_NAMES = ["images", "captions", "latents", "outliers", "clusters", "text_prototypes", "synthesis", "output"]
+
+
+class Ctx:
+    def __init__(self, cache_dir: Path, data_dir: Path, device: str, verbose: int, quiet: bool):
+        self.cache_dir, self.data_dir, self.device, self.verbose, self.quiet = cache_dir, data_dir, device, verbose, quiet
+
+    def cache(self):
+        from vlcp.cache import StageCache
+
+        return StageCache(self.cache_dir)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    log.setLevel(level)
+    if not verbose:  # library chatter ("Loading weights", deprecation notes) is not for our users
+        for name in ("diffusers", "transformers", "huggingface_hub"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="vlcp")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cache"),
+              envvar="VLCP_CACHE_DIR", show_default=True, show_envvar=True, help="Where stage artefacts are cached.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("data"),
+              envvar="VLCP_DATA_DIR", show_default=True, show_envvar=True,
+              help="Where named datasets are (or get downloaded).")
+@click.option("--device", default="auto", envvar="VLCP_DEVICE", show_default=True, show_envvar=True,
+              help="auto (cuda, then mps, then cpu), or a torch device such as cuda:1.")
+@click.option("-v", "--verbose", count=True, help="More logging (library messages too).")
+@click.option("-q", "--quiet", is_flag=True, envvar="VLCP_QUIET", help="Only errors; no progress bars or summary.")
+@click.pass_context
+def cli(ctx, cache_dir, data_dir, device, verbose, quiet):
+    """vlcp: dataset distillation with diffusion models and vision-language category prototypes (VLCP, ICCV 2025).
+
+    Every stage is cached by the hash of its inputs, so changing one parameter recomputes only what it
+    affects. Start with `vlcp distill --data digits --ipc 10 --tiny --out out/digits` (offline, CPU).
+    """
+    _setup_logging(verbose, quiet)
+    ctx.obj = Ctx(cache_dir, data_dir, device, verbose, quiet)
+
+
+def _check_range(name: str, value, low, high, low_open=False):
+    if value is None:
+        return
+    bad = value < low or value > high or (low_open and value == low)
+    if bad:
+        lo = "(" if low_open else "["
+        raise click.BadParameter(f"must be in {lo}{low}, {high}], got {value}", param_hint=name)
+
+
+@cli.command()
+@click.option("--data", required=True, help="Dataset name (see `vlcp datasets`) or path to an ImageFolder.")
+@click.option("--ipc", type=int, required=True, help="Images per class to synthesise (= K-Means clusters).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder (an ImageFolder).")
+@click.option("--until", type=click.Choice(STAGE_NAMES), help="Stop after this stage (its artefacts stay cached).")
+@click.option("--tiny", is_flag=True, help="Tiny random models built offline: for tests and demos, output is noise.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of K-Means and of the synthesis noise.")
+@click.option("--classes", help="Comma-separated subset of classes (folder ids or names).")
+@click.option("--max-per-class", type=click.IntRange(min=1), help="Use only the first N images of each class.")
+@click.option("--captioner", help="Vision-language model (hub id or dir). [default: llava-hf/llava-1.5-7b-hf]")
+@click.option("--diffusion", help="Stable Diffusion model (hub id or dir). "
+                                  "[default: stable-diffusion-v1-5/stable-diffusion-v1-5]")
+@click.option("--caption-prompt", default=None, help="Prompt for captions; {CLASSNAME} is replaced. "
+                                                     "[default: the paper's prompt]")
+@click.option("--caption-batch-size", type=click.IntRange(min=1), help="[default: 8; 32 with --tiny]")
+@click.option("--caption-max-tokens", type=click.IntRange(min=1), help="New tokens per caption. "
+                                                                       "[default: 256; 32 with --tiny]")
+@click.option("--resolution", type=click.IntRange(min=8), help="Pixel size fed to the VAE. [default: the model's]")
+@click.option("--crop", type=click.Choice(["none", "center"]), default="none", show_default=True,
+              help="none: resize to a square as the reference code; center: resize short side + centre crop.")
+@click.option("--latent-batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--contamination", type=float, help="LOF outlier share, 0 skips LOF. [default: per dataset, see README]")
+@click.option("--beta", type=float, help="Non-representative word threshold (Eq. 2). [default: per dataset]")
+@click.option("--top-k", type=int, help="Representative words per cluster (Eq. 3). [default: per dataset]")
+@click.option("--allow-duplicates", is_flag=True, help="A class with fewer images than IPC reuses its prototypes.")
+@click.option("--strength", type=float, default=0.7, show_default=True, help="img2img noise strength, in (0, 1].")
+@click.option("--guidance-scale", type=float, default=10.0, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Denoising steps.")
+@click.option("--negative-prompt", default="cartoon, anime, painting", show_default=True)
+@click.option("--synthesis-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=1), help="Side of saved images. [default: per dataset]")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--dry-run", is_flag=True, help="Print which stages hit the cache and what would be computed.")
+@click.pass_obj
+def distill(obj: Ctx, **kw):
+    """Distill a dataset into IPC synthetic images per class with the VLCP method.
+
+    Stages: images, captions, latents, outliers, clusters, text_prototypes, synthesis, output.
+    Defaults of --contamination/--beta/--top-k/--image-size depend on the dataset (README table).
+    """
+    if kw["ipc"] < 1:
+        raise click.BadParameter(f"must be at least 1, got {kw['ipc']}", param_hint="--ipc")
+    _check_range("--beta", kw["beta"], 0, 1, low_open=True)
+    _check_range("--strength", kw["strength"], 0, 1, low_open=True)
+    _check_range("--contamination", kw["contamination"], 0, 0.5)
+    if kw["top_k"] is not None and kw["top_k"] < 1:
+        raise click.BadParameter(f"must be at least 1, got {kw['top_k']}", param_hint="--top-k")
+    dry_run = kw.pop("dry_run")
+    out: Path = kw["out"]
+    if not dry_run:
+        if out.exists() and not out.is_dir():
+            raise click.BadParameter(f"{out} is a file, not a folder", param_hint="--out")
+        if out.is_dir() and any(out.iterdir()) and not kw["force"]:
+            raise click.BadParameter(f"{out} is not empty; pass --force to replace it", param_hint="--out")
+    from vlcp.distill import DistillConfig, distill as run
+
+    classes = [c.strip() for c in kw.pop("classes").split(",") if c.strip()] if kw["classes"] else None
+    kw["caption_prompt"] = kw["caption_prompt"] or DistillConfig.caption_prompt
+    cfg = DistillConfig(data_dir=obj.data_dir, device=obj.device, classes=classes, progress=not obj.quiet,
+                        **{k: v for k, v in kw.items() if k != "classes"})
+    if cfg.tiny and not obj.quiet:
+        click.echo("--tiny: tiny random models (built offline, cached); captions and images are noise, "
+                   "for tests and demos only.", err=True)
+    cache = obj.cache()
+    with _user_errors():
+        manifest = run(cfg, cache, dry_run=dry_run)
+    if not obj.quiet:
+        _summary(manifest, dry_run)
+        if not dry_run:
+            click.echo(f"wrote {out}/ (manifest.json{', preview.png' if 'output' in manifest['stages'] else ''})")
+
+
+class _user_errors:
+    """Turn the package's own error types into one-line ClickExceptions (exit code 1)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None:
+            return False
+        from vlcp.datasets import DatasetError
+        from vlcp.distill import DistillError
+        from vlcp.models import ModelError
+        from vlcp.output import OutputError
+
+        if isinstance(exc, (DatasetError, DistillError, ModelError, OutputError)):
+            raise click.ClickException(str(exc)) from None
+        return False
+
+
+def _summary(manifest: dict, dry_run: bool) -> None:
+    rows = [("stage", "status", "computed", "cached", "model", "seconds")]
+    for name, r in manifest["stages"].items():
+        status = ("hit" if r["cached"] else "would compute" if dry_run else "computed")
+        rows.append((name, status, str(r["items_computed"]), str(r["items_cached"]),
+                     "loaded" if r["model_loaded"] else "-", f"{r['seconds']:.2f}"))
+    if dry_run and manifest.get("plan_unknown_after"):
+        rows.append(("...", f"later stages depend on {manifest['plan_unknown_after']}", "", "", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            click.echo("  ".join("-" * w for w in widths))
+    for w in manifest.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    if not dry_run:
+        click.echo(f"total {manifest['seconds']:.2f}s")
+
+
+@cli.group()
+def cache():
+    """Inspect or clear the stage cache."""
+
+
+@cache.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def cache_info(obj: Ctx, as_json):
+    """Entries and bytes per stage."""
+    stats = obj.cache().stats()
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    click.echo(f"cache: {obj.cache_dir.resolve()}")
+    if not stats:
+        click.echo("(empty)")
+    for stage, s in sorted(stats.items()):
+        click.echo(f"{stage:<16} {s['entries']:>8} entries {_human(s['bytes']):>10}")
+
+
+@cache.command("clear")
+@click.option("--stage", type=click.Choice(STAGE_NAMES + ["models"]), help="Only this stage (default: everything).")
+@click.pass_obj
+def cache_clear(obj: Ctx, stage):
+    """Remove cached artefacts (all, or one stage's)."""
+    n = obj.cache().clear(stage)
+    click.echo(f"removed {n} entr{'y' if n == 1 else 'ies'}" + (f" of stage {stage}" if stage else ""))
+
+
+@cli.command()
+@click.pass_obj
+def datasets(obj: Ctx):
+    """Known dataset names, where they are (or would be) stored, and whether they are present."""
+    from vlcp.datasets import KNOWN, is_present, location
+
+    for name, spec in KNOWN.items():
+        loc = location(spec, obj.data_dir)
+        where = "embedded in scikit-learn" if loc is None else str(loc)
+        status = "present" if is_present(spec, obj.data_dir) else ("missing: " + (spec.url or "see description"))
+        click.echo(f"{name:<14} {status}\n{'':<14} {where}\n{'':<14} {spec.description}")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def main():
+    cli(prog_name="vlcp")

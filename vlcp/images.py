@@ -1,0 +1,50 @@
+"""Robust image I/O: any file PIL can read becomes an upright RGB image; anything else is BadImage."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+
+
+class BadImage(Exception):
+    """A file that cannot be decoded as an image (truncated, empty, not an image)."""
+
+
+def to_rgb(img):
+    """EXIF orientation applied; grayscale, palette, CMYK, 16-bit and alpha images become RGB."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        a = np.asarray(img, dtype=np.float64)
+        hi = a.max() or 1.0
+        img = Image.fromarray((a / hi * 255).round().astype(np.uint8))
+    elif img.mode == "F":
+        import numpy as np
+
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def open_rgb(path: str | Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise BadImage(f"{Path(path).name}: {exc}") from None
+
+
+def png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,83 @@
+"""The distilled dataset on disk: an ImageFolder written to a temp folder and renamed into place.
+
+``OUT/<class folder>/<index>.png`` (class folder = the dataset's canonical id, so ImageFolder,
+the Minimax/IDC scripts and DD-Ranking read labels right), ``manifest.json``, ``prototypes.json``
+and ``preview.png``. A run that is interrupted never leaves a half-written dataset at ``OUT``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+class OutputError(Exception):
+    pass
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an ``--out`` that is a file, or a non-empty folder without ``--force``, before any work."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputError(f"--out {out} is not empty; pass --force to replace it")
+
+
+def write_json(path: Path, obj) -> None:
+    from vlcp.cache import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def publish(out: Path, build) -> None:
+    """Call build(tmp_dir), then swap tmp_dir into ``out`` (the old content goes only after success)."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        build(tmp)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_images(folder: Path, classes: list, images: dict[int, list[np.ndarray]], image_size: int | None) -> int:
+    """Write PNGs resized to image_size (None keeps the generated size); return how many."""
+    from PIL import Image
+
+    n = 0
+    for ci, cls in enumerate(classes):
+        d = folder / cls.folder
+        d.mkdir(parents=True, exist_ok=True)
+        for j, arr in enumerate(images.get(ci, [])):
+            im = Image.fromarray(arr)
+            if image_size and im.size != (image_size, image_size):
+                im = im.resize((image_size, image_size), Image.LANCZOS)
+            im.save(d / f"{j:04d}.png")
+            n += 1
+    return n
+
+
+def contact_sheet(classes: list, images: dict[int, list[np.ndarray]], cell: int = 64, max_cols: int = 10):
+    """One row per class, labelled with its human name: a quick look at the whole distilled set."""
+    from PIL import Image, ImageDraw
+
+    label_w = 160
+    cols = min(max_cols, max((len(v) for v in images.values()), default=1))
+    sheet = Image.new("RGB", (label_w + cols * cell, max(1, len(classes)) * cell), "white")
+    draw = ImageDraw.Draw(sheet)
+    for ci, cls in enumerate(classes):
+        draw.text((4, ci * cell + cell // 2 - 6), f"{cls.folder}: {cls.name}"[:26], fill="black")
+        for j, arr in enumerate(images.get(ci, [])[:cols]):
+            sheet.paste(Image.fromarray(arr).resize((cell, cell), Image.BICUBIC), (label_w + j * cell, ci * cell))
+    return sheet
