@@ -163,13 +163,13 @@ def _summary(manifest: dict, dry_run: bool) -> None:
         status = ("hit" if r["cached"] else "would compute" if dry_run else "computed")
         rows.append((name, status, str(r["items_computed"]), str(r["items_cached"]),
                      "loaded" if r["model_loaded"] else "-", f"{r['seconds']:.2f}"))
-    if dry_run and manifest.get("plan_unknown_after"):
-        rows.append(("...", f"later stages depend on {manifest['plan_unknown_after']}", "", "", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if i == 0:
             click.echo("  ".join("-" * w for w in widths))
+    if dry_run and manifest.get("plan_unknown_after"):
+        click.echo(f"later stages: not planned, they depend on what {manifest['plan_unknown_after']} computes")
     for w in manifest.get("warnings", []):
         click.echo(f"warning: {w}", err=True)
     if not dry_run:

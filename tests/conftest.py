@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models built once per session, fresh caches that reuse them, a CLI runner."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vlcp.cli import cli
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory) -> Path:
+    from vlcp.tiny import tiny_models
+
+    d = tmp_path_factory.mktemp("tiny") / "models"
+    tiny_models(d)
+    return d
+
+
+@pytest.fixture
+def cache_dir(tmp_path, tiny_models_dir) -> Path:
+    """An empty stage cache that already holds the tiny models (built once, copied: milliseconds)."""
+    d = tmp_path / "cache"
+    shutil.copytree(tiny_models_dir, d / "models")
+    return d
+
+
+@pytest.fixture
+def vlcp(cache_dir, tmp_path):
+    """Run the CLI in-process: vlcp("distill", ...) -> click Result (exit code, output)."""
+    runner = CliRunner()
+
+    def run(*args, cache=None):
+        base = ["--cache-dir", str(cache or cache_dir), "--data-dir", str(tmp_path / "data")]
+        return runner.invoke(cli, base + [str(a) for a in args], catch_exceptions=False)
+
+    return run
+
+
+def read_manifest(out: Path) -> dict:
+    return json.loads((Path(out) / "manifest.json").read_text())
