@@ -149,9 +149,12 @@ class _user_errors:
             return False
         from vlcp.datasets import DatasetError
         from vlcp.distill import DistillError
+        from vlcp.evaluate import EvalError
         from vlcp.models import ModelError
         from vlcp.output import OutputError
 
+        if isinstance(exc, EvalError):  # a synthetic folder that does not fit the dataset: bad input
+            raise click.UsageError(str(exc)) from None
         if isinstance(exc, (DatasetError, DistillError, ModelError, OutputError)):
             raise click.ClickException(str(exc)) from None
         return False
@@ -174,6 +177,105 @@ def _summary(manifest: dict, dry_run: bool) -> None:
         click.echo(f"warning: {w}", err=True)
     if not dry_run:
         click.echo(f"total {manifest['seconds']:.2f}s")
+
+
+@cli.command()
+@click.argument("synth_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="The real dataset (its test split is the test set).")
+@click.option("--protocol", type=click.Choice(["minimax", "dc", "rded"]),
+              help="[default: minimax for ImageNet subsets, dc otherwise]")
+@click.option("--model", type=click.Choice(["convnet3", "convnet6", "resnetap10", "resnet18", "resnet18-modified"]),
+              help="[default: resnetap10 (minimax), convnet3 (dc), resnet18-modified (rded)]")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Runs with seeds 0..N-1.")
+@click.option("--epochs", type=click.IntRange(min=1), help="[default: the protocol's]")
+@click.option("--ipc", type=click.IntRange(min=1), help="Use the first N images per class (sorted by file name).")
+@click.option("--aug", type=click.Choice(["dsa", "none", "minimax", "flip"]), help="[default: the protocol's]")
+@click.option("--full", is_flag=True, help="Train on the whole real training set (the upper-bound row).")
+@click.option("--teacher", type=click.Path(exists=True, dir_okay=False), help="rded: teacher weights (safetensors).")
+@click.option("--teacher-epochs", type=click.IntRange(min=1), help="rded: epochs of the teacher vlcp trains.")
+@click.option("--test-every", type=click.IntRange(min=0), help="Test every N epochs for best-during-training.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write all results here.")
+@click.pass_obj
+def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug, full, teacher, teacher_epochs,
+             test_every, json_path):
+    """Train on a distilled ImageFolder SYNTH_DIR, report top-1 on the real test split.
+
+    The headline number is the accuracy after the last epoch (mean +- std over seeds). The best
+    test accuracy seen during training, which the Minimax script reports, is shown in its own column.
+    """
+    if full == bool(synth_dir):
+        raise click.UsageError("give either SYNTH_DIR or --full")
+    from vlcp import evaluate as ev
+
+    with _user_errors():
+        res = ev.run(str(synth_dir) if synth_dir else None, data, obj.data_dir, protocol, model, seeds, epochs, ipc,
+                     aug, obj.device, obj.cache(), full, teacher, teacher_epochs, test_every, progress=not obj.quiet)
+    p, a = res["protocol"], res["accuracy"]
+    best = a.get("best_during_training")
+    rows = [("model", "protocol", "top-1 (final)", "best-during-training", "per seed (final)", "epochs", "seconds"),
+            (p["model"], p["name"], f"{a['mean']:.2f} ± {a['std']:.2f}",
+             f"{best['mean']:.2f} ± {best['std']:.2f}" if best else "n/a (tested at end only)",
+             " ".join(f"{v:.2f}" for v in a["per_seed"]), str(p["epochs"]), f"{res['seconds']:.1f}")]
+    if not obj.quiet:
+        what = "full training set" if full else f"{synth_dir} ({res['train_images']} images)"
+        click.echo(f"{res['dataset']['name']}: {what}; test: {res['test_split']['images']} real images")
+        if res["teacher"]:
+            click.echo(f"teacher: {res['teacher']['source']}, test accuracy {res['teacher']['accuracy']:.2f}")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if json_path:
+        from vlcp.output import write_json
+
+        write_json(json_path, res)
+        if not obj.quiet:
+            click.echo(f"wrote {json_path}")
+
+
+@cli.command()
+@click.option("--method", type=click.Choice(["random", "herding", "kcenter"]), required=True)
+@click.option("--data", required=True, help="Dataset name or ImageFolder path.")
+@click.option("--ipc", type=click.IntRange(min=1), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="random: the sampling seed.")
+@click.option("--feature-epochs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="herding/kcenter: epochs of the ConvNet-3 whose features they use.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@click.pass_obj
+def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force):
+    """Select IPC real images per class (random, herding or k-center) into an ImageFolder."""
+    from vlcp import __version__, baselines
+    from vlcp.datasets import load_dataset
+    from vlcp.output import check_out, publish, write_json
+
+    with _user_errors():
+        check_out(out, force)
+        ds = load_dataset(data, obj.data_dir, "train")
+        feats = None
+        if method != "random":
+            feats = baselines.features(ds, data, obj.cache(), obj.device, feature_epochs, not obj.quiet)
+        try:
+            chosen = baselines.select(method, ds, ipc, seed, feats)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+
+        def build(tmp: Path):
+            sources = {}
+            for c, idx in chosen.items():
+                folder = tmp / ds.classes[c].folder
+                folder.mkdir(parents=True)
+                for j, i in enumerate(idx):
+                    ds.samples[i].load().save(folder / f"{j:04d}.png")
+                sources[ds.classes[c].folder] = [ds.samples[i].source for i in idx]
+            write_json(tmp / "manifest.json", {
+                "vlcp_version": __version__, "baseline": method, "ipc": ipc, "seed": seed,
+                "feature_net": None if method == "random" else {"model": "convnet3", "epochs": feature_epochs},
+                "dataset": ds.identity(), "classes": [{"folder": c.folder, "name": c.name} for c in ds.classes],
+                "sources": sources})
+
+        publish(out, build)
+    if not obj.quiet:
+        click.echo(f"wrote {out}/: {method}, {ipc} images per class, {len(ds.classes)} classes")
 
 
 @cli.group()

@@ -1,0 +1,94 @@
+"""``vlcp baseline``: the Random / Herding / K-Center columns of the papers' tables.
+
+All three select real training images per class. Herding (Welling, 2009) and k-center (Sener &
+Savarese, 2018) are greedy on features of a ConvNet-3 trained briefly on the real data at its natural
+size (64 px for ImageNet-like data), as in the DC/IDC literature; that network is cached.
+
+- herding: repeatedly add the image that brings the mean of the selected features closest to the
+  class mean.
+- k-center: start from the image closest to the class mean, then repeatedly add the image farthest
+  from everything selected so far.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+METHODS = ["random", "herding", "kcenter"]
+FEATURE_VERSION = 1
+
+
+def select_random(n: int, k: int, rng: np.random.Generator) -> list[int]:
+    return sorted(rng.choice(n, size=k, replace=False).tolist())
+
+
+def select_herding(feats: np.ndarray, k: int) -> list[int]:
+    mu = feats.mean(0)
+    chosen: list[int] = []
+    total = np.zeros_like(mu)
+    for step in range(1, k + 1):
+        dist = np.linalg.norm(mu[None] - (total[None] + feats) / step, axis=1)
+        dist[chosen] = np.inf
+        i = int(np.argmin(dist))
+        chosen.append(i)
+        total += feats[i]
+    return chosen
+
+
+def select_kcenter(feats: np.ndarray, k: int) -> list[int]:
+    first = int(np.argmin(np.linalg.norm(feats - feats.mean(0), axis=1)))
+    chosen = [first]
+    mind = np.linalg.norm(feats - feats[first], axis=1)
+    while len(chosen) < k:
+        i = int(np.argmax(mind))
+        chosen.append(i)
+        mind = np.minimum(mind, np.linalg.norm(feats - feats[i], axis=1))
+    return chosen
+
+
+def features(ds, data: str, cache, device: str, epochs: int, progress: bool) -> np.ndarray:
+    """Penultimate ConvNet-3 features of every training image (network and features cached)."""
+    from vlcp.cache import stage_key
+    from vlcp.evaluate import make_protocol, tensors_from_samples, train
+    from vlcp.models import torch_device
+
+    p = make_protocol("dc", data, 10, "convnet3", epochs, "none")
+    if data not in ("digits", "fashion-mnist", "cifar10", "cifar100"):
+        p.image_size = p.load_size = 64
+    key = stage_key("baseline_features", FEATURE_VERSION, dataset=ds.identity(), epochs=epochs, size=p.image_size)
+    entry = cache.get("baseline_features", key)
+    if entry is None:
+        import torch
+
+        from vlcp import networks
+
+        x, y = tensors_from_samples(ds.samples, p.load_size, p.channels, progress=progress)
+        dev = torch_device(device)
+        net, _ = train(p, x, y, len(ds.classes), 0, dev, progress=progress, desc="feature net")
+        net.eval()
+        mean = torch.tensor(p.mean, device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(p.std, device=dev).view(1, -1, 1, 1)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(x), 500):
+                xb = (torch.from_numpy(x[i:i + 500]).to(dev).float() / 255 - mean) / std
+                out.append(networks.embed(net, xb).float().cpu().numpy())
+        entry = cache.put("baseline_features", key, {"epochs": epochs}, {"features": np.concatenate(out)})
+    return entry.tensors["features"]
+
+
+def select(method: str, ds, ipc: int, seed: int, feats: np.ndarray | None) -> dict[int, list[int]]:
+    """Sample indices (into ds.samples) chosen per class."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for c in range(len(ds.classes)):
+        idx = np.array([i for i, s in enumerate(ds.samples) if s.class_idx == c])
+        if len(idx) < ipc:
+            raise ValueError(f"class {ds.classes[c].folder!r} has {len(idx)} images, fewer than --ipc {ipc}")
+        if method == "random":
+            local = select_random(len(idx), ipc, rng)
+        elif method == "herding":
+            local = select_herding(feats[idx], ipc)
+        else:
+            local = select_kcenter(feats[idx], ipc)
+        out[c] = [int(idx[j]) for j in local]
+    return out
