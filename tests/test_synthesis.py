@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+from vlcp.tiny import TINY_SD
+
 from vlcp import synthesis
 from vlcp.models import load_img2img, resolve
 
@@ -11,7 +13,7 @@ def pipe(tiny_models_dir, tmp_path_factory):
     from vlcp.cache import StageCache
 
     cache = StageCache(tmp_path_factory.mktemp("c"))
-    return load_img2img(resolve(str(tiny_models_dir / "tiny-sd-v2"), cache), "cpu")
+    return load_img2img(resolve(str(tiny_models_dir / TINY_SD), cache), "cpu")
 
 
 def test_same_seed_same_pixels_independent_of_batch_size(pipe):

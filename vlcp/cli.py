@@ -13,7 +13,8 @@ from vlcp import __version__
 
 log = logging.getLogger("vlcp")
 
-STAGE_NAMES = ["images", "captions", "latents", "outliers", "clusters", "text_prototypes", "synthesis", "output"]
+STAGE_NAMES = ["images", "captions", "latents", "outliers", "clusters", "text_prototypes", "prompts", "finetune",
+               "synthesis", "output"]  # the order of vlcp.distill.STAGES (a test keeps them equal)
 
 
 class Ctx:
@@ -97,6 +98,21 @@ def _check_range(name: str, value, low, high, low_open=False):
 @click.option("--negative-prompt", default="cartoon, anime, painting", show_default=True)
 @click.option("--synthesis-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--image-size", type=click.IntRange(min=1), help="Side of saved images. [default: per dataset]")
+@click.option("--text-strategy", type=click.Choice(["dcs", "label", "label+keywords", "llm"]), default="dcs",
+              show_default=True, help="Prompt: closest-sample description (Alg. 2), class name, name + keywords, "
+                                      "or an LLM sentence from the keywords.")
+@click.option("--text-llm", help="Causal LM for --text-strategy llm (hub id or dir). [default with --tiny: a tiny one]")
+@click.option("--finetune/--no-finetune", default=True, show_default=True,
+              help="Fine-tune the diffusion model on (image, caption) pairs first (Algorithm 1, step 3).")
+@click.option("--finetune-method", type=click.Choice(["full", "lora"]), default="full", show_default=True)
+@click.option("--finetune-epochs", type=click.IntRange(min=1), help="[default: 8 as the paper; 1 with --tiny]")
+@click.option("--finetune-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--finetune-lr", type=float, help="[default: 1e-5 full, 1e-4 lora]")
+@click.option("--finetune-max-steps", type=click.IntRange(min=1), help="Cap the number of training steps.")
+@click.option("--finetune-lora-rank", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--finetune-checkpoint-every", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Steps between resumable checkpoints in the cache.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for UNet memory while fine-tuning.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--dry-run", is_flag=True, help="Print which stages hit the cache and what would be computed.")
 @click.pass_obj
@@ -300,7 +316,8 @@ def cache_info(obj: Ctx, as_json):
 
 
 @cache.command("clear")
-@click.option("--stage", type=click.Choice(STAGE_NAMES + ["models"]), help="Only this stage (default: everything).")
+@click.option("--stage", type=click.Choice(STAGE_NAMES + ["teacher", "baseline_features", "models"]),
+              help="Only this stage (default: everything).")
 @click.pass_obj
 def cache_clear(obj: Ctx, stage):
     """Remove cached artefacts (all, or one stage's)."""

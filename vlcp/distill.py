@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlcp import __version__, captions, clusters, latents, outliers, synthesis, text_prototypes
+from vlcp import __version__, captions, clusters, finetune, latents, outliers, prompts, synthesis, text_prototypes
 from vlcp.cache import StageCache, stable_hash, stage_key
 from vlcp.datasets import DatasetError, check_image, load_dataset
 from vlcp.defaults import defaults_for
@@ -23,7 +23,8 @@ from vlcp.runner import Lazy, PlanStop, StageReport, run_items, run_stage
 
 log = logging.getLogger("vlcp")
 
-STAGES = ["images", "captions", "latents", "outliers", "clusters", "text_prototypes", "synthesis", "output"]
+STAGES = ["images", "captions", "latents", "outliers", "clusters", "text_prototypes", "prompts", "finetune",
+          "synthesis", "output"]
 IMAGES_VERSION = 1
 
 
@@ -61,6 +62,17 @@ class DistillConfig:
     negative_prompt: str = synthesis.NEGATIVE_PROMPT
     synthesis_batch_size: int = 8
     image_size: int | None = None
+    text_strategy: str = "dcs"
+    text_llm: str | None = None
+    finetune: bool = True
+    finetune_method: str = "full"
+    finetune_epochs: int | None = None  # 8 as the paper; 1 with --tiny
+    finetune_batch_size: int = 8
+    finetune_lr: float | None = None
+    finetune_max_steps: int | None = None
+    finetune_lora_rank: int = 4
+    finetune_checkpoint_every: int = 200
+    gradient_checkpointing: bool = False
     force: bool = False
     progress: bool = True
     warnings: list[str] = field(default_factory=list)
@@ -75,7 +87,14 @@ class DistillConfig:
             self.caption_batch_size = 32 if self.tiny else 8
         if self.caption_max_tokens is None:
             self.caption_max_tokens = 32 if self.tiny else 256
+        if self.finetune_epochs is None:
+            self.finetune_epochs = 1 if self.tiny else 8
         return row
+
+    def finetune_params(self) -> finetune.FinetuneParams:
+        return finetune.FinetuneParams(self.finetune_method, self.finetune_epochs, self.finetune_batch_size,
+                                       self.finetune_lr, self.finetune_max_steps, self.finetune_lora_rank,
+                                       self.gradient_checkpointing, self.finetune_checkpoint_every, self.seed)
 
     def params(self) -> dict:
         d = asdict(self)
@@ -101,12 +120,17 @@ def distill(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> dic
     if cfg.tiny:
         from vlcp.tiny import tiny_models
 
-        sd_dir, llava_dir = tiny_models(cache.root / "models")
+        sd_dir, llava_dir, llm_dir = tiny_models(cache.root / "models")
         cfg.captioner, cfg.diffusion = str(llava_dir), str(sd_dir)
+        if cfg.text_strategy == "llm":
+            cfg.text_llm = cfg.text_llm or str(llm_dir)
     cfg.captioner = cfg.captioner or models.DEFAULT_CAPTIONER
     cfg.diffusion = cfg.diffusion or models.DEFAULT_DIFFUSION
+    if cfg.text_strategy == "llm" and not cfg.text_llm:
+        raise DistillError("--text-strategy llm needs --text-llm MODEL (a causal language model: hub id or dir)")
     cap_ref = models.resolve(cfg.captioner, cache)
     sd_ref = models.resolve(cfg.diffusion, cache, probe_file="model_index.json")
+    llm_ref = models.resolve(cfg.text_llm, cache) if cfg.text_strategy == "llm" else None
     resolution = cfg.resolution or models.native_resolution(sd_ref)
     stop_after = cfg.until or "output"
     reports: list[StageReport] = []
@@ -114,7 +138,8 @@ def distill(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> dic
         "vlcp_version": __version__, "tiny": cfg.tiny, "parameters": cfg.params(),
         "defaults_source": defaults_row["source"], "dataset": ds.identity(),
         "classes": [{"folder": c.folder, "name": c.name} for c in ds.classes],
-        "models": {"captioner": cap_ref.manifest(), "diffusion": sd_ref.manifest()}, "resolution": resolution,
+        "models": {"captioner": cap_ref.manifest(), "diffusion": sd_ref.manifest(),
+                   **({"text_llm": llm_ref.manifest()} if llm_ref else {})}, "resolution": resolution,
         "stages": {}, "warnings": cfg.warnings,
     }
     dry = dry_run
@@ -136,7 +161,7 @@ def distill(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> dic
             raise PlanStop(StageReport(stage, "", False, -1, 0, False, 0.0))
 
     try:
-        return _run(cfg, cache, ds, cap_ref, sd_ref, resolution, reports, manifest, dry, done, finish, need)
+        return _run(cfg, cache, ds, cap_ref, sd_ref, llm_ref, resolution, reports, manifest, dry, done, finish, need)
     except PlanStop as stop:
         if stop.report.items_computed >= 0:
             reports.append(stop.report)
@@ -147,7 +172,7 @@ def distill(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> dic
         return manifest
 
 
-def _run(cfg, cache, ds, cap_ref, sd_ref, resolution, reports, manifest, dry, done, finish, need) -> dict:
+def _run(cfg, cache, ds, cap_ref, sd_ref, llm_ref, resolution, reports, manifest, dry, done, finish, need) -> dict:
     from vlcp import models
 
     # 1. images: decode each file once (cached), drop the unreadable ones
@@ -297,29 +322,79 @@ def _run(cfg, cache, ds, cap_ref, sd_ref, resolution, reports, manifest, dry, do
     if done("text_prototypes"):
         return finish({"prototypes.json": prototypes})
 
-    # 7. synthesis (per image)
+    # 7. prompts: the text that conditions synthesis (--text-strategy)
+    pr_key = stage_key("prompts", prompts.VERSION, text_prototypes=tp_key, strategy=cfg.text_strategy,
+                       llm=llm_ref.identity if llm_ref else None)
+    llm = Lazy(lambda: prompts.load_llm(llm_ref, cfg.device))
+
+    def compute_prompts():
+        out = {}
+        for c, f in enumerate(folders):
+            recs, name = tp_entry.meta[f], ds.classes[c].name
+            if cfg.text_strategy == "llm":
+                model, tok = llm()
+                out[f] = prompts.llm_sentences(model, tok, [prompts.llm_request(name, r) for r in recs])
+            else:
+                out[f] = [prompts.simple_prompt(cfg.text_strategy, name, r) for r in recs]
+        return out, {}
+
+    pr_entry, rep = run_stage(cache, "prompts", pr_key, compute_prompts, llm, dry=dry)
+    reports.append(rep)
+    for f in folders:
+        for r, text in zip(prototypes["classes"][f]["clusters"], pr_entry.meta[f]):
+            r["prompt"] = text
+    if done("prompts"):
+        return finish({"prototypes.json": prototypes})
+
+    # 8. finetune the diffusion model on (image, caption) pairs (Algorithm 1, step 3)
+    pipe = Lazy(lambda: models.load_img2img(sd_ref, cfg.device))
+    ft_key, ft_entry, trained_now = None, None, []
+    if cfg.finetune:
+        fp = cfg.finetune_params()
+        ft_key = stage_key("finetune", finetune.VERSION, captions=stable_hash(cap_keys), latents=stable_hash(lat_keys),
+                           model=sd_ref.identity, params=fp.key_parts())
+
+        def compute_finetune():
+            trained_now.append(True)
+            weights, meta = finetune.train(pipe(), lat, caps, fp, cache, ft_key, cfg.progress)
+            return meta, weights
+
+        ft_entry, rep = run_stage(cache, "finetune", ft_key, compute_finetune, pipe, dry=dry)
+        rep.details = {k: ft_entry.meta[k] for k in ("steps", "resumed_from", "first_loss", "last_loss")}
+        reports.append(rep)
+        manifest["finetune"] = {k: v for k, v in ft_entry.meta.items() if k != "losses"}
+    if done("finetune"):
+        return finish({"prototypes.json": prototypes, **_loss_files(ft_entry)})
+
+    def finetuned_pipe():
+        p = pipe()
+        if ft_entry is not None and not trained_now:  # trained in this run: the UNet already holds the weights
+            finetune.apply_weights(p.unet, cfg.finetune_method, ft_entry.tensors, cfg.finetune_lora_rank)
+        return p
+
+    # 9. synthesis (per image)
     items = [(c, j) for c in range(len(folders)) for j in range(cfg.ipc)]
     syn_latents = [cl_entry.tensors[f"centres/{folders[c]}"][j] for c, j in items]
-    prompts = [tp_entry.meta[folders[c]][j]["caption"] for c, j in items]
+    texts = [pr_entry.meta[folders[c]][j] for c, j in items]
     seeds = [synthesis.image_seed(cfg.seed, folders[c], j) for c, j in items]
-    syn_keys = [_synthesis_key(cfg, sd_ref, z, p, s) for z, p, s in zip(syn_latents, prompts, seeds)]
-    pipe = Lazy(lambda: models.load_img2img(sd_ref, cfg.device))
+    syn_keys = [_synthesis_key(cfg, sd_ref, ft_key, z, p, s) for z, p, s in zip(syn_latents, texts, seeds)]
+    synth_model = Lazy(finetuned_pipe)
 
     def compute_synthesis(idx):
-        imgs = synthesis.generate(pipe(), np.stack([syn_latents[i] for i in idx]), [prompts[i] for i in idx],
+        imgs = synthesis.generate(synth_model(), np.stack([syn_latents[i] for i in idx]), [texts[i] for i in idx],
                                   [seeds[i] for i in idx], cfg.negative_prompt, cfg.strength, cfg.guidance_scale,
                                   cfg.steps)
-        return (({"prompt": prompts[i], "seed": seeds[i]}, {"image": im}) for i, im in zip(idx, imgs))
+        return (({"prompt": texts[i], "seed": seeds[i]}, {"image": im}) for i, im in zip(idx, imgs))
 
-    syn_entries, rep = run_items(cache, "synthesis", syn_keys, compute_synthesis, cfg.synthesis_batch_size, pipe,
-                                 cfg.progress, dry=dry)
+    syn_entries, rep = run_items(cache, "synthesis", syn_keys, compute_synthesis, cfg.synthesis_batch_size,
+                                 synth_model, cfg.progress, dry=dry)
     reports.append(rep)
     need("output", syn_entries)
     images: dict[int, list[np.ndarray]] = {}
     for (c, _), e in zip(items, syn_entries):
         images.setdefault(c, []).append(e.tensors["image"])
     if done("synthesis"):
-        return finish({"prototypes.json": prototypes})
+        return finish({"prototypes.json": prototypes, **_loss_files(ft_entry)})
 
     # 8. output: the ImageFolder (rebuilt from the cache on every run: cheap, never stale)
     t0 = time.perf_counter()
@@ -331,11 +406,19 @@ def _run(cfg, cache, ds, cap_ref, sd_ref, resolution, reports, manifest, dry, do
 
     reports.append(StageReport("output", stable_hash(syn_keys + [str(cfg.image_size)]), False, len(items), 0, False,
                                round(time.perf_counter() - t0, 3)))
-    return finish({"prototypes.json": prototypes, "_build": build})
+    return finish({"prototypes.json": prototypes, "_build": build, **_loss_files(ft_entry)})
 
 
-def _synthesis_key(cfg: DistillConfig, sd_ref, latent: np.ndarray, prompt: str, seed: int) -> str:
-    return stage_key("synthesis", synthesis.VERSION, latent=_array_hash(latent), prompt=prompt, negative_prompt=cfg.negative_prompt, strength=cfg.strength, guidance_scale=cfg.guidance_scale,
+def _loss_files(ft_entry) -> dict:
+    """The fine-tuning loss curve, drawn when the output folder is written."""
+    if ft_entry is None:
+        return {}
+    return {"_plots": lambda tmp: finetune.loss_plot(ft_entry.meta["losses"], tmp / "finetune_loss.png",
+                                                     tmp / "finetune_loss.csv")}
+
+
+def _synthesis_key(cfg: DistillConfig, sd_ref, ft_key, latent: np.ndarray, prompt: str, seed: int) -> str:
+    return stage_key("synthesis", synthesis.VERSION, latent=_array_hash(latent), prompt=prompt, finetune=ft_key, negative_prompt=cfg.negative_prompt, strength=cfg.strength, guidance_scale=cfg.guidance_scale,
         steps=cfg.steps, model=sd_ref.identity, seed=seed)
 
 
@@ -361,10 +444,13 @@ def _publish(cfg: DistillConfig, manifest: dict, files: dict) -> None:
     from vlcp import output
 
     build = files.pop("_build", None)
+    plots = files.pop("_plots", None)
 
     def write(tmp: Path):
         if build:
             build(tmp)
+        if plots:
+            plots(tmp)
         for name, obj in files.items():
             output.write_json(tmp / name, obj)
         output.write_json(tmp / "manifest.json", manifest)

@@ -136,6 +136,8 @@ def quiet_libraries() -> None:
 
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
+    dlog.set_verbosity_error()  # the libraries (re)configure their own loggers on first use
+    tlog.set_verbosity_error()
 
 
 def _dtype(device: str):

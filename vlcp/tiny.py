@@ -13,9 +13,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = 2
+TINY_VERSION = 3
 TINY_SD = f"tiny-sd-v{TINY_VERSION}"
 TINY_LLAVA = f"tiny-llava-v{TINY_VERSION}"
+TINY_LLM = f"tiny-llm-v{TINY_VERSION}"
 
 # The tiny captioner's whole vocabulary, so that its (random) captions are made of real words.
 _CORPUS = """The digit in the image is written with a thick curved stroke and a small loop at the top.
@@ -26,18 +27,17 @@ Describe the physical appearance of the handwritten digit in the image. Include 
 posture, color, and any distinct features."""
 
 
-def tiny_models(models_dir: Path) -> tuple[Path, Path]:
-    """(stable diffusion dir, llava dir) under models_dir, built on first use."""
-    sd, llava = Path(models_dir) / TINY_SD, Path(models_dir) / TINY_LLAVA
-    if not (sd / "model_index.json").exists() or not (llava / "config.json").exists():
-        from vlcp.models import quiet_libraries
+def tiny_models(models_dir: Path) -> tuple[Path, Path, Path]:
+    """(stable diffusion, llava, text llm) directories under models_dir, built on first use."""
+    dirs = Path(models_dir) / TINY_SD, Path(models_dir) / TINY_LLAVA, Path(models_dir) / TINY_LLM
+    builders = (_build_sd, _build_llava, _build_llm)
+    for d, build in zip(dirs, builders):
+        if not (d / "config.json").exists() and not (d / "model_index.json").exists():
+            from vlcp.models import quiet_libraries
 
-        quiet_libraries()
-    if not (sd / "model_index.json").exists():
-        _build_atomically(sd, _build_sd)
-    if not (llava / "config.json").exists():
-        _build_atomically(llava, _build_llava)
-    return sd, llava
+            quiet_libraries()
+            _build_atomically(d, build)
+    return dirs
 
 
 def _build_atomically(dest: Path, build) -> None:
@@ -102,20 +102,52 @@ _CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 
-def _build_llava(out: Path) -> None:
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+_LLM_TEMPLATE = ("{% for message in messages %}{{ message['role'].upper() }}: {{ message['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
-    torch.manual_seed(0)
+
+def _word_tokenizer():
+    """A word-level tokenizer over _CORPUS: whatever a random model emits is a sequence of real words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     vocab = {w: i for i, w in enumerate(specials + sorted(set(re.findall(r"[a-z]+|[.,]", _CORPUS.lower()))))}
-    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))  # random output = a sequence of real words
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
     word_level.add_special_tokens(specials)  # keep "<image>" whole
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", pad_token="<pad>", padding_side="left")
+    return PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", padding_side="left")
+
+
+def _tiny_llama(vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=3)
+
+
+def _build_llm(out: Path) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    tokenizer = _word_tokenizer()
+    tokenizer.chat_template = _LLM_TEMPLATE
+    model = LlamaForCausalLM(_tiny_llama(len(tokenizer)))
+    model.generation_config.eos_token_id = None  # never stop early: sentences are never empty
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+
+
+def _build_llava(out: Path) -> None:
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+
+    torch.manual_seed(0)
+    tokenizer = _word_tokenizer()
     image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                                vision_feature_select_strategy="default", chat_template=_CHAT_TEMPLATE,
@@ -123,9 +155,7 @@ def _build_llava(out: Path) -> None:
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                        num_attention_heads=2, image_size=28, patch_size=14, projection_dim=16),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        text_config=_tiny_llama(len(tokenizer)),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
         vision_feature_layer=-2)
     model = LlavaForConditionalGeneration(config)
