@@ -10,7 +10,7 @@ from tests.conftest import read_manifest
 from vlcp import captions as captions_mod
 from vlcp import output as output_mod
 
-FAST = ["--data", "digits", "--tiny", "--max-per-class", "30", "--steps", "4"]
+FAST = ["--data", "digits", "--tiny", "--max-per-class", "30", "--steps", "4", "--no-finetune"]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_cold_run_writes_a_complete_image_folder(cold):
     m = read_manifest(out)
     assert m["tiny"] is True and m["parameters"]["ipc"] == 3
     assert list(m["stages"]) == ["images", "captions", "latents", "outliers", "clusters", "text_prototypes",
-                                 "synthesis", "output"]
+                                 "prompts", "synthesis", "output"]  # --no-finetune: no finetune stage
     for name, s in m["stages"].items():
         assert set(s) >= {"key", "cached", "items_computed", "items_cached", "model_loaded", "seconds"}
         assert s["cached"] is False
@@ -118,7 +118,7 @@ def test_beta_change_recomputes_only_text_prototypes_and_changed_images(vlcp, wa
 def test_strength_change_recomputes_only_synthesis(vlcp, warm, tmp_path):
     vlcp("distill", *FAST, "--ipc", "3", "--strength", "0.5", "--out", tmp_path / "o", cache=warm)
     s = stages(tmp_path / "o")
-    for name in ("images", "captions", "latents", "outliers", "clusters", "text_prototypes"):
+    for name in ("images", "captions", "latents", "outliers", "clusters", "text_prototypes", "prompts"):
         assert s[name]["cached"] and not s[name]["model_loaded"], name
     assert s["synthesis"]["items_computed"] == 30 and s["synthesis"]["model_loaded"]
 
@@ -144,7 +144,7 @@ def test_until_stops_and_a_later_run_resumes(vlcp, tmp_path):
     assert list(stages(tmp_path / "a")) == ["images", "captions", "latents"]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["manifest.json"]
     r = vlcp("distill", "--data", "digits", "--tiny", "--max-per-class", "20", "--ipc", "2", "--steps", "2",
-             "--out", tmp_path / "b")
+             "--no-finetune", "--out", tmp_path / "b")
     s = stages(tmp_path / "b")
     assert s["captions"]["cached"] and s["latents"]["cached"] and s["synthesis"]["items_computed"] == 20
 
@@ -178,7 +178,8 @@ def test_unknown_dataset_is_one_line_error(vlcp, tmp_path):
 
 
 def test_class_with_fewer_images_than_ipc(vlcp, tmp_path):
-    args = ["distill", "--data", "digits", "--tiny", "--max-per-class", "2", "--contamination", "0", "--ipc", "3"]
+    args = ["distill", "--data", "digits", "--tiny", "--max-per-class", "2", "--contamination", "0", "--ipc", "3",
+            "--no-finetune"]
     r = vlcp(*args, "--out", tmp_path / "o")
     assert r.exit_code == 1 and "class '0' (handwritten digit 0) has 2 usable images, fewer than --ipc 3" in r.output
     r = vlcp(*args, "--allow-duplicates", "--steps", "2", "--out", tmp_path / "o")
@@ -219,7 +220,8 @@ def test_image_folder_with_corrupt_files(vlcp, tmp_path):
     from tests.test_datasets import make_awkward_folder
 
     folder = make_awkward_folder(tmp_path / "folder")
-    r = vlcp("distill", "--data", folder, "--tiny", "--ipc", "2", "--steps", "2", "--out", tmp_path / "o")
+    r = vlcp("distill", "--data", folder, "--tiny", "--ipc", "2", "--steps", "2", "--finetune-max-steps", "2",
+             "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output
     m = read_manifest(tmp_path / "o")
     assert sorted(s["source"].rsplit("/", 1)[-1] for s in m["skipped_images"]) == [

@@ -1,10 +1,9 @@
 """Model references: identities, offline errors, and the tiny models' from_pretrained round trip."""
 import pytest
 
-from vlcp.tiny import TINY_LLAVA, TINY_SD
-
 from vlcp.cache import StageCache
 from vlcp.models import ModelError, load_captioner, load_vae, native_resolution, resolve
+from vlcp.tiny import TINY_LLAVA, TINY_SD
 
 
 def test_local_dir_identity_is_a_content_hash(tiny_models_dir, tmp_path):

@@ -2,10 +2,9 @@
 import numpy as np
 import pytest
 
-from vlcp.tiny import TINY_SD
-
 from vlcp import synthesis
 from vlcp.models import load_img2img, resolve
+from vlcp.tiny import TINY_SD
 
 
 @pytest.fixture(scope="module")
