@@ -14,7 +14,8 @@ from vlcp import __version__
 log = logging.getLogger("vlcp")
 
 STAGE_NAMES = ["images", "captions", "latents", "outliers", "clusters", "text_prototypes", "prompts", "finetune",
-               "synthesis", "output"]  # the order of vlcp.distill.STAGES (a test keeps them equal)
+               "synthesis", "detector", "detector_scores", "candidates", "candidate_scores", "refinement",
+               "output"]  # the order of vlcp.distill.STAGES (a test keeps them equal)
 
 
 class Ctx:
@@ -113,6 +114,18 @@ def _check_range(name: str, value, low, high, low_open=False):
 @click.option("--finetune-checkpoint-every", type=click.IntRange(min=1), default=200, show_default=True,
               help="Steps between resumable checkpoints in the cache.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for UNet memory while fine-tuning.")
+@click.option("--refine", is_flag=True, help="Detector-guided refinement: replace defective images (off by default).")
+@click.option("--refine-candidates", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Candidates generated per defective image.")
+@click.option("--refine-top-k", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Most confident valid candidates kept in the pool.")
+@click.option("--refine-beta", type=float, help="Confidence threshold: p <= beta is defective. "
+                                                 "[default: 0.9 ImageNette/ImageWoof, 0.7 CIFAR-10, 0.9 others]")
+@click.option("--detector", type=click.Path(exists=True, dir_okay=False),
+              help="Detector weights (safetensors, --detector-arch layout). [default: train one on the real data]")
+@click.option("--detector-arch", type=click.Choice(["resnet18", "resnet18-modified"]),
+              help="[default: resnet18-modified for <= 32 px data, resnet18 otherwise]")
+@click.option("--detector-epochs", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--dry-run", is_flag=True, help="Print which stages hit the cache and what would be computed.")
 @click.pass_obj
@@ -127,6 +140,7 @@ def distill(obj: Ctx, **kw):
     _check_range("--beta", kw["beta"], 0, 1, low_open=True)
     _check_range("--strength", kw["strength"], 0, 1, low_open=True)
     _check_range("--contamination", kw["contamination"], 0, 0.5)
+    _check_range("--refine-beta", kw["refine_beta"], 0, 1)
     if kw["top_k"] is not None and kw["top_k"] < 1:
         raise click.BadParameter(f"must be at least 1, got {kw['top_k']}", param_hint="--top-k")
     dry_run = kw.pop("dry_run")
@@ -292,6 +306,63 @@ def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force):
         publish(out, build)
     if not obj.quiet:
         click.echo(f"wrote {out}/: {method}, {ipc} images per class, {len(ds.classes)} classes")
+
+
+@cli.command("refine")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", required=True, help="The real dataset the folder distils (the detector trains on it).")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--refine-candidates", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--refine-top-k", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--refine-beta", type=float, help="[default: per dataset, as vlcp distill --refine]")
+@click.option("--detector", type=click.Path(exists=True, dir_okay=False), help="Detector weights (safetensors).")
+@click.option("--detector-arch", type=click.Choice(["resnet18", "resnet18-modified"]))
+@click.option("--detector-epochs", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@click.pass_obj
+def refine_cmd(obj: Ctx, folder, data, out, refine_candidates, refine_top_k, refine_beta, detector, detector_arch,
+               detector_epochs, force):
+    """Detector-guided refinement of a distilled ImageFolder.
+
+    On vlcp's own output (it has a manifest.json) this reruns that distillation with --refine, so
+    candidates come from the cached prototypes. On any other folder (D4M, Minimax...) only detection is
+    possible: every image is judged and OUT/report.json lists the defective ones.
+    """
+    from vlcp import refine
+
+    _check_range("--refine-beta", refine_beta, 0, 1)
+    manifest = folder / "manifest.json"
+    opts = dict(refine=True, refine_candidates=refine_candidates, refine_top_k=refine_top_k, refine_beta=refine_beta,
+                detector=detector, detector_arch=detector_arch, detector_epochs=detector_epochs)
+    with _user_errors():
+        from vlcp.output import check_out
+
+        check_out(out, force)
+        params = json.loads(manifest.read_text()).get("parameters") if manifest.exists() else None
+        if params:
+            from vlcp.distill import DistillConfig, distill as run
+
+            if params.get("data") != data:
+                raise click.BadParameter(f"{folder} was distilled from {params.get('data')}, not {data}",
+                                         param_hint="--data")
+            known = DistillConfig.__dataclass_fields__
+            cfg = DistillConfig(**{**{k: v for k, v in params.items() if k in known}, **opts, "out": out,
+                                   "data_dir": obj.data_dir, "device": obj.device, "force": force,
+                                   "progress": not obj.quiet})
+            if not obj.quiet:
+                click.echo(f"{folder} is a vlcp distillation: rerunning it with --refine (cached stages are reused)")
+            m = run(cfg, obj.cache())
+            if not obj.quiet:
+                _summary(m, False)
+            return
+        if not obj.quiet:
+            click.echo(f"{folder} is not a vlcp output: detection only, no candidates can be generated; "
+                       f"writing {out}/report.json")
+        report = refine.detect_only(folder, data, obj.data_dir, obj.cache(), opts, obj.device, not obj.quiet, out)
+    if not obj.quiet:
+        for name, st in report["per_class"].items():
+            click.echo(f"{name:<20} {st['defective']:>4} of {st['images']:>4} defective, "
+                       f"mean confidence {st['confidence']:.3f}")
 
 
 @cli.group()

@@ -24,7 +24,7 @@ from vlcp.runner import Lazy, PlanStop, StageReport, run_items, run_stage
 log = logging.getLogger("vlcp")
 
 STAGES = ["images", "captions", "latents", "outliers", "clusters", "text_prototypes", "prompts", "finetune",
-          "synthesis", "output"]
+          "synthesis", "detector", "detector_scores", "candidates", "candidate_scores", "refinement", "output"]
 IMAGES_VERSION = 1
 
 
@@ -73,6 +73,13 @@ class DistillConfig:
     finetune_lora_rank: int = 4
     finetune_checkpoint_every: int = 200
     gradient_checkpointing: bool = False
+    refine: bool = False
+    refine_candidates: int = 20
+    refine_top_k: int = 2
+    refine_beta: float | None = None
+    detector: str | None = None  # None: train one; or a safetensors file of --detector-arch weights
+    detector_arch: str | None = None  # resnet18, or resnet18-modified for <= 32 px data
+    detector_epochs: int = 300
     force: bool = False
     progress: bool = True
     warnings: list[str] = field(default_factory=list)
@@ -89,6 +96,10 @@ class DistillConfig:
             self.caption_max_tokens = 32 if self.tiny else 256
         if self.finetune_epochs is None:
             self.finetune_epochs = 1 if self.tiny else 8
+        if self.refine_beta is None:
+            from vlcp.refine import default_beta
+
+            self.refine_beta = default_beta(self.data)
         return row
 
     def finetune_params(self) -> finetune.FinetuneParams:
@@ -390,11 +401,23 @@ def _run(cfg, cache, ds, cap_ref, sd_ref, llm_ref, resolution, reports, manifest
                                  synth_model, cfg.progress, dry=dry)
     reports.append(rep)
     need("output", syn_entries)
-    images: dict[int, list[np.ndarray]] = {}
-    for (c, _), e in zip(items, syn_entries):
-        images.setdefault(c, []).append(e.tensors["image"])
+    flat = [e.tensors["image"] for e in syn_entries]
     if done("synthesis"):
         return finish({"prototypes.json": prototypes, **_loss_files(ft_entry)})
+    replaced: dict[int, np.ndarray] = {}
+    if cfg.refine:
+        refined, summary = _refinement(cfg, cache, ds, items, flat, syn_latents, texts, seeds, synth_model, ft_key,
+                                       sd_ref, reports, dry, done)
+        if refined is None:
+            return finish({"prototypes.json": prototypes, **_loss_files(ft_entry)})
+        replaced = {i: flat[i] for i in summary["replacements"]}
+        flat = refined
+        manifest["refinement"] = summary
+        for f in folders:
+            prototypes["classes"][f]["refinement"] = summary["per_class"][f]
+    images: dict[int, list[np.ndarray]] = {}
+    for (c, _), im in zip(items, flat):
+        images.setdefault(c, []).append(im)
 
     # 8. output: the ImageFolder (rebuilt from the cache on every run: cheap, never stale)
     t0 = time.perf_counter()
@@ -403,10 +426,82 @@ def _run(cfg, cache, ds, cap_ref, sd_ref, llm_ref, resolution, reports, manifest
     def build(tmp: Path):
         output.save_images(tmp, ds.classes, images, cfg.image_size)
         output.contact_sheet(ds.classes, images).save(tmp / "preview.png")
+        if replaced:
+            output.before_after_sheet([(replaced[i], flat[i], ds.classes[items[i][0]].name) for i in sorted(replaced)]
+                                      ).save(tmp / "preview_refined.png")
 
     reports.append(StageReport("output", stable_hash(syn_keys + [str(cfg.image_size)]), False, len(items), 0, False,
                                round(time.perf_counter() - t0, 3)))
     return finish({"prototypes.json": prototypes, "_build": build, **_loss_files(ft_entry)})
+
+
+def _refinement(cfg, cache, ds, items, flat, syn_latents, texts, seeds, synth_model, ft_key, sd_ref, reports, dry,
+                done):
+    """Detector-guided refinement after synthesis; returns (images, summary) or (None, None) at --until."""
+    from vlcp import refine
+
+    folders = [c.folder for c in ds.classes]
+    p, det_key, det_entry, rep, dev = refine.detector_stage(cache, ds, cfg.data, cfg.data_dir, cfg.classes,
+                                                             cfg.detector_arch, cfg.detector_epochs, cfg.detector,
+                                                             cfg.seed, cfg.device, cfg.progress, dry)
+    reports.append(rep)
+    detector = Lazy(lambda: refine.detector_from_state(det_entry.tensors, p, len(folders), dev()))
+
+    def score(stage_name, imgs):
+        keys = [stage_key("detector_scores", refine.SCORES_VERSION, detector=det_key, image=_array_hash(im))
+                for im in imgs]
+
+        def compute(idx):
+            res = refine.scores_of(detector(), [imgs[i] for i in idx], p, dev())
+            return (({"pred": r["pred"], "probs": r["probs"]}, {"feature": r["feature"]}) for r in res)
+
+        entries, r = run_items(cache, "detector_scores", keys, compute, 64, detector, cfg.progress,
+                               desc=stage_name, dry=dry)
+        r.name = stage_name
+        reports.append(r)
+        if dry and any(e is None for e in entries):
+            raise PlanStop(StageReport(stage_name, "", False, -1, 0, False, 0.0))
+        return [{"pred": e.meta["pred"], "probs": e.meta["probs"], "feature": e.tensors["feature"]} for e in entries]
+
+    scores = score("detector_scores", flat)
+    if done("detector_scores"):
+        return None, None
+    targets = [c for c, _ in items]
+    defective = [i for i in range(len(items))
+                 if refine.is_defective(scores[i]["pred"], scores[i]["probs"][targets[i]], targets[i], cfg.refine_beta)]
+    cand = [(i, j) for i in defective for j in range(cfg.refine_candidates)]
+    cand_seeds = [refine.candidate_seed(seeds[i], j) for i, j in cand]
+    cand_keys = [_synthesis_key(cfg, sd_ref, ft_key, syn_latents[i], texts[i], s) for (i, _), s in zip(cand, cand_seeds)]
+
+    def compute_candidates(idx):
+        imgs = synthesis.generate(synth_model(), np.stack([syn_latents[cand[k][0]] for k in idx]),
+                                  [texts[cand[k][0]] for k in idx], [cand_seeds[k] for k in idx],
+                                  cfg.negative_prompt, cfg.strength, cfg.guidance_scale, cfg.steps)
+        return (({"of": cand[k][0], "candidate": cand[k][1]}, {"image": im}) for k, im in zip(idx, imgs))
+
+    cand_entries, rep = run_items(cache, "candidates", cand_keys, compute_candidates, cfg.synthesis_batch_size,
+                                  synth_model, cfg.progress, dry=dry)
+    reports.append(rep)
+    if dry and any(e is None for e in cand_entries):
+        raise PlanStop(StageReport("candidate_scores", "", False, -1, 0, False, 0.0))
+    cand_imgs = [e.tensors["image"] for e in cand_entries]
+    cand_scores = score("candidate_scores", cand_imgs)
+    by_image: dict[int, list] = {}
+    by_image_imgs: dict[int, list] = {}
+    for (i, _), sc, im in zip(cand, cand_scores, cand_imgs):
+        by_image.setdefault(i, []).append(sc)
+        by_image_imgs.setdefault(i, []).append(im)
+    t0 = time.perf_counter()
+    summary = refine.select(folders, targets, scores, by_image, cfg.refine_beta, cfg.refine_top_k)
+    reports.append(StageReport("refinement", stable_hash([det_key, cand_keys, cfg.refine_beta, cfg.refine_top_k]),
+                               False, len(defective), 0, False, round(time.perf_counter() - t0, 3)))
+    out = list(flat)
+    for i, d in summary["replacements"].items():
+        out[i] = by_image_imgs[i][d["candidate"]]
+        d["class"], d["cluster"] = folders[items[i][0]], items[i][1]
+    summary.update(beta=cfg.refine_beta, top_k=cfg.refine_top_k, candidates=cfg.refine_candidates,
+                   detector=det_entry.meta)
+    return out, summary
 
 
 def _loss_files(ft_entry) -> dict:

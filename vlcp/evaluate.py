@@ -193,6 +193,8 @@ def _schedule(opt, p: Protocol, steps_per_epoch: int):
         return torch.optim.lr_scheduler.MultiStepLR(opt, miles, gamma=0.2)
     if p.schedule.startswith("step"):
         return torch.optim.lr_scheduler.MultiStepLR(opt, [total // 2], gamma=0.1)
+    if p.schedule == "constant":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, [], gamma=1.0)
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, total))
 
 
@@ -224,8 +226,13 @@ def accuracy(net, x: np.ndarray, y: np.ndarray, p: Protocol, device: str, batch:
 
 def train(p: Protocol, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int, device: str,
           test: tuple[np.ndarray, np.ndarray] | None = None, teacher=None, progress: bool = True,
-          desc: str = "train"):
-    """Train a fresh network; returns (net, {"accuracy", "best_during_training", "losses", "seconds"})."""
+          desc: str = "train", resume: tuple | None = None, checkpoint_every: int = 0):
+    """Train a fresh network; returns (net, {"accuracy", "best_during_training", "losses", "seconds"}).
+
+    ``resume = (cache, stage, key)`` saves the whole training state there every ``checkpoint_every``
+    epochs and continues from it when present, with the same batches and augmentations as an
+    uninterrupted run.
+    """
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -240,6 +247,8 @@ def train(p: Protocol, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int
         net = net.to(memory_format=torch.channels_last)
     if p.optimizer == "sgd":
         opt = torch.optim.SGD(net.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    elif p.optimizer == "adam":
+        opt = torch.optim.Adam(net.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     else:
         opt = torch.optim.AdamW(net.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     bs = min(p.batch_size, len(x))
@@ -251,8 +260,18 @@ def train(p: Protocol, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int
     std = torch.tensor(p.std, device=device).view(1, -1, 1, 1)
     xt = torch.from_numpy(x)
     yt = torch.from_numpy(y)
-    best, losses, t0 = None, [], time.perf_counter()
-    bar = tqdm(range(p.epochs), desc=desc, leave=False, disable=not progress)
+    best, losses, t0, start = None, [], time.perf_counter(), 0
+    weights = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+    saved = resume[0].get(resume[1], resume[2]) if resume else None
+    if saved is not None:
+        from vlcp import checkpoint
+
+        meta = checkpoint.restore(saved, weights, opt, device)
+        start, losses, best = meta["epoch"], meta["losses"], meta["best"]
+        g.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
+        for _ in range(start * steps):
+            sched.step()
+    bar = tqdm(range(start, p.epochs), desc=desc, initial=start, total=p.epochs, leave=False, disable=not progress)
     for epoch in bar:
         perm = torch.randperm(len(x), generator=g)
         tot, correct, seen = 0.0, 0, 0
@@ -297,6 +316,11 @@ def train(p: Protocol, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int
             best = acc if best is None else max(best, acc)
             post["test_acc"] = f"{acc:.3f}"
         bar.set_postfix(post)
+        if resume and checkpoint_every and (epoch + 1) % checkpoint_every == 0 and epoch + 1 < p.epochs:
+            from vlcp import checkpoint
+
+            checkpoint.save(resume[0], resume[1], resume[2], weights, opt,
+                            {"epoch": epoch + 1, "losses": losses, "best": best, "generator": g.get_state().tolist()})
     bar.close()
     result = {"losses": losses, "seconds": round(time.perf_counter() - t0, 3)}
     if test is not None:

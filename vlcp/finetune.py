@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from vlcp import checkpoint
 from vlcp.cache import StageCache, stable_hash
 
 VERSION = 1
@@ -110,13 +111,8 @@ def train(pipe, latents: np.ndarray, captions: list[str], p: FinetuneParams, cac
     total, start, losses = p.total_steps(len(latents)), 0, []
     ckpt = cache.get("finetune_checkpoint", ckpt_key)
     if ckpt is not None:
-        named = dict(unet.named_parameters())
-        with torch.no_grad():
-            for k, v in ckpt.tensors.items():
-                if k.startswith("w/"):
-                    named[k[2:]].copy_(torch.from_numpy(v.copy()))
-        opt.load_state_dict(_unflatten_opt(ckpt.tensors, ckpt.meta["opt"], device))
-        start, losses = ckpt.meta["step"], ckpt.meta["losses"]
+        saved = checkpoint.restore(ckpt, dict(unet.named_parameters()), opt, device)
+        start, losses = saved["step"], saved["losses"]
     scaler = torch.amp.GradScaler(enabled=cuda)
     unet.train()
     bar = tqdm(range(start, total), desc="finetune", initial=start, total=total, leave=False, disable=not progress)
@@ -142,7 +138,8 @@ def train(pipe, latents: np.ndarray, captions: list[str], p: FinetuneParams, cac
         losses.append(round(float(loss.detach()), 6))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if (step + 1) % p.checkpoint_every == 0 and step + 1 < total:
-            _save_checkpoint(cache, ckpt_key, unet, opt, step + 1, losses)
+            trainable = {k: v for k, v in unet.named_parameters() if v.requires_grad}
+            checkpoint.save(cache, "finetune_checkpoint", ckpt_key, trainable, opt, {"step": step + 1, "losses": losses})
     bar.close()
     meta = {"steps": total, "resumed_from": start, "losses": losses, "seconds": round(time.perf_counter() - t0, 2),
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
@@ -152,34 +149,6 @@ def train(pipe, latents: np.ndarray, captions: list[str], p: FinetuneParams, cac
     if dtype != torch.float32:
         unet.to(dtype)  # back to the pipeline's dtype for synthesis
     return weights, meta
-
-
-def _save_checkpoint(cache: StageCache, key: str, unet, opt, step: int, losses: list) -> None:
-    tensors = {f"w/{k}": v.detach().float().cpu().numpy() for k, v in unet.named_parameters() if v.requires_grad}
-    flat, layout = _flatten_opt(opt)
-    tensors.update(flat)
-    cache.put("finetune_checkpoint", key, {"step": step, "losses": losses, "opt": layout}, tensors)
-
-
-def _flatten_opt(opt) -> tuple[dict, dict]:
-    """AdamW state as named numpy arrays + a JSON layout (safetensors holds tensors, not pickles)."""
-    sd = opt.state_dict()
-    flat = {}
-    for pid, st in sd["state"].items():
-        for name, v in st.items():
-            flat[f"opt/{pid}/{name}"] = v.detach().cpu().numpy() if hasattr(v, "detach") else np.array(v)
-    return flat, {"param_groups": sd["param_groups"], "state_names": {
-        str(pid): sorted(st) for pid, st in sd["state"].items()}}
-
-
-def _unflatten_opt(tensors: dict, layout: dict, device) -> dict:
-    import torch
-
-    state = {}
-    for pid, names in layout["state_names"].items():
-        state[int(pid)] = {n: torch.from_numpy(tensors[f"opt/{pid}/{n}"].copy()).to(
-            device if tensors[f"opt/{pid}/{n}"].ndim else "cpu") for n in names}
-    return {"state": state, "param_groups": layout["param_groups"]}
 
 
 def loss_plot(losses: list[float], path_png, path_csv) -> str:

@@ -81,3 +81,18 @@ def contact_sheet(classes: list, images: dict[int, list[np.ndarray]], cell: int 
         for j, arr in enumerate(images.get(ci, [])[:cols]):
             sheet.paste(Image.fromarray(arr).resize((cell, cell), Image.BICUBIC), (label_w + j * cell, ci * cell))
     return sheet
+
+
+def before_after_sheet(pairs: list, cell: int = 64):
+    """preview_refined.png: each replaced image next to its replacement, labelled with the class."""
+    from PIL import Image, ImageDraw
+
+    label_w = 160
+    sheet = Image.new("RGB", (label_w + 2 * cell + 20, max(1, len(pairs)) * cell), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (before, after, name) in enumerate(pairs):
+        draw.text((4, r * cell + cell // 2 - 6), name[:26], fill="black")
+        sheet.paste(Image.fromarray(before).resize((cell, cell), Image.BICUBIC), (label_w, r * cell))
+        draw.text((label_w + cell + 5, r * cell + cell // 2 - 6), "->", fill="black")
+        sheet.paste(Image.fromarray(after).resize((cell, cell), Image.BICUBIC), (label_w + cell + 20, r * cell))
+    return sheet

@@ -1,0 +1,132 @@
+"""Detector-guided refinement: defect rule, selection on hand-made scores, seeds, end to end, reruns."""
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import read_manifest
+from vlcp import refine
+
+
+def test_defect_rule_threshold_is_inclusive():
+    assert refine.is_defective(pred=2, p_target=0.99, target=3, beta=0.9)  # wrong label
+    assert refine.is_defective(pred=3, p_target=0.9, target=3, beta=0.9)  # p == beta is defective
+    assert not refine.is_defective(pred=3, p_target=0.9001, target=3, beta=0.9)
+
+
+E = np.eye(3)
+
+
+def test_valid_pool_larger_than_k_keeps_top_k_then_least_similar():
+    preds, probs = [1, 1, 1, 0], [0.95, 0.99, 0.97, 0.999]  # candidate 3 predicts the wrong class
+    feats = np.array([E[0], E[1], E[2], E[2]])
+    normals = [E[1], E[1]]  # the accepted images look like e1
+    best, how, pool = refine.choose(preds, probs, feats, 1, 0.9, 2, normals)
+    assert (pool, how) == ([1, 2], "valid")  # top-2 by p among the valid
+    assert best == 2  # e2 is orthogonal to the accepted set; candidate 1 (e1) is not
+
+
+def test_empty_valid_pool_falls_back_to_highest_p():
+    best, how, pool = refine.choose([0, 2, 1], [0.5, 0.2, 0.8], np.array(E), 1, 0.9, 2, [E[0]])
+    assert (best, how, pool) == (2, "fallback", [2])  # p 0.8 <= beta: no valid candidate
+
+
+def test_equal_confidence_and_similarity_go_to_the_lower_index():
+    best, how, pool = refine.choose([1, 1, 1], [0.95, 0.95, 0.95], np.array([E[0], E[0], E[0]]), 1, 0.9, 2, [])
+    assert (pool, best) == ([0, 1], 0)
+
+
+def test_accepted_replacements_change_the_next_choice():
+    # two defective images of class 0, each with two valid candidates (features e1 or e2)
+    ok = {"pred": 0, "probs": [0.99, 0.01], "feature": E[0]}
+    bad = {"pred": 1, "probs": [0.1, 0.9], "feature": E[2]}
+    cands = [{"pred": 0, "probs": [0.95, 0.05], "feature": E[1]}, {"pred": 0, "probs": [0.96, 0.04], "feature": E[2]}]
+    out = refine.select(["a", "b"], [0, 0, 0], [ok, bad, bad], {1: cands, 2: cands}, beta=0.9, top_k=2)
+    first, second = out["replacements"][1], out["replacements"][2]
+    assert first["candidate"] == 1  # both orthogonal to e0: the tie goes to the more confident one (e2)
+    assert second["candidate"] == 0  # e2 is now accepted, so e1 is the less similar one
+    st = out["per_class"]["a"]
+    assert (st["images"], st["defective"], st["valid"], st["fallback"]) == (3, 2, 2, 0)
+
+
+def test_candidate_seeds_are_deterministic_and_distinct():
+    a = [refine.candidate_seed(123, j) for j in range(20)]
+    assert a == [refine.candidate_seed(123, j) for j in range(20)] and len(set(a)) == 20
+    assert refine.candidate_seed(124, 0) not in a
+
+
+BASE = ["distill", "--data", "digits", "--tiny", "--max-per-class", "20", "--ipc", "2", "--steps", "3",
+        "--no-finetune", "--refine", "--detector-epochs", "2", "--refine-candidates", "3"]
+
+
+@pytest.fixture(scope="module")
+def refined(tmp_path_factory, tiny_models_dir):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from vlcp.cli import cli
+
+    root = tmp_path_factory.mktemp("refine")
+    shutil.copytree(tiny_models_dir, root / "cache" / "models")
+    r = CliRunner().invoke(cli, ["--cache-dir", str(root / "cache"), *BASE, "--out", str(root / "out")],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def test_refine_end_to_end_explains_every_replacement(refined):
+    out = refined / "out"
+    assert len(list(out.rglob("0*.png"))) == 20
+    m = read_manifest(out)
+    s, ref = m["stages"], m["refinement"]
+    assert s["detector"]["items_computed"] == 1 and 0 <= ref["detector"]["accuracy"] <= 100
+    defective = sum(c["defective"] for c in ref["per_class"].values())
+    assert s["candidates"]["items_computed"] == 3 * defective
+    assert len(ref["replacements"]) == defective
+    assert sum(c["valid"] + c["fallback"] for c in ref["per_class"].values()) == defective
+    for d in ref["replacements"].values():
+        assert {"candidate", "how", "pool", "p_before", "p_after", "class", "cluster"} <= set(d)
+    protos = json.loads((out / "prototypes.json").read_text())
+    assert "confidence_before" in protos["classes"]["0"]["refinement"]
+    if defective:
+        assert (out / "preview_refined.png").exists()
+
+
+def test_new_beta_or_top_k_generates_and_scores_nothing(refined, vlcp, tmp_path):
+    before = read_manifest(refined / "out")["refinement"]
+    # the tiny detector is unsure of noise images: every image stays defective at both thresholds
+    for change in (["--refine-beta", "0.95"], ["--refine-top-k", "1"]):
+        r = vlcp(*BASE, *change, "--force", "--out", tmp_path / "o", cache=refined / "cache")
+        assert r.exit_code == 0, r.output
+        m = read_manifest(tmp_path / "o")
+        assert sum(c["defective"] for c in m["refinement"]["per_class"].values()) == len(before["replacements"])
+        s = m["stages"]
+        for name in ("synthesis", "detector", "detector_scores", "candidates", "candidate_scores"):
+            assert s[name]["items_computed"] == 0 and not s[name]["model_loaded"], (change, name)
+    r = vlcp(*BASE[:-2], "--refine-candidates", "4", "--force", "--out", tmp_path / "o", cache=refined / "cache")
+    s = read_manifest(tmp_path / "o")["stages"]
+    assert s["candidates"]["items_computed"] == len(before["replacements"])  # one more per defective image
+
+
+def test_refine_command_on_own_and_foreign_folders(refined, vlcp, tmp_path):
+    r = vlcp("refine", refined / "out", "--data", "digits", "--detector-epochs", "2", "--refine-candidates", "3",
+             "--out", tmp_path / "own", cache=refined / "cache")
+    assert r.exit_code == 0, r.output
+    assert "rerunning it with --refine" in r.output
+    assert read_manifest(tmp_path / "own")["stages"]["candidates"]["items_computed"] == 0
+    vlcp("baseline", "--method", "random", "--data", "digits", "--ipc", "2", "--out", tmp_path / "real",
+         cache=refined / "cache")
+    (tmp_path / "foreign").mkdir()
+    import shutil
+
+    for d in (tmp_path / "real").iterdir():
+        if d.is_dir():
+            shutil.copytree(d, tmp_path / "foreign" / d.name)
+    r = vlcp("refine", tmp_path / "foreign", "--data", "digits", "--detector-epochs", "2", "--out", tmp_path / "rep",
+             cache=refined / "cache")
+    assert r.exit_code == 0, r.output
+    assert "detection only" in r.output
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert len(rep["images"]) == 20 and rep["mode"].startswith("detection only")
+    assert {"file", "class", "predicted", "p_target", "defective"} <= set(rep["images"][0])

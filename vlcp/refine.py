@@ -1,0 +1,240 @@
+"""Detector-guided refinement (``--refine``): find defective synthetic images, replace them.
+
+A classifier trained on the real data (the *detector*) judges every synthetic image. An image is
+defective when its predicted label is not its class or its target-class probability is <= beta.
+For each defective image, in (class, cluster) order: generate candidates from the same prototype
+latent and prompt with fresh seeds; the valid pool is the candidates predicted as the target with
+p > beta, cut to the top-k by p (a lone highest-p candidate when none is valid); the pool member with
+the lowest summed cosine similarity to the class's accepted images' features replaces the defective
+image and joins the accepted set, so later choices see it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from vlcp.cache import stable_hash
+
+VERSION = 1
+DETECTOR_VERSION = 1
+SCORES_VERSION = 1
+DEFAULT_BETA = {"imagenette": 0.9, "imagewoof": 0.9, "cifar10": 0.7}
+DEFAULT_BETA_OTHER = 0.9
+
+
+def default_beta(data: str) -> float:
+    return DEFAULT_BETA.get(data, DEFAULT_BETA_OTHER)
+
+
+def is_defective(pred: int, p_target: float, target: int, beta: float) -> bool:
+    return pred != target or p_target <= beta
+
+
+def candidate_seed(image_seed: int, j: int) -> int:
+    """Candidate j of an image: a seed of its own, derived only from the image's seed and j."""
+    return int(stable_hash(["candidate", image_seed, j], 15), 16)
+
+
+def _cos(v: np.ndarray, normals) -> float:
+    """Summed cosine similarity of v to every accepted feature (Eq. 5); 0 when none is accepted yet."""
+    if len(normals) == 0:
+        return 0.0
+    normals = np.asarray(normals)
+    v = v / (np.linalg.norm(v) + 1e-12)
+    n = normals / (np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12)
+    return float((n @ v).sum())
+
+
+def choose(preds: list[int], probs: list[float], feats: np.ndarray, target: int, beta: float, top_k: int,
+           normals: list) -> tuple[int, str, list[int]]:
+    """(chosen candidate, "valid" | "fallback", the pool) for one defective image (Eq. 5-6).
+
+    The pool is ordered by probability (then candidate index); equal similarities go to the earlier
+    pool member, i.e. the more confident candidate.
+    """
+    valid = [i for i in range(len(preds)) if preds[i] == target and probs[i] > beta]
+    if valid:
+        pool, how = sorted(valid, key=lambda i: (-probs[i], i))[:top_k], "valid"
+    else:
+        pool, how = [max(range(len(probs)), key=lambda i: (probs[i], -i))], "fallback"
+    sims = [_cos(feats[i], normals) for i in pool]
+    best = pool[int(np.argmin(sims))]  # argmin keeps the first of equal similarities
+    return best, how, pool
+
+
+def select(classes: list[str], targets: list[int], scores: list[dict], candidate_scores: dict, beta: float,
+           top_k: int) -> dict:
+    """The whole selection from cached scores: which images are replaced by which candidate.
+
+    ``scores[i]`` = {"pred", "probs", "feature"} of synthetic image i (in class, cluster order);
+    ``candidate_scores[i]`` = list of the same for the candidates of image i.
+    """
+    decisions, per_class = {}, {}
+    for c, name in enumerate(classes):
+        idx = [i for i, t in enumerate(targets) if t == c]
+        defective = [i for i in idx if is_defective(scores[i]["pred"], scores[i]["probs"][c], c, beta)]
+        normals = [np.asarray(scores[i]["feature"]) for i in idx if i not in defective]
+        stats = {"images": len(idx), "defective": len(defective), "valid": 0, "fallback": 0,
+                 "confidence_before": _mean([scores[i]["probs"][c] for i in idx])}
+        after = {i: scores[i]["probs"][c] for i in idx}
+        for i in defective:
+            cands = candidate_scores.get(i)
+            if not cands:
+                continue
+            j, how, pool = choose([s["pred"] for s in cands], [s["probs"][c] for s in cands],
+                                  np.array([s["feature"] for s in cands]), c, beta, top_k, normals)
+            normals.append(np.asarray(cands[j]["feature"]))
+            stats[how] += 1
+            after[i] = cands[j]["probs"][c]
+            decisions[i] = {"candidate": j, "how": how, "pool": pool, "p_before": scores[i]["probs"][c],
+                            "p_after": cands[j]["probs"][c]}
+        stats["confidence_after"] = _mean(list(after.values()))
+        per_class[name] = stats
+    return {"replacements": decisions, "per_class": per_class}
+
+
+def _mean(v: list[float]) -> float:
+    return round(float(np.mean(v)), 4) if v else 0.0
+
+
+def detector_protocol(data: str, arch: str | None, epochs: int):
+    """The detector's training recipe (paper, III-B): Adam 0.01, CutMix, flips, ``epochs`` (300)."""
+    from vlcp.evaluate import IMAGENET_LIKE, make_protocol
+
+    p = make_protocol("dc", data, 10, epochs=epochs, aug="none")
+    low_res = data not in IMAGENET_LIKE and p.image_size <= 64
+    p.name, p.optimizer, p.lr, p.momentum, p.weight_decay, p.schedule = "detector", "adam", 0.01, 0.0, 0.0, "constant"
+    p.model = arch or ("resnet18-modified" if low_res else "resnet18")
+    p.aug, p.cutmix, p.batch_size = "flip", 1.0, 64
+    if not low_res:
+        p.image_size = p.load_size = 224
+    return p
+
+
+def net_state(net) -> dict:
+    return {k: v.detach().float().cpu().numpy() for k, v in net.state_dict().items()}
+
+
+def detector_from_state(state: dict, p, num_classes: int, device: str):
+    import torch
+
+    from vlcp import networks
+
+    net = networks.build(p.model, p.channels, num_classes, p.image_size)
+    ref = net.state_dict()
+    net.load_state_dict({k: torch.from_numpy(v.copy()).to(ref[k].dtype) for k, v in state.items()})
+    return net.to(device).eval()
+
+
+def load_detector(path: str, p, num_classes: int, device: str):
+    """A user's detector: ``--detector-arch`` weights saved with safetensors (never a pickle)."""
+    from safetensors.torch import load_file
+
+    from vlcp.evaluate import EvalError
+
+    try:
+        state = {k: v.numpy() for k, v in load_file(path).items()}
+        return detector_from_state(state, p, num_classes, device)
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise EvalError(f"cannot load detector weights {path} as {p.model}: {exc}") from None
+
+
+def scores_of(net, images: list[np.ndarray], p, device: str) -> list[dict]:
+    """Detector verdicts: predicted label, softmax probabilities and penultimate features per image."""
+    import torch
+    from PIL import Image
+
+    from vlcp import networks
+
+    arr = []
+    for im in images:
+        pil = Image.fromarray(im).convert("L" if p.channels == 1 else "RGB")
+        if pil.size != (p.image_size, p.image_size):
+            pil = pil.resize((p.image_size, p.image_size), Image.BICUBIC)
+        a = np.asarray(pil, np.float32) / 255
+        arr.append(a[None] if p.channels == 1 else a.transpose(2, 0, 1))
+    x = torch.from_numpy(np.stack(arr)).to(device)
+    mean = torch.tensor(p.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(p.std, device=device).view(1, -1, 1, 1)
+    net.eval()
+    with torch.inference_mode():
+        x = (x - mean) / std
+        feats = networks.embed(net, x).float()
+        logits = net(x).float()
+    probs = torch.softmax(logits, 1)
+    return [{"pred": int(pr.argmax()), "probs": [round(float(v), 6) for v in pr], "feature": f.cpu().numpy()}
+            for pr, f in zip(probs, feats)]
+
+
+def detector_stage(cache, ds, data: str, data_dir, classes, arch, epochs: int, weights: str | None, seed: int,
+                   device: str, progress: bool, dry: bool = False):
+    """The cached ``detector`` stage: (protocol, key, entry, report, lazy device).
+
+    Trained on ``ds`` (the real training images in use) with checkpoints every tenth of training, so
+    a killed training resumes; or loaded from ``weights``. Its real test accuracy goes in the entry.
+    """
+    from dataclasses import asdict
+
+    from vlcp import models
+    from vlcp.cache import file_digest, stage_key
+    from vlcp.evaluate import accuracy, tensors_from_samples, train
+    from vlcp.runner import Lazy, run_stage
+
+    p = detector_protocol(data, arch, epochs)
+    key = stage_key("detector", DETECTOR_VERSION, dataset=ds.identity(), protocol=asdict(p), seed=seed,
+                    weights=file_digest(weights) if weights else None)
+    dev = Lazy(lambda: models.torch_device(device))
+    n = len(ds.classes)
+
+    def compute():
+        from vlcp.datasets import load_dataset
+
+        test = tensors_from_samples(load_dataset(data, data_dir, "test", classes).samples, p.image_size, p.channels)
+        if weights:
+            net = load_detector(weights, p, n, dev())
+            return {"source": str(weights), "model": p.model, "accuracy": round(accuracy(net, *test, p, dev()) * 100,
+                                                                                  2)}, net_state(net)
+        x, y = tensors_from_samples(ds.samples, p.image_size, p.channels)
+        net, res = train(p, x, y, n, seed, dev(), test=test, progress=progress, desc="detector",
+                         resume=(cache, "detector_checkpoint", key), checkpoint_every=max(1, p.epochs // 10))
+        return {"source": "trained by vlcp", "model": p.model, "epochs": p.epochs,
+                "accuracy": round(res["accuracy"] * 100, 2)}, net_state(net)
+
+    entry, rep = run_stage(cache, "detector", key, compute, dry=dry)
+    return p, key, entry, rep, dev
+
+
+def detect_only(folder, data: str, data_dir, cache, opts: dict, device: str, progress: bool, out) -> dict:
+    """Judge every image of a foreign ImageFolder and write OUT/report.json (no replacement possible)."""
+    from pathlib import Path
+
+    from vlcp import __version__
+    from vlcp.datasets import load_dataset
+    from vlcp.evaluate import synthetic_samples
+    from vlcp.output import publish, write_json
+
+    ds = load_dataset(data, data_dir, "train")
+    beta = opts["refine_beta"] if opts["refine_beta"] is not None else default_beta(data)
+    p, key, entry, _, dev = detector_stage(cache, ds, data, data_dir, None, opts["detector_arch"],
+                                           opts["detector_epochs"], opts["detector"], 0, device, progress)
+    net = detector_from_state(entry.tensors, p, len(ds.classes), dev())
+    samples, _ = synthetic_samples(Path(folder), ds, None)
+    images = [np.asarray(s.load()) for s in samples]
+    scores = []
+    for i in range(0, len(images), 64):
+        scores += scores_of(net, images[i:i + 64], p, dev())
+    rows, per_class = [], {}
+    for s, sc in zip(samples, scores):
+        c = s.class_idx
+        d = is_defective(sc["pred"], sc["probs"][c], c, beta)
+        rows.append({"file": s.source, "class": ds.classes[c].folder, "predicted": ds.classes[sc["pred"]].folder,
+                     "p_target": sc["probs"][c], "defective": d})
+        st = per_class.setdefault(ds.classes[c].folder, {"images": 0, "defective": 0, "confidence": 0.0})
+        st["images"] += 1
+        st["defective"] += d
+        st["confidence"] += sc["probs"][c]
+    for st in per_class.values():
+        st["confidence"] = round(st["confidence"] / st["images"], 4)
+    report = {"vlcp_version": __version__, "folder": str(folder), "mode": "detection only (not a vlcp output)",
+              "beta": beta, "detector": entry.meta, "per_class": per_class, "images": rows}
+    publish(Path(out), lambda tmp: write_json(tmp / "report.json", report))
+    return report
