@@ -156,3 +156,43 @@ def test_class_folders_match_by_wnid_or_name(tmp_path):
                                                ClassInfo("n03888605", "parachute, chute")], [])
     assert match_classes(["n03888605", "tench"], ds) == {"n03888605": 1, "tench": 0}
     assert match_classes(["Parachute, chute"], ds) == {"Parachute, chute": 1}
+
+
+def test_killed_detector_style_training_resumes_exactly(digits, tmp_path, monkeypatch):
+    """train(resume=...) checkpoints every N epochs; a rerun after a kill continues to the same result."""
+    from vlcp.cache import StageCache
+
+    p, (x, y), test = digits
+    p = make_protocol("dc", "digits", 10, epochs=6)  # with DSA: the generator state must survive too
+    idx = np.arange(0, len(y), 9)
+    _, whole = train(p, x[idx], y[idx], 10, 0, "cpu", test=test, progress=False)
+    cache = StageCache(tmp_path)
+    calls = {"n": 0}
+    from vlcp import augment
+
+    real_dsa = augment.dsa
+
+    def dsa_then_die(xb, g):
+        calls["n"] += 1
+        if calls["n"] == 4 * int(np.ceil(len(idx) / p.batch_size)) + 1:
+            raise KeyboardInterrupt
+        return real_dsa(xb, g)
+
+    monkeypatch.setattr(augment, "dsa", dsa_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(p, x[idx], y[idx], 10, 0, "cpu", test=test, progress=False, resume=(cache, "ckpt", "k"),
+              checkpoint_every=2)
+    assert cache.get("ckpt", "k").meta["epoch"] == 4
+    monkeypatch.setattr(augment, "dsa", real_dsa)
+    _, resumed = train(p, x[idx], y[idx], 10, 0, "cpu", test=test, progress=False, resume=(cache, "ckpt", "k"),
+                       checkpoint_every=2)
+    assert np.allclose(resumed["losses"], whole["losses"], rtol=1e-5) and len(resumed["losses"]) == 6
+    assert resumed["accuracy"] == whole["accuracy"]
+
+
+def test_full_training_set_row(vlcp, tmp_path):
+    r = vlcp("evaluate", "--full", "--data", "digits", "--epochs", "1", "--seeds", "1", "--aug", "none",
+             "--json", tmp_path / "f.json")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "f.json").read_text())
+    assert res["full"] and res["train_images"] == 1438 and res["synthetic"] is None

@@ -269,8 +269,7 @@ def train(p: Protocol, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int
         meta = checkpoint.restore(saved, weights, opt, device)
         start, losses, best = meta["epoch"], meta["losses"], meta["best"]
         g.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
-        for _ in range(start * steps):
-            sched.step()
+        sched.last_epoch = start * steps  # the restored optimizer already carries the scheduled lr
     bar = tqdm(range(start, p.epochs), desc=desc, initial=start, total=p.epochs, leave=False, disable=not progress)
     for epoch in bar:
         perm = torch.randperm(len(x), generator=g)
