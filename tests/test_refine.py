@@ -130,3 +130,27 @@ def test_refine_command_on_own_and_foreign_folders(refined, vlcp, tmp_path):
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert len(rep["images"]) == 20 and rep["mode"].startswith("detection only")
     assert {"file", "class", "predicted", "p_target", "defective"} <= set(rep["images"][0])
+
+
+def test_torchvision_detector_maps_imagenet_categories(monkeypatch):
+    """A torchvision name as --detector: its 1000 logits are cut to the dataset's classes by name."""
+    import torch
+    import torchvision.models as tvm
+
+    from vlcp.evaluate import EvalError
+
+    cats = [f"class{i}" for i in range(1000)]
+    cats[0], cats[701] = "tench", "parachute"
+
+    class W:
+        meta = {"categories": cats}
+
+    monkeypatch.setattr(tvm, "get_model_weights", lambda name: type("E", (), {"DEFAULT": W}))
+    monkeypatch.setattr(tvm, "get_model", lambda name, weights: tvm.resnet18(num_classes=1000))
+    net = refine.torchvision_detector("resnet18", ["parachute, chute", "tench, Tinca tinca"], "cpu")
+    with torch.no_grad():
+        x = torch.zeros(2, 3, 64, 64)
+        full = net.net(x)
+        assert torch.equal(net(x), full[:, [701, 0]]) and net.embed(x).shape == (2, 512)
+    with pytest.raises(EvalError, match="lack golf ball"):
+        refine.torchvision_detector("resnet18", ["golf ball"], "cpu")

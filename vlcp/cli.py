@@ -121,8 +121,8 @@ def _check_range(name: str, value, low, high, low_open=False):
               help="Most confident valid candidates kept in the pool.")
 @click.option("--refine-beta", type=float, help="Confidence threshold: p <= beta is defective. "
                                                  "[default: 0.9 ImageNette/ImageWoof, 0.7 CIFAR-10, 0.9 others]")
-@click.option("--detector", type=click.Path(exists=True, dir_okay=False),
-              help="Detector weights (safetensors, --detector-arch layout). [default: train one on the real data]")
+@click.option("--detector", help="Detector: a safetensors file of --detector-arch weights, or a torchvision "
+                                 "ResNet name with local ImageNet weights (ImageNet subsets). [default: train one]")
 @click.option("--detector-arch", type=click.Choice(["resnet18", "resnet18-modified"]),
               help="[default: resnet18-modified for <= 32 px data, resnet18 otherwise]")
 @click.option("--detector-epochs", type=click.IntRange(min=1), default=300, show_default=True)
@@ -315,7 +315,7 @@ def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force):
 @click.option("--refine-candidates", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--refine-top-k", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--refine-beta", type=float, help="[default: per dataset, as vlcp distill --refine]")
-@click.option("--detector", type=click.Path(exists=True, dir_okay=False), help="Detector weights (safetensors).")
+@click.option("--detector", help="Safetensors weights, or a torchvision ResNet name (local ImageNet weights).")
 @click.option("--detector-arch", type=click.Choice(["resnet18", "resnet18-modified"]))
 @click.option("--detector-epochs", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")

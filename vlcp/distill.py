@@ -445,7 +445,8 @@ def _refinement(cfg, cache, ds, items, flat, syn_latents, texts, seeds, synth_mo
                                                              cfg.detector_arch, cfg.detector_epochs, cfg.detector,
                                                              cfg.seed, cfg.device, cfg.progress, dry)
     reports.append(rep)
-    detector = Lazy(lambda: refine.detector_from_state(det_entry.tensors, p, len(folders), dev()))
+    detector = Lazy(lambda: refine.detector_from_state(det_entry.tensors, p, len(folders), dev(),
+                                                       [c.name for c in ds.classes]))
 
     def score(stage_name, imgs):
         keys = [stage_key("detector_scores", refine.SCORES_VERSION, detector=det_key, image=_array_hash(im))

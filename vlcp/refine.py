@@ -114,10 +114,13 @@ def net_state(net) -> dict:
     return {k: v.detach().float().cpu().numpy() for k, v in net.state_dict().items()}
 
 
-def detector_from_state(state: dict, p, num_classes: int, device: str):
+def detector_from_state(state: dict, p, num_classes: int, device: str, class_names: list[str] | None = None):
     import torch
 
     from vlcp import networks
+
+    if not state:  # a torchvision detector: nothing of ours was stored, its weights come from torch.hub
+        return torchvision_detector(p.model, class_names or [], device)
 
     net = networks.build(p.model, p.channels, num_classes, p.image_size)
     ref = net.state_dict()
@@ -136,6 +139,60 @@ def load_detector(path: str, p, num_classes: int, device: str):
         return detector_from_state(state, p, num_classes, device)
     except (OSError, RuntimeError, KeyError) as exc:
         raise EvalError(f"cannot load detector weights {path} as {p.model}: {exc}") from None
+
+
+def _restricted(net, columns: list[int]):
+    """A 1000-way ImageNet classifier restricted to the dataset's classes (logit columns by name)."""
+    import torch.nn as nn
+
+    from vlcp.networks import embed
+
+    class Restricted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def embed(self, x):
+            return embed(self.net, x)
+
+        def forward(self, x):
+            return self.net(x)[:, columns]
+
+    return Restricted()
+
+
+def torchvision_detector(name: str, class_names: list[str], device: str):
+    """An ImageNet-pretrained torchvision ResNet whose weights are already on this machine.
+
+    Classes are matched to the weights' category names by their first name ("tench, Tinca tinca" ->
+    "tench"), so this works for ImageNet subsets only.
+    """
+    import torchvision.models as tvm
+
+    from vlcp.evaluate import EvalError
+
+    try:
+        weights = tvm.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError):
+        raise EvalError(f"--detector {name!r} is neither a file nor a torchvision model name") from None
+    cats = [c.lower() for c in weights.meta["categories"]]
+    columns, missing = [], []
+    for n in class_names:
+        first = n.split(",")[0].strip().lower()
+        if first in cats:
+            columns.append(cats.index(first))
+        else:
+            missing.append(n)
+    if missing:
+        raise EvalError(f"{name}'s ImageNet categories lack {', '.join(missing)}: use a trained detector instead")
+    try:
+        net = tvm.get_model(name, weights=weights)
+    except Exception as exc:  # not in the torch hub cache and no network
+        raise EvalError(f"cannot load {name} weights ({exc}); download them where torch.hub can find them "
+                        f"(~/.cache/torch/hub/checkpoints) or omit --detector to train one") from None
+    if not hasattr(net, "fc"):
+        raise EvalError(f"--detector {name}: only ResNet-family torchvision models are supported")
+    return _restricted(net, columns).to(device).eval()
 
 
 def scores_of(net, images: list[np.ndarray], p, device: str) -> list[dict]:
@@ -173,6 +230,7 @@ def detector_stage(cache, ds, data: str, data_dir, classes, arch, epochs: int, w
     a killed training resumes; or loaded from ``weights``. Its real test accuracy goes in the entry.
     """
     from dataclasses import asdict
+    from pathlib import Path
 
     from vlcp import models
     from vlcp.cache import file_digest, stage_key
@@ -180,8 +238,10 @@ def detector_stage(cache, ds, data: str, data_dir, classes, arch, epochs: int, w
     from vlcp.runner import Lazy, run_stage
 
     p = detector_protocol(data, arch, epochs)
+    if weights and not Path(weights).is_file():  # torchvision ImageNet weights: 224 px, ImageNet statistics
+        p.model, p.image_size, p.load_size, p.channels = weights, 224, 224, 3
     key = stage_key("detector", DETECTOR_VERSION, dataset=ds.identity(), protocol=asdict(p), seed=seed,
-                    weights=file_digest(weights) if weights else None)
+                    weights=file_digest(weights) if weights and Path(weights).is_file() else weights)
     dev = Lazy(lambda: models.torch_device(device))
     n = len(ds.classes)
 
@@ -189,6 +249,10 @@ def detector_stage(cache, ds, data: str, data_dir, classes, arch, epochs: int, w
         from vlcp.datasets import load_dataset
 
         test = tensors_from_samples(load_dataset(data, data_dir, "test", classes).samples, p.image_size, p.channels)
+        if weights and not Path(weights).is_file():  # a torchvision model name
+            net = torchvision_detector(weights, [c.name for c in ds.classes], dev())
+            return {"source": f"torchvision:{weights}", "model": weights,
+                    "accuracy": round(accuracy(net, *test, p, dev()) * 100, 2)}, {}
         if weights:
             net = load_detector(weights, p, n, dev())
             return {"source": str(weights), "model": p.model, "accuracy": round(accuracy(net, *test, p, dev()) * 100,
@@ -216,7 +280,7 @@ def detect_only(folder, data: str, data_dir, cache, opts: dict, device: str, pro
     beta = opts["refine_beta"] if opts["refine_beta"] is not None else default_beta(data)
     p, key, entry, _, dev = detector_stage(cache, ds, data, data_dir, None, opts["detector_arch"],
                                            opts["detector_epochs"], opts["detector"], 0, device, progress)
-    net = detector_from_state(entry.tensors, p, len(ds.classes), dev())
+    net = detector_from_state(entry.tensors, p, len(ds.classes), dev(), [c.name for c in ds.classes])
     samples, _ = synthetic_samples(Path(folder), ds, None)
     images = [np.asarray(s.load()) for s in samples]
     scores = []
