@@ -264,12 +264,18 @@ def _fashion_mnist(spec: Spec, data_dir: Path, split: str, digest) -> Dataset:
                    source={"url": spec.url})
 
 
-def _cifar(spec: Spec, data_dir: Path, split: str, digest) -> Dataset:
+def _archive_root(spec: Spec, data_dir: Path) -> Path:
+    """The extracted folder of a tarball dataset, downloading and extracting it on first use."""
     root = data_dir / spec.folder
     if not root.exists():
         archive = data_dir / Path(spec.url).name
         download(spec.url, archive, spec.checksum)
         extract(archive, data_dir)
+    return root
+
+
+def _cifar(spec: Spec, data_dir: Path, split: str, digest) -> Dataset:
+    root = _archive_root(spec, data_dir)
     if spec.name == "cifar10":
         files = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
         names = [n for n in (root / "batches.meta.txt").read_text().split() if n]
@@ -288,12 +294,7 @@ def _cifar(spec: Spec, data_dir: Path, split: str, digest) -> Dataset:
 
 
 def _fastai(spec: Spec, data_dir: Path, split: str, digest) -> Dataset:
-    root = data_dir / spec.folder
-    if not root.exists():
-        archive = data_dir / Path(spec.url).name
-        download(spec.url, archive, spec.checksum)
-        extract(archive, data_dir)
-    folder = root / ("train" if split == "train" else "val")
+    folder = _archive_root(spec, data_dir) / ("train" if split == "train" else "val")
     return _image_folder(spec.name, folder, dict(spec.classes), digest, split=split,
                          source={"url": spec.url, "checksum": spec.checksum})
 

@@ -336,7 +336,7 @@ def _run(cfg, cache, ds, cap_ref, sd_ref, llm_ref, resolution, reports, manifest
     # 7. prompts: the text that conditions synthesis (--text-strategy)
     pr_key = stage_key("prompts", prompts.VERSION, text_prototypes=tp_key, strategy=cfg.text_strategy,
                        llm=llm_ref.identity if llm_ref else None)
-    llm = Lazy(lambda: prompts.load_llm(llm_ref, cfg.device))
+    llm = Lazy(lambda: models.load_text_llm(llm_ref, cfg.device))
 
     def compute_prompts():
         out = {}

@@ -151,20 +151,36 @@ def _load_error(ref: ModelRef, exc: Exception) -> ModelError:
                       f"machine with network (`huggingface-cli download {ref.name}`) or pass a local directory.")
 
 
-def load_captioner(ref: ModelRef, device: str):
-    """(model, processor) for a LLaVA-style image-text-to-text model; never trust_remote_code."""
+def _load_transformers(ref: ModelRef, device: str, model_cls: str, processor_cls: str):
+    """(model, processor or tokenizer) in eval mode: safetensors only, never trust_remote_code."""
+    import transformers
+
     quiet_libraries()
     try:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
         dev = torch_device(device)
-        model = AutoModelForImageTextToText.from_pretrained(ref.path, revision=_rev(ref), dtype=_dtype(dev),
-                                                            use_safetensors=True, trust_remote_code=False)
-        processor = AutoProcessor.from_pretrained(ref.path, revision=_rev(ref), trust_remote_code=False)
+        model = getattr(transformers, model_cls).from_pretrained(ref.path, revision=_rev(ref), dtype=_dtype(dev),
+                                                                  use_safetensors=True, trust_remote_code=False)
+        processor = getattr(transformers, processor_cls).from_pretrained(ref.path, revision=_rev(ref),
+                                                                         trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise _load_error(ref, exc) from None
-    processor.tokenizer.padding_side = "left"  # batched generation appends after the prompt
     return model.to(dev).eval(), processor
+
+
+def load_captioner(ref: ModelRef, device: str):
+    """(model, processor) for a LLaVA-style image-text-to-text model."""
+    model, processor = _load_transformers(ref, device, "AutoModelForImageTextToText", "AutoProcessor")
+    processor.tokenizer.padding_side = "left"  # batched generation appends after the prompt
+    return model, processor
+
+
+def load_text_llm(ref: ModelRef, device: str):
+    """(model, tokenizer) for a causal language model (the ``llm`` text strategy)."""
+    model, tok = _load_transformers(ref, device, "AutoModelForCausalLM", "AutoTokenizer")
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
 
 
 def load_vae(ref: ModelRef, device: str):

@@ -34,25 +34,6 @@ def llm_request(class_name: str, record: dict) -> str:
         "{KEYWORDS}", ", ".join(record["representative_words"]) or "none")
 
 
-def load_llm(ref, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from vlcp.models import _dtype, _load_error, _rev, quiet_libraries, torch_device
-
-    quiet_libraries()
-    try:
-        dev = torch_device(device)
-        model = AutoModelForCausalLM.from_pretrained(ref.path, revision=_rev(ref), dtype=_dtype(dev),
-                                                     use_safetensors=True, trust_remote_code=False)
-        tok = AutoTokenizer.from_pretrained(ref.path, revision=_rev(ref), trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise _load_error(ref, exc) from None
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model.to(dev).eval(), tok
-
-
 def llm_sentences(model, tok, requests: list[str], max_new_tokens: int = 77) -> list[str]:
     """Greedy answers, one per request, through the tokenizer's chat template when it has one."""
     import torch
