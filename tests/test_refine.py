@@ -123,13 +123,21 @@ def test_refine_command_on_own_and_foreign_folders(refined, vlcp, tmp_path):
     for d in (tmp_path / "real").iterdir():
         if d.is_dir():
             shutil.copytree(d, tmp_path / "foreign" / d.name)
-    r = vlcp("refine", tmp_path / "foreign", "--data", "digits", "--detector-epochs", "2", "--out", tmp_path / "rep",
-             cache=refined / "cache")
+    # a detector of the user's own, as safetensors: here the one the refined run trained
+    from safetensors.numpy import save_file
+
+    from vlcp.cache import StageCache
+
+    det = next(k for k in StageCache(refined / "cache").index.iterkeys() if k.startswith("detector/"))
+    save_file(StageCache(refined / "cache").get("detector", det.split("/", 1)[1]).tensors, tmp_path / "det.st")
+    r = vlcp("refine", tmp_path / "foreign", "--data", "digits", "--detector", tmp_path / "det.st",
+             "--detector-arch", "resnet18-modified", "--out", tmp_path / "rep", cache=refined / "cache")
     assert r.exit_code == 0, r.output
     assert "detection only" in r.output
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert len(rep["images"]) == 20 and rep["mode"].startswith("detection only")
     assert {"file", "class", "predicted", "p_target", "defective"} <= set(rep["images"][0])
+    assert rep["detector"]["source"] == str(tmp_path / "det.st")
 
 
 def test_torchvision_detector_maps_imagenet_categories(monkeypatch):
