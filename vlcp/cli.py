@@ -146,10 +146,10 @@ def distill(obj: Ctx, **kw):
     dry_run = kw.pop("dry_run")
     out: Path = kw["out"]
     if not dry_run:
-        if out.exists() and not out.is_dir():
-            raise click.BadParameter(f"{out} is a file, not a folder", param_hint="--out")
-        if out.is_dir() and any(out.iterdir()) and not kw["force"]:
-            raise click.BadParameter(f"{out} is not empty; pass --force to replace it", param_hint="--out")
+        from vlcp.output import check_out
+
+        with _user_errors():
+            check_out(out, kw["force"])
     from vlcp.distill import DistillConfig, distill as run
 
     classes = [c.strip() for c in kw.pop("classes").split(",") if c.strip()] if kw["classes"] else None
@@ -183,9 +183,9 @@ class _user_errors:
         from vlcp.models import ModelError
         from vlcp.output import OutputError
 
-        if isinstance(exc, EvalError):  # a synthetic folder that does not fit the dataset: bad input
+        if isinstance(exc, (EvalError, OutputError)):  # a folder that does not fit: bad input, exit code 2
             raise click.UsageError(str(exc)) from None
-        if isinstance(exc, (DatasetError, DistillError, ModelError, OutputError)):
+        if isinstance(exc, (DatasetError, DistillError, ModelError)):
             raise click.ClickException(str(exc)) from None
         return False
 
