@@ -1,6 +1,5 @@
 """Fine-tuning (Algorithm 1, step 3) and the semantic prompt strategies (paper, Table 5)."""
 import json
-import shutil
 
 import numpy as np
 import pytest

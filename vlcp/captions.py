@@ -6,15 +6,12 @@ PROMPT = ("Describe the physical appearance of the {CLASSNAME} in the image. "
           "Include details about its shape, posture, color, and any distinct features.")
 
 
-class EmptyCaption(Exception):
-    pass
-
-
 def format_prompt(template: str, class_name: str) -> str:
     return template.replace("{CLASSNAME}", class_name)
 
 
-def caption_images(model, processor, images: list, class_names: list[str], prompt: str, max_new_tokens: int) -> list[str]:
+def caption_images(model, processor, images: list, class_names: list[str], prompt: str,
+                   max_new_tokens: int) -> list[str]:
     """Greedy (deterministic) captions for a batch, each prompt naming the image's own class."""
     import torch
 
@@ -27,5 +24,4 @@ def caption_images(model, processor, images: list, class_names: list[str], promp
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
     new = out[:, inputs["input_ids"].shape[1]:]
-    captions = [" ".join(t.split()) for t in processor.batch_decode(new, skip_special_tokens=True)]
-    return captions
+    return [" ".join(t.split()) for t in processor.batch_decode(new, skip_special_tokens=True)]

@@ -17,7 +17,8 @@ def save(cache: StageCache, stage: str, key: str, weights: dict, opt, meta: dict
     for pid, st in sd["state"].items():
         for name, v in st.items():
             tensors[f"opt/{pid}/{name}"] = v.detach().cpu().numpy() if hasattr(v, "detach") else np.array(v)
-    layout = {"param_groups": sd["param_groups"], "state_names": {str(pid): sorted(st) for pid, st in sd["state"].items()}}
+    layout = {"param_groups": sd["param_groups"],
+              "state_names": {str(pid): sorted(st) for pid, st in sd["state"].items()}}
     cache.put(stage, key, {**meta, "opt": layout}, tensors)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -18,9 +19,13 @@ STAGE_NAMES = ["images", "captions", "latents", "outliers", "clusters", "text_pr
                "output"]  # the order of vlcp.distill.STAGES (a test keeps them equal)
 
 
+@dataclass
 class Ctx:
-    def __init__(self, cache_dir: Path, data_dir: Path, device: str, verbose: int, quiet: bool):
-        self.cache_dir, self.data_dir, self.device, self.verbose, self.quiet = cache_dir, data_dir, device, verbose, quiet
+    cache_dir: Path
+    data_dir: Path
+    device: str
+    verbose: int
+    quiet: bool
 
     def cache(self):
         from vlcp.cache import StageCache
@@ -196,11 +201,7 @@ def _summary(manifest: dict, dry_run: bool) -> None:
         status = ("hit" if r["cached"] else "would compute" if dry_run else "computed")
         rows.append((name, status, str(r["items_computed"]), str(r["items_cached"]),
                      "loaded" if r["model_loaded"] else "-", f"{r['seconds']:.2f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, r in enumerate(rows):
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        if i == 0:
-            click.echo("  ".join("-" * w for w in widths))
+    _table(rows)
     if dry_run and manifest.get("plan_unknown_after"):
         click.echo(f"later stages: not planned, they depend on what {manifest['plan_unknown_after']} computes")
     for w in manifest.get("warnings", []):
@@ -251,9 +252,7 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
         click.echo(f"{res['dataset']['name']}: {what}; test: {res['test_split']['images']} real images")
         if res["teacher"]:
             click.echo(f"teacher: {res['teacher']['source']}, test accuracy {res['teacher']['accuracy']:.2f}")
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    _table(rows)
     if json_path:
         from vlcp.output import write_json
 
@@ -407,6 +406,15 @@ def datasets(obj: Ctx):
         where = "embedded in scikit-learn" if loc is None else str(loc)
         status = "present" if is_present(spec, obj.data_dir) else ("missing: " + (spec.url or "see description"))
         click.echo(f"{name:<14} {status}\n{'':<14} {where}\n{'':<14} {spec.description}")
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    """Left-aligned columns, a rule under the header row."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            click.echo("  ".join("-" * w for w in widths))
 
 
 def _human(n: int) -> str:

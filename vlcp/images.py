@@ -1,7 +1,6 @@
 """Robust image I/O: any file PIL can read becomes an upright RGB image; anything else is BadImage."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
@@ -42,9 +41,3 @@ def open_rgb(path: str | Path):
             return to_rgb(img)
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise BadImage(f"{Path(path).name}: {exc}") from None
-
-
-def png_bytes(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
