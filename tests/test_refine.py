@@ -162,3 +162,12 @@ def test_torchvision_detector_maps_imagenet_categories(monkeypatch):
         assert torch.equal(net(x), full[:, [701, 0]]) and net.embed(x).shape == (2, 512)
     with pytest.raises(EvalError, match="lack golf ball"):
         refine.torchvision_detector("resnet18", ["golf ball"], "cpu")
+
+
+@pytest.mark.parametrize("until", ["detector", "detector_scores", "candidates", "candidate_scores", "refinement"])
+def test_until_stops_at_each_refinement_stage(refined, vlcp, tmp_path, until):
+    r = vlcp(*BASE, "--until", until, "--out", tmp_path / "o", cache=refined / "cache")
+    assert r.exit_code == 0, r.output
+    stages = list(read_manifest(tmp_path / "o")["stages"])
+    assert stages[-1] == until and "output" not in stages
+    assert not list((tmp_path / "o").rglob("0*.png"))  # no image folder before the output stage

@@ -407,7 +407,7 @@ def _run(cfg, cache, ds, cap_ref, sd_ref, llm_ref, resolution, reports, manifest
     replaced: dict[int, np.ndarray] = {}
     if cfg.refine:
         refined, summary = _refinement(cfg, cache, ds, items, flat, syn_latents, texts, seeds, synth_model, ft_key,
-                                       sd_ref, reports, dry, done)
+                                       sd_ref, reports, dry, done, need)
         if refined is None:
             return finish({"prototypes.json": prototypes, **_loss_files(ft_entry)})
         replaced = {i: flat[i] for i in summary["replacements"]}
@@ -415,6 +415,8 @@ def _run(cfg, cache, ds, cap_ref, sd_ref, llm_ref, resolution, reports, manifest
         manifest["refinement"] = summary
         for f in folders:
             prototypes["classes"][f]["refinement"] = summary["per_class"][f]
+        if done("refinement"):
+            return finish({"prototypes.json": prototypes, **_loss_files(ft_entry)})
     images: dict[int, list[np.ndarray]] = {}
     for (c, _), im in zip(items, flat):
         images.setdefault(c, []).append(im)
@@ -436,8 +438,9 @@ def _run(cfg, cache, ds, cap_ref, sd_ref, llm_ref, resolution, reports, manifest
 
 
 def _refinement(cfg, cache, ds, items, flat, syn_latents, texts, seeds, synth_model, ft_key, sd_ref, reports, dry,
-                done):
-    """Detector-guided refinement after synthesis; returns (images, summary) or (None, None) at --until."""
+                done, need):
+    """Detector-guided refinement after synthesis; returns (images, summary), or (None, None) when --until
+    stops at one of its stages."""
     from vlcp import refine
 
     folders = [c.folder for c in ds.classes]
@@ -445,6 +448,8 @@ def _refinement(cfg, cache, ds, items, flat, syn_latents, texts, seeds, synth_mo
                                                              cfg.detector_arch, cfg.detector_epochs, cfg.detector,
                                                              cfg.seed, cfg.device, cfg.progress, dry)
     reports.append(rep)
+    if done("detector"):
+        return None, None
     detector = Lazy(lambda: refine.detector_from_state(det_entry.tensors, p, len(folders), dev(),
                                                        [c.name for c in ds.classes]))
 
@@ -460,8 +465,7 @@ def _refinement(cfg, cache, ds, items, flat, syn_latents, texts, seeds, synth_mo
                                desc=stage_name, dry=dry)
         r.name = stage_name
         reports.append(r)
-        if dry and any(e is None for e in entries):
-            raise PlanStop(StageReport(stage_name, "", False, -1, 0, False, 0.0))
+        need(stage_name, entries)
         return [{"pred": e.meta["pred"], "probs": e.meta["probs"], "feature": e.tensors["feature"]} for e in entries]
 
     scores = score("detector_scores", flat)
@@ -483,10 +487,13 @@ def _refinement(cfg, cache, ds, items, flat, syn_latents, texts, seeds, synth_mo
     cand_entries, rep = run_items(cache, "candidates", cand_keys, compute_candidates, cfg.synthesis_batch_size,
                                   synth_model, cfg.progress, dry=dry)
     reports.append(rep)
-    if dry and any(e is None for e in cand_entries):
-        raise PlanStop(StageReport("candidate_scores", "", False, -1, 0, False, 0.0))
+    if done("candidates"):
+        return None, None
+    need("candidate_scores", cand_entries)
     cand_imgs = [e.tensors["image"] for e in cand_entries]
     cand_scores = score("candidate_scores", cand_imgs)
+    if done("candidate_scores"):
+        return None, None
     by_image: dict[int, list] = {}
     by_image_imgs: dict[int, list] = {}
     for (i, _), sc, im in zip(cand, cand_scores, cand_imgs):
