@@ -48,7 +48,7 @@ def select_kcenter(feats: np.ndarray, k: int) -> list[int]:
 def features(ds, data: str, cache, device: str, epochs: int, progress: bool) -> np.ndarray:
     """Penultimate ConvNet-3 features of every training image (network and features cached)."""
     from vlcp.cache import stage_key
-    from vlcp.evaluate import make_protocol, tensors_from_samples, train
+    from vlcp.evaluate import make_protocol, net_input, tensors_from_samples, train
     from vlcp.models import torch_device
 
     p = make_protocol("dc", data, 10, "convnet3", epochs, "none")
@@ -65,13 +65,10 @@ def features(ds, data: str, cache, device: str, epochs: int, progress: bool) -> 
         dev = torch_device(device)
         net, _ = train(p, x, y, len(ds.classes), 0, dev, progress=progress, desc="feature net")
         net.eval()
-        mean = torch.tensor(p.mean, device=dev).view(1, -1, 1, 1)
-        std = torch.tensor(p.std, device=dev).view(1, -1, 1, 1)
         out = []
         with torch.inference_mode():
             for i in range(0, len(x), 500):
-                xb = (torch.from_numpy(x[i:i + 500]).to(dev).float() / 255 - mean) / std
-                out.append(networks.embed(net, xb).float().cpu().numpy())
+                out.append(networks.embed(net, net_input(x[i:i + 500], p, dev)).float().cpu().numpy())
         entry = cache.put("baseline_features", key, {"epochs": epochs}, {"features": np.concatenate(out)})
     return entry.tensors["features"]
 

@@ -209,17 +209,23 @@ def _batch_transform(p: Protocol, num_classes: int):
     return None
 
 
+def net_input(x: np.ndarray, p: Protocol, device: str):
+    """uint8 (N, C, H, W) images -> the network's float input, normalised with the protocol's statistics."""
+    import torch
+
+    mean = torch.tensor(p.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(p.std, device=device).view(1, -1, 1, 1)
+    return (torch.from_numpy(np.ascontiguousarray(x)).to(device).float() / 255 - mean) / std
+
+
 def accuracy(net, x: np.ndarray, y: np.ndarray, p: Protocol, device: str, batch: int = 500) -> float:
     import torch
 
     net.eval()
-    mean = torch.tensor(p.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(p.std, device=device).view(1, -1, 1, 1)
     correct = 0
     with torch.inference_mode(), torch.autocast(device.split(":")[0], enabled=device.startswith("cuda")):
         for i in range(0, len(x), batch):
-            xb = (torch.from_numpy(x[i:i + batch]).to(device).float() / 255 - mean) / std
-            correct += (net(xb).argmax(1).cpu().numpy() == y[i:i + batch]).sum()
+            correct += (net(net_input(x[i:i + batch], p, device)).argmax(1).cpu().numpy() == y[i:i + batch]).sum()
     net.train()
     return float(correct) / len(x)
 

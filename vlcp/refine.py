@@ -201,20 +201,11 @@ def scores_of(net, images: list[np.ndarray], p, device: str) -> list[dict]:
     from PIL import Image
 
     from vlcp import networks
+    from vlcp.evaluate import _to_array, net_input
 
-    arr = []
-    for im in images:
-        pil = Image.fromarray(im).convert("L" if p.channels == 1 else "RGB")
-        if pil.size != (p.image_size, p.image_size):
-            pil = pil.resize((p.image_size, p.image_size), Image.BICUBIC)
-        a = np.asarray(pil, np.float32) / 255
-        arr.append(a[None] if p.channels == 1 else a.transpose(2, 0, 1))
-    x = torch.from_numpy(np.stack(arr)).to(device)
-    mean = torch.tensor(p.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(p.std, device=device).view(1, -1, 1, 1)
+    x = net_input(np.stack([_to_array(Image.fromarray(im), p.image_size, p.channels) for im in images]), p, device)
     net.eval()
     with torch.inference_mode():
-        x = (x - mean) / std
         feats = networks.embed(net, x).float()
         logits = net(x).float()
     probs = torch.softmax(logits, 1)
