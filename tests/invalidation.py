@@ -1,0 +1,57 @@
+"""The per-parameter invalidation table: which stages must recompute when one parameter changes.
+
+One place for it: `tests/test_invalidation.py` checks every row against real runs on a warm tiny
+cache, and the README prints it (a test keeps the README copy equal to `markdown()`).
+A stage "recomputes" when it computes at least one item; `output` is rebuilt on every run and is not
+listed. Each row is (arguments added to BASE, stages that recompute, why).
+"""
+from __future__ import annotations
+
+BASE = ["--data", "digits", "--tiny", "--classes", "0,1,2", "--max-per-class", "12", "--ipc", "2",
+        "--steps", "2", "--finetune-max-steps", "2", "--refine", "--detector-epochs", "1",
+        "--refine-candidates", "2", "--refine-beta", "0.95"]
+
+SYNTH_ON = ["synthesis", "detector_scores", "candidates", "candidate_scores", "refinement"]
+CLUSTERS_ON = ["clusters", "text_prototypes", "prompts"] + SYNTH_ON
+CAPTION_ON = ["text_prototypes", "prompts", "finetune"] + SYNTH_ON
+
+TABLE: list[tuple[list[str], list[str], str]] = [
+    (["--ipc", "3"], ["outliers"] + CLUSTERS_ON, "LOF keeps at least IPC images; k = IPC"),
+    (["--seed", "1"], CLUSTERS_ON[:3] + ["finetune", "synthesis", "detector"] + SYNTH_ON[1:],
+     "K-Means, fine-tuning batches, synthesis noise and the detector are seeded"),
+    (["--contamination", "0.3"], ["outliers"] + CLUSTERS_ON, "LOF share"),
+    (["--allow-duplicates"], ["clusters", "text_prototypes", "prompts", "refinement"],
+     "in the clusters key; same centres, so no image changes"),
+    (["--beta", "0.05"], ["text_prototypes", "prompts"] + SYNTH_ON, "Eq. 2 threshold: other captions win"),
+    (["--top-k", "1"], ["text_prototypes", "prompts"],
+     "Eq. 3; here no pick changes, so no image is regenerated (synthesis is keyed by its actual prompt)"),
+    (["--text-strategy", "label"], ["prompts"] + SYNTH_ON, "only the conditioning text changes"),
+    (["--caption-max-tokens", "8"], ["captions"] + CAPTION_ON, "new captions; LOF/K-Means use latents only"),
+    (["--caption-prompt", "Describe the {CLASSNAME}."], ["captions"] + CAPTION_ON, "new captions"),
+    (["--resolution", "16"], ["latents", "outliers"] + CLUSTERS_ON[:3] + ["finetune"] + SYNTH_ON, "new latents"),
+    (["--strength", "1.0"], SYNTH_ON, "img2img noise level"),
+    (["--guidance-scale", "5"], SYNTH_ON, "classifier-free guidance"),
+    (["--steps", "3"], SYNTH_ON, "denoising steps"),
+    (["--negative-prompt", "blurry"], SYNTH_ON, "negative prompt"),
+    (["--finetune-max-steps", "3"], ["finetune"] + SYNTH_ON, "fine-tuned weights change"),
+    (["--finetune-lr", "1e-4"], ["finetune"] + SYNTH_ON, "fine-tuned weights change"),
+    (["--finetune-batch-size", "4"], ["finetune"] + SYNTH_ON, "fine-tuned weights change"),
+    (["--finetune-method", "lora"], ["finetune"] + SYNTH_ON, "fine-tuned weights change"),
+    (["--no-finetune"], SYNTH_ON, "synthesis from the base model"),
+    (["--detector-epochs", "2"], ["detector", "detector_scores", "candidates", "candidate_scores", "refinement"],
+     "a new detector re-judges every image; images it newly finds defective get candidates"),
+    (["--refine-beta", "0.9"], ["refinement"], "selection only: nothing generated or scored"),
+    (["--refine-top-k", "1"], ["refinement"], "selection only"),
+    (["--refine-candidates", "3"], ["candidates", "candidate_scores", "refinement"], "only the new candidates"),
+    (["--image-size", "16"], [], "only the saved size (output)"),
+    (["--caption-batch-size", "3", "--latent-batch-size", "5", "--synthesis-batch-size", "1"], [],
+     "batch sizes are not in any key"),
+]
+
+
+def markdown() -> str:
+    """The table as it appears in the README."""
+    rows = ["| change | stages that recompute | why |", "|---|---|---|"]
+    for args, stages, why in TABLE:
+        rows.append(f"| `{' '.join(args)}` | {', '.join(f'`{s}`' for s in stages) or 'none'} | {why} |")
+    return "\n".join(rows) + "\n"
