@@ -1,11 +1,13 @@
 """Cache semantics: keys, hits and misses, per-item reuse, corruption, concurrent writers."""
+import hashlib
 import logging
 import multiprocessing as mp
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from vlcp.cache import StageCache, stable_hash, stage_key
+from vlcp.cache import CorruptEntry, Entry, StageCache, stable_hash, stage_key
 from vlcp.runner import Lazy, run_items, run_stage
 
 
@@ -14,12 +16,19 @@ def test_stable_hash_ignores_dict_order_but_not_values():
     assert stable_hash({"a": 1}) != stable_hash({"a": 2})
 
 
+def test_stage_key_is_sha256_of_canonical_json():
+    # written out by hand: sorted keys, no whitespace, first 32 hex digits of SHA-256
+    text = b'{"image":"abc","model":"sd@abc","resolution":512,"stage":"captions","version":1}'
+    expected = hashlib.sha256(text).hexdigest()[:32]
+    assert stage_key("captions", 1, resolution=512, model="sd@abc", image="abc") == expected
+    assert stable_hash({"a": 1}, n=8) == hashlib.sha256(b'{"a":1}').hexdigest()[:8]
+
+
 @pytest.mark.parametrize("change", [
     {"stage": "latents"}, {"version": 2}, {"image": "other"}, {"model": "sd@def"}, {"resolution": 256}])
 def test_every_key_part_invalidates(change):
     base = dict(stage="captions", version=1, image="abc", model="sd@abc", resolution=512)
     changed = {**base, **change}
-    assert stage_key(**base) == stage_key(**dict(base))
     assert stage_key(**changed) != stage_key(**base)
 
 
@@ -139,3 +148,189 @@ def test_stats_and_clear(tmp_path):
     assert c.clear("latents") == 1
     assert "latents" not in c.stats() and c.get("captions", "a") is not None
     assert not (tmp_path / "blobs" / "latents").exists()
+
+
+# -- recovery from damaged blobs ---------------------------------------------------------------------
+
+LATENT = np.arange(100, dtype=np.float32)
+
+
+def _one_blob(root) -> Path:
+    (blob,) = list((Path(root) / "blobs").rglob("*.safetensors"))
+    return blob
+
+
+def _flip_payload_byte(blob: Path) -> None:
+    """Flip one bit of the tensor data (not the header): same length, still a valid safetensors file."""
+    from safetensors.numpy import load
+
+    data = bytearray(blob.read_bytes())
+    payload = 8 + int.from_bytes(data[:8], "little")  # 8-byte header length, JSON header, then the data
+    data[payload + 41] ^= 0x01
+    blob.write_bytes(bytes(data))
+    parsed = load(bytes(data))["latent"]  # a parser alone would accept it: only the checksum can tell
+    assert parsed.shape == LATENT.shape and not np.array_equal(parsed, LATENT)
+
+
+def _damage(kind: str, blob: Path, monkeypatch) -> None:
+    if kind == "missing":
+        blob.unlink()
+    elif kind == "bit flip":
+        _flip_payload_byte(blob)
+    else:  # unreadable: chmod does not stop root, so make the read itself fail
+        real = Path.read_bytes
+
+        def read_bytes(self):
+            if self.name == blob.name:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+
+REASON = {"missing": "unreadable: No such file", "bit flip": "checksum mismatch", "unreadable": "Permission denied"}
+
+
+@pytest.mark.parametrize("kind", ["missing", "bit flip", "unreadable"])
+def test_damaged_blob_is_not_cached_logged_and_counted(kind, tmp_path, monkeypatch, caplog):
+    c = StageCache(tmp_path)
+    c.put("latents", "k1", {"n": 1}, {"latent": LATENT})
+    _damage(kind, _one_blob(tmp_path), monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="vlcp"):
+        assert c.get("latents", "k1", verify=True) is None
+    assert c.corrupt == 1 and not c.has("latents", "k1")  # dropped from the index
+    assert "is corrupt" in caplog.text and REASON[kind] in caplog.text
+    assert c.get("latents", "k1") is None and c.corrupt == 1  # plain not-cached now, not counted twice
+
+
+@pytest.mark.parametrize("kind", ["missing", "bit flip", "unreadable"])
+def test_damaged_blob_is_recomputed_by_the_stage(kind, tmp_path, monkeypatch, caplog):
+    c = StageCache(tmp_path)
+    keys = ["a", "b", "c"]
+    calls = []
+
+    def compute(idx):
+        calls.extend(idx)
+        return (({"i": i}, {"latent": LATENT + i}) for i in idx)
+
+    run_items(c, "latents", keys, compute, batch_size=3, progress=False)
+    _damage(kind, next((tmp_path / "blobs").rglob("b-*.safetensors")), monkeypatch)  # only b's blob
+    c = StageCache(tmp_path)
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="vlcp"):
+        entries, rep = run_items(c, "latents", keys, compute, batch_size=3, progress=False)
+        if kind != "missing":  # the blob size is right: only reading it shows the damage
+            assert rep.items_cached == 3 and c.blob_reads == 0
+            assert entries[0].tensors["latent"][1] == 1.0
+            with pytest.raises(CorruptEntry, match="latents/b.*checksum mismatch|latents/b.*Permission"):
+                entries[1].tensors
+            assert not c.has("latents", "b") and c.has("latents", "a")
+            entries, rep = run_items(c, "latents", keys, compute, batch_size=3, progress=False)
+    assert calls == [1] and (rep.items_computed, rep.items_cached) == (1, 2)
+    assert c.corrupt == 1 and "is corrupt" in caplog.text
+    assert [float(e.tensors["latent"][0]) for e in entries] == [0.0, 1.0, 2.0]
+    monkeypatch.undo()
+    assert StageCache(tmp_path).get("latents", "b", verify=True).tensors["latent"][5] == 6.0  # healthy again
+
+
+def test_whole_stage_with_a_flipped_bit_is_recomputed_after_the_corrupt_read(tmp_path):
+    c = StageCache(tmp_path)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"v": len(calls)}, {"latent": LATENT}
+
+    run_stage(c, "clusters", "k", compute)
+    _flip_payload_byte(_one_blob(tmp_path))
+    entry, rep = run_stage(c, "clusters", "k", compute)
+    assert rep.cached and calls == [1]
+    with pytest.raises(CorruptEntry) as err:
+        entry.tensors
+    assert (err.value.stage, err.value.key, err.value.reason[:17]) == ("clusters", "k", "checksum mismatch")
+    entry, rep = run_stage(c, "clusters", "k", compute)
+    assert not rep.cached and calls == [1, 1] and entry.meta == {"v": 2}
+    assert np.array_equal(entry.tensors["latent"], LATENT)
+
+
+# -- cheap existence checks (lazy blobs) -------------------------------------------------------------
+
+def test_has_and_get_read_no_blob_tensors_read_once(tmp_path):
+    StageCache(tmp_path).put("latents", "k", {"m": 1}, {"latent": LATENT})
+    c = StageCache(tmp_path)
+    assert c.has("latents", "k") and not c.has("latents", "other") and not c.has("captions", "k")
+    e = c.get("latents", "k")
+    assert (e.meta, e.loaded, c.blob_reads) == ({"m": 1}, False, 0)
+    assert e.tensors["latent"][7] == 7.0 and e.loaded and c.blob_reads == 1
+    assert e.tensors["latent"][8] == 8.0 and c.blob_reads == 1  # kept after the first read
+    _one_blob(tmp_path).unlink()
+    assert c.has("latents", "k") and c.blob_reads == 1  # the index alone answers has()
+
+
+def test_cached_rerun_reads_no_blob(tmp_path):
+    keys = [f"k{i}" for i in range(5)]
+
+    def compute(idx):
+        return (({"i": i}, {"latent": np.full(3, i, np.float32)}) for i in idx)
+
+    run_items(StageCache(tmp_path), "latents", keys, compute, 2, progress=False)
+    c = StageCache(tmp_path)
+    entries, rep = run_items(c, "latents", keys, compute, 2, progress=False)
+    assert (rep.items_cached, rep.items_computed, c.blob_reads) == (5, 0, 0)
+    assert [e.meta["i"] for e in entries] == [0, 1, 2, 3, 4]
+    assert entries[3].tensors["latent"].tolist() == [3.0, 3.0, 3.0] and c.blob_reads == 1
+
+
+def test_entries_without_blob_and_fresh_puts_need_no_read(tmp_path):
+    c = StageCache(tmp_path)
+    put = c.put("latents", "k", {}, {"latent": LATENT})
+    assert put.loaded and put.tensors["latent"] is not None
+    c.put("captions", "k", {"caption": "a fox"})
+    e = StageCache(tmp_path).get("captions", "k")
+    assert e.loaded and e.tensors == {} and e.meta == {"caption": "a fox"}
+    assert Entry({"a": 1}).tensors == {} and Entry({}, {"x": LATENT}).tensors["x"] is LATENT
+
+
+def test_verify_reads_now(tmp_path):
+    StageCache(tmp_path).put("latents", "k", {}, {"latent": LATENT})
+    c = StageCache(tmp_path)
+    e = c.get("latents", "k", verify=True)
+    assert e.loaded and c.blob_reads == 1 and np.array_equal(e.tensors["latent"], LATENT)
+
+
+def test_truncated_or_grown_blob_is_caught_by_its_size_without_a_read(tmp_path):
+    c = StageCache(tmp_path)
+    c.put("latents", "k", {}, {"latent": LATENT})
+    blob = _one_blob(tmp_path)
+    blob.write_bytes(blob.read_bytes() + b"\0")
+    assert c.get("latents", "k") is None and c.corrupt == 1 and c.blob_reads == 0
+
+
+def test_records_written_before_blob_bytes_existed_still_read(tmp_path):
+    c = StageCache(tmp_path)
+    c.put("latents", "k", {"note": "old"}, {"latent": LATENT})
+    rec = c.index["latents/k"]
+    del rec["blob_bytes"]  # an older record: size = total bytes - metadata bytes
+    c.index["latents/k"] = rec
+    e = c.get("latents", "k")
+    assert c.corrupt == 0 and np.array_equal(e.tensors["latent"], LATENT)
+
+
+def test_corrupt_read_keeps_a_record_rewritten_meanwhile(tmp_path):
+    c = StageCache(tmp_path)
+    c.put("latents", "k", {"v": 1}, {"latent": LATENT})
+    stale = c.get("latents", "k")
+    _flip_payload_byte(_one_blob(tmp_path))
+    c.put("latents", "k", {"v": 2}, {"latent": LATENT * 2})  # another process recomputed it
+    with pytest.raises(CorruptEntry):
+        stale.tensors
+    fresh = c.get("latents", "k")
+    assert fresh.meta == {"v": 2} and fresh.tensors["latent"][3] == 6.0 and c.corrupt == 1
+
+
+def test_unreadable_index_record_is_dropped(tmp_path, caplog):
+    c = StageCache(tmp_path)
+    c.index["captions/k"] = {"meta": "{}"}  # no checksum field
+    with caplog.at_level(logging.WARNING, logger="vlcp"):
+        assert c.get("captions", "k") is None
+    assert c.corrupt == 1 and not c.has("captions", "k") and "unreadable index record" in caplog.text

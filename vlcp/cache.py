@@ -8,6 +8,12 @@ immutable safetensors blob whose file name carries its own checksum. Blobs are w
 file and renamed, so a killed writer never leaves a half-written entry behind; a blob whose bytes no
 longer match its checksum is reported, dropped and recomputed.
 
+Lookups are cheap: ``has`` reads the index only, and ``get`` checks the index record, its metadata
+checksum and the blob's size (one ``stat``) but reads no blob; ``Entry.tensors`` reads and verifies
+the blob on first access (``StageCache.blob_reads`` counts those reads). A blob found corrupt then
+raises ``CorruptEntry`` after its index record was dropped, so rerunning the stage recomputes it;
+``get(..., verify=True)`` reads eagerly and returns None instead.
+
 Tensors are numpy arrays here (``safetensors.numpy``): reading the cache never imports torch.
 """
 from __future__ import annotations
@@ -19,9 +25,8 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -51,14 +56,44 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class Entry:
-    meta: dict
-    tensors: dict[str, np.ndarray] = field(default_factory=dict)
-
-
 class CorruptEntry(Exception):
-    pass
+    """A cache entry whose bytes are not what was stored; its index record is already dropped."""
+
+    def __init__(self, reason: str, stage: str = "", key: str = ""):
+        super().__init__(f"cache entry {stage}/{key[:12]} is corrupt ({reason}); rerun to recompute it"
+                         if stage else reason)
+        self.reason, self.stage, self.key = reason, stage, key
+
+
+class Entry:
+    """A cached artefact: ``meta`` at once, ``tensors`` read (and checksum-verified) on first access.
+
+    Reading lazily is what makes a fully cached rerun cheap: a stage whose items are all cached only
+    needs to know they are there. ``tensors`` raises ``CorruptEntry`` if the blob turns out corrupt.
+    """
+
+    __slots__ = ("meta", "_tensors", "_load")
+
+    def __init__(self, meta: dict, tensors: dict[str, np.ndarray] | None = None,
+                 load: Callable[[], dict[str, np.ndarray]] | None = None):
+        self.meta = meta
+        self._tensors = tensors if tensors is not None or load is not None else {}
+        self._load = load
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the tensors are in memory (always true for an entry without a blob)."""
+        return self._tensors is not None
+
+    @property
+    def tensors(self) -> dict[str, np.ndarray]:
+        if self._tensors is None:
+            self._tensors = self._load()
+            self._load = None
+        return self._tensors
+
+    def __repr__(self) -> str:
+        return f"Entry(meta={self.meta!r}, loaded={self.loaded})"
 
 
 class StageCache:
@@ -73,41 +108,77 @@ class StageCache:
         self.index = diskcache.Cache(str(self.root / INDEX_DIR), disk_min_file_size=1 << 30,
                                      size_limit=1 << 62, cull_limit=0, eviction_policy="none")
         self.corrupt = 0
+        self.blob_reads = 0  # blobs read from disk by this process (a cached rerun should read none)
 
     # -- records -----------------------------------------------------------------------------
     def _blob_path(self, stage: str, name: str) -> Path:
         return self.root / BLOB_DIR / stage / name[:2] / name
 
     def has(self, stage: str, key: str) -> bool:
+        """Whether an entry is recorded: the index only, no blob is touched."""
         return f"{stage}/{key}" in self.index
 
-    def get(self, stage: str, key: str) -> Entry | None:
-        """The entry, or None when missing or corrupt (a corrupt one is dropped with a warning)."""
+    def get(self, stage: str, key: str, verify: bool = False) -> Entry | None:
+        """The entry, or None when missing or corrupt (a corrupt one is dropped with a warning).
+
+        The blob is not read here (only its size is checked): ``Entry.tensors`` reads it on first
+        access. With ``verify`` the blob is read and checked now, and a corrupt one gives None.
+        """
         rec = self.index.get(f"{stage}/{key}")
         if rec is None:
             return None
         try:
-            return self._read(stage, rec)
-        except (CorruptEntry, OSError, ValueError) as exc:
-            log.warning("cache entry %s/%s is corrupt (%s); recomputing it", stage, key[:12], exc)
-            self.corrupt += 1
-            self.index.pop(f"{stage}/{key}", None)
-            return None
+            entry = self._entry(stage, key, rec)
+            if verify:
+                entry.tensors  # read and verify now
+            return entry
+        except CorruptEntry as exc:
+            if not exc.stage:  # the blob reader has already dropped and counted it
+                self._drop(stage, key, rec, exc.reason)
+        except (KeyError, TypeError, ValueError) as exc:
+            self._drop(stage, key, rec, f"unreadable index record: {exc!r}")
+        return None
 
-    def _read(self, stage: str, rec: dict) -> Entry:
+    def _entry(self, stage: str, key: str, rec: dict) -> Entry:
         meta_text = rec["meta"]
         if hashlib.sha256(meta_text.encode()).hexdigest() != rec["meta_sha"]:
             raise CorruptEntry("metadata checksum mismatch")
-        tensors: dict[str, np.ndarray] = {}
-        if rec.get("blob"):
-            from safetensors.numpy import load
+        meta = json.loads(meta_text)
+        if not rec.get("blob"):
+            return Entry(meta, {})
+        path = self._blob_path(stage, rec["blob"])
+        size = rec.get("blob_bytes", rec["bytes"] - len(meta_text))
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise CorruptEntry(f"blob {path.name} unreadable: {exc.strerror or exc}") from None
+        if st.st_size != size:
+            raise CorruptEntry(f"blob {path.name} has {st.st_size} bytes, expected {size}")
+        return Entry(meta, load=lambda: self._read_blob(stage, key, rec, path))
 
-            path = self._blob_path(stage, rec["blob"])
+    def _read_blob(self, stage: str, key: str, rec: dict, path: Path) -> dict[str, np.ndarray]:
+        """Read and verify one blob; on any fault drop the record and raise CorruptEntry."""
+        from safetensors.numpy import load
+
+        self.blob_reads += 1
+        try:
             data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != rec["blob_sha"]:
-                raise CorruptEntry(f"checksum mismatch in {path.name}")
-            tensors = load(data)
-        return Entry(json.loads(meta_text), tensors)
+        except OSError as exc:
+            reason = f"blob {path.name} unreadable: {exc.strerror or exc}"
+        else:
+            if hashlib.sha256(data).hexdigest() == rec["blob_sha"]:
+                return load(data)
+            reason = f"checksum mismatch in {path.name}"
+        self._drop(stage, key, rec, reason)
+        raise CorruptEntry(reason, stage, key)
+
+    def _drop(self, stage: str, key: str, rec: dict, reason: str) -> None:
+        """Warn, count, and remove the index record (unless a writer has replaced it meanwhile)."""
+        log.warning("cache entry %s/%s is corrupt (%s); recomputing it", stage, key[:12], reason)
+        self.corrupt += 1
+        k = f"{stage}/{key}"
+        if self.index.get(k) == rec:
+            self.index.pop(k, None)
 
     def put(self, stage: str, key: str, meta: dict, tensors: dict[str, np.ndarray] | None = None) -> Entry:
         meta_text = json.dumps(meta, sort_keys=True)
@@ -121,7 +192,7 @@ class StageCache:
             name = f"{key}-{sha[:16]}.safetensors"  # immutable: a concurrent writer gets its own file
             path = self._blob_path(stage, name)
             atomic_write_bytes(path, data)
-            rec.update(blob=name, blob_sha=sha, bytes=rec["bytes"] + len(data))
+            rec.update(blob=name, blob_sha=sha, blob_bytes=len(data), bytes=rec["bytes"] + len(data))
         self.index.set(f"{stage}/{key}", rec)
         return Entry(meta, dict(tensors or {}))
 
