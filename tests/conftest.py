@@ -42,3 +42,7 @@ def vlcp(cache_dir, tmp_path):
 
 def read_manifest(out: Path) -> dict:
     return json.loads((Path(out) / "manifest.json").read_text())
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: runs the CLI end to end (left out of the mutation run, see setup.cfg)")

@@ -88,6 +88,28 @@ def test_lof_keeps_enough_inliers_for_ipc_restoring_least_outlying():
     assert mask[20] and not mask[21]  # the nearer outlier comes back first
 
 
+# four outliers at distances 1.5, 3, 6 and 12 from a tight blob of 20 (rows 20-23, nearest first)
+RING = np.vstack([np.random.default_rng(0).normal(0, 0.1, size=(20, 2)), [[1.5, 0], [0, 3], [-6, 0], [0, -12]]])
+
+
+@pytest.mark.parametrize("min_keep, removed", [
+    (0, [20, 21, 22, 23]), (20, [20, 21, 22, 23]), (21, [21, 22, 23]), (22, [22, 23]), (23, [23]), (24, []), (99, [])])
+def test_lof_keeps_at_least_min_keep_restoring_the_nearest_outliers_first(min_keep, removed):
+    mask, restored = outliers.inlier_mask(RING, contamination=4 / 24, min_keep=min_keep)
+    assert np.flatnonzero(~mask).tolist() == removed
+    assert restored == 4 - len(removed) and mask.sum() == 24 - len(removed) >= min(min_keep, 24)
+
+
+def test_lof_uses_ten_neighbours_or_all_other_points():
+    from sklearn.neighbors import LocalOutlierFactor
+
+    x = np.vstack([RING, RING[:20] + [30, 0]])  # two blobs of 20: the outliers relative to 10 neighbours
+    for rows in (x, x[:8]):
+        expected = LocalOutlierFactor(n_neighbors=min(10, len(rows) - 1), contamination=0.1).fit_predict(rows) == 1
+        mask, _ = outliers.inlier_mask(rows.reshape(len(rows), 1, 2), contamination=0.1)
+        assert np.array_equal(mask, expected)
+
+
 def test_lof_zero_contamination_skips():
     mask, restored = outliers.inlier_mask(np.arange(30.0).reshape(10, 3), 0.0)
     assert mask.all() and restored == 0
@@ -108,6 +130,27 @@ def test_kmeans_separates_blobs_and_orders_members_by_distance():
         assert d == sorted(d) and len(m) == 6
     again, labels2, _ = clusters.kmeans(x, 3, seed=0)
     assert np.array_equal(labels, labels2) and np.array_equal(got, again)
+
+
+CIRCLE = np.stack([np.cos(np.arange(12) * np.pi / 6), np.sin(np.arange(12) * np.pi / 6)], 1).reshape(12, 1, 2)
+
+
+def _centre_set(c):
+    return sorted(map(tuple, np.round(c.reshape(len(c), -1), 5).tolist()))
+
+
+def test_kmeans_follows_the_seed():
+    """Twelve points on a circle: splitting them into 3 arcs of 4 has 4 equally good rotations."""
+    from sklearn.cluster import KMeans
+
+    seen = set()
+    for seed in range(4):
+        got, labels, dup = clusters.kmeans(CIRCLE, 3, seed=seed)
+        ref = KMeans(n_clusters=3, random_state=seed, n_init=10).fit(CIRCLE.reshape(12, 2))
+        assert np.allclose(got.reshape(3, 2), ref.cluster_centers_, atol=1e-6) and labels.tolist() == ref.labels_.tolist()
+        assert sorted(np.bincount(labels).tolist()) == [4, 4, 4] and not dup
+        seen.add(tuple(_centre_set(got)))
+    assert len(seen) >= 2  # two seeds give different centres
 
 
 def test_kmeans_too_few_images():

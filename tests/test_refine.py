@@ -17,6 +17,25 @@ def test_defect_rule_threshold_is_inclusive():
 E = np.eye(3)
 
 
+def test_candidate_at_exactly_beta_is_not_valid():
+    # candidate 0 sits exactly on beta, candidate 1 below it: neither is valid
+    best, how, pool = refine.choose([1, 1], [0.9, 0.85], np.array([E[0], E[1]]), 1, 0.9, 2, [E[1]])
+    assert (best, how, pool) == (0, "fallback", [0])  # no valid candidate: the most confident one alone
+    best, how, pool = refine.choose([1, 1, 1], [0.9, 0.95, 0.9], np.array([E[1], E[1], E[0]]), 1, 0.9, 2, [E[1]])
+    assert (best, how, pool) == (1, "valid", [1])  # only p > beta joins the pool, though 2 would be less similar
+
+
+def test_select_treats_an_image_at_beta_as_defective_and_a_candidate_at_beta_as_invalid():
+    img = {"pred": 0, "probs": [0.9, 0.1], "feature": E[0]}  # p == beta: defective
+    good = {"pred": 0, "probs": [0.99, 0.01], "feature": E[1]}
+    cands = [{"pred": 0, "probs": [0.9, 0.1], "feature": E[2]}, {"pred": 0, "probs": [0.8, 0.2], "feature": E[1]}]
+    out = refine.select(["a"], [0, 0], [img, good], {0: cands}, beta=0.9, top_k=2)
+    assert out["replacements"] == {0: {"candidate": 0, "how": "fallback", "pool": [0], "p_before": 0.9,
+                                       "p_after": 0.9}}
+    assert out["per_class"]["a"] == {"images": 2, "defective": 1, "valid": 0, "fallback": 1,
+                                     "confidence_before": 0.945, "confidence_after": 0.945}
+
+
 def test_valid_pool_larger_than_k_keeps_top_k_then_least_similar():
     preds, probs = [1, 1, 1, 0], [0.95, 0.99, 0.97, 0.999]  # candidate 3 predicts the wrong class
     feats = np.array([E[0], E[1], E[2], E[2]])
@@ -53,6 +72,9 @@ def test_candidate_seeds_are_deterministic_and_distinct():
     a = [refine.candidate_seed(123, j) for j in range(20)]
     assert a == [refine.candidate_seed(123, j) for j in range(20)] and len(set(a)) == 20
     assert refine.candidate_seed(124, 0) not in a
+    import hashlib  # written out by hand: 15 hex digits of SHA-256 over the canonical JSON ["candidate",123,j]
+
+    assert a[:2] == [int(hashlib.sha256(f'["candidate",123,{j}]'.encode()).hexdigest()[:15], 16) for j in (0, 1)]
 
 
 BASE = ["distill", "--data", "digits", "--tiny", "--max-per-class", "20", "--ipc", "2", "--steps", "3",
@@ -75,6 +97,7 @@ def refined(tmp_path_factory, tiny_models_dir):
     return root
 
 
+@pytest.mark.e2e
 def test_refine_end_to_end_explains_every_replacement(refined):
     out = refined / "out"
     assert len(list(out.rglob("0*.png"))) == 20
@@ -93,6 +116,43 @@ def test_refine_end_to_end_explains_every_replacement(refined):
         assert (out / "preview_refined.png").exists()
 
 
+@pytest.mark.e2e
+def test_each_replaced_image_has_exactly_the_chosen_candidates_pixels(refined, vlcp, tmp_path, monkeypatch):
+    """The output holds the candidate the selection chose (not the first, not the original)."""
+    from PIL import Image
+
+    from vlcp.cache import StageCache
+
+    real_choose, calls = refine.choose, []
+
+    def choose_in_turn(preds, *args):  # the tiny detector scores every candidate 0: force varied choices
+        _, how, _ = real_choose(preds, *args)
+        j = len(calls) % len(preds)
+        calls.append(j)
+        return j, how, [j]
+
+    monkeypatch.setattr(refine, "choose", choose_in_turn)
+    # --image-size 32 keeps the generated size, so the PNGs must equal the cached candidates bit for bit
+    r = vlcp(*BASE, "--image-size", "32", "--out", tmp_path / "o", cache=refined / "cache")
+    assert r.exit_code == 0, r.output
+    m = read_manifest(tmp_path / "o")
+    reps = m["refinement"]["replacements"]
+    assert len(reps) == len(calls) > 0 and {d["candidate"] for d in reps.values()} == {0, 1, 2}
+    assert m["stages"]["candidates"]["items_computed"] == 0  # all cached by the fixture's run
+    cache = StageCache(refined / "cache")
+    cands = {}
+    for k in cache.index.iterkeys():
+        if k.startswith("candidates/"):
+            e = cache.get("candidates", k.split("/", 1)[1])
+            cands[(e.meta["of"], e.meta["candidate"])] = e.tensors["image"]
+    for i, d in reps.items():
+        png = np.asarray(Image.open(tmp_path / "o" / d["class"] / f"{d['cluster']:04d}.png"))
+        assert png.shape == cands[(int(i), d["candidate"])].shape
+        for j in range(3):
+            assert np.array_equal(png, cands[(int(i), j)]) == (j == d["candidate"]), (i, j, d)
+
+
+@pytest.mark.e2e
 def test_new_beta_or_top_k_generates_and_scores_nothing(refined, vlcp, tmp_path):
     before = read_manifest(refined / "out")["refinement"]
     # the tiny detector is unsure of noise images: every image stays defective at both thresholds
@@ -109,6 +169,7 @@ def test_new_beta_or_top_k_generates_and_scores_nothing(refined, vlcp, tmp_path)
     assert s["candidates"]["items_computed"] == len(before["replacements"])  # one more per defective image
 
 
+@pytest.mark.e2e
 def test_refine_command_on_own_and_foreign_folders(refined, vlcp, tmp_path):
     r = vlcp("refine", refined / "out", "--data", "digits", "--detector-epochs", "2", "--refine-candidates", "3",
              "--out", tmp_path / "own", cache=refined / "cache")
@@ -140,6 +201,7 @@ def test_refine_command_on_own_and_foreign_folders(refined, vlcp, tmp_path):
     assert rep["detector"]["source"] == str(tmp_path / "det.st")
 
 
+@pytest.mark.e2e
 def test_torchvision_detector_maps_imagenet_categories(monkeypatch):
     """A torchvision name as --detector: its 1000 logits are cut to the dataset's classes by name."""
     import torch
@@ -164,6 +226,7 @@ def test_torchvision_detector_maps_imagenet_categories(monkeypatch):
         refine.torchvision_detector("resnet18", ["golf ball"], "cpu")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("until", ["detector", "detector_scores", "candidates", "candidate_scores", "refinement"])
 def test_until_stops_at_each_refinement_stage(refined, vlcp, tmp_path, until):
     r = vlcp(*BASE, "--until", until, "--out", tmp_path / "o", cache=refined / "cache")
