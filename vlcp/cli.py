@@ -215,14 +215,16 @@ def _summary(manifest: dict, dry_run: bool) -> None:
 @click.option("--data", required=True, help="The real dataset (its test split is the test set).")
 @click.option("--protocol", type=click.Choice(["minimax", "dc", "rded"]),
               help="[default: minimax for ImageNet subsets, dc otherwise]")
-@click.option("--model", type=click.Choice(["convnet3", "convnet6", "resnetap10", "resnet18", "resnet18-modified"]),
-              help="[default: resnetap10 (minimax), convnet3 (dc), resnet18-modified (rded)]")
+@click.option("--model", type=click.Choice(["convnet3", "convnet6", "resnetap10", "resnet18", "resnet18-modified",
+                                           "resnet18-bn"]),
+              help="[default: resnetap10 (minimax), convnet3 (dc), rded: resnet18-modified (32 px) or resnet18-bn]")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Runs with seeds 0..N-1.")
 @click.option("--epochs", type=click.IntRange(min=1), help="[default: the protocol's]")
 @click.option("--ipc", type=click.IntRange(min=1), help="Use the first N images per class (sorted by file name).")
-@click.option("--aug", type=click.Choice(["dsa", "none", "minimax", "flip"]), help="[default: the protocol's]")
+@click.option("--aug", type=click.Choice(["dsa", "none", "minimax", "flip", "rded"]), help="[default: the protocol's]")
 @click.option("--full", is_flag=True, help="Train on the whole real training set (the upper-bound row).")
-@click.option("--teacher", type=click.Path(exists=True, dir_okay=False), help="rded: teacher weights (safetensors).")
+@click.option("--teacher", type=click.Path(exists=True, dir_okay=False),
+              help="rded: teacher weights (safetensors) [default: torchvision's for ImageNet-1K, else trained by vlcp]")
 @click.option("--teacher-epochs", type=click.IntRange(min=1), help="rded: epochs of the teacher vlcp trains.")
 @click.option("--test-every", type=click.IntRange(min=0), help="Test every N epochs for best-during-training.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write all results here.")
@@ -231,19 +233,23 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
              test_every, json_path):
     """Train on a distilled ImageFolder SYNTH_DIR, report top-1 on the real test split.
 
-    The headline number is the accuracy after the last epoch (mean +- std over seeds). The best
-    test accuracy seen during training, which the Minimax script reports, is shown in its own column.
+    The headline number is the accuracy after the last epoch (mean +- std over seeds). The best test
+    accuracy among the protocol's own tests (what the Minimax and RDED scripts report) is in its own
+    column. Results of a folder vlcp made also go to SYNTH_DIR/evaluations/ (for vlcp report).
     """
     if full == bool(synth_dir):
         raise click.UsageError("give either SYNTH_DIR or --full")
     from vlcp import evaluate as ev
 
+    cfg = ev.EvalConfig(data=data, synth_dir=str(synth_dir) if synth_dir else None, full=full,
+                        data_dir=obj.data_dir, protocol=protocol, model=model, seeds=seeds, epochs=epochs, ipc=ipc,
+                        aug=aug, device=obj.device, teacher=teacher, teacher_epochs=teacher_epochs,
+                        test_every=test_every, progress=not obj.quiet)
     with _user_errors():
-        res = ev.run(str(synth_dir) if synth_dir else None, data, obj.data_dir, protocol, model, seeds, epochs, ipc,
-                     aug, obj.device, obj.cache(), full, teacher, teacher_epochs, test_every, progress=not obj.quiet)
+        res = ev.run(cfg, obj.cache())
     p, a = res["protocol"], res["accuracy"]
     best = a.get("best_during_training")
-    rows = [("model", "protocol", "top-1 (final)", "best-during-training", "per seed (final)", "epochs", "seconds"),
+    rows = [("model", "protocol", "top-1 (final)", res["best_label"], "per seed (final)", "epochs", "seconds"),
             (p["model"], p["name"], f"{a['mean']:.2f} ± {a['std']:.2f}",
              f"{best['mean']:.2f} ± {best['std']:.2f}" if best else "n/a (tested at end only)",
              " ".join(f"{v:.2f}" for v in a["per_seed"]), str(p["epochs"]), f"{res['seconds']:.1f}")]
@@ -253,12 +259,17 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
         if res["teacher"]:
             click.echo(f"teacher: {res['teacher']['source']}, test accuracy {res['teacher']['accuracy']:.2f}")
     _table(rows)
-    if json_path:
-        from vlcp.output import write_json
+    from vlcp.output import write_json
 
+    if json_path:
         write_json(json_path, res)
         if not obj.quiet:
             click.echo(f"wrote {json_path}")
+    saved = ev.save_in_folder(synth_dir, res) if synth_dir else None
+    if saved and not obj.quiet:
+        click.echo(f"wrote {saved}")
+    if synth_dir and (synth_dir / "report.html").is_file():
+        click.echo(f"report: {synth_dir / 'report.html'}")
 
 
 @cli.command()

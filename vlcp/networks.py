@@ -5,7 +5,10 @@
   as DC does for 28 px MNIST-like data.
 - ``resnetap10``: IDC's ResNet-AP (strided convs replaced by 2x2 average pooling, instance norm).
 - ``resnet18``: torchvision's ResNet-18 with instance norm (Minimax/IDC's ImageNet-subset evaluation).
-- ``resnet18-modified``: ResNet-18 for 32 px (3x3 stride-1 stem, no max-pool, batch norm), as RDED.
+- ``resnet18-modified``: ResNet-18 for 32 px (3x3 stride-1 stem, no max-pool, batch norm), as RDED's
+  ``resnet18_modified`` (RDED ``synthesize/utils.py:load_model``).
+- ``resnet18-bn``: torchvision's ResNet-18 unchanged (batch norm, 7x7 stem, max-pool): RDED's ImageNet-1K
+  student and teacher (``thmodels.resnet18``), so torchvision's ImageNet weights load into it as they are.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODELS = ["convnet3", "convnet6", "resnetap10", "resnet18", "resnet18-modified"]
+MODELS = ["convnet3", "convnet6", "resnetap10", "resnet18", "resnet18-modified", "resnet18-bn"]
 
 
 def instance_norm(c: int) -> nn.Module:
@@ -86,10 +89,10 @@ class ResNetAP10(nn.Module):
         return self.fc(self.embed(x))
 
 
-def _resnet18(channels: int, num_classes: int, modified: bool) -> nn.Module:
+def _resnet18(channels: int, num_classes: int, modified: bool, batch_norm: bool = False) -> nn.Module:
     from torchvision.models import resnet18
 
-    net = resnet18(num_classes=num_classes, norm_layer=None if modified else instance_norm)
+    net = resnet18(num_classes=num_classes, norm_layer=None if modified or batch_norm else instance_norm)
     if modified or channels != 3:
         stride, k = (1, 3) if modified else (2, 7)
         net.conv1 = nn.Conv2d(channels, 64, k, stride, k // 2, bias=False)
@@ -105,8 +108,8 @@ def build(name: str, channels: int, num_classes: int, im_size: int) -> nn.Module
         return ConvNet(channels, num_classes, 6, im_size)
     if name == "resnetap10":
         return ResNetAP10(channels, num_classes, im_size)
-    if name in ("resnet18", "resnet18-modified"):
-        return _resnet18(channels, num_classes, modified=name == "resnet18-modified")
+    if name in ("resnet18", "resnet18-modified", "resnet18-bn"):
+        return _resnet18(channels, num_classes, modified=name == "resnet18-modified", batch_norm=name == "resnet18-bn")
     raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
 
 
