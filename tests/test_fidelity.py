@@ -218,3 +218,13 @@ def test_eval_config_defaults_match_the_cli():
     cfg = EvalConfig(data="digits", synth_dir="x")
     assert (cfg.seeds, cfg.protocol, cfg.full, cfg.device) == (3, None, False, "auto")
     assert math.isclose(make_protocol("rded", "cifar10", 10).lr, 0.001)
+
+
+def test_per_dataset_defaults_follow_the_reference_scripts():
+    from vlcp.defaults import DEFAULTS
+
+    rows = {k: (v["contamination"], v["beta"], v["top_k"], v["image_size"]) for k, v in DEFAULTS.items()}
+    assert rows["imagenette"] == (0.1, 0.7, 30, 256) and rows["cifar10"] == (0.0, 0.3, 30, 32)
+    assert rows["cifar100"] == (0.0, 0.2, 30, 32)  # the RDED cifar100 script's folder names, not CIFAR-10's
+    assert rows["imagenet"] == (0.1, 0.7, 30, 224)  # the ImageNet-1K script's folder names
+    assert all(v["source"] for v in DEFAULTS.values())
