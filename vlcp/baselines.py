@@ -11,9 +11,11 @@ size (64 px for ImageNet-like data), as in the DC/IDC literature; that network i
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-METHODS = ["random", "herding", "kcenter"]
+METHODS = ["random", "herding", "kcenter", "dm", "dc"]  # dm, dc: optimisation-based, in vlcp.matching
 FEATURE_VERSION = 1
 
 
@@ -89,3 +91,38 @@ def select(method: str, ds, ipc: int, seed: int, feats: np.ndarray | None) -> di
             local = select_kcenter(feats[idx], ipc)
         out[c] = [int(idx[j]) for j in local]
     return out
+
+
+def selected_images(ds, chosen: dict[int, list[int]]) -> dict[int, list]:
+    """The chosen real images as PIL images, per class."""
+    return {c: [ds.samples[i].load() for i in idx] for c, idx in chosen.items()}
+
+
+def array_images(images: np.ndarray, ipc: int) -> dict[int, list]:
+    """Class-major uint8 (N, C, H, W) arrays (matching's output) as PIL images, per class."""
+    from PIL import Image
+
+    out: dict[int, list] = {}
+    for i, a in enumerate(images):
+        out.setdefault(i // ipc, []).append(Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)))
+    return out
+
+
+def write_folder(tmp, ds, images: dict[int, list], manifest: dict) -> None:
+    """The standard layout: ``<class folder>/<index>.png`` (canonical class ids) and manifest.json."""
+    from vlcp.output import write_json
+
+    for c, imgs in images.items():
+        folder = tmp / ds.classes[c].folder
+        folder.mkdir(parents=True)
+        for j, img in enumerate(imgs):
+            img.save(folder / f"{j:04d}.png")
+    write_json(tmp / "manifest.json", {**manifest, "dataset": ds.identity(),
+                                       "classes": [{"folder": c.folder, "name": c.name} for c in ds.classes]})
+
+
+def loss_curve(losses: list[float], points: int = 200) -> list[list]:
+    """At most ``points`` (iteration, loss) pairs, always with the first and the last."""
+    step = max(1, math.ceil(len(losses) / points))
+    idx = sorted(set(range(0, len(losses), step)) | {len(losses) - 1})
+    return [[i + 1, round(losses[i], 6)] for i in idx]

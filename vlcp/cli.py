@@ -273,49 +273,82 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
 
 
 @cli.command()
-@click.option("--method", type=click.Choice(["random", "herding", "kcenter"]), required=True)
+@click.option("--method", type=click.Choice(["random", "herding", "kcenter", "dm", "dc"]), required=True,
+              help="random/herding/kcenter select real images; dm (distribution matching) and dc (gradient "
+                   "matching with DSA) optimise synthetic pixels.")
 @click.option("--data", required=True, help="Dataset name or ImageFolder path.")
 @click.option("--ipc", type=click.IntRange(min=1), required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="random: the sampling seed.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="random: the sampling seed; dm/dc: initial images, networks, batches, augmentations.")
 @click.option("--feature-epochs", type=click.IntRange(min=1), default=20, show_default=True,
               help="herding/kcenter: epochs of the ConvNet-3 whose features they use.")
+@click.option("--iterations", type=click.IntRange(min=1), help="dm/dc: optimisation iterations [default: dm 20000, dc 1000]")
+@click.option("--lr-img", type=float, help="dm/dc: SGD lr of the synthetic pixels [default: dm 1.0, dc 0.1]")
+@click.option("--batch-real", type=click.IntRange(min=1), help="dm/dc: real images per class per match [default: 256]")
+@click.option("--outer-loop", type=click.IntRange(min=1), help="dc: matches per iteration [default: by IPC, as DC]")
+@click.option("--inner-loop", type=click.IntRange(min=1), help="dc: network epochs between matches [default: by IPC]")
+@click.option("--lr-net", type=float, help="dc: SGD lr of the network's inner loop [default: 0.01]")
+@click.option("--batch-train", type=click.IntRange(min=1), help="dc: inner-loop batch size [default: 256]")
+@click.option("--dsa/--no-dsa", default=True, show_default=True, help="dm/dc: siamese DSA augmentation.")
+@click.option("--init", type=click.Choice(["real", "noise"]), default="real", show_default=True,
+              help="dm/dc: start from random real images (seeded) or Gaussian noise.")
+@click.option("--masks", help="dm/dc: match masked real images (masked feature alignment / gradient matching); "
+                              "source: threshold (grey data on a flat background). clipseg is not available yet.")
+@click.option("--mask-margin", type=float, default=8, show_default=True,
+              help="threshold masks: grey levels above the background level that count as object.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=50, show_default=True,
+              help="dm/dc: save the optimisation state every N iterations (0: only at the end); a killed run resumes.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @click.pass_obj
-def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force):
-    """Select IPC real images per class (random, herding or k-center) into an ImageFolder."""
+def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force, **match):
+    """Real-image selection (random, herding, k-center) or optimisation-based distillation (DM, DC) into an
+    ImageFolder in the standard layout."""
     from vlcp import __version__, baselines
     from vlcp.datasets import load_dataset
-    from vlcp.output import check_out, publish, write_json
+    from vlcp.output import check_out, publish
 
+    opt_only = [k for k in ("iterations", "lr_img", "batch_real", "outer_loop", "inner_loop", "lr_net", "batch_train",
+                            "masks") if match[k] is not None]
+    if method not in ("dm", "dc") and opt_only:
+        raise click.UsageError(f"--{opt_only[0].replace('_', '-')} applies to --method dm or dc only")
     with _user_errors():
         check_out(out, force)
         ds = load_dataset(data, obj.data_dir, "train")
-        feats = None
-        if method != "random":
-            feats = baselines.features(ds, data, obj.cache(), obj.device, feature_epochs, not obj.quiet)
+        manifest = {"vlcp_version": __version__, "baseline": method, "ipc": ipc, "seed": seed}
         try:
-            chosen = baselines.select(method, ds, ipc, seed, feats)
+            if method in ("dm", "dc"):
+                images, manifest["matching"] = _matching(obj, method, ds, data, ipc, seed, match)
+            else:
+                feats = None
+                if method != "random":
+                    feats = baselines.features(ds, data, obj.cache(), obj.device, feature_epochs, not obj.quiet)
+                chosen = baselines.select(method, ds, ipc, seed, feats)
+                images = baselines.selected_images(ds, chosen)
+                manifest["feature_net"] = None if method == "random" else {"model": "convnet3", "epochs": feature_epochs}
+                manifest["sources"] = {ds.classes[c].folder: [ds.samples[i].source for i in idx]
+                                       for c, idx in chosen.items()}
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
-
-        def build(tmp: Path):
-            sources = {}
-            for c, idx in chosen.items():
-                folder = tmp / ds.classes[c].folder
-                folder.mkdir(parents=True)
-                for j, i in enumerate(idx):
-                    ds.samples[i].load().save(folder / f"{j:04d}.png")
-                sources[ds.classes[c].folder] = [ds.samples[i].source for i in idx]
-            write_json(tmp / "manifest.json", {
-                "vlcp_version": __version__, "baseline": method, "ipc": ipc, "seed": seed,
-                "feature_net": None if method == "random" else {"model": "convnet3", "epochs": feature_epochs},
-                "dataset": ds.identity(), "classes": [{"folder": c.folder, "name": c.name} for c in ds.classes],
-                "sources": sources})
-
-        publish(out, build)
+        publish(out, lambda tmp: baselines.write_folder(tmp, ds, images, manifest))
     if not obj.quiet:
         click.echo(f"wrote {out}/: {method}, {ipc} images per class, {len(ds.classes)} classes")
+
+
+def _matching(obj: Ctx, method, ds, data, ipc, seed, match) -> tuple[dict, dict]:
+    """Run (or fetch from the cache) DM/DC; returns the images per class and the manifest's record."""
+    from vlcp import baselines, matching
+
+    every = match.pop("checkpoint_every")
+    cfg = matching.make_config(method, ipc, seed=seed, **match)
+    res = matching.run(cfg, ds, data, obj.cache(), obj.device, not obj.quiet, every)
+    m = res.meta
+    if not obj.quiet:
+        how = "cached" if res.cached else f"{m['seconds']:.0f} s, {m['seconds_per_iteration']:.3f} s/iteration"
+        click.echo(f"{method}: {cfg.iterations} iterations, final loss {m['final_loss']:.4f} ({how})")
+    record = {k: v for k, v in m.items() if k != "losses"}
+    record.update(cached=res.cached, loss_curve=baselines.loss_curve(m["losses"]))
+    return baselines.array_images(res.images, ipc), record
 
 
 @cli.command("refine")

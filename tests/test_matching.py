@@ -1,0 +1,190 @@
+"""DM and DC (`vlcp baseline --method dm|dc`): losses on hand-made inputs, threshold masks, siamese DSA,
+runs on digits, cache hits, resume after a kill, bad input."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import read_manifest
+from vlcp import masks, matching, networks
+from vlcp.augment import DSA_FAMILIES
+from vlcp.cache import StageCache
+from vlcp.datasets import load_dataset
+
+T = torch.tensor
+
+
+# -- losses on hand-made values ---------------------------------------------------------------------
+def test_dm_loss_hand_made_embeddings():
+    real = [T([[1.0, 0.0], [3.0, 2.0]]), T([[0.0, 1.0]])]  # class means (2, 1) and (0, 1)
+    syn = [T([[0.0, 0.0], [2.0, 0.0]]), T([[0.0, 4.0]])]  # class means (1, 0) and (0, 4)
+    assert float(matching.dm_loss(real, syn)) == pytest.approx((1 + 1) + (0 + 9))
+
+
+def test_gradient_matching_distance_hand_made():
+    g_real = T([[1.0, 0.0], [0.0, 2.0]])
+    g_syn = T([[3.0, 0.0], [1.0, 1.0]])
+    # row 0: parallel -> 1 - 3/3 = 0; row 1: cos = 2 / (2 * sqrt 2) -> 1 - 1/sqrt 2
+    expected = 1 - 1 / math.sqrt(2)
+    assert float(matching.layer_distance(g_real, g_syn)) == pytest.approx(expected, abs=1e-5)
+    # a conv kernel (out, in, h, w) is compared per output channel, like the matrix above
+    assert float(matching.layer_distance(g_real.view(2, 1, 1, 2), g_syn.view(2, 1, 1, 2))) == pytest.approx(expected, abs=1e-5)
+    # biases / norm parameters count 0; orthogonal rows 1, opposite rows 2
+    assert float(matching.layer_distance(T([1.0, 2.0]), T([-5.0, 0.0]))) == 0.0
+    assert float(matching.layer_distance(T([[1.0, 0.0]]), T([[0.0, 5.0]]))) == pytest.approx(1.0, abs=1e-5)
+    assert float(matching.layer_distance(T([[1.0, 1.0]]), T([[-2.0, -2.0]]))) == pytest.approx(2.0, abs=1e-5)
+    total = matching.match_distance([g_real, T([1.0, 2.0])], [g_syn, T([3.0, 1.0])])
+    assert float(total) == pytest.approx(expected, abs=1e-5)
+
+
+# -- threshold masks -------------------------------------------------------------------------------
+def test_threshold_mask_on_hand_made_image():
+    img = np.full((1, 1, 5, 5), 10, np.uint8)  # background level 10
+    img[0, 0, 2, 2] = 30  # object: 20 levels above the background
+    img[0, 0, 1, 1] = 15  # background noise: 5 levels, under the margin of 8
+    img[0, 0, 3, 3] = 2  # darker than the background by 8: not more than the margin
+    m = masks.threshold_mask(img, margin=8)
+    expected = np.zeros((1, 5, 5), bool)
+    expected[0, 2, 2] = True
+    assert (m == expected).all()
+    out = masks.apply_mask(img, m)
+    assert out[0, 0, 2, 2] == 30 and out[0, 0, 1, 1] == 10 and out[0, 0, 3, 3] == 10 and (out[0, 0, 0] == 10).all()
+    # white background, dark object, RGB: grey = channel mean, |difference| counts
+    rgb = np.full((1, 3, 4, 4), 250, np.uint8)
+    rgb[0, :, 1, 2] = (100, 120, 110)
+    assert masks.threshold_mask(rgb).sum() == 1 and masks.threshold_mask(rgb)[0, 1, 2]
+    x, info = masks.masked(img, "threshold")
+    assert info == {"source": "threshold", "margin": 8, "foreground_fraction": 0.04} and (x == out).all()
+
+
+def _digit_batch() -> np.ndarray:
+    ds = load_dataset("digits", Path("unused"), "train")
+    return np.stack([np.asarray(s.load().convert("L"))[None] for s in ds.samples[:6]])
+
+
+def _loss(method: str, x: np.ndarray, source: str | None) -> float:
+    """One DM / DC loss (no DSA, no image step) of fixed synthetic images against the (masked) real x."""
+    xm, _ = masks.masked(x, source)
+    real = matching.Real(torch.from_numpy(xm).float() / 255, [torch.arange(len(x))])
+    cfg = matching.make_config(method, 1, iterations=1, batch_real=len(x), dsa=False, masks=source)
+    torch.manual_seed(0)
+    net = networks.build("convnet3", 1, 2, 8)  # two outputs: a one-class cross-entropy has no gradient
+    syn = (torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8) / 64).requires_grad_(True)
+    opt = torch.optim.SGD([syn], lr=0.0)
+    return matching.ITERATIONS[method](cfg, net, real, syn, opt, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", ["dm", "dc"])
+def test_masked_losses_change_exactly_where_the_mask_says(method):
+    x = _digit_batch()
+    m = masks.threshold_mask(x)
+    bg = np.argwhere(~m[0, 1:-1, 1:-1])[0] + 1  # an interior background pixel of image 0
+    fg = np.argwhere(m[0])[0]
+    assert x[0, 0, bg[0], bg[1]] == 0
+    base_masked, base_plain = _loss(method, x, "threshold"), _loss(method, x, None)
+    noisy = x.copy()
+    noisy[0, 0, bg[0], bg[1]] = 5  # background noise under the margin: outside the mask
+    assert _loss(method, noisy, "threshold") == base_masked  # masked loss: blind to it, exactly
+    assert _loss(method, noisy, None) != base_plain  # the plain loss sees it
+    changed = x.copy()
+    changed[0, 0, fg[0], fg[1]] //= 2  # inside the mask
+    assert _loss(method, changed, "threshold") != base_masked
+
+
+def test_siamese_dsa_applies_one_transformation_to_both_batches():
+    a, b = torch.rand(4, 1, 8, 8), torch.rand(2, 1, 8, 8)
+    families = set()
+    for seed in range(40):
+        # the family is siamese_dsa's first draw from the generator
+        families.add(DSA_FAMILIES[int(torch.randint(6, (1,), generator=torch.Generator().manual_seed(seed)))])
+        aug = matching.siamese_dsa(torch.Generator().manual_seed(seed))
+        both = aug(torch.cat([a, b]))
+        assert torch.allclose(both[:4], aug(a), atol=1e-6) and torch.allclose(both[4:], aug(b), atol=1e-6)
+    assert families == set(DSA_FAMILIES)  # every family was exercised
+
+
+# -- runs on digits ---------------------------------------------------------------------------------
+def test_dm_and_dc_runs_write_the_imagefolder_and_hit_the_cache(vlcp, tmp_path):
+    runs = {"dm": ["--ipc", "2", "--batch-real", "16"],
+            "dc": ["--ipc", "2", "--batch-real", "16", "--outer-loop", "2", "--inner-loop", "1"]}
+    for method, extra in runs.items():
+        out = tmp_path / method
+        r = vlcp("baseline", "--method", method, "--data", "digits", "--iterations", "5", "--out", out, *extra)
+        assert r.exit_code == 0, r.output
+        folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+        assert folders == [str(d) for d in range(10)]
+        for d in folders:
+            files = sorted(p.name for p in (out / d).iterdir())
+            assert files == ["0000.png", "0001.png"]
+            assert Image.open(out / d / files[0]).size == (8, 8)
+        m = read_manifest(out)
+        assert m["baseline"] == method and m["matching"]["cached"] is False
+        assert [i for i, _ in m["matching"]["loss_curve"]] == [1, 2, 3, 4, 5]
+        assert m["matching"]["config"]["lr_img"] == {"dm": 1.0, "dc": 0.1}[method]
+        again = vlcp("baseline", "--method", method, "--data", "digits", "--iterations", "5", "--out", out, "--force",
+                     *extra)
+        assert again.exit_code == 0 and read_manifest(out)["matching"]["cached"] is True
+        assert "(cached)" in again.output
+
+
+def _run(cache_dir: Path, method: str, iterations: int, every: int):
+    ds = load_dataset("digits", cache_dir / "data", "train")
+    extra = {"outer_loop": 2, "inner_loop": 1} if method == "dc" else {}
+    cfg = matching.make_config(method, 2, seed=3, iterations=iterations, batch_real=16, **extra)
+    return matching.run(cfg, ds, "digits", StageCache(cache_dir), progress=False, checkpoint_every=every)
+
+
+@pytest.mark.parametrize("method", ["dm", "dc"])
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(method, tmp_path, monkeypatch):
+    straight = _run(tmp_path / "a", method, 6, 2)
+    step, calls = matching.ITERATIONS[method], []
+
+    def dies_at_fifth(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return step(*args)
+
+    monkeypatch.setitem(matching.ITERATIONS, method, dies_at_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "b", method, 6, 2)
+    monkeypatch.setitem(matching.ITERATIONS, method, step)
+    resumed = _run(tmp_path / "b", method, 6, 2)
+    assert resumed.meta["resumed_from"] == 4 and straight.meta["resumed_from"] == 0
+    assert np.array_equal(resumed.images, straight.images)
+    assert resumed.meta["losses"] == straight.meta["losses"]
+    syn = lambda d: StageCache(d).get(matching.STAGE, next(iter(  # noqa: E731
+        k.split("/", 1)[1] for k in StageCache(d).index if k.startswith(matching.STAGE + "/")))).tensors["syn"]
+    assert np.array_equal(syn(tmp_path / "a"), syn(tmp_path / "b"))  # bit for bit, before quantisation
+
+
+def test_a_longer_run_continues_a_shorter_one(tmp_path):
+    straight = _run(tmp_path / "a", "dm", 5, 0)
+    short = _run(tmp_path / "b", "dm", 3, 0)
+    longer = _run(tmp_path / "b", "dm", 5, 0)
+    assert short.meta["resumed_from"] == 0 and longer.meta["resumed_from"] == 3
+    assert np.array_equal(longer.images, straight.images)
+
+
+# -- bad input --------------------------------------------------------------------------------------
+def test_bad_input_gives_one_line_errors(vlcp, tmp_path):
+    def err(*args):
+        r = vlcp("baseline", "--data", "digits", "--out", tmp_path / "x", *args)
+        assert r.exit_code != 0 and "Traceback" not in r.output
+        return r
+
+    r = err("--method", "dm", "--ipc", "1000")
+    assert r.exit_code == 1 and "class '0' has 151 images, fewer than --ipc 1000" in r.output
+    r = err("--method", "dc", "--ipc", "1", "--masks", "clipseg")
+    assert "--masks clipseg: needs the object-mask (CLIPSeg) stage" in r.output and "available now: threshold" in r.output
+    assert "unknown mask source 'foo'; available: threshold" in err("--method", "dm", "--ipc", "1", "--masks", "foo").output
+    r = err("--method", "dc", "--ipc", "3")
+    assert "pass --outer-loop and --inner-loop for IPC 3" in r.output
+    r = err("--method", "random", "--ipc", "2", "--masks", "threshold")
+    assert r.exit_code == 2 and "--masks applies to --method dm or dc only" in r.output
+    assert not (tmp_path / "x").exists()
