@@ -228,3 +228,16 @@ def test_per_dataset_defaults_follow_the_reference_scripts():
     assert rows["cifar100"] == (0.0, 0.2, 30, 32)  # the RDED cifar100 script's folder names, not CIFAR-10's
     assert rows["imagenet"] == (0.1, 0.7, 30, 224)  # the ImageNet-1K script's folder names
     assert all(v["source"] for v in DEFAULTS.values())
+
+
+def test_caption_clean_up_is_the_references_and_can_be_turned_off():
+    from vlcp.text_prototypes import class_prototypes, clean_caption
+
+    assert clean_caption('the "red" fox\'s tail') == "the red fox tail"
+    assert clean_caption("a 'smooth' coat") == "a mooth' coat"  # str.replace("'s", ""), quirk included
+    caps = ["a 'smooth' coat", "a 'smooth' coat", 'a "dark" coat']
+    (on,) = class_prototypes(caps, [[0, 1, 2]], "fox", beta=1.0, top_k=5)
+    (off,) = class_prototypes(caps, [[0, 1, 2]], "fox", beta=1.0, top_k=5, clean_captions=False)
+    assert on["representative_words"] == {"coat": 3, "mooth": 2, "dark": 1}
+    assert off["representative_words"] == {"coat": 3, "smooth": 2, "dark": 1}
+    assert on["caption"] == "a mooth' coat" and off["caption"] == "a 'smooth' coat"

@@ -1,5 +1,10 @@
 """Stage ``text_prototypes``: Algorithm 2 of the paper, vectorised with a sparse word-count matrix.
 
+Clean-up (``clean_captions``, default on): ``"`` and ``'s`` are deleted from every caption first, as the
+reference's ``01_text_generation/llava_result_sum.py`` does before anything reads them (its
+``str.replace`` also cuts a quote-s inside words: "'smooth'" becomes "mooth'"); the chosen caption is
+returned cleaned, as the reference's prompts are.
+
 Tokenizer: captions are lower-cased and split into runs of two or more letters a-z (so "Saluki's"
 gives "saluki"; digits and single letters are dropped); stop words are scikit-learn's English list.
 Frequencies count *captions* containing a word (binary counts), for the class (Eq. 2) and for the
@@ -19,12 +24,17 @@ import re
 
 import numpy as np
 
-VERSION = 1
+VERSION = 2  # 2: caption clean-up
 TOKEN_PATTERN = r"[a-z]{2,}"
 
 
 def words(text: str) -> list[str]:
     return re.findall(TOKEN_PATTERN, text.lower())
+
+
+def clean_caption(text: str) -> str:
+    """The reference's clean-up: delete double quotes, then every "'s"."""
+    return text.replace('"', "").replace("'s", "")
 
 
 def stop_words() -> frozenset[str]:
@@ -34,13 +44,15 @@ def stop_words() -> frozenset[str]:
 
 
 def class_prototypes(captions: list[str], members: list[list[int]], class_name: str, beta: float,
-                     top_k: int) -> list[dict]:
+                     top_k: int, clean_captions: bool = True) -> list[dict]:
     """One record per cluster: the chosen caption, its score, R_w and N (the paper's Table 6).
 
     ``members[c]`` lists caption indices of cluster c, closest to the centre first.
     """
     from sklearn.feature_extraction.text import CountVectorizer
 
+    if clean_captions:
+        captions = [clean_caption(c) for c in captions]
     vec = CountVectorizer(lowercase=True, token_pattern=TOKEN_PATTERN, binary=True)
     try:
         x = vec.fit_transform(captions).tocsr()
