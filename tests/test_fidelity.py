@@ -241,3 +241,22 @@ def test_caption_clean_up_is_the_references_and_can_be_turned_off():
     assert on["representative_words"] == {"coat": 3, "mooth": 2, "dark": 1}
     assert off["representative_words"] == {"coat": 3, "smooth": 2, "dark": 1}
     assert on["caption"] == "a mooth' coat" and off["caption"] == "a 'smooth' coat"
+
+
+def test_one_resize_crop_and_one_class_lookup():
+    from PIL import Image
+
+    from vlcp.classnames import class_index, lookup
+    from vlcp.datasets import ClassInfo
+    from vlcp.imageops import resize_crop
+    from vlcp.latents import preprocess
+
+    img = Image.new("RGB", (40, 20))
+    img.paste((255, 0, 0), (0, 0, 10, 20))  # a red left quarter, cut away by the centre crop
+    cropped = resize_crop(img, 10, 10)
+    assert cropped.size == (10, 10) and np.asarray(cropped)[:, :, 0].max() < 128
+    assert resize_crop(img, 10).size == (10, 10) and np.asarray(resize_crop(img, 10))[5, 0, 0] == 255
+    assert np.allclose(preprocess(img, 10, "center"), np.asarray(cropped, np.float32).transpose(2, 0, 1) / 127.5 - 1)
+    index = class_index([ClassInfo("n01440764", "tench, Tinca tinca"), ClassInfo("n03888605", "parachute, chute")])
+    assert [lookup(index, s) for s in ("N01440764", "Tench", "tench, tinca tinca", " parachute ", "chute")] == [
+        0, 0, 0, 1, None]

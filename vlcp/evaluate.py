@@ -193,9 +193,7 @@ def _rded(data: str, ipc: int, n: int, epochs: int | None) -> Protocol:
                  "kd_temperature": f"{arg[:-1]}: 20 with cutmix, 4 with mixup)",
                  "clean_forward": f"{RDED}validation/main.py train(): student(images) under no_grad)",
                  "mean": f"{RDED}validation/main.py Normalize: ImageNet statistics for every dataset)",
-                 "teacher": ("RDED synthesize/utils.py load_model: torchvision resnet18 ImageNet weights" if big else
-                             f"{VLCP}: RDED's observer data/pretrain_models/*.pth is a pickle vlcp never loads; "
-                             "pass it converted to safetensors with --teacher"),
+                 "teacher": f"{RDED}synthesize/utils.py load_model: torchvision resnet18, ImageNet weights)",
                  "teacher_epochs": f"{VLCP}: epochs of the teacher vlcp trains when none is given"})
 
 
@@ -211,6 +209,9 @@ def make_protocol(name: str, data: str, ipc: int, model: str | None = None, epoc
         p = _rded(data, ipc, num_classes, epochs)
         p.teacher = "torchvision:resnet18" if p.model == "resnet18-bn" and data == "imagenet" else "trained by vlcp"
         p.teacher_epochs = 50
+        if p.teacher == "trained by vlcp":
+            p.sources["teacher"] = (f"{VLCP}: RDED's observers (data/pretrain_models/*.pth) are pickles vlcp never "
+                                    "loads; pass one converted to safetensors with --teacher")
     else:
         raise EvalError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}")
     if aug and aug not in ("dsa", "none", "minimax", "flip", "rded"):
@@ -654,8 +655,8 @@ def run(cfg: EvalConfig, cache) -> dict:
         "vlcp_version": __version__, "synthetic": None if cfg.full else str(cfg.synth_dir), "full": cfg.full,
         "dataset": train_ds.identity(), "test_split": {"split": test_ds.split, "images": len(test_ds.samples)},
         "images_per_class": counts, "train_images": len(samples), "protocol": asdict(p),
-        "best_label": best_label(p.best_after), "device": dev, "teacher": tinfo, "accuracy": summarise(runs), "seeds": runs,
-        "seconds": round(time.perf_counter() - t0, 2),
+        "best_label": best_label(p.best_after), "device": dev, "teacher": tinfo, "accuracy": summarise(runs),
+        "seeds": runs, "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
