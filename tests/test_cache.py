@@ -306,16 +306,6 @@ def test_truncated_or_grown_blob_is_caught_by_its_size_without_a_read(tmp_path):
     assert c.get("latents", "k") is None and c.corrupt == 1 and c.blob_reads == 0
 
 
-def test_records_written_before_blob_bytes_existed_still_read(tmp_path):
-    c = StageCache(tmp_path)
-    c.put("latents", "k", {"note": "old"}, {"latent": LATENT})
-    rec = c.index["latents/k"]
-    del rec["blob_bytes"]  # an older record: size = total bytes - metadata bytes
-    c.index["latents/k"] = rec
-    e = c.get("latents", "k")
-    assert c.corrupt == 0 and np.array_equal(e.tensors["latent"], LATENT)
-
-
 def test_corrupt_read_keeps_a_record_rewritten_meanwhile(tmp_path):
     c = StageCache(tmp_path)
     c.put("latents", "k", {"v": 1}, {"latent": LATENT})
@@ -334,3 +324,148 @@ def test_unreadable_index_record_is_dropped(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="vlcp"):
         assert c.get("captions", "k") is None
     assert c.corrupt == 1 and not c.has("captions", "k") and "unreadable index record" in caplog.text
+
+
+# -- exact formats and housekeeping ------------------------------------------------------------------
+
+def test_file_digest_and_stable_hash_of_paths(tmp_path):
+    from vlcp.cache import file_digest
+
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"0123456789" * 3)
+    assert file_digest(f, chunk=7) == hashlib.sha256(b"0123456789" * 3).hexdigest()
+    assert stable_hash({"p": Path("a/b")}) == hashlib.sha256(b'{"p":"a/b"}').hexdigest()[:32]  # default=str
+
+
+def test_atomic_write_goes_through_a_hidden_temp_file_beside_the_target(tmp_path, monkeypatch):
+    import os
+
+    from vlcp.cache import atomic_write_bytes, atomic_write_text
+
+    moves, real = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: moves.append((Path(a), Path(b))) or real(a, b))
+    target = tmp_path / "sub" / "x.json"
+    atomic_write_text(str(target), "héllo")
+    assert target.read_bytes() == "héllo".encode()
+    ((src, dst),) = moves
+    assert dst == target and src.parent == target.parent
+    assert src.name.startswith(".tmp-") and src.name.endswith(".json") and not src.exists()
+
+
+def test_failed_atomic_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    import os
+
+    from vlcp.cache import atomic_write_bytes
+
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_bytes(tmp_path / "x.bin", b"data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_entry_messages():
+    assert str(CorruptEntry("bad")) == "bad"
+    err = CorruptEntry("checksum mismatch", "latents", "0123456789abcdef")
+    assert str(err) == "cache entry latents/0123456789ab is corrupt (checksum mismatch); rerun to recompute it"
+    assert str(CorruptEntry("r", "s")) == "cache entry s/ is corrupt (r); rerun to recompute it"
+
+
+def test_index_never_evicts_and_keeps_records_in_sqlite(tmp_path):
+    c = StageCache(tmp_path / "deep" / "er")  # parents are created
+    assert (c.index.eviction_policy, c.index.cull_limit) == ("none", 0)
+    assert c.index.size_limit >= 1 << 62 and c.index.disk_min_file_size >= 1 << 30
+    c.put("captions", "k", {"caption": "x" * 100_000})  # larger than diskcache's 32 KB default
+    assert sorted(p.name for p in (tmp_path / "deep" / "er" / "index").iterdir() if not p.name.startswith("cache.db"))\
+        == []
+
+
+def test_blob_layout_on_disk(tmp_path):
+    """Blobs written by earlier versions must stay findable: blobs/<stage>/<key[:2]>/<key>-<sha[:16]>.safetensors."""
+    from safetensors.numpy import save
+
+    c = StageCache(tmp_path)
+    c.put("latents", "abcdef", {}, {"latent": LATENT})
+    sha = hashlib.sha256(save({"latent": LATENT})).hexdigest()
+    assert _one_blob(tmp_path) == tmp_path / "blobs" / "latents" / "ab" / f"abcdef-{sha[:16]}.safetensors"
+
+
+def test_corruption_warnings_name_the_entry_and_count_each(tmp_path, caplog):
+    c = StageCache(tmp_path)
+    c.put("latents", "0123456789abcdef", {}, {"latent": LATENT})
+    c.put("captions", "k2", {"caption": "a dog"})
+    rec = c.index["captions/k2"]
+    c.index["captions/k2"] = {**rec, "meta": rec["meta"].replace("dog", "cat")}
+    blob = _one_blob(tmp_path)
+    blob.write_bytes(blob.read_bytes()[:-1])
+    with caplog.at_level(logging.WARNING, logger="vlcp"):
+        assert c.get("latents", "0123456789abcdef") is None and c.get("captions", "k2") is None
+    size = blob.stat().st_size
+    assert caplog.messages == [
+        f"cache entry latents/0123456789ab is corrupt (blob {blob.name} has {size} bytes, expected {size + 1}); "
+        "recomputing it",
+        "cache entry captions/k2 is corrupt (metadata checksum mismatch); recomputing it"]
+    assert c.corrupt == 2
+
+
+def test_unreadable_reason_is_the_os_message(tmp_path, monkeypatch):
+    c = StageCache(tmp_path)
+    c.put("latents", "k", {}, {"latent": LATENT})
+    blob = _one_blob(tmp_path)
+    _damage("unreadable", blob, monkeypatch)
+    with pytest.raises(CorruptEntry) as err:
+        c.get("latents", "k").tensors
+    assert err.value.reason == f"blob {blob.name} unreadable: Permission denied"
+
+
+def test_blob_reads_count_every_read(tmp_path):
+    c = StageCache(tmp_path)
+    c.put("latents", "a", {}, {"latent": LATENT})
+    c.put("latents", "b", {}, {"latent": LATENT})
+    c2 = StageCache(tmp_path)
+    for k in "ab":
+        c2.get("latents", k).tensors
+    assert c2.blob_reads == 2
+
+
+def test_stats_counts_entries_bytes_and_models_not_memos(tmp_path):
+    c = StageCache(tmp_path)
+    c.memo("file-digest", "m1", lambda: "d")  # written first: stats must skip it and go on
+    for k in ("a", "b"):
+        c.put("captions", k, {"caption": "x"})  # '{"caption": "x"}': 16 bytes each
+    c.put("latents", "c", {}, {"latent": LATENT})
+    (tmp_path / "models" / "vae").mkdir(parents=True)
+    (tmp_path / "models" / "vae" / "w.bin").write_bytes(b"12345")
+    (tmp_path / "models" / "unet.bin").write_bytes(b"12")
+    assert c.stats() == {"captions": {"entries": 2, "bytes": 32},
+                         "latents": {"entries": 1, "bytes": 2 + _one_blob(tmp_path).stat().st_size},
+                         "models": {"entries": 2, "bytes": 7}}
+
+
+def test_clear_one_stage_models_or_everything(tmp_path):
+    c = StageCache(tmp_path)
+    assert c.clear() == 0 and c.clear("latents") == 0 and c.clear("models") == 0  # nothing there: no error
+    c.memo("file-digest", "m1", lambda: "d")
+    c.put("captions", "a", {"caption": "x"})
+    c.put("captions", "b", {"caption": "y"})
+    c.put("latents", "c", {}, {"latent": LATENT})
+    (tmp_path / "models" / "vae").mkdir(parents=True)
+    (tmp_path / "models" / "unet.bin").write_bytes(b"12")
+    assert c.clear("captions") == 2 and not c.has("captions", "a") and c.has("latents", "c")
+    assert c.clear("models") == 2 and not (tmp_path / "models").exists() and c.has("latents", "c")
+    assert c.clear("_memo") == 1 and c.has("latents", "c")
+    (tmp_path / "models").mkdir()
+    c.put("captions", "a", {"caption": "x"})
+    assert c.clear() == 2 and not (tmp_path / "blobs").exists() and not (tmp_path / "models").exists()
+    assert c.stats() == {}
+
+
+def test_memo_computes_once_per_key(tmp_path):
+    c = StageCache(tmp_path)
+    calls = []
+    assert c.memo("digest", "k1", lambda: calls.append(1) or "v1") == "v1"
+    assert StageCache(tmp_path).memo("digest", "k1", lambda: calls.append(2) or "other") == "v1"
+    assert c.memo("digest", "k2", lambda: calls.append(3) or "v2") == "v2"
+    assert calls == [1, 3] and c.index["_memo/digest/k1"] == "v1"

@@ -68,6 +68,37 @@ def test_accepted_replacements_change_the_next_choice():
     assert (st["images"], st["defective"], st["valid"], st["fallback"]) == (3, 2, 2, 0)
 
 
+def test_default_beta_per_dataset():
+    assert [refine.default_beta(d) for d in ("imagenette", "imagewoof", "cifar10", "digits")] == [0.9, 0.9, 0.7, 0.9]
+
+
+def test_summed_cosine_similarity_normalises_both_sides():
+    v = np.array([3.0, 4.0])  # unit vector (0.6, 0.8)
+    assert refine._cos(v, []) == 0.0
+    assert refine._cos(v, [np.array([0.0, 2.0]), np.array([6.0, 8.0])]) == pytest.approx(0.8 + 1.0, abs=1e-9)
+    assert refine._cos(v, [np.array([10.0, 0.0])]) == pytest.approx(0.6, abs=1e-9)
+
+
+def test_fallback_ties_go_to_the_lower_index():
+    best, how, pool = refine.choose([0, 0, 0], [0.3, 0.5, 0.5], np.array([E[0], E[1], E[2]]), 1, 0.9, 2, [])
+    assert (best, how, pool) == (1, "fallback", [1])
+
+
+def test_select_skips_images_without_candidates_keeps_top_k_and_handles_empty_classes():
+    bad = {"pred": 1, "probs": [0.12345, 0.87655], "feature": E[0]}
+    ok = {"pred": 0, "probs": [0.99, 0.01], "feature": E[1]}
+    cands = [{"pred": 0, "probs": [0.97, 0.03], "feature": E[1]},  # most confident, but like the accepted e1
+             {"pred": 0, "probs": [0.95, 0.05], "feature": E[2]}]
+    out = refine.select(["a", "b"], [0, 0, 0], [bad, bad, ok], {1: cands}, beta=0.9, top_k=1)
+    # image 0 has no candidates (skipped, not the end of the class); image 1: top-1 keeps candidate 0 alone
+    assert out["replacements"] == {1: {"candidate": 0, "how": "valid", "pool": [0], "p_before": 0.12345,
+                                       "p_after": 0.97}}
+    assert out["per_class"]["a"]["confidence_before"] == 0.4123  # (0.12345 * 2 + 0.99) / 3, 4 digits
+    assert out["per_class"]["a"]["confidence_after"] == 0.6945  # (0.12345 + 0.97 + 0.99) / 3 = 0.69448
+    assert out["per_class"]["b"] == {"images": 0, "defective": 0, "valid": 0, "fallback": 0,
+                                     "confidence_before": 0.0, "confidence_after": 0.0}
+
+
 def test_candidate_seeds_are_deterministic_and_distinct():
     a = [refine.candidate_seed(123, j) for j in range(20)]
     assert a == [refine.candidate_seed(123, j) for j in range(20)] and len(set(a)) == 20

@@ -147,7 +147,7 @@ class StageCache:
         if not rec.get("blob"):
             return Entry(meta, {})
         path = self._blob_path(stage, rec["blob"])
-        size = rec.get("blob_bytes", rec["bytes"] - len(meta_text))
+        size = rec["bytes"] - len(meta_text)  # ASCII JSON: characters are bytes
         try:
             st = path.stat()
         except OSError as exc:
@@ -192,7 +192,7 @@ class StageCache:
             name = f"{key}-{sha[:16]}.safetensors"  # immutable: a concurrent writer gets its own file
             path = self._blob_path(stage, name)
             atomic_write_bytes(path, data)
-            rec.update(blob=name, blob_sha=sha, blob_bytes=len(data), bytes=rec["bytes"] + len(data))
+            rec.update(blob=name, blob_sha=sha, bytes=rec["bytes"] + len(data))
         self.index.set(f"{stage}/{key}", rec)
         return Entry(meta, dict(tensors or {}))
 

@@ -1,0 +1,114 @@
+"""Tests written to kill surviving mutants (benchmarks/mutation.sh): exact outputs on hand-made inputs."""
+import warnings
+
+import numpy as np
+import pytest
+
+from vlcp import clusters, outliers
+from vlcp.text_prototypes import class_prototypes
+
+# -- text_prototypes ----------------------------------------------------------------------------------
+
+
+def test_empty_cluster_gets_an_empty_record_and_later_clusters_still_count():
+    caps = ["fox in snow", "fox on grass"]
+    empty, b = class_prototypes(caps, [[], [1]], "fox", beta=1.0, top_k=1)
+    assert empty == {"caption": "", "member": None, "score": 0.0, "fallback": True, "representative_words": {},
+                     "non_representative": ["fox"]}
+    assert (b["caption"], b["member"], b["score"], b["representative_words"]) == ("fox on grass", 1, 1.0, {"grass": 1})
+
+
+def test_captions_without_words_give_fallback_records():
+    (r,) = class_prototypes(["42", "!!"], [[1, 0]], "cat", beta=0.5, top_k=3)
+    assert r == {"caption": "!!", "member": 1, "score": 0.0, "fallback": True, "representative_words": {},
+                 "non_representative": []}
+
+
+def test_a_score_of_one_still_picks_the_best_member_not_the_closest():
+    (r,) = class_prototypes(["dog", "dog on grass"], [[0, 1]], "dog", beta=1.0, top_k=1)
+    assert (r["caption"], r["member"], r["score"], r["fallback"]) == ("dog on grass", 1, 1.0, False)
+
+
+def test_tokens_are_lowercased_letters_only():
+    caps = ["Snow 42 field", "snow 42", "B52 tree"]
+    (r,) = class_prototypes(caps, [[0, 1, 2]], "dog", beta=1.0, top_k=3)
+    # "Snow" counts as snow (not "now"); "42" and "b52" are no words
+    assert r["representative_words"] == {"snow": 2, "field": 1, "tree": 1}
+
+
+# -- outliers -----------------------------------------------------------------------------------------
+
+
+def test_lof_skipped_mask_is_boolean():
+    for x, c in ((np.zeros((10, 2)), 0.0), (np.zeros((2, 2)), 0.3)):
+        mask, restored = outliers.inlier_mask(x, c)
+        assert mask.dtype == bool and mask.tolist() == [True] * len(x) and restored == 0
+
+
+def test_lof_on_a_small_class_warns_nothing():
+    x = np.array([[0.0, 0], [0.1, 0], [0, 0.1], [0.1, 0.1], [0.05, 0.05], [5, 5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. sklearn's "n_neighbors is greater than the number of samples"
+        mask, _ = outliers.inlier_mask(x, contamination=0.2)
+    assert (~mask).sum() == 1  # 20 % of 6 rows
+
+
+def test_lof_equal_scores_restore_the_earlier_row_first():
+    blob = np.random.default_rng(0).normal(0, 0.1, (30, 2))
+    x = np.vstack([np.insert(blob, 21, [[3, 3], [3, 3]], axis=0), [[-9, 9]]])  # rows 21, 22 identical
+    mask, restored = outliers.inlier_mask(x, contamination=0.09)
+    assert np.flatnonzero(~mask).tolist() == [21, 22, 32] and restored == 0
+    mask, restored = outliers.inlier_mask(x, contamination=0.09, min_keep=31)
+    assert np.flatnonzero(~mask).tolist() == [22, 32] and restored == 1
+
+
+# -- clusters -----------------------------------------------------------------------------------------
+
+
+def test_kmeans_with_exactly_k_images_clusters_them():
+    x = np.array([[0.0, 0], [5, 5], [9, 0]], np.float32)
+    c, labels, dup = clusters.kmeans(x, 3, seed=0)
+    assert not dup and sorted(map(tuple, c.tolist())) == [(0, 0), (5, 5), (9, 0)] and c.dtype == np.float32
+    assert sorted(labels.tolist()) == [0, 1, 2]
+
+
+def test_kmeans_too_few_images_message_and_duplicate_dtype():
+    with pytest.raises(clusters.TooFewImages, match="^2 images for 3 prototypes$"):
+        clusters.kmeans(np.zeros((2, 3)), 3, seed=0)
+    c, _, _ = clusters.kmeans(np.array([[1.0], [2.0]]), 3, seed=0, allow_duplicates=True)
+    assert c.dtype == np.float32
+
+
+def test_kmeans_runs_in_float64_with_ten_inits():
+    """Exactly sklearn's result on float64 data with n_init=10 (seed 8 is one where 11 inits differ)."""
+    from sklearn.cluster import KMeans
+
+    x = np.random.default_rng(0).normal(size=(40, 2)).astype(np.float32)
+    got, labels, _ = clusters.kmeans(x.reshape(40, 1, 2), 6, seed=8)
+    ref = KMeans(6, random_state=8, n_init=10).fit(x.astype(np.float64))
+    assert got.dtype == np.float32 and labels.dtype == np.int64
+    assert np.array_equal(got.reshape(6, 2), ref.cluster_centers_.astype(np.float32))
+    assert labels.tolist() == ref.labels_.tolist()
+
+
+def test_members_with_equal_distances_keep_row_order():
+    x = np.array([[1.0, 0.0] if i % 2 == 0 else [0.0, 2.0] for i in range(40)]).reshape(40, 1, 2)
+    (members,) = clusters.members_by_distance(x, np.zeros((1, 1, 2)), np.zeros(40, int))
+    assert members == list(range(0, 40, 2)) + list(range(1, 40, 2))
+
+
+def test_lof_per_class_masks_and_counts():
+    x = np.vstack([np.random.default_rng(0).normal(0, 0.1, (20, 2)), [[1.5, 0], [0, 3], [-6, 0], [0, -12]]])
+    meta, tensors = outliers.per_class({"a": x, "b": x[:2]}, contamination=4 / 24, min_keep=22)
+    assert meta == {"a": {"images": 24, "removed": 2, "restored": 2}, "b": {"images": 2, "removed": 0, "restored": 0}}
+    assert tensors["mask/a"].dtype == np.uint8 and np.flatnonzero(tensors["mask/a"] == 0).tolist() == [22, 23]
+    assert tensors["mask/b"].tolist() == [1, 1]
+
+
+def test_class_clusters_maps_members_to_dataset_rows():
+    x = np.array([[0.0], [0.25], [10.0], [10.1], [0.1], [10.5]])  # centres 0.1167 and 10.2
+    rows = [7, 3, 9, 4, 5, 8]
+    centres, members, dup = clusters.class_clusters(x, rows, 2, seed=0, allow_duplicates=False)
+    assert not dup and sorted(members) == [[4, 9, 8], [5, 7, 3]]  # closest to the centre first
+    centres, members, dup = clusters.class_clusters(x[:2], rows[:2], 3, seed=0, allow_duplicates=True)
+    assert dup and members == [[7], [3], [7]] and centres.ravel().tolist() == [0.0, 0.25, 0.0]
