@@ -2,6 +2,7 @@
 runs on digits, cache hits, resume after a kill, bad input."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -188,3 +189,50 @@ def test_bad_input_gives_one_line_errors(vlcp, tmp_path):
     r = err("--method", "random", "--ipc", "2", "--masks", "threshold")
     assert r.exit_code == 2 and "--masks applies to --method dm or dc only" in r.output
     assert not (tmp_path / "x").exists()
+
+
+# -- caption matching (vlcp's reading of the abstract) ----------------------------------------------
+def test_caption_loss_and_targets_on_hand_made_embeddings():
+    from vlcp import caption_matching as cm
+
+    img = T([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # class-major, IPC 2
+    targets = T([[1.0, 0.0], [0.0, 1.0]])
+    # class 0: mean (1, 0) = target -> 0; class 1: mean (0.5, 0.5) vs (0, 1) -> 1 - 1/sqrt 2
+    assert float(cm.caption_loss(img, targets, 2)) == pytest.approx(1 - 1 / math.sqrt(2), abs=1e-6)
+    t = cm.class_targets(np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), [2, 1])
+    assert np.allclose(t, [[1 / math.sqrt(2), 1 / math.sqrt(2)], [0.0, 1.0]])
+
+
+def test_captions_file_is_checked(tmp_path):
+    from vlcp import caption_matching as cm
+
+    classes = load_dataset("digits", tmp_path, "train").classes[:2]
+    with pytest.raises(cm.CaptionError, match="--caption-loss needs captions of the real images"):
+        cm.load_captions(None, classes)
+    f = tmp_path / "c.json"
+    f.write_text('{"0": ["a round zero"]}')
+    with pytest.raises(cm.CaptionError, match="no captions for class '1'"):
+        cm.load_captions(f, classes)
+    f.write_text('{"0": ["a  round\\nzero"], "1": ["a one", "a stick"]}')
+    assert cm.load_captions(f, classes).per_class == [["a round zero"], ["a one", "a stick"]]
+    jl = tmp_path / "c.jsonl"  # the reference's caption format: class folder / file name
+    jl.write_text('{"file_name": "1/a.png", "text": "a one"}\n{"file_name": "0/b.png", "text": "a zero"}\n'
+                  '{"file_name": "1/c.png", "text": "a stick"}\n')
+    assert cm.load_captions(jl, classes).per_class == [["a zero"], ["a one", "a stick"]]
+
+
+def test_caption_loss_run_with_tiny_clip(vlcp, tmp_path):
+    caps = tmp_path / "caps.json"
+    caps.write_text(json.dumps({str(d): [f"a handwritten digit {d}", f"the number {d}"] for d in range(10)}))
+    common = ["baseline", "--method", "dm", "--data", "digits", "--ipc", "1", "--iterations", "2", "--batch-real", "8"]
+    plain = vlcp(*common, "--out", tmp_path / "plain")
+    with_cap = vlcp(*common, "--caption-loss", "1", "--captions", caps, "--tiny", "--out", tmp_path / "cap")
+    assert plain.exit_code == 0 and with_cap.exit_code == 0, with_cap.output
+    m_plain, m_cap = read_manifest(tmp_path / "plain")["matching"], read_manifest(tmp_path / "cap")["matching"]
+    assert m_plain["caption"] is None and m_cap["caption"]["clip"].startswith("local:")
+    assert m_cap["loss_curve"][0][1] > m_plain["loss_curve"][0][1]  # the same DM term plus 1 - cos > 0
+    caps.write_text(json.dumps({str(d): [f"digit number {d}"] for d in range(10)}))
+    again = vlcp(*common, "--caption-loss", "1", "--captions", caps, "--tiny", "--out", tmp_path / "cap2")
+    assert read_manifest(tmp_path / "cap2")["matching"]["cached"] is False  # other captions: another key
+    r = vlcp(*common, "--caption-loss", "1", "--out", tmp_path / "x")
+    assert r.exit_code == 1 and "pass --captions FILE" in r.output and again.exit_code == 0

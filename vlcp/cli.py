@@ -299,6 +299,12 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
               help="threshold masks: grey levels above the background level that count as object.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=50, show_default=True,
               help="dm/dc: save the optimisation state every N iterations (0: only at the end); a killed run resumes.")
+@click.option("--caption-loss", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="dm/dc: weight of caption matching (CLIP: synthetic images vs their class's real captions).")
+@click.option("--captions", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="--caption-loss: JSON {class folder or name: [captions of its real images]}.")
+@click.option("--clip", help="--caption-loss: CLIP hub id or directory [default: openai/clip-vit-base-patch32].")
+@click.option("--tiny", is_flag=True, help="--caption-loss: a tiny random CLIP (tests, offline demos).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @click.pass_obj
 def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force, **match):
@@ -309,7 +315,7 @@ def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force, **ma
     from vlcp.output import check_out, publish
 
     opt_only = [k for k in ("iterations", "lr_img", "batch_real", "outer_loop", "inner_loop", "lr_net", "batch_train",
-                            "masks") if match[k] is not None]
+                            "masks", "captions", "clip") if match[k] is not None] + ["caption_loss"] * bool(match["caption_loss"])
     if method not in ("dm", "dc") and opt_only:
         raise click.UsageError(f"--{opt_only[0].replace('_', '-')} applies to --method dm or dc only")
     with _user_errors():
@@ -340,8 +346,16 @@ def _matching(obj: Ctx, method, ds, data, ipc, seed, match) -> tuple[dict, dict]
     from vlcp import baselines, matching
 
     every = match.pop("checkpoint_every")
+    spec = None
+    cap = {k: match.pop(k) for k in ("captions", "clip", "tiny")}
+    if not match["caption_loss"] and (cap["captions"] or cap["clip"]):
+        raise click.UsageError("--captions and --clip apply only with --caption-loss")
+    if match["caption_loss"]:
+        from vlcp.caption_matching import CaptionSpec, load_captions
+
+        spec = CaptionSpec(load_captions(cap["captions"], ds.classes), cap["clip"], cap["tiny"])
     cfg = matching.make_config(method, ipc, seed=seed, **match)
-    res = matching.run(cfg, ds, data, obj.cache(), obj.device, not obj.quiet, every)
+    res = matching.run(cfg, ds, data, obj.cache(), obj.device, not obj.quiet, every, spec)
     m = res.meta
     if not obj.quiet:
         how = "cached" if res.cached else f"{m['seconds']:.0f} s, {m['seconds_per_iteration']:.3f} s/iteration"

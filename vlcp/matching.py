@@ -69,6 +69,7 @@ class MatchConfig:
     init: str = "real"
     model: str = "convnet3"
     seed: int = 0
+    caption_loss: float = 0.0  # weight of vlcp.caption_matching's term; 0: off
 
 
 def make_config(method: str, ipc: int, seed: int = 0, masks: str | None = None, **overrides) -> MatchConfig:
@@ -168,6 +169,7 @@ class Real:
     """Normalised real images on the device (masked if asked), and each class's indices into them."""
     x: object
     per_class: list
+    caption: object = None  # syn -> caption-matching loss (vlcp.caption_matching), or None
 
 
 def _batch(real: Real, c: int, n: int, g):
@@ -202,6 +204,8 @@ def dm_iteration(cfg: MatchConfig, net, real: Real, syn, opt, g) -> float:
     er = _embed(net, torch.cat(reals)).split([len(x) for x in reals])
     es = net.embed(torch.cat(syns)).split(cfg.ipc)
     loss = dm_loss(er, es)
+    if real.caption is not None:
+        loss = loss + cfg.caption_loss * real.caption(syn)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -233,6 +237,10 @@ def dc_iteration(cfg: MatchConfig, net, real: Real, syn, opt, g) -> float:
             loss = match_distance(gr, gs)
             torch.autograd.backward(loss, inputs=[syn])  # per class: the graph is freed at once
             total += float(loss.detach())
+        if real.caption is not None:
+            cap = cfg.caption_loss * real.caption(syn)
+            torch.autograd.backward(cap, inputs=[syn])
+            total += float(cap.detach())
         opt.step()
         if ol == cfg.outer_loop - 1:
             break
@@ -278,11 +286,15 @@ def real_arrays(ds, data: str, cache, progress: bool):
     return entry.tensors["x"], entry.tensors["y"], p
 
 
-def keys(cfg: MatchConfig, ds, p) -> tuple[str, str]:
+def keys(cfg: MatchConfig, ds, p, caption_parts: dict | None = None) -> tuple[str, str]:
     """(result key, checkpoint key). The checkpoint key leaves out the iteration count: a longer run
-    continues from a shorter one's last state."""
+    continues from a shorter one's last state. Without a caption loss its fields stay out of the key."""
     parts = {"dataset": ds.identity(), "size": p.image_size, "channels": p.channels, "mean": p.mean, "std": p.std}
     config = asdict(cfg)
+    if cfg.caption_loss:
+        parts["caption"] = caption_parts
+    else:
+        config.pop("caption_loss")
     result = stage_key(STAGE, VERSION, config=config, **parts)
     config.pop("iterations")
     return result, stage_key(CHECKPOINT_STAGE, VERSION, config=config, **parts)
@@ -357,11 +369,15 @@ def optimise(cfg: MatchConfig, real: Real, syn0, p, cache, ckpt_key: str, progre
 
 
 def run(cfg: MatchConfig, ds, data: str, cache, device: str = "auto", progress: bool = True,
-        checkpoint_every: int = 50) -> Result:
-    """The optimised set for ``cfg`` on ``ds``: from the cache, or computed (resuming a checkpoint)."""
+        checkpoint_every: int = 50, caption=None) -> Result:
+    """The optimised set for ``cfg`` on ``ds``: from the cache, or computed (resuming a checkpoint).
+    ``caption``: a vlcp.caption_matching.CaptionSpec, required when cfg.caption_loss > 0."""
+    if cfg.caption_loss and caption is None:
+        raise MatchError("--caption-loss needs captions of the real images (--captions FILE)")
     x, y, p = real_arrays(ds, data, cache, progress)
     init = initial_indices(cfg, y, ds.classes)
-    key, ckpt_key = keys(cfg, ds, p)
+    cap_parts = caption.key_parts(cache) if cfg.caption_loss else None
+    key, ckpt_key = keys(cfg, ds, p, cap_parts)
     entry = cache.get(STAGE, key)
     if entry is not None:
         return Result(entry.tensors["images"], entry.meta, True)
@@ -373,6 +389,8 @@ def run(cfg: MatchConfig, ds, data: str, cache, device: str = "auto", progress: 
     xm, mask_info = mask_mod.masked(x, cfg.masks, cfg.mask_margin)
     yt = torch.from_numpy(y).to(dev)
     real = Real(_normalise(xm, p, dev), [torch.nonzero(yt == c).flatten() for c in range(len(ds.classes))])
+    if cfg.caption_loss:
+        real.caption = caption.term(cache, dev, cfg.ipc, p.mean, p.std)
     syn0 = _normalise(x[init], p, dev)
     if cfg.init == "noise":
         syn0 = torch.randn(syn0.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
@@ -382,7 +400,7 @@ def run(cfg: MatchConfig, ds, data: str, cache, device: str = "auto", progress: 
     done = cfg.iterations - resumed
     meta = {"config": asdict(cfg), "losses": losses, "final_loss": losses[-1], "resumed_from": resumed,
             "seconds": round(seconds, 2), "seconds_per_iteration": round(seconds / max(done, 1), 4),
-            "device": dev, "masks": mask_info, "init_sources": [ds.samples[i].source for i in init],
+            "device": dev, "masks": mask_info, "caption": cap_parts, "init_sources": [ds.samples[i].source for i in init],
             "image_size": p.image_size, "normalisation": {"mean": p.mean, "std": p.std}}
     images = to_uint8(syn, p)
     cache.put(STAGE, key, meta, {"images": images, "syn": syn.astype(np.float32)})
