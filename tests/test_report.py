@@ -357,3 +357,13 @@ def test_report_in_headless_chromium(tmp_path, tiny_run):
         seen = check_in_browser(b, full, tmp_path / "full.png")
         assert seen["classes"] == 2 and seen["cards"] == 20 and len(seen["images"]) == 21  # + preview_refined
     print(f"screenshots: {tmp_path / 'tiny_run.png'} {tmp_path / 'full.png'}")
+
+
+def test_without_chromium_the_browser_test_skips_or_fails_on_ci(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "find_chromium", lambda: None)
+    monkeypatch.delenv("VLCP_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no chromium on this machine"):
+        browser_or_skip()
+    monkeypatch.setenv("VLCP_REQUIRE_BROWSER", "1")  # .ci/run sets it where apt could install chromium
+    with pytest.raises(pytest.fail.Exception, match="VLCP_REQUIRE_BROWSER is set but no chromium"):
+        browser_or_skip()

@@ -422,6 +422,26 @@ def refine_cmd(obj: Ctx, folder, data, out, refine_candidates, refine_top_k, ref
                        f"mean confidence {st['confidence']:.3f}")
 
 
+@cli.command("report")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.pass_obj
+def report_cmd(obj: Ctx, out: Path):
+    """Rebuild OUT/report.html from the files in OUT (manifest, prototypes, images, loss, evaluations).
+
+    One page, no network, no script: open it from disk, or zip the folder and move it.
+    """
+    from vlcp.report import ReportError, build
+
+    try:
+        path = build(out)
+    except ReportError as exc:  # not a vlcp folder: bad input, exit code 2, one line
+        err = click.ClickException(str(exc))
+        err.exit_code = 2
+        raise err from None
+    if not obj.quiet:
+        click.echo(f"wrote {path}")
+
+
 @cli.group()
 def cache():
     """Inspect or clear the stage cache."""
