@@ -251,7 +251,8 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
     best = a.get("best_during_training")
     rows = [("model", "protocol", "top-1 (final)", res["best_label"], "per seed (final)", "epochs", "seconds"),
             (p["model"], p["name"], f"{a['mean']:.2f} ± {a['std']:.2f}",
-             f"{best['mean']:.2f} ± {best['std']:.2f}" if best else "n/a (tested at end only)",
+             f"{best['mean']:.2f} ± {best['std']:.2f}" if best else
+             "n/a (tested at end only)" if not p["test_every"] else "n/a (no test in its window)",
              " ".join(f"{v:.2f}" for v in a["per_seed"]), str(p["epochs"]), f"{res['seconds']:.1f}")]
     if not obj.quiet:
         what = "full training set" if full else f"{synth_dir} ({res['train_images']} images)"
