@@ -443,6 +443,69 @@ def report_cmd(obj: Ctx, out: Path):
         click.echo(f"wrote {path}")
 
 
+@cli.command("select")
+@click.argument("pool", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", required=True, help="The dataset the pool is for (its classes and names).")
+@click.option("--ipc", type=click.IntRange(min=1), required=True, help="Images kept per class.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder (an ImageFolder).")
+@click.option("--clip", "clip_model", help="CLIP model (hub id or dir). [default: openai/clip-vit-base-patch32; "
+                                           "a tiny random one with --tiny]")
+@click.option("--tiny", is_flag=True, help="A tiny random CLIP built offline: for tests and demos, scores are noise.")
+@click.option("--clip-prompt", default="a photo of a {name}.", show_default=True,
+              help="Class text anchor; {name} is the class name.")
+@click.option("--sas-keep", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="Stage 1: share of each class's pool kept by quality (at least IPC).")
+@click.option("--sas-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Stage 1 quality: alpha z(relevance) + (1 - alpha) z(margin).")
+@click.option("--sas-lambda", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Stage 2: lambda z(quality) + (1 - lambda) diversity.")
+@click.option("--select", "mode", type=click.Choice(["random", "relevance", "sas"]), default="sas", show_default=True,
+              help="random: seeded random-from-pool control; relevance: top IPC by CLIP relevance; sas: both stages.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --select random.")
+@click.option("--clip-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--allow-duplicates", is_flag=True, help="A class with fewer pool images than IPC reuses them.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@click.pass_obj
+def select_cmd(obj: Ctx, pool: Path, data, ipc, out, clip_model, tiny, clip_prompt, sas_keep, sas_alpha, sas_lambda,
+               mode, seed, clip_batch_size, allow_duplicates, force):
+    """Keep IPC images per class from an image pool POOL (an ImageFolder, e.g. made by Minimax or D4M),
+    scored in CLIP space: vlcp's formulation of SAS (Li et al., arXiv 2605.18012) from its abstract, not the
+    authors' method (README, "Semantic-aware post-sampling").
+
+    Stage 1 drops candidates CLIP places nearer another class and keeps the top --sas-keep share by
+    relevance and margin; stage 2 picks IPC greedily by quality vs diversity. CLIP embeddings are
+    cached: changing only the selection knobs computes none. The --sas-* defaults are vlcp's
+    proposals; none comes from the paper.
+    """
+    from vlcp import pool_select as ps
+    from vlcp.sas import SasError, SasParams
+
+    params = SasParams(ipc, keep=sas_keep, alpha=sas_alpha, lam=sas_lambda, mode=mode, seed=seed)
+    cfg = ps.SelectConfig(pool, data, ipc, out, data_dir=obj.data_dir, clip_model=clip_model, tiny=tiny,
+                          prompt=clip_prompt,
+                          params=params, allow_duplicates=allow_duplicates, force=force, device=obj.device,
+                          batch_size=clip_batch_size, progress=not obj.quiet)
+    if tiny and not clip_model and not obj.quiet:
+        click.echo("--tiny: a tiny random CLIP (built offline, cached); its scores are noise, for tests and demos only.",
+                   err=True)
+    with _user_errors():
+        try:
+            manifest = ps.run(cfg, obj.cache())
+        except (ps.SelectError, SasError) as exc:
+            raise click.ClickException(str(exc)) from None
+    if obj.quiet:
+        return
+    for w in manifest["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+    for stage, r in manifest["stages"].items():
+        click.echo(f"{stage}: {r['items_computed']} computed, {r['items_cached']} cached"
+                   f"{', model loaded' if r['model_loaded'] else ''}")
+    n_pool = sum(c["usable"] for c in manifest["classes"].values())
+    click.echo(f"--select {mode}: kept {ipc} per class of {n_pool} pool images in {len(manifest['classes'])} "
+               f"classes (vlcp's formulation of SAS from its abstract)")
+    click.echo(f"wrote {out}/ (manifest.json, preview.png, preview_pool.png)")
+
+
 @cli.group()
 def cache():
     """Inspect or clear the stage cache."""
