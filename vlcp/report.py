@@ -25,6 +25,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 NOT_CLASSES = {"evaluations"}
 MAX_LISTED = 200  # skipped images / warnings listed in full up to this many
 MAX_CURVE_POINTS = 800
+SCORE_IDS = {"class", "folder", "cluster", "index", "file", "output", "prototype"}  # not scores
 
 
 class ReportError(Exception):
@@ -98,9 +99,11 @@ def _read_json(path: Path, problems: list[str], required: bool) -> Any:
 def class_folders(f: Folder) -> list[tuple[str, str]]:
     """(folder, human name) per class: the manifest's list, else prototypes.json's, else the sub-folders."""
     out: list[tuple[str, str]] = []
-    for c in _list(f.manifest.get("classes")):
+    for c in _list(f.manifest.get("classes")):  # vlcp distill: [{"folder", "name"}]
         if isinstance(c, dict) and isinstance(c.get("folder"), str):
             out.append((c["folder"], str(c.get("name", c["folder"]))))
+    if isinstance(f.manifest.get("classes"), dict):  # vlcp select: {folder: {"name", ...}}
+        out = [(str(k), str(_dict(v).get("name", k))) for k, v in f.manifest["classes"].items()]
     if not out:
         out = [(k, str(_dict(v).get("name", k))) for k, v in _dict(f.prototypes.get("classes")).items()]
     if not out:
@@ -195,11 +198,11 @@ def render(f: Folder) -> str:
 
 
 def _dataset_name(m: dict) -> str:
-    return str(_dict(m.get("dataset")).get("name") or _dict(m.get("parameters")).get("data") or "?")
+    return str(_dict(m.get("dataset")).get("name") or _dict(m.get("parameters")).get("data") or m.get("data") or "?")
 
 
 def _ipc(f: Folder) -> str:
-    ipc = _dict(f.manifest.get("parameters")).get("ipc")
+    ipc = _dict(f.manifest.get("parameters")).get("ipc", f.manifest.get("ipc"))
     return str(ipc) if ipc is not None else "?"
 
 
@@ -259,12 +262,18 @@ def _listing(title: str, items: list[str], cls: str) -> str:
 
 def post_sampling_summary(f: Folder) -> str:
     """Run-level values of a ``post_sampling`` manifest section (per-image scores go on the cards)."""
-    ps = _dict(f.manifest.get("post_sampling"))
+    m = f.manifest
+    ps = _dict(m.get("post_sampling"))
+    if m.get("command") == "select":  # a folder `vlcp select` wrote: the selection is the whole run
+        ps = {"method": m.get("method"), "pool": m.get("pool"), "candidates": len(_list(m.get("candidates"))), **ps}
     scalars = {k: v for k, v in ps.items() if isinstance(v, (str, int, float, bool)) or v is None}
-    if not scalars:
+    sheet = ('<details><summary>preview_pool.png: each class\'s pool, the kept images framed</summary>'
+             '<img class="sheet" src="preview_pool.png" alt="the pool per class, kept images framed"></details>'
+             if (f.root / "preview_pool.png").is_file() else "")
+    if not scalars and not sheet:
         return ""
     dl = "".join(f"<dt>{escape(str(k))}</dt><dd>{_num(v, 4)}</dd>" for k, v in scalars.items())
-    return f'<section id="post-sampling"><h2>Post-sampling</h2><dl class="facts">{dl}</dl></section>'
+    return f'<section id="post-sampling"><h2>Post-sampling</h2><dl class="facts">{dl}</dl>{sheet}</section>'
 
 
 def finetune_section(f: Folder) -> str:
@@ -330,15 +339,16 @@ def refinement_section(f: Folder) -> str:
     rows = []
     for folder, s in _dict(r.get("per_class")).items():
         s = _dict(s)
-        rows.append([escape(f"{folder} · {names.get(folder, folder)}"), _num(s.get("images")), _num(s.get("defective")),
-                     _num(s.get("valid")), _num(s.get("fallback")),
+        rows.append([escape(f"{folder} · {names.get(folder, folder)}"), _num(s.get("images")),
+                     _num(s.get("defective")), _num(s.get("valid")), _num(s.get("fallback")),
                      f"{_num(s.get('confidence_before'), 3)} → {_num(s.get('confidence_after'), 3)}"])
-    table = _table(["class", "images", "defective", "from a valid pool", "by fallback", "mean p(class) before → after"],
-                   rows, "num") if rows else ""
+    head = ["class", "images", "defective", "from a valid pool", "by fallback", "mean p(class) before → after"]
+    table = _table(head, rows, "num") if rows else ""
     sheet = ('<details><summary>preview_refined.png: each replaced image (left) and its replacement (right)'
              '</summary><img class="sheet" src="preview_refined.png" alt="replaced images and their replacements">'
              '</details>') if (f.root / "preview_refined.png").is_file() else ""
-    return f'<section id="refinement"><h2>Detector-guided refinement</h2><dl class="facts">{dl}</dl>{table}{sheet}</section>'
+    return (f'<section id="refinement"><h2>Detector-guided refinement</h2><dl class="facts">{dl}</dl>{table}{sheet}'
+            '</section>')
 
 
 # evaluation ----------------------------------------------------------------------------------------
@@ -503,10 +513,15 @@ def post_sampling_lookup(f: Folder) -> Callable[[str, str, int, int], dict | Non
                 if folder is not None and rec.get("file"):
                     by_key[f"{folder}/{rec['file']}"] = rec
 
+    for rec in _list(f.manifest.get("candidates")):  # vlcp select: every pool image, "output" names its copies
+        if isinstance(rec, dict):
+            for out in _list(rec.get("output")):
+                by_key.setdefault(str(out), rec)
+
     def lookup(folder: str, file: str, j: int, i: int) -> dict | None:
         for k in (f"{folder}/{file}", f"{folder}/{j}", str(i)):
             if k in by_key:
-                return {a: b for a, b in by_key[k].items() if a not in ("class", "folder", "cluster", "index", "file")}
+                return {a: b for a, b in by_key[k].items() if a not in SCORE_IDS}
         return None
 
     return lookup
@@ -528,8 +543,8 @@ def classes_section(f: Folder) -> str:
             stem = Path(file).stem
             j = int(stem) if stem.isdigit() else pos
             rec = _dict(clusters[j]) if j < len(clusters) else {}
-            cards.append(card(folder, name, file, (w, h), j, rec,
-                              verdict_html(replacements.get((folder, j)), bool(refinement)), scores(folder, file, j, i)))
+            verdict = verdict_html(replacements.get((folder, j)), bool(refinement))
+            cards.append(card(folder, name, file, (w, h), j, rec, verdict, scores(folder, file, j, i)))
             i += 1
         parts.append(class_block(f, c, folder, name, cards))
     return "".join(parts) + "</section>"
@@ -550,7 +565,8 @@ def class_block(f: Folder, c: int, folder: str, name: str, cards: list[str]) -> 
     body = "".join(cards) if cards else f'<p class="problem">No images in {escape(folder)}/.</p>'
     title = escape(folder) if name == folder else f"{escape(folder)} <small>{escape(name)}</small>"
     return (f'<article class="class" id="class-{c}" data-folder="{escape(folder)}"><h3>{title}</h3>'
-            f'<p class="stats">{" · ".join(stats)} · {len(cards)} synthetic</p><div class="grid">{body}</div></article>')
+            f'<p class="stats">{" · ".join(stats + [f"{len(cards)} synthetic"])}</p>'
+            f'<div class="grid">{body}</div></article>')
 
 
 def card(folder: str, name: str, file: str, size: tuple[int, int], j: int, rec: dict, verdict: str,
