@@ -261,11 +261,15 @@ def lr_factor(p: Protocol, epoch: int, step: int, steps_per_epoch: int) -> float
 
 
 # -- data ---------------------------------------------------------------------------------------
-def _to_array(img, size: int, channels: int, crop_to: int | None = None) -> np.ndarray:
+def to_array(img, size: int, channels: int, crop_to: int | None = None) -> np.ndarray:
+    """PIL image -> uint8 (C, H, W) at the protocol's size (``imageops.resize_crop``)."""
     from vlcp.imageops import resize_crop
 
     a = np.asarray(resize_crop(img.convert("L" if channels == 1 else "RGB"), size, crop_to), np.uint8)
     return a[None] if channels == 1 else a.transpose(2, 0, 1)
+
+
+_to_array = to_array  # the old private name, still imported by refine.py
 
 
 def tensors_from_samples(samples, size: int, channels: int, crop_to: int | None = None, progress: bool = False):
@@ -274,7 +278,7 @@ def tensors_from_samples(samples, size: int, channels: int, crop_to: int | None 
 
     xs, ys = [], []
     for s in tqdm(samples, desc="loading images", leave=False, disable=not progress or len(samples) < 2000):
-        xs.append(_to_array(s.load(), size, channels, crop_to))
+        xs.append(to_array(s.load(), size, channels, crop_to))
         ys.append(s.class_idx)
     return np.stack(xs), np.array(ys, np.int64)
 
