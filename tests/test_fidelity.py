@@ -261,3 +261,20 @@ def test_one_resize_crop_and_one_class_lookup():
     index = class_index([ClassInfo("n01440764", "tench, Tinca tinca"), ClassInfo("n03888605", "parachute, chute")])
     assert [lookup(index, s) for s in ("N01440764", "Tench", "tench, tinca tinca", " parachute ", "chute")] == [
         0, 0, 0, 1, None]
+
+
+def test_an_unwritable_folder_costs_a_warning_not_the_evaluation(tmp_path, monkeypatch, caplog):
+    import vlcp.output
+
+    (tmp_path / "manifest.json").write_text('{"vlcp_version": "0"}')
+    res = {"protocol": {"name": "dc", "model": "convnet3", "sources": {}}, "seeds": [{}], "images_per_class": {},
+           "teacher": None}
+
+    def refuse(path, obj):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(vlcp.output, "write_json", refuse)
+    assert evaluate.save_in_folder(tmp_path, res) is None
+    assert "could not save the results" in caplog.text and "Permission denied" in caplog.text
+    (tmp_path / "manifest.json").write_text("not json")  # not a manifest vlcp wrote: nothing is tried
+    assert evaluate.save_in_folder(tmp_path, res) is None and not evaluate.written_by_vlcp(tmp_path)

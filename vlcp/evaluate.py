@@ -692,6 +692,12 @@ def save_in_folder(folder: Path, res: dict) -> Path | None:
     if not written_by_vlcp(folder):
         return None
     path = evaluation_path(folder, res)
-    path.parent.mkdir(exist_ok=True)
-    write_json(path, res)
+    try:
+        path.parent.mkdir(exist_ok=True)
+        write_json(path, res)
+    except OSError as exc:  # a read-only folder must not cost the evaluation that just ran
+        import logging
+
+        logging.getLogger("vlcp").warning("could not save the results in %s: %s", path.parent, exc)
+        return None
     return path
