@@ -217,6 +217,20 @@ def test_a_folder_vlcp_select_wrote_shows_each_kept_images_scores(tmp_path):
     assert "vlcp report: digits IPC 1" in text and 'src="preview_pool.png"' in text
     assert "<dt>candidates</dt><dd>2</dd>" in text
 
+
+def test_loss_png_when_no_csv_and_class_folders_stay_inside_the_folder(tmp_path):
+    folder = make_folder(tmp_path / "out", classes=(("n01440764", "tench"),), ipc=1,
+                         extra={"finetune": {"steps": 180, "last_loss": 0.12}})
+    png(tmp_path / "outside" / "0000.png")
+    m = json.loads((folder / "manifest.json").read_text())
+    m["classes"] += [{"folder": "../outside", "name": "up"}, {"folder": str(tmp_path / "outside"), "name": "abs"}]
+    (folder / "manifest.json").write_text(json.dumps(m))
+    png(folder / "finetune_loss.png", 60, 35)  # matplotlib installed: vlcp wrote the plot, not the CSV
+    text, page = build_page(folder)
+    assert 'src="finetune_loss.png"' in text and "<dt>last_loss</dt><dd>0.1200</dd>" in text
+    assert [a["src"] for a in page.find("img", "syn")] == ["n01440764/0000.png"]
+    assert page.text("p.problem") == f"No images in ../outside/.No images in {tmp_path / 'outside'}/."
+
 # escaping and broken inputs ------------------------------------------------------------------------
 def test_class_name_folder_and_caption_are_escaped(tmp_path):
     folder = make_folder(tmp_path / "out", classes=(("a'b\"c", NASTY),), ipc=1)

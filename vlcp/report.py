@@ -119,7 +119,7 @@ def class_images(root: Path, classes: list[tuple[str, str]]) -> dict[str, list[t
     out = {}
     for folder, _ in classes:
         d = root / folder
-        if ".." in Path(folder).parts or not d.is_dir():
+        if ".." in Path(folder).parts or Path(folder).is_absolute() or not d.is_dir():  # stay inside root
             out[folder] = []
             continue
         files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
