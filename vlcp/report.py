@@ -535,7 +535,12 @@ def classes_section(f: Folder) -> str:
                     for r in _dict(refinement.get("replacements")).values() if isinstance(r, dict)}
     scores = post_sampling_lookup(f)
     nav = " ".join(f'<a href="#class-{c}">{escape(folder)}</a>' for c, (folder, _) in enumerate(f.classes))
-    parts, i = [f'<section id="classes"><h2>Classes</h2><nav>{nav}</nav>'], 0
+    legend = ('<p class="note">Under each image: its cluster, and the cluster\'s text prototype (Algorithm 2): the '
+              'chosen caption with the representative words R<sub>w</sub> (Eq. 3) '
+              '<span class="key-rw">highlighted</span> and the non-representative words N (Eq. 2) '
+              '<span class="key-nw">dimmed</span>; R<sub>w</sub> with their frequencies (captions of the cluster '
+              'that contain the word).</p>')
+    parts, i = [f'<section id="classes"><h2>Classes</h2>{legend}<nav>{nav}</nav>'], 0
     for c, (folder, name) in enumerate(f.classes):
         clusters = _list(_dict(protos.get(folder)).get("clusters"))
         cards = []
@@ -621,6 +626,7 @@ figcaption p{margin:4px 0}
 .caption{background:#f3f5f8;border-radius:4px;padding:6px 8px;overflow-wrap:anywhere}
 mark.rw{background:var(--rw);border-radius:2px;padding:0 1px}
 mark.nw{background:none;color:#98a1ad}
+.key-rw{background:var(--rw);color:var(--fg);padding:0 2px} .key-nw{color:#98a1ad}
 .words{margin:3px 0;line-height:1.9}
 .lbl{display:inline-block;min-width:26px;font-weight:600;color:var(--muted)}
 .chip{display:inline-block;border-radius:10px;padding:0 7px;margin:0 3px 0 0;line-height:1.6}
