@@ -336,11 +336,12 @@ def test_500_images_under_2_seconds_without_torch(tmp_path):
 # in a browser --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_models_dir):
-    """A real (tiny) distillation: 3 digit classes, IPC 2."""
+    """A real (tiny) distillation: 3 digit classes, IPC 2 (only made where the browser test can run)."""
+    browser_or_skip()
     root = tmp_path_factory.mktemp("tiny_run")
     shutil.copytree(tiny_models_dir, root / "cache" / "models")
     res = CliRunner().invoke(cli, ["-q", "--cache-dir", str(root / "cache"), "distill", "--data", "digits", "--tiny",
-                                   "--classes", "0,1,2", "--max-per-class", "12", "--steps", "2", "--no-finetune",
+                                   "--classes", "0,1,2", "--max-per-class", "8", "--steps", "2", "--no-finetune",
                                    "--ipc", "2", "--out", str(root / "out")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return root / "out"
