@@ -284,11 +284,28 @@ def test_partial_and_malformed_files_show_what_exists(tmp_path):
     assert "<td>?</td><td>?</td><td>–</td>" in text  # the odd evaluation still gets a row
 
 
+def test_every_manifest_field_with_a_wrong_type_still_gives_a_page(tmp_path):
+    """Each top-level field of a full manifest replaced by None, a number, a string, a list and a dict:
+    the page is written and no section has to give up."""
+    extra = {"refinement": {"replacements": {"0": {"class": "n01440764", "cluster": 0, "how": "valid"}},
+                            "per_class": {"n01440764": {"images": 2}}, "detector": {"model": "m"}},
+             "finetune": {"steps": 3, "losses": [0.3, 0.2, 0.1]}, "outliers": {"n01440764": {"removed": 1}},
+             "post_sampling": {"images": [{"class": "n01440764", "index": 0, "score": 1.0}]}}
+    folder = make_folder(tmp_path / "out", extra=extra)
+    full = json.loads((folder / "manifest.json").read_text())
+    for key in full:
+        for odd in (None, 7, "x", [1, "a"], {"a": {"b": 1}}):
+            (folder / "manifest.json").write_text(json.dumps({**full, key: odd}))
+            text = report.build(folder).read_text()
+            assert "could not be drawn" not in text, (key, odd)
+            assert text.endswith("</html>\n")
+
 def test_manifest_without_classes_falls_back_to_folders(tmp_path):
     folder = tmp_path / "out"
     png(folder / "x" / "0000.png")
     png(folder / "y" / "0000.png")
     (folder / "evaluations").mkdir()
+    (folder / "prototypes.json").write_text("[1, 2]")  # valid JSON, wrong shape
     (folder / "manifest.json").write_text(json.dumps({"vlcp_version": "0.1.0"}))
     text, page = build_page(folder)
     assert [a["data-folder"] for a in page.find("article", "class")] == ["x", "y"]

@@ -5,7 +5,7 @@ folders, ``finetune_loss.csv``, ``evaluations/*.json``, ``preview_refined.png``)
 can rebuild it at any time and the page survives being zipped and moved: images are referenced by
 relative paths, the loss curve is inline SVG, there is no script and nothing from the network.
 A folder left partial by a killed or older run still gets a page: each section shows what exists
-and says what is missing or unreadable. Never imports torch (or numpy): it runs at the end of every
+and says what is missing or unreadable. Never imports torch: it runs at the end of every
 ``vlcp distill`` and must stay well under a second for hundreds of images.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def load(root: Path) -> Folder:
     if not isinstance(manifest, dict):
         raise ReportError(f"{manifest_path} is not a JSON object: not a vlcp manifest")
     f = Folder(root.resolve(), manifest)
-    f.prototypes = _read_json(root / "prototypes.json", f.problems, required=False) or {}
+    f.prototypes = _dict(_read_json(root / "prototypes.json", f.problems, required=False))
     f.classes = class_folders(f)
     f.images = class_images(f.root, f.classes)
     f.losses, f.loss_source = loss_curve(f)
@@ -122,7 +122,10 @@ def class_images(root: Path, classes: list[tuple[str, str]]) -> dict[str, list[t
         if ".." in Path(folder).parts or Path(folder).is_absolute() or not d.is_dir():  # stay inside root
             out[folder] = []
             continue
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        try:
+            files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        except OSError:  # unreadable folder: shown as empty
+            files = []
         out[folder] = [(p.name, *image_size(p)) for p in files]
     return out
 
