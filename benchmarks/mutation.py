@@ -33,11 +33,73 @@ TARGETS: dict[str, list[str]] = {
     "refine (selection)": [f"vlcp.refine.x_{f}__mutmut_*" for f in
                            ("default_beta", "is_defective", "candidate_seed", "_cos", "choose", "select", "_mean")],
     "evaluate (protocol, schedule)": [f"vlcp.evaluate.x_{f}__mutmut_*" for f in
-                                      ("default_protocol", "minimax_epochs", "make_protocol", "_schedule")],
+                                      ("default_protocol", "minimax_epochs", "rded_batch_size", "_minimax", "_dc",
+                                       "_rded", "make_protocol", "tested_epochs", "lr_factor")],
 }
 
+_RESHAPE = "reshape(n, -2): numpy takes any negative size as 'infer', same array"
+_STABLE = 'argsort kind="STABLE": numpy reads the kind case-insensitively, same sort'
+_ZERO_SCORE = "score == 0 means all scores are 0, argmax is then 0, so rows[best] is rows[0] anyway"
+_NO_WORDS = "only reached with an empty vocabulary, where the changed array is never indexed"
+_SPLIT0 = "[0] of split('/', n) is the same for any maxsplit >= 1 or none"
+_EPS = "the epsilon only guards a zero norm; +-1e-12 changes results by 1e-12 relative at most"
+_UNUSED = "informational record field (stage / created) that nothing reads"
+_SORTED = "meta text and its checksum are made from the same dump, and json.loads gives the same dict"
+_BYTES = "every record has a 'bytes' field; the default is never used"
+_EXISTS = "the key came from iterkeys / was just compared, so pop() without a default never misses"
+
 # Mutants that cannot change behaviour, with the reason (checked by reading ``mutmut show NAME``).
-EQUIVALENT: dict[str, str] = {}
+EQUIVALENT: dict[str, str] = {
+    "vlcp.text_prototypes.x_class_prototypes__mutmut_8": "lowercase=True is CountVectorizer's default",
+    "vlcp.text_prototypes.x_class_prototypes__mutmut_18": _NO_WORDS,
+    "vlcp.text_prototypes.x_class_prototypes__mutmut_20": _NO_WORDS,
+    "vlcp.text_prototypes.x_class_prototypes__mutmut_34": _NO_WORDS,
+    "vlcp.text_prototypes.x_class_prototypes__mutmut_36": _NO_WORDS,
+    "vlcp.text_prototypes.x_class_prototypes__mutmut_39": "np.array of Python bools is bool without dtype=bool",
+    "vlcp.text_prototypes.x_class_prototypes__mutmut_41": "np.array of Python bools is bool without dtype=bool",
+    "vlcp.text_prototypes.x_class_prototypes__mutmut_120": _ZERO_SCORE,
+    "vlcp.text_prototypes.x_class_prototypes__mutmut_121": _ZERO_SCORE,
+    "vlcp.outliers.x_inlier_mask__mutmut_1": "min_keep default 1 vs 0: LOF (contamination <= 0.5) never removes all",
+    "vlcp.outliers.x_inlier_mask__mutmut_31": _RESHAPE,
+    "vlcp.outliers.x_inlier_mask__mutmut_36": "mask.sum() == min_keep enters the loop, which breaks at once",
+    "vlcp.outliers.x_inlier_mask__mutmut_44": _STABLE,
+    "vlcp.clusters.x_kmeans__mutmut_4": "astype(None) is astype(float64)",
+    "vlcp.clusters.x_kmeans__mutmut_10": _RESHAPE,
+    "vlcp.clusters.x_members_by_distance__mutmut_7": _RESHAPE,
+    "vlcp.clusters.x_members_by_distance__mutmut_13": _RESHAPE,
+    "vlcp.clusters.x_members_by_distance__mutmut_33": _STABLE,
+    "vlcp.cache.x_atomic_write_bytes__mutmut_28": "the temp file always exists when the except branch unlinks it",
+    "vlcp.cache.x_atomic_write_bytes__mutmut_30": "the temp file always exists when the except branch unlinks it",
+    "vlcp.cache.x_file_digest__mutmut_8": "f.read(None) reads the rest at once: same digest, only more memory",
+    "vlcp.cache.xǁStageCacheǁ__init____mutmut_23": "any threshold above the largest record keeps records in SQLite",
+    "vlcp.cache.xǁStageCacheǁ__init____mutmut_24": "any threshold above the largest record keeps records in SQLite",
+    "vlcp.cache.xǁStageCacheǁ_drop__mutmut_20": _EXISTS,
+    "vlcp.cache.xǁStageCacheǁ_entry__mutmut_18": "Entry(meta, None) without a loader is Entry(meta, {})",
+    "vlcp.cache.xǁStageCacheǁ_entry__mutmut_20": "Entry(meta) without a loader is Entry(meta, {})",
+    "vlcp.cache.xǁStageCacheǁclear__mutmut_9": _SPLIT0,
+    "vlcp.cache.xǁStageCacheǁclear__mutmut_12": _SPLIT0,
+    "vlcp.cache.xǁStageCacheǁclear__mutmut_19": _EXISTS,
+    "vlcp.cache.xǁStageCacheǁclear__mutmut_37": "no index record is named models/..., so removed is 0 there",
+    "vlcp.cache.xǁStageCacheǁclear__mutmut_40": "glob() of a missing folder yields nothing: 0 either way",
+    "vlcp.cache.xǁStageCacheǁput__mutmut_3": _SORTED,
+    "vlcp.cache.xǁStageCacheǁput__mutmut_5": _SORTED,
+    "vlcp.cache.xǁStageCacheǁput__mutmut_6": _SORTED,
+    "vlcp.cache.xǁStageCacheǁput__mutmut_13": _UNUSED,
+    "vlcp.cache.xǁStageCacheǁput__mutmut_14": _UNUSED,
+    "vlcp.cache.xǁStageCacheǁput__mutmut_17": _UNUSED,
+    "vlcp.cache.xǁStageCacheǁput__mutmut_18": _UNUSED,
+    "vlcp.cache.xǁStageCacheǁstats__mutmut_6": _SPLIT0,
+    "vlcp.cache.xǁStageCacheǁstats__mutmut_9": _SPLIT0,
+    "vlcp.cache.xǁStageCacheǁstats__mutmut_7": "rsplit: artefact keys hold no '/', and a memo's prefix still "
+                                               "starts with '_'",
+    "vlcp.cache.xǁStageCacheǁstats__mutmut_17": "a record vanishes between iterkeys and get only under a concurrent "
+                                                "clear; break vs continue then only changes a racing report",
+    "vlcp.cache.xǁStageCacheǁstats__mutmut_40": _BYTES,
+    "vlcp.cache.xǁStageCacheǁstats__mutmut_42": _BYTES,
+    "vlcp.cache.xǁStageCacheǁstats__mutmut_45": _BYTES,
+    "vlcp.refine.x__cos__mutmut_8": _EPS,
+    "vlcp.refine.x__cos__mutmut_13": _EPS,
+}
 
 
 def run(modules: list[str], fresh: bool) -> None:

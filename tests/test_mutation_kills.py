@@ -36,7 +36,23 @@ def test_tokens_are_lowercased_letters_only():
     assert r["representative_words"] == {"snow": 2, "field": 1, "tree": 1}
 
 
+def test_caption_clean_up_deletes_quotes_and_possessives_by_default():
+    from vlcp.text_prototypes import clean_caption
+
+    assert clean_caption('the "red" fox\'s tail\'s tip') == "the red fox tail tip"
+    (r,) = class_prototypes(['a "fox\'s" tail', "tail"], [[0, 1]], "dog", beta=1.0, top_k=1)
+    assert r["caption"] == "a fox tail"  # returned cleaned
+    (r,) = class_prototypes(['a "fox\'s" tail', "tail"], [[0, 1]], "dog", beta=1.0, top_k=1, clean_captions=False)
+    assert r["caption"] == 'a "fox\'s" tail'
+
+
 # -- outliers -----------------------------------------------------------------------------------------
+
+
+def test_lof_runs_from_three_images():
+    mask, _ = outliers.inlier_mask(np.array([[0.0], [0.1], [10.0]]), contamination=0.34)
+    assert (~mask).sum() == 1  # LOF ran (with 2 neighbours); two images are kept as they are
+    assert outliers.inlier_mask(np.array([[0.0], [10.0]]), contamination=0.5)[0].tolist() == [True, True]
 
 
 def test_lof_skipped_mask_is_boolean():
@@ -110,5 +126,52 @@ def test_class_clusters_maps_members_to_dataset_rows():
     rows = [7, 3, 9, 4, 5, 8]
     centres, members, dup = clusters.class_clusters(x, rows, 2, seed=0, allow_duplicates=False)
     assert not dup and sorted(members) == [[4, 9, 8], [5, 7, 3]]  # closest to the centre first
+    circle = np.stack([np.cos(np.arange(12) * np.pi / 6), np.sin(np.arange(12) * np.pi / 6)], 1)
+    for seed in range(4):  # the seed reaches K-Means: these 12 points have 4 equally good 3-splits
+        got, _, _ = clusters.class_clusters(circle, list(range(12)), 3, seed=seed, allow_duplicates=False)
+        assert np.array_equal(got, clusters.kmeans(circle, 3, seed=seed)[0])
     centres, members, dup = clusters.class_clusters(x[:2], rows[:2], 3, seed=0, allow_duplicates=True)
     assert dup and members == [[7], [3], [7]] and centres.ravel().tolist() == [0.0, 0.25, 0.0]
+
+
+# -- evaluation protocol: learning-rate schedules (values written out by hand) -------------------------
+
+
+def _proto(schedule: str, epochs: int):
+    from vlcp.evaluate import Protocol
+
+    return Protocol(name="t", model="convnet3", epochs=epochs, batch_size=8, schedule=schedule)
+
+
+def test_multistep_per_epoch_drops_at_two_thirds_and_five_sixths():
+    from vlcp.evaluate import lr_factor
+
+    p = _proto("multistep-epoch(2/3,5/6;gamma=0.2)", 12)  # milestones: epochs 8 and 10
+    assert [lr_factor(p, e, 0, 5) for e in range(12)] == pytest.approx([1] * 8 + [0.2, 0.2, 0.04, 0.04])
+
+
+def test_multistep_per_step_counts_all_steps():
+    from vlcp.evaluate import lr_factor
+
+    p = _proto("multistep", 3)  # 3 epochs x 4 steps = 12 steps: milestones 8 and 10
+    assert [lr_factor(p, s // 4, s, 4) for s in range(12)] == pytest.approx([1] * 8 + [0.2, 0.2, 0.04, 0.04])
+
+
+def test_step_schedule_drops_tenfold_at_half_of_the_steps():
+    from vlcp.evaluate import lr_factor
+
+    p = _proto("step(1/2;gamma=0.1)", 4)  # 4 epochs x 3 steps: drop at step 6
+    assert [lr_factor(p, s // 3, s, 3) for s in range(12)] == [1.0] * 6 + [0.1] * 6
+
+
+def test_cosine_schedules():
+    from vlcp.evaluate import lr_factor
+
+    half = _proto("half-cosine-epoch", 4)  # 0.5 (1 + cos(pi e / 8)), per epoch
+    assert [lr_factor(half, e, 99, 7) for e in range(4)] == pytest.approx([1.0, 0.961940, 0.853553, 0.691342],
+                                                                         rel=1e-6)
+    cos = _proto("cosine", 2)  # 0.5 (1 + cos(pi s / 4)), per step over 2 x 2 steps
+    assert [lr_factor(cos, 0, s, 2) for s in range(5)] == pytest.approx([1.0, 0.853553, 0.5, 0.146447, 0.0],
+                                                                        abs=1e-6)
+    assert lr_factor(_proto("cosine", 0), 0, 0, 0) == 1.0  # no division by zero
+    assert lr_factor(_proto("constant", 5), 4, 40, 10) == 1.0
