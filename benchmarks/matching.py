@@ -44,19 +44,21 @@ def run_one(spec: str, a, tmp: Path) -> dict:
     return {"run": name, "ipc": int(ipc), "iterations": int(iters), "accuracy": r["accuracy"],
             "optimise_seconds": round(opt_s, 1), "seconds_per_iteration": m["seconds_per_iteration"],
             "resumed_from": m["resumed_from"], "cached": m["cached"], "final_loss": m["final_loss"],
-            "batch_real": m["config"]["batch_real"], "masks": m["masks"], "eval_seconds": round(time.perf_counter() - t0, 1),
+            "batch_real": m["config"]["batch_real"], "masks": m["masks"],
+            "eval_seconds": round(time.perf_counter() - t0, 1),
             "epochs": r["protocol"]["epochs"]}
 
 
 def table(rows: list[dict]) -> None:
-    head = ("method", "IPC", "iterations", "vlcp (final epoch)", "per seed", "DC paper", "DSA paper", "random (DC paper)",
-            "s/iteration")
+    head = ("method", "IPC", "iterations", "vlcp (final epoch)", "per seed", "DC paper", "DSA paper",
+            "random (DC paper)", "s/iteration")
     lines = [head]
     for r in rows:
         acc = r["accuracy"]
         lines.append((r["run"], str(r["ipc"]), str(r["iterations"]), f"{acc['mean']:.1f} ± {acc['std']:.1f}",
                       " ".join(f"{v:.1f}" for v in acc["per_seed"]), PUBLISHED["DC"].get(r["ipc"], "-"),
-                      PUBLISHED["DSA"].get(r["ipc"], "-"), RANDOM.get(r["ipc"], "-"), f"{r['seconds_per_iteration']:.2f}"))
+                      PUBLISHED["DSA"].get(r["ipc"], "-"), RANDOM.get(r["ipc"], "-"),
+                      f"{r['seconds_per_iteration']:.2f}"))
     widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
     print("Fashion-MNIST, ConvNet-3, dc protocol --aug none (300 epochs), 2 shared CPU cores")
     for x in lines:

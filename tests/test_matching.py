@@ -34,7 +34,8 @@ def test_gradient_matching_distance_hand_made():
     expected = 1 - 1 / math.sqrt(2)
     assert float(matching.layer_distance(g_real, g_syn)) == pytest.approx(expected, abs=1e-5)
     # a conv kernel (out, in, h, w) is compared per output channel, like the matrix above
-    assert float(matching.layer_distance(g_real.view(2, 1, 1, 2), g_syn.view(2, 1, 1, 2))) == pytest.approx(expected, abs=1e-5)
+    conv = matching.layer_distance(g_real.view(2, 1, 1, 2), g_syn.view(2, 1, 1, 2))
+    assert float(conv) == pytest.approx(expected, abs=1e-5)
     # biases / norm parameters count 0; orthogonal rows 1, opposite rows 2
     assert float(matching.layer_distance(T([1.0, 2.0]), T([-5.0, 0.0]))) == 0.0
     assert float(matching.layer_distance(T([[1.0, 0.0]]), T([[0.0, 5.0]]))) == pytest.approx(1.0, abs=1e-5)
@@ -182,8 +183,10 @@ def test_bad_input_gives_one_line_errors(vlcp, tmp_path):
     r = err("--method", "dm", "--ipc", "1000")
     assert r.exit_code == 1 and "class '0' has 151 images, fewer than --ipc 1000" in r.output
     r = err("--method", "dc", "--ipc", "1", "--masks", "clipseg")
-    assert "--masks clipseg: needs the object-mask (CLIPSeg) stage" in r.output and "available now: threshold" in r.output
-    assert "unknown mask source 'foo'; available: threshold" in err("--method", "dm", "--ipc", "1", "--masks", "foo").output
+    assert "--masks clipseg: needs the object-mask (CLIPSeg) stage" in r.output
+    assert "available now: threshold" in r.output
+    r = err("--method", "dm", "--ipc", "1", "--masks", "foo")
+    assert "unknown mask source 'foo'; available: threshold" in r.output
     r = err("--method", "dc", "--ipc", "3")
     assert "pass --outer-loop and --inner-loop for IPC 3" in r.output
     r = err("--method", "random", "--ipc", "2", "--masks", "threshold")

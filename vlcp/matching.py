@@ -400,7 +400,8 @@ def run(cfg: MatchConfig, ds, data: str, cache, device: str = "auto", progress: 
     done = cfg.iterations - resumed
     meta = {"config": asdict(cfg), "losses": losses, "final_loss": losses[-1], "resumed_from": resumed,
             "seconds": round(seconds, 2), "seconds_per_iteration": round(seconds / max(done, 1), 4),
-            "device": dev, "masks": mask_info, "caption": cap_parts, "init_sources": [ds.samples[i].source for i in init],
+            "device": dev, "masks": mask_info, "caption": cap_parts,
+            "init_sources": [ds.samples[i].source for i in init],
             "image_size": p.image_size, "normalisation": {"mean": p.mean, "std": p.std}}
     images = to_uint8(syn, p)
     cache.put(STAGE, key, meta, {"images": images, "syn": syn.astype(np.float32)})
