@@ -89,7 +89,7 @@ def test_a_missing_clip_offline_is_a_one_line_model_error(tmp_path, monkeypatch)
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(ModelError, match="huggingface-cli download no-such-org/no-such-clip"):
+    with pytest.raises(ModelError, match=r"(hf|huggingface-cli) download no-such-org/no-such-clip"):
         clip.resolve_clip("no-such-org/no-such-clip", False, StageCache(tmp_path / "c"))
 
 
@@ -200,6 +200,19 @@ def test_select_bad_pools(vlcp, clip_cache, tmp_path):
 
 
 @pytest.mark.e2e
+def test_select_with_a_missing_clip_offline_says_what_to_download(vlcp, clip_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    make_pool(tmp_path / "pool", {"0": 3})
+    r = vlcp("select", tmp_path / "pool", "--data", "digits", "--ipc", 2, "--out", tmp_path / "o",
+             "--clip", "no-such-org/no-such-clip")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    lines = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and "download no-such-org/no-such-clip" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.e2e
 def test_select_skips_unreadable_images_and_lists_them(vlcp, clip_cache, tmp_path):
     pool = tmp_path / "pool"
     make_pool(pool, {"0": 3})
@@ -210,3 +223,43 @@ def test_select_skips_unreadable_images_and_lists_them(vlcp, clip_cache, tmp_pat
     assert [Path(s["source"]).name for s in m["skipped_images"]] == ["broken.png"]
     assert m["classes"]["0"]["pool_images"] == 4 and m["classes"]["0"]["usable"] == 3
     assert "skipped 1 unreadable image(s)" in r.output
+
+
+@pytest.mark.e2e
+def test_select_with_real_image_centroids_as_anchors(vlcp, clip_cache, tmp_path):
+    from vlcp.datasets import load_dataset
+
+    pool = tmp_path / "pool"
+    make_pool(pool, {"3": 4, "7": 4})
+    args = ("select", pool, "--data", "digits", "--ipc", 2, "--tiny", "--anchor", "centroid", "--max-per-class", 3)
+    r = vlcp(*args, "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["anchor"]["kind"] == "real-image class centroid" and set(m["anchor"]["images_per_class"].values()) == {3}
+    assert m["stages"]["clip_real"]["items_computed"] == 30 and "clip_text" not in m["stages"]
+    # relevance = the candidate's embedding . the unit mean embedding of the first 3 real images of its class
+    model, processor = clip.load_clip(clip.resolve_clip(None, True, StageCache(clip_cache)), "cpu")
+    real = [s for s in load_dataset("digits", tmp_path, "train", max_per_class=3).samples if s.class_idx == 7]
+    e = clip.embed_images(model, processor, [np.asarray(s.load()) for s in real]).mean(0)
+    cand = next(c for c in m["candidates"] if c["class"] == "7")
+    v = clip.embed_images(model, processor, [read_png(pool / cand["source"])])[0]
+    assert cand["relevance"] == pytest.approx(float(v @ e / np.linalg.norm(e)), abs=1e-5)
+
+    r = vlcp(*args, "--out", tmp_path / "o", "--force", "--sas-alpha", 1)
+    m2 = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m2["stages"]["clip_real"]["items_computed"] == 0 and m2["stages"]["clip_image"]["items_computed"] == 0
+
+
+@pytest.mark.e2e
+def test_centroids_leave_unreadable_real_images_out(vlcp, clip_cache, tmp_path):
+    real = tmp_path / "real"
+    make_pool(real, {"a": 2, "b": 2})
+    (real / "a" / "zz-broken.png").write_bytes(b"not an image")
+    pool = tmp_path / "pool"
+    make_pool(pool, {"a": 3, "b": 3})
+    r = vlcp("select", pool, "--data", real, "--ipc", 2, "--tiny", "--anchor", "centroid", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["anchor"]["images_per_class"] == {"a": 2, "b": 2}
+    assert m["stages"]["clip_real"]["items_computed"] == 5
+    assert all(c["relevance"] is not None for c in m["candidates"])

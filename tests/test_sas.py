@@ -169,3 +169,21 @@ def test_per_prototype_needs_prototypes_and_shapes_must_fit():
         sas.select(FARTHEST, [0] * 5, E2, sas.SasParams(ipc=2, per_prototype=True))
     with pytest.raises(sas.SasError, match="shapes"):
         sas.select(FARTHEST, [0] * 4, E2, sas.SasParams(ipc=2))
+
+
+def test_centroids_are_unit_class_means():
+    emb = np.stack([u(1, 0, 0), u(0, 1, 0), u(0, 0, 1), u(0, 0, 1)])
+    np.testing.assert_allclose(sas.centroids(emb, [0, 0, 1, 1], 2), [u(1, 1, 0), u(0, 0, 1)], atol=1e-6)
+    with pytest.raises(sas.SasError, match=r"empty: \[2\]"):
+        sas.centroids(emb, [0, 0, 1, 1], 3)
+
+
+def test_next_ranked_replacement_stays_in_the_prototype_and_follows_the_rank():
+    emb = np.stack([u(1, 0, 0.1), u(1, 0, 0.2), u(1, 0, 0.3), u(1, 0, 0.15), u(1, 0, 0.9)])
+    sel = sas.select(emb, [0] * 5, E2, sas.SasParams(ipc=2, keep=1.0, lam=1.0, per_prototype=True),
+                     prototypes=[0, 0, 0, 1, 1])
+    assert sel.picked[0] == [0, 3]
+    assert sas.next_ranked(sel, 0) == 1  # prototype 0's next best by quality
+    assert sas.next_ranked(sel, 0, taken=[1]) == 2
+    assert sas.next_ranked(sel, 3) == 4
+    assert sas.next_ranked(sel, 3, taken=[4]) is None

@@ -453,6 +453,11 @@ def report_cmd(obj: Ctx, out: Path):
 @click.option("--tiny", is_flag=True, help="A tiny random CLIP built offline: for tests and demos, scores are noise.")
 @click.option("--clip-prompt", default="a photo of a {name}.", show_default=True,
               help="Class text anchor; {name} is the class name.")
+@click.option("--anchor", type=click.Choice(["prompt", "centroid"]), default="prompt", show_default=True,
+              help="Relevance/margin anchor per class: its --clip-prompt, or the CLIP centroid of its real "
+                   "training images (embedded once, cached).")
+@click.option("--max-per-class", type=click.IntRange(min=1), help="--anchor centroid: the first N real images "
+                                                                  "per class. [default: all]")
 @click.option("--sas-keep", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Stage 1: share of each class's pool kept by quality (at least IPC).")
 @click.option("--sas-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
@@ -466,8 +471,8 @@ def report_cmd(obj: Ctx, out: Path):
 @click.option("--allow-duplicates", is_flag=True, help="A class with fewer pool images than IPC reuses them.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @click.pass_obj
-def select_cmd(obj: Ctx, pool: Path, data, ipc, out, clip_model, tiny, clip_prompt, sas_keep, sas_alpha, sas_lambda,
-               mode, seed, clip_batch_size, allow_duplicates, force):
+def select_cmd(obj: Ctx, pool: Path, data, ipc, out, clip_model, tiny, clip_prompt, anchor, max_per_class, sas_keep,
+               sas_alpha, sas_lambda, mode, seed, clip_batch_size, allow_duplicates, force):
     """Keep IPC images per class from an image pool POOL (an ImageFolder, e.g. made by Minimax or D4M),
     scored in CLIP space: vlcp's formulation of SAS (Li et al., arXiv 2605.18012) from its abstract, not the
     authors' method (README, "Semantic-aware post-sampling").
@@ -482,7 +487,7 @@ def select_cmd(obj: Ctx, pool: Path, data, ipc, out, clip_model, tiny, clip_prom
 
     params = SasParams(ipc, keep=sas_keep, alpha=sas_alpha, lam=sas_lambda, mode=mode, seed=seed)
     cfg = ps.SelectConfig(pool, data, ipc, out, data_dir=obj.data_dir, clip_model=clip_model, tiny=tiny,
-                          prompt=clip_prompt,
+                          prompt=clip_prompt, anchor=anchor, max_per_class=max_per_class,
                           params=params, allow_duplicates=allow_duplicates, force=force, device=obj.device,
                           batch_size=clip_batch_size, progress=not obj.quiet)
     if tiny and not clip_model and not obj.quiet:

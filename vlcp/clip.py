@@ -109,9 +109,10 @@ def build_tiny_clip(out: Path) -> None:
 # -- loading and embedding (imports torch) --------------------------------------------------------
 def load_clip(ref, device: str):
     """(model, processor) in eval mode; a model that cannot be loaded is a one-line ModelError."""
-    from vlcp.models import _load_transformers
+    from vlcp import models
 
-    return _load_transformers(ref, device, "CLIPModel", "CLIPProcessor")
+    load = getattr(models, "load_transformers", None) or models._load_transformers  # public name from 0.2 on
+    return load(ref, device, "CLIPModel", "CLIPProcessor")
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -157,8 +158,9 @@ def cached_image_embeddings(cache: StageCache, ref, digests: list[str], load: Ca
                             model, batch_size: int = 64, progress: bool | str = True):
     """(embeddings [N, d], StageReport): cached per (image content, CLIP); only missing ones are computed.
 
-    ``load(i)`` returns image i (uint8 HWC) and is called only for missing items; ``model`` is a
-    ``runner.Lazy`` of (model, processor), so a fully cached call never loads CLIP.
+    ``load(i)`` returns image i (uint8 HWC), or None when it cannot be read (its row is NaN, and cached
+    so); it is called only for missing items. ``model`` is a ``runner.Lazy`` of (model, processor), so
+    a fully cached call never loads CLIP.
     """
     from vlcp.runner import run_items
 
@@ -166,8 +168,11 @@ def cached_image_embeddings(cache: StageCache, ref, digests: list[str], load: Ca
 
     def compute(idx):
         m, proc = model()
-        emb = embed_images(m, proc, [load(i) for i in idx], None, batch_size)
-        return (({}, {"embedding": e}) for e in emb)
+        images = [load(i) for i in idx]
+        emb = iter(embed_images(m, proc, [im for im in images if im is not None], None, batch_size))
+        bad = np.full(m.config.projection_dim, np.nan, np.float32)
+        return [({}, {"embedding": next(emb)}) if im is not None else ({"unreadable": True}, {"embedding": bad})
+                for im in images]
 
     entries, rep = run_items(cache, IMAGE_STAGE, keys, compute, batch_size, model, progress)
     return _stack(entries), rep

@@ -22,6 +22,7 @@ from vlcp.cache import StageCache, stable_hash
 
 log = logging.getLogger("vlcp")
 PIXEL_MEMO = "pixel-digest"
+ANCHORS = ("prompt", "centroid")
 PREVIEW_CLASSES = 20  # preview_pool.png shows the first 20 classes (a 1000-class pool would be unreadable)
 PREVIEW_COLUMNS = 60
 
@@ -41,6 +42,8 @@ class SelectConfig:
     tiny: bool = False
     prompt: str = clip.DEFAULT_CLIP_PROMPT
     params: sas.SasParams | None = None  # None: the defaults for ipc
+    anchor: str = "prompt"  # prompt | centroid (the real training images' CLIP centroid per class)
+    max_per_class: int | None = None  # centroid: the first N real images per class
     allow_duplicates: bool = False
     force: bool = False
     device: str = "auto"
@@ -151,8 +154,15 @@ def run(cfg: SelectConfig, cache: StageCache) -> dict:
     t0 = time.perf_counter()
     params = cfg.params or sas.SasParams(cfg.ipc)
     params.check()
+    if cfg.anchor not in ANCHORS:
+        raise SelectError(f"--anchor must be one of {', '.join(ANCHORS)}, got {cfg.anchor!r}")
     check_out(Path(cfg.out), cfg.force)
-    name, classes = dataset_classes(cfg.data, Path(cfg.data_dir))
+    ds = None
+    if cfg.anchor == "centroid":  # the real images are needed anyway: their classes are the dataset's
+        ds = real_dataset(cache, cfg.data, Path(cfg.data_dir), cfg.max_per_class)
+        name, classes = ds.name, ds.classes
+    else:
+        name, classes = dataset_classes(cfg.data, Path(cfg.data_dir))
     try:
         prompts = clip.class_prompts([c.name for c in classes], cfg.prompt)
     except ValueError as exc:
@@ -168,23 +178,68 @@ def run(cfg: SelectConfig, cache: StageCache) -> dict:
     labels = np.array([pc.class_idx for pc in pcs for _ in pc.usable], np.int64)
     emb, img_rep = clip.cached_image_embeddings(cache, ref, [d for pc in pcs for d in pc.digests],
                                                 lambda i: _decode(files[i]), model, cfg.batch_size,
-                                                "clip images" if cfg.progress else False)
-    text_emb, text_rep = clip.cached_text_embeddings(cache, ref, prompts, model)
+                                                "clip pool" if cfg.progress else False)
+    stages = {"clip_image": img_rep.manifest()}
+    if ds is None:
+        anchors, text_rep = clip.cached_text_embeddings(cache, ref, prompts, model)
+        stages["clip_text"], anchor = text_rep.manifest(), {"kind": "class prompt", "template": cfg.prompt}
+    else:
+        anchors, real_rep, used = real_centroids(cache, ref, ds, model, cfg.batch_size, cfg.progress)
+        stages["clip_real"] = real_rep.manifest()
+        anchor = {"kind": "real-image class centroid", "images_per_class": dict(zip((c.folder for c in classes), used))}
     model.release()
-    selection = sas.select(emb, labels, text_emb, params)
+    selection = sas.select(emb, labels, anchors, params)
     kept = {pc.class_idx: _fill(selection.picked[pc.class_idx], cfg.ipc) for pc in pcs}
     manifest = {
         "vlcp_version": __version__, "command": "select", "method": sas.LABEL, "pool": str(Path(cfg.pool).resolve()),
         "data": cfg.data, "ipc": cfg.ipc,
-        "parameters": {**params.manifest(), "clip_prompt": cfg.prompt, "allow_duplicates": cfg.allow_duplicates},
-        "clip": ref.manifest(), "anchor": "class prompt",
+        "parameters": {**params.manifest(), "anchor": cfg.anchor, "clip_prompt": cfg.prompt,
+                       "max_per_class": cfg.max_per_class, "allow_duplicates": cfg.allow_duplicates},
+        "clip": ref.manifest(), "anchor": anchor,
         "classes": _class_summary(pcs, classes, kept, files),
         "candidates": _candidates(selection, files, pcs, classes, kept, Path(cfg.pool)),
-        "stages": {"clip_image": img_rep.manifest(), "clip_text": text_rep.manifest()},
-        "skipped_images": skipped, "warnings": warnings}
+        "stages": stages, "skipped_images": skipped, "warnings": warnings}
     publish(Path(cfg.out), lambda tmp: _write(tmp, manifest, pcs, classes, kept, files, selection))
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
     return manifest
+
+
+def real_dataset(cache: StageCache, data: str, data_dir: Path, max_per_class: int | None):
+    """The dataset's training split, file hashes memoised on (path, size, mtime) as distill memoises them."""
+    import os
+
+    from vlcp.cache import file_digest
+    from vlcp.datasets import load_dataset
+
+    def digest(path: str) -> str:
+        st = os.stat(path)
+        return cache.memo("file-digest", stable_hash([os.path.abspath(path), st.st_size, st.st_mtime_ns]),
+                          lambda: file_digest(path))
+
+    return load_dataset(data, data_dir, "train", max_per_class=max_per_class, digest=digest)
+
+
+def real_centroids(cache: StageCache, ref, ds, model, batch_size: int = 64, progress: bool = False):
+    """([C, d] CLIP class centroids of the real images, StageReport, images used per class).
+
+    Embeddings are cached per image content digest and CLIP identity; unreadable images are left out."""
+    from vlcp.images import BadImage
+
+    def load(i: int) -> np.ndarray | None:
+        try:
+            return np.asarray(ds.samples[i].load())
+        except BadImage:
+            return None
+
+    emb, rep = clip.cached_image_embeddings(cache, ref, [s.digest for s in ds.samples], load, model, batch_size,
+                                            "clip real" if progress else False)
+    ok = np.isfinite(emb).all(axis=1)
+    labels = np.array([s.class_idx for s in ds.samples], np.int64)
+    try:
+        anchors = sas.centroids(emb[ok], labels[ok], len(ds.classes))
+    except sas.SasError as exc:
+        raise SelectError(f"--anchor centroid: {exc}") from None
+    return anchors, rep, np.bincount(labels[ok], minlength=len(ds.classes)).tolist()
 
 
 def _fill(picks: list[int], ipc: int) -> list[int]:

@@ -345,3 +345,29 @@ def _assemble(params, labels, rel, margin, Q, verdict, D, G, picks, idx, mask, r
         picked[int(classes[r])] = [int(idx[r, p]) for p in picks[r, :n_p[r]]]
     return Selection(params, labels, rel, margin, out["quality"], stage1, rank, out["diversity"], out["gain"],
                      picked, None if prototypes is None else np.asarray(prototypes))
+
+
+# -- helpers for callers --------------------------------------------------------------------------
+def centroids(emb: np.ndarray, labels, n_classes: int) -> np.ndarray:
+    """[C, d] unit mean embedding per class: the image-space anchor (real images' class centroids)."""
+    emb, labels = np.asarray(emb, np.float32), np.asarray(labels, np.int64)
+    counts = np.bincount(labels, minlength=n_classes)
+    if len(counts) > n_classes or (counts == 0).any():
+        raise SasError(f"every class needs at least one image for its centroid; empty: "
+                       f"{np.nonzero(counts[:n_classes] == 0)[0].tolist()}")
+    sums = np.zeros((n_classes, emb.shape[1]), np.float64)
+    np.add.at(sums, labels, emb)
+    return (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def next_ranked(sel: Selection, candidate: int, taken=()) -> int | None:
+    """The best-ranked unpicked candidate (not in ``taken``) of ``candidate``'s class, and of its prototype
+    when prototypes are known: what replaces a pick found defective later (e.g. by the detector).
+    Ranks put stage-1 candidates before dropped ones; None when the pool is used up."""
+    same = sel.labels == sel.labels[candidate]
+    if sel.prototypes is not None:
+        same &= np.asarray(sel.prototypes) == np.asarray(sel.prototypes)[candidate]
+    free = same & ~sel.kept
+    free[list(taken)] = False
+    idx = np.nonzero(free)[0]
+    return int(idx[np.argmin(sel.rank[idx])]) if len(idx) else None
