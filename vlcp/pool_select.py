@@ -187,7 +187,6 @@ def run(cfg: SelectConfig, cache: StageCache) -> dict:
         anchors, real_rep, used = real_centroids(cache, ref, ds, model, cfg.batch_size, cfg.progress)
         stages["clip_real"] = real_rep.manifest()
         anchor = {"kind": "real-image class centroid", "images_per_class": dict(zip((c.folder for c in classes), used))}
-    model.release()
     selection = sas.select(emb, labels, anchors, params)
     kept = {pc.class_idx: _fill(selection.picked[pc.class_idx], cfg.ipc) for pc in pcs}
     manifest = {
