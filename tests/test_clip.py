@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +157,15 @@ def test_select_end_to_end_and_a_rerun_computes_no_embedding(vlcp, clip_cache, t
     assert m2["stages"]["clip_image"]["items_cached"] == 15 and m2["parameters"]["lam"] == 0.1
     assert [c["relevance"] for c in m2["candidates"]] == [c["relevance"] for c in cands]
     assert "clip_image: 0 computed, 15 cached" in r.output
+
+    # a fully cached selection in a fresh process never imports torch
+    code = ("import sys; from click.testing import CliRunner; from vlcp.cli import cli\n"
+            "r = CliRunner().invoke(cli, sys.argv[1:]); print(r.output)\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    args = ["--cache-dir", str(clip_cache), "select", str(pool), "--data", "digits", "--ipc", "2", "--out", str(out),
+            "--tiny", "--select", "relevance", "--force"]
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout
+    assert "clip_image: 0 computed, 15 cached" in res and res.strip().endswith("NO-TORCH"), res
 
 
 @pytest.mark.e2e
