@@ -169,6 +169,15 @@ def test_per_prototype_needs_prototypes_and_shapes_must_fit():
         sas.select(FARTHEST, [0] * 5, E2, sas.SasParams(ipc=2, per_prototype=True))
     with pytest.raises(sas.SasError, match="shapes"):
         sas.select(FARTHEST, [0] * 4, E2, sas.SasParams(ipc=2))
+    with pytest.raises(sas.SasError, match="labels must index the 2 class anchors, got 0..2"):
+        sas.select(FARTHEST, [0, 0, 0, 0, 2], E2, sas.SasParams(ipc=2))
+
+
+def test_a_single_class_has_no_rival_so_nothing_is_gated():
+    rel, margin = sas.scores(FARTHEST, [0] * 5, E[:1])
+    np.testing.assert_allclose(margin, rel + 1, atol=1e-6)
+    sel = sas.select(FARTHEST, [0] * 5, E[:1], sas.SasParams(ipc=2, keep=1.0))
+    assert all(sas.VERDICTS[v] == "candidate" for v in sel.stage1)
 
 
 def test_centroids_are_unit_class_means():

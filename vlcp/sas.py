@@ -137,6 +137,8 @@ def scores(emb: np.ndarray, labels: np.ndarray, anchors: np.ndarray,
     labels = np.asarray(labels, np.int64)
     if emb.ndim != 2 or anchors.ndim != 2 or emb.shape[1] != anchors.shape[1] or len(labels) != len(emb):
         raise SasError(f"shapes do not fit: embeddings {emb.shape}, labels {labels.shape}, anchors {anchors.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(anchors)):
+        raise SasError(f"labels must index the {len(anchors)} class anchors, got {labels.min()}..{labels.max()}")
     if anchors.shape[0] == 1:
         rel = emb @ anchors[0] if own_anchors is None else _rowdot(emb, own_anchors)
         return rel, rel + 1.0
