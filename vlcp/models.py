@@ -25,35 +25,78 @@ class ModelError(Exception):
     """A model that cannot be found, resolved or loaded: the message says what to fetch and where."""
 
 
+# What `from_pretrained` reads, per kind of model: `hf download <id> --include ...` fetches exactly these.
+# A plain download of the SD v1.5 repository fetches every variant (~45-50 GB); these files are ~4.3 GB.
+DIFFUSION_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "feature_extractor/*.json",
+                   "text_encoder/config.json", "text_encoder/model.safetensors", "unet/config.json",
+                   "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                   "vae/diffusion_pytorch_model.safetensors")
+TRANSFORMERS_FILES = ("*.json", "*.safetensors", "*.jinja", "tokenizer.model")
+
+
 @dataclass(frozen=True)
 class ModelRef:
-    name: str  # what the user gave (hub id or path)
+    name: str  # what the user gave (hub id or path), without any @revision
     path: str  # what from_pretrained receives
     identity: str  # "<id>@<commit>" or "local:<content hash>"
     revision: str | None = None
+    local: bool = False  # all files are on this machine: load with local_files_only (no HEAD requests)
 
     def manifest(self) -> dict:
         return {"name": self.name, "identity": self.identity, "revision": self.revision}
 
 
+def parse_model_spec(spec: str) -> tuple[str, str | None]:
+    """``"org/name@rev"`` -> ("org/name", "rev"); a directory or an id without ``@`` has no revision."""
+    if "@" not in spec or Path(spec).expanduser().is_dir() or spec.startswith((".", "/", "~")):
+        return spec, None
+    name, rev = spec.rsplit("@", 1)
+    if not name or not rev:
+        raise ModelError(f"model {spec!r}: expected <org>/<name>@<revision> (a branch, tag or commit)")
+    return name, rev
+
+
+def download_command(name: str, revision: str | None = None, probe_file: str = "config.json") -> str:
+    """The `hf download` command (huggingface_hub >= 1.0) that fetches exactly the files vlcp loads."""
+    files = DIFFUSION_FILES if probe_file == "model_index.json" else TRANSFORMERS_FILES
+    rev = f" --revision {revision}" if revision else ""
+    return f"hf download {name}{rev} --include " + " ".join(f'"{f}"' if "*" in f else f for f in files)
+
+
 def resolve(name: str, cache: StageCache, revision: str | None = None, probe_file: str = "config.json") -> ModelRef:
-    """Turn a hub id or directory into a ModelRef with a stable identity."""
+    """Turn a hub id (``org/name`` or ``org/name@rev``) or directory into a ModelRef with a stable identity."""
     p = Path(name).expanduser()
     if p.is_dir():
-        return ModelRef(name, str(p.resolve()), "local:" + dir_digest(p, cache), None)
+        return ModelRef(name, str(p.resolve()), "local:" + dir_digest(p, cache), None, True)
+    name, spec_rev = parse_model_spec(name)
+    if spec_rev and revision and spec_rev != revision:
+        raise ModelError(f"model {name}: two revisions given ({spec_rev} in the id, {revision} as an option)")
+    revision = revision or spec_rev
     if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an "org/name" hub id
         raise ModelError(f"model directory {name} does not exist")
     commit = _cached_commit(name, revision, probe_file)
+    local = commit is not None
     memo_key = stable_hash([name, revision])
     if commit is None:
         commit = cache.index.get(f"_memo/hub-commit/{memo_key}") or _remote_commit(name, revision)
     if commit is None:
+        what = f"model {name!r}" + (f" at revision {revision!r}" if revision else "")
+        where = "the hub is unreachable (offline mode)" if hub_offline() else "the hub is unreachable"
         raise ModelError(
-            f"model {name!r} is not in the local Hugging Face cache and the hub is unreachable. On a machine with "
-            f"network run `huggingface-cli download {name}` and copy ~/.cache/huggingface (or set HF_HOME), or "
-            f"download it to a directory and pass that path instead of the id.")
+            f"{what} is not in the local Hugging Face cache and {where}. On a machine with network run "
+            f"`{download_command(name, revision, probe_file)}` and copy ~/.cache/huggingface (or set HF_HOME), "
+            f"or download it to a directory (add --local-dir DIR) and pass that path instead of the id.")
     cache.index.set(f"_memo/hub-commit/{memo_key}", commit)
-    return ModelRef(name, name, f"{name}@{commit}", revision)
+    return ModelRef(name, name, f"{name}@{commit}", revision, local)
+
+
+def hub_offline() -> bool:
+    """huggingface_hub's own reading of HF_HUB_OFFLINE (it accepts 1/ON/YES/TRUE, read at its import)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _cached_commit(repo: str, revision: str | None, probe_file: str) -> str | None:
@@ -69,7 +112,7 @@ def _cached_commit(repo: str, revision: str | None, probe_file: str) -> str | No
 
 
 def _remote_commit(repo: str, revision: str | None) -> str | None:
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+    if hub_offline():
         return None
     try:
         from huggingface_hub import HfApi
@@ -116,15 +159,33 @@ def native_resolution(ref: ModelRef) -> int:
 
 # -- loading (imports torch) ----------------------------------------------------------------------
 def torch_device(device: str) -> str:
+    """``auto`` -> the best device here; an explicit one is checked (a missing CUDA index is a ModelError)."""
     import torch
 
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelError(f"--device {device}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ModelError(f"--device {device}: this machine has no CUDA device; use --device cpu or auto")
+        if dev.index is not None and dev.index >= n:
+            raise ModelError(f"--device {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return device
+
+
+def half_precision(device: str) -> bool:
+    """Whether models run in fp16 on this device: any CUDA device (``cuda``, ``cuda:1``), never CPU/MPS."""
+    import torch
+
+    return torch.device(device).type == "cuda"
 
 
 def quiet_libraries() -> None:
@@ -143,40 +204,89 @@ def quiet_libraries() -> None:
 def _dtype(device: str):
     import torch
 
-    return torch.float16 if device == "cuda" else torch.float32
+    return torch.float16 if half_precision(device) else torch.float32
 
 
-def _load_error(ref: ModelRef, exc: Exception) -> ModelError:
-    return ModelError(f"could not load {ref.name}: {exc}. If the hub is unreachable, download the model on a "
-                      f"machine with network (`huggingface-cli download {ref.name}`) or pass a local directory.")
+def pretrained_kwargs(ref: ModelRef) -> dict:
+    """What every from_pretrained call gets: the pinned commit, and no network once the files are local."""
+    return {"revision": _rev(ref), "local_files_only": ref.local}
 
 
-def _load_transformers(ref: ModelRef, device: str, model_cls: str, processor_cls: str):
-    """(model, processor or tokenizer) in eval mode: safetensors only, never trust_remote_code."""
+def _load_error(ref: ModelRef, exc: Exception, probe_file: str = "config.json") -> ModelError:
+    reason = " ".join(str(exc).split())[:300]
+    if ref.identity.startswith("local:"):
+        d = Path(ref.path)
+        if d.name.startswith("tiny-") and d.parent.name == "models":  # built by vlcp.tiny for --tiny
+            return ModelError(f"the tiny model directory {d} (built by vlcp for --tiny) is damaged ({reason}): "
+                              f"delete it (or run `vlcp cache clear --stage models`) and rerun to rebuild it")
+        return ModelError(f"could not load the model directory {d}: {reason}. It is incomplete or damaged: "
+                          f"download the model into it again (hf download <id> --local-dir {d})")
+    return ModelError(f"could not load {ref.name} ({ref.identity}): {reason}. Fetch its files with "
+                      f"`{download_command(ref.name, _rev(ref), probe_file)}` or pass a local directory.")
+
+
+def load_transformers(ref: ModelRef, device: str, model_cls: str, processor_cls: str):
+    """(model, processor or tokenizer) in eval mode: safetensors only, never trust_remote_code.
+
+    On CUDA the weights go straight to the device (``device_map``): a 7B model is never staged in
+    host memory first.
+    """
     import transformers
 
     quiet_libraries()
+    dev = torch_device(device)
+    cuda = half_precision(dev)
     try:
-        dev = torch_device(device)
-        model = getattr(transformers, model_cls).from_pretrained(ref.path, revision=_rev(ref), dtype=_dtype(dev),
-                                                                  use_safetensors=True, trust_remote_code=False)
-        processor = getattr(transformers, processor_cls).from_pretrained(ref.path, revision=_rev(ref),
-                                                                         trust_remote_code=False)
-    except (OSError, ValueError) as exc:
+        model = getattr(transformers, model_cls).from_pretrained(
+            ref.path, dtype=_dtype(dev), use_safetensors=True, trust_remote_code=False,
+            device_map=dev if cuda else None, **pretrained_kwargs(ref))
+        processor = getattr(transformers, processor_cls).from_pretrained(ref.path, trust_remote_code=False,
+                                                                         **pretrained_kwargs(ref))
+    except Exception as exc:  # OSError, ValueError, safetensors' SafetensorError, JSON errors: all "cannot load"
         raise _load_error(ref, exc) from None
-    return model.to(dev).eval(), processor
+    return (model if cuda else model.to(dev)).eval(), processor
+
+
+_load_transformers = load_transformers  # the older private name (vlcp.clip imports it)
 
 
 def load_captioner(ref: ModelRef, device: str):
     """(model, processor) for a LLaVA-style image-text-to-text model."""
-    model, processor = _load_transformers(ref, device, "AutoModelForImageTextToText", "AutoProcessor")
+    model, processor = load_transformers(ref, device, "AutoModelForImageTextToText", "AutoProcessor")
     processor.tokenizer.padding_side = "left"  # batched generation appends after the prompt
     return model, processor
 
 
+# LLaVA-1.5-7B in fp16: 7.06e9 parameters x 2 bytes; per sequence the KV cache of 32 layers x 4096 x (k, v)
+# x 2 bytes over ~720 tokens (576 image tokens, the prompt, 77 new tokens) plus activations: ~0.45 GB.
+CAPTIONER_BYTES = 7.06e9 * 2
+CAPTION_ITEM_BYTES = 0.45e9
+
+
+def caption_batch_for_memory(free_bytes: float, total_bytes: float, weight_bytes: float = CAPTIONER_BYTES,
+                             item_bytes: float = CAPTION_ITEM_BYTES) -> int:
+    """Captioning batch: 32 on a GPU of >= 40 GB (decoding reads the weights once per step, so step time is
+    nearly flat up to 32-64); on a smaller one as many as fit the free memory after the weights, 1 to 32."""
+    if total_bytes >= 40e9:
+        return 32
+    fit = int((free_bytes - weight_bytes - 1.5e9) // item_bytes)
+    return max(1, min(32, fit))
+
+
+def auto_caption_batch(device: str) -> int:
+    """The captioning batch for this device (measured before the captioner is loaded); 8 off CUDA."""
+    import torch
+
+    dev = torch_device(device)
+    if not half_precision(dev):
+        return 8
+    free, total = torch.cuda.mem_get_info(torch.device(dev))
+    return caption_batch_for_memory(free, total)
+
+
 def load_text_llm(ref: ModelRef, device: str):
     """(model, tokenizer) for a causal language model (the ``llm`` text strategy)."""
-    model, tok = _load_transformers(ref, device, "AutoModelForCausalLM", "AutoTokenizer")
+    model, tok = load_transformers(ref, device, "AutoModelForCausalLM", "AutoTokenizer")
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -185,29 +295,46 @@ def load_text_llm(ref: ModelRef, device: str):
 
 def load_vae(ref: ModelRef, device: str):
     quiet_libraries()
+    dev = torch_device(device)
     try:
         from diffusers import AutoencoderKL
 
-        dev = torch_device(device)
-        vae = AutoencoderKL.from_pretrained(ref.path, subfolder="vae", revision=_rev(ref), dtype=_dtype(dev),
-                                            use_safetensors=True)
-    except (OSError, ValueError) as exc:
-        raise _load_error(ref, exc) from None
+        vae = AutoencoderKL.from_pretrained(ref.path, subfolder="vae", dtype=_dtype(dev), use_safetensors=True,
+                                            **pretrained_kwargs(ref))
+    except Exception as exc:
+        raise _load_error(ref, exc, "model_index.json") from None
     return vae.to(dev).eval()
+
+
+def load_unet(ref: ModelRef, device: str):
+    """The UNet alone in fp32 on ``device``: full fine-tuning trains fp32 master weights loaded from the
+    checkpoint itself, not fp16-rounded ones upcast (as diffusers' training scripts do)."""
+    import torch
+
+    quiet_libraries()
+    dev = torch_device(device)
+    try:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(ref.path, subfolder="unet", dtype=torch.float32,
+                                                    use_safetensors=True, **pretrained_kwargs(ref))
+    except Exception as exc:
+        raise _load_error(ref, exc, "model_index.json") from None
+    return unet.to(dev)
 
 
 def load_img2img(ref: ModelRef, device: str):
     """The image-to-image pipeline of the model, without the safety checker (it blacks out false positives)."""
     quiet_libraries()
+    dev = torch_device(device)
     try:
         from diffusers import AutoPipelineForImage2Image
 
-        dev = torch_device(device)
-        pipe = AutoPipelineForImage2Image.from_pretrained(ref.path, revision=_rev(ref), dtype=_dtype(dev),
-                                                          use_safetensors=True, safety_checker=None,
-                                                          requires_safety_checker=False)
-    except (OSError, ValueError) as exc:
-        raise _load_error(ref, exc) from None
+        pipe = AutoPipelineForImage2Image.from_pretrained(ref.path, dtype=_dtype(dev), use_safetensors=True,
+                                                          safety_checker=None, requires_safety_checker=False,
+                                                          **pretrained_kwargs(ref))
+    except Exception as exc:
+        raise _load_error(ref, exc, "model_index.json") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev)
 

@@ -27,17 +27,46 @@ Describe the physical appearance of the handwritten digit in the image. Include 
 posture, color, and any distinct features."""
 
 
+FILES_MANIFEST = ".vlcp-files.json"  # relative path -> size of every file, written when built (a dotfile:
+#                                     model identities hash the other files only)
+
+
 def tiny_models(models_dir: Path) -> tuple[Path, Path, Path]:
-    """(stable diffusion, llava, text llm) directories under models_dir, built on first use."""
+    """(stable diffusion, llava, text llm) directories under models_dir, built on first use.
+
+    A directory whose files no longer match what was built (a file deleted, truncated or grown) is
+    rebuilt: the builders are seeded, so it comes back with the same bytes and the same identity.
+    """
     dirs = Path(models_dir) / TINY_SD, Path(models_dir) / TINY_LLAVA, Path(models_dir) / TINY_LLM
     builders = (_build_sd, _build_llava, _build_llm)
     for d, build in zip(dirs, builders):
-        if not (d / "config.json").exists() and not (d / "model_index.json").exists():
+        if not intact(d):
             from vlcp.models import quiet_libraries
 
             quiet_libraries()
+            if d.exists():
+                _set_aside(d)
             _build_atomically(d, build)
     return dirs
+
+
+def intact(d: Path) -> bool:
+    """Whether a built tiny model directory still holds every file it was built with, at its size."""
+    try:
+        files = json.loads((d / FILES_MANIFEST).read_text())
+        return bool(files) and all((d / f).is_file() and (d / f).stat().st_size == n for f, n in files.items())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _set_aside(d: Path) -> None:
+    """Move a damaged directory out of the way (atomic rename), then delete it."""
+    trash = Path(tempfile.mkdtemp(dir=d.parent, prefix=".damaged-"))
+    try:
+        d.rename(trash / d.name)
+    except OSError:  # another process moved or rebuilt it meanwhile
+        pass
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _build_atomically(dest: Path, build) -> None:
@@ -45,6 +74,9 @@ def _build_atomically(dest: Path, build) -> None:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".build-"))
     try:
         build(tmp)
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*"))
+                 if f.is_file() and not f.name.startswith(".")}
+        (tmp / FILES_MANIFEST).write_text(json.dumps(files, indent=0, sort_keys=True))
         try:
             tmp.rename(dest)
         except OSError:  # another process built it first: theirs is identical
