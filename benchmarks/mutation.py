@@ -47,6 +47,8 @@ _UNUSED = "informational record field (stage / created) that nothing reads"
 _SORTED = "meta text and its checksum are made from the same dump, and json.loads gives the same dict"
 _BYTES = "every record has a 'bytes' field; the default is never used"
 _EXISTS = "the key came from iterkeys / was just compared, so pop() without a default never misses"
+_CLASSES = "default class count 10 vs 11: only 100 and 1000 classes change anything"
+_DEFAULT = "the argument dropped equals the Protocol dataclass default"
 
 # Mutants that cannot change behaviour, with the reason (checked by reading ``mutmut show NAME``).
 EQUIVALENT: dict[str, str] = {
@@ -99,6 +101,17 @@ EQUIVALENT: dict[str, str] = {
     "vlcp.cache.xǁStageCacheǁstats__mutmut_45": _BYTES,
     "vlcp.refine.x__cos__mutmut_8": _EPS,
     "vlcp.refine.x__cos__mutmut_13": _EPS,
+    "vlcp.evaluate.x_minimax_epochs__mutmut_1": _CLASSES,
+    "vlcp.evaluate.x_make_protocol__mutmut_1": _CLASSES,
+    **{f"vlcp.evaluate.x__dc__mutmut_{i}": _DEFAULT for i in (28, 29, 30, 31, 36)},
+    **{f"vlcp.evaluate.x__minimax__mutmut_{i}": _DEFAULT for i in (36, 37, 38, 39)},
+    **{f"vlcp.evaluate.x_rded_batch_size__mutmut_{i}": "IPC 10 and 50 never reach this branch"
+       for i in (16, 17, 21, 22)},
+    **{f"vlcp.evaluate.x_make_protocol__mutmut_{i}": "_dc / _rded use epochs only for p.epochs, which the "
+       "user's value then overwrites" for i in (20, 31)},
+    **{f"vlcp.evaluate.x_make_protocol__mutmut_{i}": "the grayscale datasets are exactly digits and "
+       "fashion-mnist: channels == 1 and the name test say the same" for i in (77, 83, 85, 86, 87, 88)},
+    "vlcp.evaluate.x_make_protocol__mutmut_146": "the loop above has just set sources['sources']: pop() never misses",
 }
 
 

@@ -175,3 +175,94 @@ def test_cosine_schedules():
                                                                         abs=1e-6)
     assert lr_factor(_proto("cosine", 0), 0, 0, 0) == 1.0  # no division by zero
     assert lr_factor(_proto("constant", 5), 4, 40, 10) == 1.0
+
+
+def test_schedules_with_epochs_that_do_not_divide_evenly():
+    from vlcp.evaluate import lr_factor
+
+    p = _proto("multistep-epoch(2/3,5/6;gamma=0.2)", 7)  # 14 // 3 = 4, 35 // 6 = 5 (integer milestones)
+    assert [lr_factor(p, e, 0, 1) for e in range(7)] == pytest.approx([1, 1, 1, 1, 0.2, 0.04, 0.04])
+    p = _proto("multistep", 1)  # 7 steps: milestones 4 and 5
+    assert [lr_factor(p, 0, s, 7) for s in range(7)] == pytest.approx([1, 1, 1, 1, 0.2, 0.04, 0.04])
+    p = _proto("step(1/2;gamma=0.1)", 1)  # 7 steps: 7 // 2 = 3
+    assert [lr_factor(p, 0, s, 7) for s in range(5)] == [1.0, 1.0, 1.0, 0.1, 0.1]
+    assert lr_factor(_proto("cosine", 1), 0, 1, 1) == pytest.approx(0.0)  # one step in all: cos(pi) at its end
+
+
+# -- evaluation protocol: settings (values written out by hand from the reference scripts' rules) -----
+
+
+def test_default_protocol_minimax_epochs_and_rded_batch_boundaries():
+    from vlcp.evaluate import default_protocol, minimax_epochs, rded_batch_size
+
+    assert [default_protocol(d) for d in ("imagenette", "imagewoof", "cifar10", "digits")] == [
+        "minimax", "minimax", "dc", "dc"]
+    assert [minimax_epochs(i) for i in (11, 51, 201, 501)] == [1500, 1000, 500, 300]
+    assert [rded_batch_size(i, 10)[0] for i in (2, 9, 11, 49, 51, 100)] == [10, 10, 50, 50, 100, 100]
+    for ipc in (1, 10, 50):
+        assert rded_batch_size(ipc, 10)[1].startswith("RDED script")
+    for ipc in (2, 11, 51):
+        assert rded_batch_size(ipc, 10)[1].startswith("vlcp's choice")
+
+
+def test_minimax_sizes_test_interval_and_class_count():
+    from vlcp.evaluate import make_protocol
+
+    c = make_protocol("minimax", "cifar10", 10)
+    assert (c.image_size, c.load_size, c.load_crop, c.test_resize, c.epochs, c.test_every) == (32, 32, False, 0, 2000,
+                                                                                               20)
+    f = make_protocol("minimax", "my-folder", 10)  # an ImageFolder is treated as ImageNet-like
+    assert (f.image_size, f.load_size, f.load_crop, f.test_resize) == (224, 224, True, 224)
+    assert make_protocol("minimax", "cifar100", 10, num_classes=100).epochs == 1300
+    assert make_protocol("minimax", "imagenette", 10, epochs=50).test_every == 1  # never 0
+    assert make_protocol("minimax", "imagenette", 10, epochs=250).test_every == 2  # 250 // 100
+    assert make_protocol("minimax", "imagenette", 10, epochs=500).test_every == 5  # from the user's epochs
+
+
+def test_dc_and_rded_on_an_image_folder():
+    from vlcp.evaluate import IMAGENET_NORM, make_protocol
+
+    d = make_protocol("dc", "my-folder", 10)
+    assert (d.image_size, d.load_size, d.mean, d.std) == (32, 32, IMAGENET_NORM[0], IMAGENET_NORM[1])
+    assert d.sources["mean"] == d.sources["std"] == "vlcp's choice"
+    r = make_protocol("rded", "my-folder", 10)
+    assert (r.model, r.image_size, r.factor, r.test_resize, r.teacher) == ("resnet18-bn", 224, 2, 256, "trained by vlcp")
+    assert make_protocol("rded", "imagenette", 10).teacher == "trained by vlcp"  # torchvision only for ImageNet-1K
+
+
+def test_protocol_sources_name_the_user_the_dataset_or_vlcp():
+    from vlcp.evaluate import NORM, make_protocol
+
+    p = make_protocol("dc", "cifar10", 10, model="convnet3", aug="none", batch_size=8, lr=None)
+    assert (p.model, p.aug, p.batch_size, p.lr) == ("convnet3", "none", 8, 0.01)  # None overrides nothing
+    assert [p.sources[k] for k in ("model", "aug", "batch_size")] == ["user (--model)", "user (--aug)",
+                                                                     "user (--batch-size)"]
+    assert p.sources["lr"].startswith("DC/DSA") and "sources" not in p.sources
+    assert (p.mean, p.std) == NORM["cifar10"]  # dc uses each dataset's own statistics
+    assert p.sources["mean"].startswith("vlcp's choice: the dataset's own statistics")
+    assert p.sources["std"] == p.sources["mean"]
+    assert p.sources["name"] == p.sources["channels"] == "dataset / protocol name"
+    m = make_protocol("minimax", "imagenette", 10)
+    assert "MEANS['imagenet']" in m.sources["mean"] and m.sources["std"] == m.sources["mean"]
+    assert make_protocol("rded", "cifar10", 10).sources["teacher"].startswith("vlcp's choice: RDED's observers")
+    assert make_protocol("rded", "imagenet", 10).sources["teacher"].startswith("RDED script")
+
+
+def test_protocol_input_checks():
+    from vlcp.evaluate import EvalError, make_protocol
+
+    with pytest.raises(EvalError, match=r"^unknown protocol 'x'; known: minimax, dc, rded$"):
+        make_protocol("x", "digits", 10)
+    for aug in ("dsa", "none", "minimax", "flip", "rded"):
+        assert make_protocol("dc", "digits", 10, aug=aug).aug == aug
+    with pytest.raises(EvalError, match=r"^unknown augmentation 'bogus'$"):
+        make_protocol("dc", "digits", 10, aug="bogus")
+
+
+def test_tested_epochs_edges():
+    from vlcp.evaluate import Protocol, tested_epochs
+
+    assert tested_epochs(Protocol(name="m", model="x", epochs=3, batch_size=1, test_every=1)) == [1, 2, 3]
+    # RDED rule, 0-based i: (i % 4 == 3 or i == 19) and i > 0.75 * 20 = 15: only i = 19 (15 is not > 15)
+    r = Protocol(name="r", model="x", epochs=20, batch_size=1, test_every=4, best_after=0.75)
+    assert tested_epochs(r) == [20]
