@@ -81,7 +81,7 @@ def test_a_local_snapshot_loads_with_local_files_only(tiny_models_dir, tmp_path,
     assert pretrained_kwargs(ref) == {"revision": sha, "local_files_only": True}
     pinned = resolve(f"org/tiny-llm@{sha}", StageCache(tmp_path / "c"))
     assert (pinned.name, pinned.revision, pinned.identity) == ("org/tiny-llm", sha, ref.identity)
-    model, tok = load_text_llm(ref, "cpu")  # from the snapshot, with local_files_only=True
+    model, _ = load_text_llm(ref, "cpu")  # from the snapshot, with local_files_only=True
     assert model.config.num_hidden_layers == 2
 
 

@@ -216,3 +216,20 @@ def test_full_finetuning_trains_an_fp32_master_and_hands_its_weights_to_the_pipe
     assert not torch.equal(pipe.unet.conv_in.weight, before)
     assert torch.equal(pipe.unet.conv_in.weight, master.conv_in.weight)
     assert np.array_equal(w["conv_in.weight"], master.conv_in.weight.detach().numpy())
+
+
+def test_training_latent_pairs_are_centre_crops_and_their_mirrors(tiny_models_dir, tmp_path):
+    from PIL import Image
+
+    from vlcp.latents import encode_images, encode_training_pairs
+    from vlcp.models import load_vae
+
+    vae = load_vae(resolve(str(tiny_models_dir / TINY_SD), StageCache(tmp_path / "r")), "cpu")
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8))  # 48 wide: the crop drops 8 px a side
+    pairs = encode_training_pairs(vae, [wide], 32)
+    assert pairs.shape == (1, 2, 4, 16, 16)
+    assert np.allclose(pairs[0, 0], encode_images(vae, [wide], 32, crop="center")[0], atol=1e-5)
+    mirrored = wide.transpose(Image.FLIP_LEFT_RIGHT)
+    assert np.allclose(pairs[0, 1], encode_images(vae, [mirrored], 32, crop="center")[0], atol=1e-5)
+    assert not np.allclose(pairs[0, 0], encode_images(vae, [wide], 32)[0], atol=1e-3)  # not the squashed image

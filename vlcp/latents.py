@@ -36,3 +36,25 @@ def encode_images(vae, images: list, resolution: int, crop: str = "none") -> np.
     with torch.inference_mode():
         z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
     return z.float().cpu().numpy()
+
+
+TRAINING_VERSION = 1
+
+
+def encode_training_pairs(vae, images: list, resolution: int) -> np.ndarray:
+    """(N, 2, C, h, w) latents for fine-tuning: [:, 0] of the centre-cropped image, [:, 1] of its mirror.
+
+    The reference fine-tunes on 512 px centre crops with random horizontal flips, computed from the
+    pixels every epoch; caching both latents once lets ``finetune.train`` draw the flip per sample
+    (from the seed and the micro-batch) with the VAE never running again. Prototype latents stay as
+    ``encode_images`` makes them (``--crop``): only training reads these.
+    """
+    import torch
+
+    x = np.stack([preprocess(im, resolution, "center") for im in images])
+    both = np.concatenate([x, x[..., ::-1]])  # CHW: the last axis is the width
+    t = torch.from_numpy(np.ascontiguousarray(both)).to(vae.device, vae.dtype)
+    with torch.inference_mode():
+        z = (vae.encode(t).latent_dist.mean * vae.config.scaling_factor).float().cpu().numpy()
+    n = len(images)
+    return np.stack([z[:n], z[n:]], axis=1)

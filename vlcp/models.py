@@ -91,12 +91,14 @@ def resolve(name: str, cache: StageCache, revision: str | None = None, probe_fil
 
 
 def hub_offline() -> bool:
-    """huggingface_hub's own reading of HF_HUB_OFFLINE (it accepts 1/ON/YES/TRUE, read at its import)."""
+    """huggingface_hub's own reading of HF_HUB_OFFLINE (1/ON/YES/TRUE), which it fixes when imported; the
+    variable set later in the same process (tests, notebooks) counts too, read the same way."""
     try:
         from huggingface_hub import constants
     except ImportError:  # pragma: no cover
         return False
-    return bool(constants.HF_HUB_OFFLINE)
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper()
+    return bool(constants.HF_HUB_OFFLINE) or env in constants.ENV_VARS_TRUE_VALUES
 
 
 def _cached_commit(repo: str, revision: str | None, probe_file: str) -> str | None:
@@ -212,6 +214,13 @@ def pretrained_kwargs(ref: ModelRef) -> dict:
     return {"revision": _rev(ref), "local_files_only": ref.local}
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What a from_pretrained of missing, partial or damaged files raises (JSON and safetensors errors included)."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError
+
+
 def _load_error(ref: ModelRef, exc: Exception, probe_file: str = "config.json") -> ModelError:
     reason = " ".join(str(exc).split())[:300]
     if ref.identity.startswith("local:"):
@@ -242,7 +251,7 @@ def load_transformers(ref: ModelRef, device: str, model_cls: str, processor_cls:
             device_map=dev if cuda else None, **pretrained_kwargs(ref))
         processor = getattr(transformers, processor_cls).from_pretrained(ref.path, trust_remote_code=False,
                                                                          **pretrained_kwargs(ref))
-    except Exception as exc:  # OSError, ValueError, safetensors' SafetensorError, JSON errors: all "cannot load"
+    except _load_errors() as exc:  # all mean "cannot load these files"
         raise _load_error(ref, exc) from None
     return (model if cuda else model.to(dev)).eval(), processor
 
@@ -301,7 +310,7 @@ def load_vae(ref: ModelRef, device: str):
 
         vae = AutoencoderKL.from_pretrained(ref.path, subfolder="vae", dtype=_dtype(dev), use_safetensors=True,
                                             **pretrained_kwargs(ref))
-    except Exception as exc:
+    except _load_errors() as exc:
         raise _load_error(ref, exc, "model_index.json") from None
     return vae.to(dev).eval()
 
@@ -318,7 +327,7 @@ def load_unet(ref: ModelRef, device: str):
 
         unet = UNet2DConditionModel.from_pretrained(ref.path, subfolder="unet", dtype=torch.float32,
                                                     use_safetensors=True, **pretrained_kwargs(ref))
-    except Exception as exc:
+    except _load_errors() as exc:
         raise _load_error(ref, exc, "model_index.json") from None
     return unet.to(dev)
 
@@ -333,7 +342,7 @@ def load_img2img(ref: ModelRef, device: str):
         pipe = AutoPipelineForImage2Image.from_pretrained(ref.path, dtype=_dtype(dev), use_safetensors=True,
                                                           safety_checker=None, requires_safety_checker=False,
                                                           **pretrained_kwargs(ref))
-    except Exception as exc:
+    except _load_errors() as exc:
         raise _load_error(ref, exc, "model_index.json") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev)

@@ -194,3 +194,10 @@ def _build_llava(out: Path) -> None:
     model.generation_config.eos_token_id = None  # random weights: never stop early, so captions are never empty
     model.save_pretrained(str(out), safe_serialization=True)
     processor.save_pretrained(str(out))
+
+
+# Public names for the benchmark of the real shapes (random weights in real architectures need a tokenizer
+# and a chat template too; these have no files to download).
+word_tokenizer = _word_tokenizer
+byte_vocab = _byte_vocab
+LLAVA_CHAT_TEMPLATE = _CHAT_TEMPLATE
