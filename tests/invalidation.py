@@ -8,19 +8,22 @@ listed. Each row is (arguments added to BASE, stages that recompute, why).
 from __future__ import annotations
 
 BASE = ["--data", "digits", "--tiny", "--classes", "0,1,2", "--max-per-class", "12", "--ipc", "2",
-        "--steps", "2", "--finetune-max-steps", "2", "--refine", "--detector-epochs", "1",
-        "--refine-candidates", "2", "--refine-beta", "0.95"]
+        "--steps", "2", "--finetune-max-steps", "2", "--post-sample", "sas", "--pool-multiplier", "2",
+        "--refine", "--detector-epochs", "1", "--refine-candidates", "2", "--refine-beta", "0.95"]
 
-SYNTH_ON = ["synthesis", "detector_scores", "candidates", "candidate_scores", "refinement"]
+JUDGED = ["detector_scores", "candidates", "candidate_scores", "refinement"]
+SYNTH_ON = ["synthesis", "pool", "clip_image", "post_sampling"] + JUDGED
 CLUSTERS_ON = ["clusters", "text_prototypes", "prompts"] + SYNTH_ON
 CAPTION_ON = ["text_prototypes", "prompts", "finetune"] + SYNTH_ON
+FINETUNE_ON = ["finetune"] + SYNTH_ON
 
 TABLE: list[tuple[list[str], list[str], str]] = [
     (["--ipc", "3"], ["outliers"] + CLUSTERS_ON, "LOF keeps at least IPC images; k = IPC"),
-    (["--seed", "1"], CLUSTERS_ON[:3] + ["finetune", "synthesis", "detector"] + SYNTH_ON[1:],
+    (["--seed", "1"], CLUSTERS_ON[:3] + ["finetune", "synthesis", "pool", "clip_image", "post_sampling",
+                                         "detector"] + JUDGED,
      "K-Means, fine-tuning batches, synthesis noise and the detector are seeded"),
     (["--contamination", "0.3"], ["outliers"] + CLUSTERS_ON, "LOF share"),
-    (["--allow-duplicates"], ["clusters", "text_prototypes", "prompts", "refinement"],
+    (["--allow-duplicates"], ["clusters", "text_prototypes", "prompts"],
      "in the clusters key; same centres, so no image changes"),
     (["--beta", "0.05"], ["text_prototypes", "prompts"] + SYNTH_ON, "Eq. 2 threshold: other captions win"),
     (["--top-k", "1"], ["text_prototypes", "prompts"],
@@ -28,24 +31,31 @@ TABLE: list[tuple[list[str], list[str], str]] = [
     (["--text-strategy", "label"], ["prompts"] + SYNTH_ON, "only the conditioning text changes"),
     (["--caption-max-tokens", "8"], ["captions"] + CAPTION_ON, "new captions; LOF/K-Means use latents only"),
     (["--caption-prompt", "Describe the {CLASSNAME}."], ["captions"] + CAPTION_ON, "new captions"),
-    (["--resolution", "16"], ["latents", "outliers"] + CLUSTERS_ON[:3] + ["finetune"] + SYNTH_ON, "new latents"),
+    (["--resolution", "16"], ["latents", "outliers"] + CLUSTERS_ON[:3] + FINETUNE_ON, "new latents"),
     (["--strength", "1.0"], SYNTH_ON, "img2img noise level"),
     (["--guidance-scale", "5"], SYNTH_ON, "classifier-free guidance"),
     (["--steps", "3"], SYNTH_ON, "denoising steps"),
     (["--negative-prompt", "blurry"], SYNTH_ON, "negative prompt"),
-    (["--finetune-max-steps", "3"], ["finetune"] + SYNTH_ON, "fine-tuned weights change"),
-    (["--finetune-lr", "1e-4"], ["finetune"] + SYNTH_ON, "fine-tuned weights change"),
-    (["--finetune-batch-size", "4"], ["finetune"] + SYNTH_ON, "fine-tuned weights change"),
-    (["--finetune-method", "lora"], ["finetune"] + SYNTH_ON, "fine-tuned weights change"),
+    (["--finetune-max-steps", "3"], FINETUNE_ON, "fine-tuned weights change"),
+    (["--finetune-lr", "1e-4"], FINETUNE_ON, "fine-tuned weights change"),
+    (["--finetune-batch-size", "4"], FINETUNE_ON, "fine-tuned weights change"),
+    (["--finetune-method", "lora"], FINETUNE_ON, "fine-tuned weights change"),
+    (["--finetune-accumulation", "2"], FINETUNE_ON, "fine-tuned weights change"),
+    (["--no-finetune-ema"], FINETUNE_ON, "synthesis uses the raw weights, not their EMA"),
     (["--no-finetune"], SYNTH_ON, "synthesis from the base model"),
+    (["--sas-lambda", "0.1"], ["post_sampling"], "selection only: no image generated, no CLIP call"),
+    (["--select", "random"], ["post_sampling"] + JUDGED, "selection only; other images are kept and judged"),
+    (["--pool-multiplier", "3"], ["pool", "clip_image", "post_sampling"] + JUDGED,
+     "only the new candidate of each prototype is generated and embedded"),
+    (["--clip-prompt", "a picture of a {name}."], ["clip_text", "post_sampling"], "new class anchors"),
     (["--detector-epochs", "2"], ["detector", "detector_scores", "candidates", "candidate_scores", "refinement"],
      "a new detector re-judges every image; images it newly finds defective get candidates"),
     (["--refine-beta", "0.9"], ["refinement"], "selection only: nothing generated or scored"),
     (["--refine-top-k", "1"], ["refinement"], "selection only"),
     (["--refine-candidates", "3"], ["candidates", "candidate_scores", "refinement"], "only the new candidates"),
     (["--image-size", "16"], [], "only the saved size (output)"),
-    (["--caption-batch-size", "3", "--latent-batch-size", "5", "--synthesis-batch-size", "1"], [],
-     "batch sizes are not in any key"),
+    (["--caption-batch-size", "3", "--latent-batch-size", "5", "--synthesis-batch-size", "1", "--clip-batch-size",
+      "7", "--finetune-checkpoint-every", "1"], [], "batch sizes and checkpoint intervals are in no key"),
 ]
 
 

@@ -142,7 +142,7 @@ def test_until_stops_and_a_later_run_resumes(vlcp, tmp_path):
              "--out", tmp_path / "a")
     assert r.exit_code == 0, r.output
     assert list(stages(tmp_path / "a")) == ["images", "captions", "latents"]
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["manifest.json", "report.html"]
     r = vlcp("distill", "--data", "digits", "--tiny", "--max-per-class", "20", "--ipc", "2", "--steps", "2",
              "--no-finetune", "--out", tmp_path / "b")
     s = stages(tmp_path / "b")

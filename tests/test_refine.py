@@ -163,14 +163,18 @@ def test_each_replaced_image_has_exactly_the_chosen_candidates_pixels(refined, v
         return j, how, [j]
 
     monkeypatch.setattr(refine, "choose", choose_in_turn)
+    import shutil
+
+    shutil.copytree(refined / "cache", tmp_path / "c")  # a private copy: the forced selection must not leak
+    StageCache(tmp_path / "c").clear("refinement")  # the selection is cached: make it run (with the forced choice)
     # --image-size 32 keeps the generated size, so the PNGs must equal the cached candidates bit for bit
-    r = vlcp(*BASE, "--image-size", "32", "--out", tmp_path / "o", cache=refined / "cache")
+    r = vlcp(*BASE, "--image-size", "32", "--out", tmp_path / "o", cache=tmp_path / "c")
     assert r.exit_code == 0, r.output
     m = read_manifest(tmp_path / "o")
     reps = m["refinement"]["replacements"]
     assert len(reps) == len(calls) > 0 and {d["candidate"] for d in reps.values()} == {0, 1, 2}
     assert m["stages"]["candidates"]["items_computed"] == 0  # all cached by the fixture's run
-    cache = StageCache(refined / "cache")
+    cache = StageCache(tmp_path / "c")
     cands = {}
     for k in cache.index.iterkeys():
         if k.startswith("candidates/"):

@@ -14,9 +14,25 @@ from vlcp import __version__
 
 log = logging.getLogger("vlcp")
 
-STAGE_NAMES = ["images", "captions", "latents", "outliers", "clusters", "text_prototypes", "prompts", "finetune",
-               "synthesis", "detector", "detector_scores", "candidates", "candidate_scores", "refinement",
-               "output"]  # the order of vlcp.distill.STAGES (a test keeps them equal)
+
+
+class StageChoice(click.Choice):
+    """The stage names of ``vlcp.stages.STAGES`` (plus ``extra``), read when first needed so that
+    ``vlcp --help`` does not import the stage table."""
+
+    def __init__(self, extra: tuple[str, ...] = ()):
+        self._extra = list(extra)
+        super().__init__([])
+
+    @property
+    def choices(self):
+        from vlcp.stages import STAGE_NAMES
+
+        return STAGE_NAMES + self._extra
+
+    @choices.setter
+    def choices(self, value):
+        pass
 
 
 @dataclass
@@ -64,113 +80,176 @@ def cli(ctx, cache_dir, data_dir, device, verbose, quiet):
     ctx.obj = Ctx(cache_dir, data_dir, device, verbose, quiet)
 
 
-def _check_range(name: str, value, low, high, low_open=False):
-    if value is None:
-        return
-    bad = value < low or value > high or (low_open and value == low)
-    if bad:
-        lo = "(" if low_open else "["
-        raise click.BadParameter(f"must be in {lo}{low}, {high}], got {value}", param_hint=name)
+def _default(name: str):
+    from vlcp.config import default
+
+    return default(name)
+
+
+def _options(*decorators):
+    """Several click options as one decorator (shared by commands that take the same options)."""
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+refine_options = _options(
+    click.option("--refine-candidates", type=click.IntRange(min=1), default=_default("refine_candidates"),
+                 show_default=True, help="Candidates generated per defective image."),
+    click.option("--refine-top-k", type=click.IntRange(min=1), default=_default("refine_top_k"), show_default=True,
+                 help="Most confident valid candidates kept in the pool."),
+    click.option("--refine-beta", type=float, help="Confidence threshold: p <= beta is defective. "
+                                                    "[default: 0.9 ImageNette/ImageWoof, 0.7 CIFAR-10, 0.9 others]"),
+    click.option("--detector", help="Detector: a safetensors file of --detector-arch weights, or a torchvision "
+                                    "ResNet name with local ImageNet weights (ImageNet subsets). [default: train one]"),
+    click.option("--detector-arch", type=click.Choice(["resnet18", "resnet18-modified"]),
+                 help="[default: resnet18-modified for <= 32 px data, resnet18 otherwise]"),
+    click.option("--detector-epochs", type=click.IntRange(min=1), default=_default("detector_epochs"),
+                 show_default=True),
+    click.option("--force", is_flag=True, help="Replace a non-empty --out."),
+)
 
 
 @cli.command()
 @click.option("--data", required=True, help="Dataset name (see `vlcp datasets`) or path to an ImageFolder.")
 @click.option("--ipc", type=int, required=True, help="Images per class to synthesise (= K-Means clusters).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder (an ImageFolder).")
-@click.option("--until", type=click.Choice(STAGE_NAMES), help="Stop after this stage (its artefacts stay cached).")
+@click.option("--until", type=StageChoice(), help="Stop after this stage (its artefacts stay cached).")
 @click.option("--tiny", is_flag=True, help="Tiny random models built offline: for tests and demos, output is noise.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of K-Means and of the synthesis noise.")
+@click.option("--seed", type=int, default=_default("seed"), show_default=True,
+              help="Seed of K-Means, fine-tuning, the detector and the synthesis noise.")
 @click.option("--classes", help="Comma-separated subset of classes (folder ids or names).")
 @click.option("--max-per-class", type=click.IntRange(min=1), help="Use only the first N images of each class.")
 @click.option("--captioner", help="Vision-language model (hub id or dir). [default: llava-hf/llava-1.5-7b-hf]")
 @click.option("--diffusion", help="Stable Diffusion model (hub id or dir). "
                                   "[default: stable-diffusion-v1-5/stable-diffusion-v1-5]")
-@click.option("--caption-prompt", default=None, help="Prompt for captions; {CLASSNAME} is replaced. "
-                                                     "[default: the paper's prompt]")
+@click.option("--caption-prompt", default=_default("caption_prompt"),
+              help="Prompt for captions; {CLASSNAME} is replaced. [default: the paper's prompt]")
 @click.option("--caption-batch-size", type=click.IntRange(min=1), help="[default: 8; 32 with --tiny]")
 @click.option("--caption-max-tokens", type=click.IntRange(min=1), help="New tokens per caption. "
                                                                        "[default: 256; 32 with --tiny]")
+@click.option("--captions-from", type=click.Path(exists=True, dir_okay=False),
+              help="Use these captions (the reference .jsonl: {\"file_name\": \"<class>/<file>\", \"text\": ...}, "
+                   "'MM' read as '_'), e.g. the VLCP authors' LLaVA captions, instead of running the captioner.")
+@click.option("--missing-captions", type=click.Choice(["error", "caption"]), default=_default("missing_captions"),
+              show_default=True, help="Images the --captions-from file lacks: stop, or caption them.")
+@click.option("--clean-captions/--no-clean-captions", default=_default("clean_captions"), show_default=True,
+              help="Remove '\"' and \"'s\" from captions before Algorithm 2 and fine-tuning, as the reference code.")
 @click.option("--resolution", type=click.IntRange(min=8), help="Pixel size fed to the VAE. [default: the model's]")
-@click.option("--crop", type=click.Choice(["none", "center"]), default="none", show_default=True,
+@click.option("--crop", type=click.Choice(["none", "center"]), default=_default("crop"), show_default=True,
               help="none: resize to a square as the reference code; center: resize short side + centre crop.")
-@click.option("--latent-batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--latent-batch-size", type=click.IntRange(min=1), default=_default("latent_batch_size"),
+              show_default=True)
 @click.option("--contamination", type=float, help="LOF outlier share, 0 skips LOF. [default: per dataset, see README]")
 @click.option("--beta", type=float, help="Non-representative word threshold (Eq. 2). [default: per dataset]")
 @click.option("--top-k", type=int, help="Representative words per cluster (Eq. 3). [default: per dataset]")
 @click.option("--allow-duplicates", is_flag=True, help="A class with fewer images than IPC reuses its prototypes.")
-@click.option("--strength", type=float, default=0.7, show_default=True, help="img2img noise strength, in (0, 1].")
-@click.option("--guidance-scale", type=float, default=10.0, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Denoising steps.")
-@click.option("--negative-prompt", default="cartoon, anime, painting", show_default=True)
-@click.option("--synthesis-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--strength", type=float, default=_default("strength"), show_default=True,
+              help="img2img noise strength, in (0, 1].")
+@click.option("--guidance-scale", type=float, default=_default("guidance_scale"), show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=_default("steps"), show_default=True,
+              help="Denoising steps.")
+@click.option("--negative-prompt", default=_default("negative_prompt"), show_default=True)
+@click.option("--long-prompts", type=click.Choice(["reference", "chunked"]), default=_default("long_prompts"),
+              show_default=True, help="Prompts over 77 tokens: reference (the whole prompt cut into 77-token "
+                                      "windows, as the VLCP code) or chunked (75-token chunks, each with BOS/EOS).")
+@click.option("--synthesis-batch-size", type=click.IntRange(min=1), default=_default("synthesis_batch_size"),
+              show_default=True)
 @click.option("--image-size", type=click.IntRange(min=1), help="Side of saved images. [default: per dataset]")
-@click.option("--text-strategy", type=click.Choice(["dcs", "label", "label+keywords", "llm"]), default="dcs",
-              show_default=True, help="Prompt: closest-sample description (Alg. 2), class name, name + keywords, "
-                                      "or an LLM sentence from the keywords.")
+@click.option("--text-strategy", type=click.Choice(["dcs", "label", "label+keywords", "llm"]),
+              default=_default("text_strategy"), show_default=True,
+              help="Prompt: closest-sample description (Alg. 2), class name, name + keywords, "
+                   "or an LLM sentence from the keywords.")
 @click.option("--text-llm", help="Causal LM for --text-strategy llm (hub id or dir). [default with --tiny: a tiny one]")
-@click.option("--finetune/--no-finetune", default=True, show_default=True,
+@click.option("--finetune/--no-finetune", default=_default("finetune"), show_default=True,
               help="Fine-tune the diffusion model on (image, caption) pairs first (Algorithm 1, step 3).")
-@click.option("--finetune-method", type=click.Choice(["full", "lora"]), default="full", show_default=True)
+@click.option("--finetune-method", type=click.Choice(["full", "lora"]), default=_default("finetune_method"),
+              show_default=True)
 @click.option("--finetune-epochs", type=click.IntRange(min=1), help="[default: 8 as the paper; 1 with --tiny]")
-@click.option("--finetune-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--finetune-batch-size", type=click.IntRange(min=1), default=_default("finetune_batch_size"),
+              show_default=True)
 @click.option("--finetune-lr", type=float, help="[default: 1e-5 full, 1e-4 lora]")
 @click.option("--finetune-max-steps", type=click.IntRange(min=1), help="Cap the number of training steps.")
-@click.option("--finetune-lora-rank", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--finetune-checkpoint-every", type=click.IntRange(min=1), default=200, show_default=True,
+@click.option("--finetune-lora-rank", type=click.IntRange(min=1), default=_default("finetune_lora_rank"),
+              show_default=True)
+@click.option("--finetune-checkpoint-every", type=click.IntRange(min=1),
+              default=_default("finetune_checkpoint_every"), show_default=True,
               help="Steps between resumable checkpoints in the cache.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for UNet memory while fine-tuning.")
+@click.option("--finetune-ema/--no-finetune-ema", default=_default("finetune_ema"), show_default=True,
+              help="Keep an EMA of the weights and synthesise with it (the reference's --use_ema).")
+@click.option("--finetune-ema-decay", type=float, default=_default("finetune_ema_decay"), show_default=True)
+@click.option("--finetune-max-grad-norm", type=float, default=_default("finetune_max_grad_norm"), show_default=True,
+              help="Gradient clipping (the reference's 1).")
+@click.option("--finetune-accumulation", type=click.IntRange(min=1), default=_default("finetune_accumulation"),
+              show_default=True, help="Micro-batches per optimizer step (the reference: 8 x 4 = 32).")
+@click.option("--finetune-flip/--no-finetune-flip", default=_default("finetune_flip"), show_default=True,
+              help="Random horizontal flips of the training latents (the reference's --random_flip).")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Trade compute for UNet memory while fine-tuning. [default: on with CUDA, off on CPU]")
+@click.option("--post-sample", type=click.Choice(["none", "sas"]), default=_default("post_sample"), show_default=True,
+              help="sas: generate a pool of --pool-multiplier images per prototype and keep IPC per class by CLIP "
+                   "relevance, margin and diversity (vlcp's formulation of SAS, arXiv 2605.18012, from its "
+                   "abstract; not the authors' method).")
+@click.option("--pool-multiplier", type=click.IntRange(min=1), default=_default("pool_multiplier"), show_default=True,
+              help="sas: images generated per prototype (1 = the synthetic set itself).")
+@click.option("--clip", help="sas: CLIP model (hub id or dir). [default: openai/clip-vit-base-patch32; tiny with --tiny]")
+@click.option("--clip-prompt", default=_default("clip_prompt"), show_default=True, help="sas: class text; {name}.")
+@click.option("--clip-batch-size", type=click.IntRange(min=1), default=_default("clip_batch_size"), show_default=True)
+@click.option("--sas-keep", type=float, default=_default("sas_keep"), show_default=True,
+              help="sas stage 1: share of each class's pool kept by quality, in (0, 1].")
+@click.option("--sas-alpha", type=float, default=_default("sas_alpha"), show_default=True,
+              help="sas: quality = alpha z(relevance) + (1 - alpha) z(margin).")
+@click.option("--sas-lambda", type=float, default=_default("sas_lambda"), show_default=True,
+              help="sas stage 2: lambda z(quality) + (1 - lambda) diversity.")
+@click.option("--select", type=click.Choice(["sas", "relevance", "random"]), default=_default("select"),
+              show_default=True, help="sas: the selection, its one-score ablation, or the random-from-pool control.")
+@click.option("--sas-per-prototype", is_flag=True, help="sas: the best image of every prototype first (coverage).")
+@click.option("--sas-anchor", type=click.Choice(["prompt", "prototype", "centroid"]), default=_default("sas_anchor"),
+              show_default=True, help="sas relevance anchor: class prompt, the image's own prompt, or the real "
+                                      "images' CLIP centroid.")
 @click.option("--refine", is_flag=True, help="Detector-guided refinement: replace defective images (off by default).")
-@click.option("--refine-candidates", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Candidates generated per defective image.")
-@click.option("--refine-top-k", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Most confident valid candidates kept in the pool.")
-@click.option("--refine-beta", type=float, help="Confidence threshold: p <= beta is defective. "
-                                                 "[default: 0.9 ImageNette/ImageWoof, 0.7 CIFAR-10, 0.9 others]")
-@click.option("--detector", help="Detector: a safetensors file of --detector-arch weights, or a torchvision "
-                                 "ResNet name with local ImageNet weights (ImageNet subsets). [default: train one]")
-@click.option("--detector-arch", type=click.Choice(["resnet18", "resnet18-modified"]),
-              help="[default: resnet18-modified for <= 32 px data, resnet18 otherwise]")
-@click.option("--detector-epochs", type=click.IntRange(min=1), default=300, show_default=True)
-@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@refine_options
 @click.option("--dry-run", is_flag=True, help="Print which stages hit the cache and what would be computed.")
 @click.pass_obj
 def distill(obj: Ctx, **kw):
     """Distill a dataset into IPC synthetic images per class with the VLCP method.
 
-    Stages: images, captions, latents, outliers, clusters, text_prototypes, synthesis, output.
-    Defaults of --contamination/--beta/--top-k/--image-size depend on the dataset (README table).
+    Runs the stages of `vlcp.stages.STAGES` in order (README, "What a run does"): images, captions,
+    latents, outliers, clusters, text_prototypes, prompts, finetune, synthesis, the refinement stages
+    with --refine, output. Defaults of --contamination/--beta/--top-k/--image-size depend on the
+    dataset (README table).
     """
-    if kw["ipc"] < 1:
-        raise click.BadParameter(f"must be at least 1, got {kw['ipc']}", param_hint="--ipc")
-    _check_range("--beta", kw["beta"], 0, 1, low_open=True)
-    _check_range("--strength", kw["strength"], 0, 1, low_open=True)
-    _check_range("--contamination", kw["contamination"], 0, 0.5)
-    _check_range("--refine-beta", kw["refine_beta"], 0, 1)
-    if kw["top_k"] is not None and kw["top_k"] < 1:
-        raise click.BadParameter(f"must be at least 1, got {kw['top_k']}", param_hint="--top-k")
     dry_run = kw.pop("dry_run")
-    out: Path = kw["out"]
-    if not dry_run:
-        from vlcp.output import check_out
+    from vlcp.config import DistillConfig
 
-        with _user_errors():
-            check_out(out, kw["force"])
-    from vlcp.distill import DistillConfig, distill as run
+    raw = kw.pop("classes")
+    classes = [c.strip() for c in raw.split(",") if c.strip()] if raw else None
+    cfg = DistillConfig(data_dir=obj.data_dir, device=obj.device, classes=classes, progress=not obj.quiet, **kw)
+    _run_distill(obj, cfg, dry_run)
 
-    classes = [c.strip() for c in kw.pop("classes").split(",") if c.strip()] if kw["classes"] else None
-    kw["caption_prompt"] = kw["caption_prompt"] or DistillConfig.caption_prompt
-    cfg = DistillConfig(data_dir=obj.data_dir, device=obj.device, classes=classes, progress=not obj.quiet,
-                        **{k: v for k, v in kw.items() if k != "classes"})
+
+def _run_distill(obj: Ctx, cfg, dry_run: bool = False) -> None:
+    """Validate, check --out, run (or plan) the stages, print the summary: shared by distill and refine."""
+    with _user_errors():
+        cfg.validate()
+        if not dry_run:
+            from vlcp.output import check_out
+
+            check_out(Path(cfg.out), cfg.force)
     if cfg.tiny and not obj.quiet:
         click.echo("--tiny: tiny random models (built offline, cached); captions and images are noise, "
                    "for tests and demos only.", err=True)
-    cache = obj.cache()
+    from vlcp.distill import distill as run
+
     with _user_errors():
-        manifest = run(cfg, cache, dry_run=dry_run)
+        manifest = run(cfg, obj.cache(), dry_run=dry_run)
     if not obj.quiet:
         _summary(manifest, dry_run)
         if not dry_run:
-            click.echo(f"wrote {out}/ (manifest.json{', preview.png' if 'output' in manifest['stages'] else ''})")
+            click.echo(f"wrote {cfg.out}/ (manifest.json"
+                       f"{', preview.png' if 'output' in manifest['stages'] else ''})")
 
 
 class _user_errors:
@@ -182,15 +261,19 @@ class _user_errors:
     def __exit__(self, exc_type, exc, tb):
         if exc is None:
             return False
+        from vlcp.caption_files import CaptionFileError
+        from vlcp.config import ConfigError
         from vlcp.datasets import DatasetError
         from vlcp.distill import DistillError
         from vlcp.evaluate import EvalError
         from vlcp.models import ModelError
         from vlcp.output import OutputError
 
+        if isinstance(exc, ConfigError):  # a parameter out of range: exit code 2, naming the option
+            raise click.BadParameter(exc.message, param_hint=exc.param) from None
         if isinstance(exc, (EvalError, OutputError)):  # a folder that does not fit: bad input, exit code 2
             raise click.UsageError(str(exc)) from None
-        if isinstance(exc, (DatasetError, DistillError, ModelError)):
+        if isinstance(exc, (DatasetError, DistillError, ModelError, CaptionFileError)):
             raise click.ClickException(str(exc)) from None
         return False
 
@@ -270,6 +353,13 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
     if saved and not obj.quiet:
         click.echo(f"wrote {saved}")
     if synth_dir and (synth_dir / "report.html").is_file():
+        if saved:  # the page shows the new results next to the paper's numbers
+            from vlcp.report import ReportError, build
+
+            try:
+                build(synth_dir)
+            except (ReportError, OSError) as exc:
+                log.warning("could not rebuild %s: %s", synth_dir / "report.html", exc)
         click.echo(f"report: {synth_dir / 'report.html'}")
 
 
@@ -370,57 +460,58 @@ def _matching(obj: Ctx, method, ds, data, ipc, seed, match) -> tuple[dict, dict]
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--data", required=True, help="The real dataset the folder distils (the detector trains on it).")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--refine-candidates", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--refine-top-k", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--refine-beta", type=float, help="[default: per dataset, as vlcp distill --refine]")
-@click.option("--detector", help="Safetensors weights, or a torchvision ResNet name (local ImageNet weights).")
-@click.option("--detector-arch", type=click.Choice(["resnet18", "resnet18-modified"]))
-@click.option("--detector-epochs", type=click.IntRange(min=1), default=300, show_default=True)
-@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@refine_options
 @click.pass_obj
-def refine_cmd(obj: Ctx, folder, data, out, refine_candidates, refine_top_k, refine_beta, detector, detector_arch,
-               detector_epochs, force):
+def refine_cmd(obj: Ctx, folder: Path, data: str, out: Path, **opts):
     """Detector-guided refinement of a distilled ImageFolder.
 
     On vlcp's own output (it has a manifest.json) this reruns that distillation with --refine, so
     candidates come from the cached prototypes. On any other folder (D4M, Minimax...) only detection is
     possible: every image is judged and OUT/report.json lists the defective ones.
     """
+    from vlcp.config import DistillConfig
+
+    params = _manifest_params(folder)
+    if params is not None and params.get("data") != data:
+        raise click.BadParameter(f"{folder} was distilled from {params.get('data')}, not {data}", param_hint="--data")
+    common = dict(refine=True, out=out, data_dir=obj.data_dir, device=obj.device, progress=not obj.quiet, **opts)
+    if params is not None:
+        if not obj.quiet:
+            click.echo(f"{folder} is a vlcp distillation: rerunning it with --refine (cached stages are reused)")
+        _run_distill(obj, DistillConfig.from_params(params, until=None, **common))
+        return
+    if not obj.quiet:
+        click.echo(f"{folder} is not a vlcp output: detection only, no candidates can be generated; "
+                   f"writing {out}/report.json")
     from vlcp import refine
 
-    _check_range("--refine-beta", refine_beta, 0, 1)
-    manifest = folder / "manifest.json"
-    opts = dict(refine=True, refine_candidates=refine_candidates, refine_top_k=refine_top_k, refine_beta=refine_beta,
-                detector=detector, detector_arch=detector_arch, detector_epochs=detector_epochs)
+    cfg = DistillConfig(data=data, ipc=1, **common)
     with _user_errors():
+        cfg.validate()
         from vlcp.output import check_out
 
-        check_out(out, force)
-        params = json.loads(manifest.read_text()).get("parameters") if manifest.exists() else None
-        if params:
-            from vlcp.distill import DistillConfig, distill as run
-
-            if params.get("data") != data:
-                raise click.BadParameter(f"{folder} was distilled from {params.get('data')}, not {data}",
-                                         param_hint="--data")
-            known = DistillConfig.__dataclass_fields__
-            cfg = DistillConfig(**{**{k: v for k, v in params.items() if k in known}, **opts, "out": out,
-                                   "data_dir": obj.data_dir, "device": obj.device, "force": force,
-                                   "progress": not obj.quiet})
-            if not obj.quiet:
-                click.echo(f"{folder} is a vlcp distillation: rerunning it with --refine (cached stages are reused)")
-            m = run(cfg, obj.cache())
-            if not obj.quiet:
-                _summary(m, False)
-            return
-        if not obj.quiet:
-            click.echo(f"{folder} is not a vlcp output: detection only, no candidates can be generated; "
-                       f"writing {out}/report.json")
-        report = refine.detect_only(folder, data, obj.data_dir, obj.cache(), opts, obj.device, not obj.quiet, out)
+        check_out(out, cfg.force)
+        report = refine.detect_only(folder, cfg, obj.cache())
     if not obj.quiet:
         for name, st in report["per_class"].items():
             click.echo(f"{name:<20} {st['defective']:>4} of {st['images']:>4} defective, "
                        f"mean confidence {st['confidence']:.3f}")
+
+
+def _manifest_params(folder: Path) -> dict | None:
+    """The parameters of a vlcp distillation folder; None for a foreign folder (no manifest.json)."""
+    manifest = folder / "manifest.json"
+    if not manifest.exists():
+        return None
+    try:
+        params = json.loads(manifest.read_text()).get("parameters")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise click.UsageError(f"{manifest} is unreadable ({exc.__class__.__name__}: {exc}); restore it, or move "
+                               f"it away to treat {folder} as a foreign folder (detection only)") from None
+    if not isinstance(params, dict) or "data" not in params or "ipc" not in params:
+        raise click.UsageError(f"{manifest} has no distillation parameters; move it away to treat {folder} as a "
+                               f"foreign folder (detection only)")
+    return params
 
 
 @cli.command("report")
@@ -512,6 +603,49 @@ def select_cmd(obj: Ctx, pool: Path, data, ipc, out, clip_model, tiny, clip_prom
 
 
 @cli.group()
+def captions():
+    """Share captions: export the cached ones in the reference .jsonl format."""
+
+
+@captions.command("export")
+@click.option("--data", required=True, help="Dataset name or ImageFolder path.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .jsonl to write (also Hugging Face imagefolder metadata: file_name, text).")
+@click.option("--tiny", is_flag=True, help="The captions of the tiny captioner.")
+@click.option("--captioner", help="[default: llava-hf/llava-1.5-7b-hf]")
+@click.option("--caption-prompt", default=_default("caption_prompt"), help="[default: the paper's prompt]")
+@click.option("--caption-max-tokens", type=click.IntRange(min=1), help="[default: 256; 32 with --tiny]")
+@click.option("--classes", help="Comma-separated subset of classes.")
+@click.option("--max-per-class", type=click.IntRange(min=1))
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.pass_obj
+def captions_export(obj: Ctx, data, out, tiny, captioner, caption_prompt, caption_max_tokens, classes,
+                    max_per_class, force):
+    """Write the cached captions of a dataset, one {"file_name", "text"} object per line (nothing is computed:
+    run `vlcp distill ... --until captions` first)."""
+    from vlcp.caption_files import write_jsonl
+    from vlcp.config import DistillConfig
+    from vlcp.distill import cached_captions
+
+    if out.exists() and not force:
+        raise click.UsageError(f"{out} exists; pass --force to replace it")
+    cfg = DistillConfig(data=data, ipc=1, out=out.parent / ".unused", data_dir=obj.data_dir, device=obj.device,
+                        tiny=tiny, captioner=captioner, caption_prompt=caption_prompt,
+                        caption_max_tokens=caption_max_tokens, max_per_class=max_per_class, progress=False,
+                        classes=[c.strip() for c in classes.split(",") if c.strip()] if classes else None)
+    with _user_errors():
+        rows = cached_captions(cfg, obj.cache())
+    have = [{"file_name": f, "text": t} for f, t in rows if t is not None]
+    if not have:
+        raise click.ClickException(f"no cached captions for {data} with these settings; run `vlcp distill --data "
+                                   f"{data} ... --until captions` first")
+    write_jsonl(out, have)
+    if not obj.quiet:
+        missing = len(rows) - len(have)
+        click.echo(f"wrote {out}: {len(have)} captions" + (f" ({missing} images not captioned yet)" if missing else ""))
+
+
+@cli.group()
 def cache():
     """Inspect or clear the stage cache."""
 
@@ -533,7 +667,7 @@ def cache_info(obj: Ctx, as_json):
 
 
 @cache.command("clear")
-@click.option("--stage", type=click.Choice(STAGE_NAMES + ["teacher", "baseline_features", "models"]),
+@click.option("--stage", type=StageChoice(("teacher", "baseline_features", "models")),
               help="Only this stage (default: everything).")
 @click.pass_obj
 def cache_clear(obj: Ctx, stage):

@@ -39,3 +39,13 @@ def members_by_distance(x: np.ndarray, centres: np.ndarray, labels: np.ndarray) 
         d = np.linalg.norm(flat[idx] - cflat[c], axis=1)
         out.append([int(i) for i in idx[np.argsort(d, kind="stable")]])
     return out
+
+
+def class_clusters(x: np.ndarray, rows: list[int], k: int, seed: int, allow_duplicates: bool
+                   ) -> tuple[np.ndarray, list[list[int]], bool]:
+    """K-Means of one class's inlier latents ``x`` (dataset indices ``rows``): (centres, member dataset
+    indices per cluster, closest to the centre first, duplicated?). Raises TooFewImages."""
+    centres, labels, dup = kmeans(x, k, seed, allow_duplicates)
+    if dup:
+        return centres, [[rows[j % len(rows)]] for j in range(k)], True
+    return centres, [[rows[j] for j in m] for m in members_by_distance(x, centres, labels)], False

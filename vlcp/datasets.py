@@ -194,16 +194,14 @@ def load_dataset(data: str, data_dir: str | os.PathLike, split: str = "train", c
 
 def _select(ds: Dataset, classes: list[str] | None, max_per_class: int | None) -> Dataset:
     if classes:
-        index = {}
-        for i, c in enumerate(ds.classes):
-            index[c.folder] = i
-            index[c.name] = i
-            index[c.name.split(",")[0].strip()] = i
-        unknown = [c for c in classes if c not in index]
+        from vlcp.classnames import class_index, lookup
+
+        index = class_index(ds.classes)
+        unknown = [c for c in classes if lookup(index, c) is None]
         if unknown:
             raise DatasetError(f"unknown class(es) {', '.join(unknown)} in {ds.name}; known: "
                                + ", ".join(c.folder for c in ds.classes))
-        keep = sorted({index[c] for c in classes})
+        keep = sorted({lookup(index, c) for c in classes})
         remap = {old: new for new, old in enumerate(keep)}
         ds.classes = [ds.classes[i] for i in keep]
         ds.samples = [Sample(remap[s.class_idx], s.source, s.digest, s.array) for s in ds.samples if s.class_idx in remap]

@@ -1,31 +1,30 @@
-"""``vlcp distill``: the VLCP method (Algorithm 1) as a chain of cached stages.
+"""``vlcp distill``: the VLCP method (Algorithm 1) as a loop over the stage table in ``vlcp/stages.py``.
 
-images -> captions -> latents -> outliers -> clusters -> text_prototypes -> synthesis -> output
-
-Per-image stages (images, captions, latents, synthesis) are cached per item; the others are one
-artefact each, keyed by their upstream keys and their own parameters, so a rerun that changes only
-``--ipc`` recomputes from ``outliers`` on and never touches a captioner or a VAE.
+``distill()`` starts a ``Run`` (config, cache, dataset, model references, reports, manifest, typed
+state), runs every enabled stage in order, stops after ``--until`` and writes the output folder.
+Each stage declares its key parameters in the table; ``Step`` builds its keys from that declaration
+and is the only way a stage reads the configuration, so an input that is read is always keyed.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
-from vlcp import __version__, captions, clusters, finetune, latents, outliers, prompts, synthesis, text_prototypes
+from vlcp import __version__
 from vlcp.cache import StageCache, stable_hash, stage_key
-from vlcp.datasets import DatasetError, check_image, load_dataset
-from vlcp.defaults import defaults_for
+from vlcp.config import DistillConfig
+from vlcp.datasets import Dataset, Sample, load_dataset
 from vlcp.runner import Lazy, PlanStop, StageReport, run_items, run_stage
+from vlcp.stages import STAGE_NAMES, STAGES, Stage, finetuned_pipe
 
 log = logging.getLogger("vlcp")
 
-STAGES = ["images", "captions", "latents", "outliers", "clusters", "text_prototypes", "prompts", "finetune",
-          "synthesis", "detector", "detector_scores", "candidates", "candidate_scores", "refinement", "output"]
-IMAGES_VERSION = 1
+KEY_LAYOUT = 2  # 2: keys built from the stage table (vlcp 0.2); caches of 0.1 are recomputed
 
 
 class DistillError(Exception):
@@ -33,101 +32,195 @@ class DistillError(Exception):
 
 
 @dataclass
-class DistillConfig:
-    data: str
-    ipc: int
-    out: Path
-    data_dir: Path = Path("data")
-    device: str = "auto"
-    tiny: bool = False
-    seed: int = 0
-    until: str | None = None
-    classes: list[str] | None = None
-    max_per_class: int | None = None
-    captioner: str | None = None
-    diffusion: str | None = None
-    caption_prompt: str = captions.PROMPT
-    caption_batch_size: int | None = None  # 8 (a 7B captioner on one GPU); 32 with --tiny
-    caption_max_tokens: int | None = None  # 256; 32 with --tiny
-    resolution: int | None = None
-    crop: str = "none"
-    latent_batch_size: int = 16
-    contamination: float | None = None
-    beta: float | None = None
-    top_k: int | None = None
-    allow_duplicates: bool = False
-    strength: float = 0.7
-    guidance_scale: float = 10.0
-    steps: int = 50
-    negative_prompt: str = synthesis.NEGATIVE_PROMPT
-    synthesis_batch_size: int = 8
-    image_size: int | None = None
-    text_strategy: str = "dcs"
-    text_llm: str | None = None
-    finetune: bool = True
-    finetune_method: str = "full"
-    finetune_epochs: int | None = None  # 8 as the paper; 1 with --tiny
-    finetune_batch_size: int = 8
-    finetune_lr: float | None = None
-    finetune_max_steps: int | None = None
-    finetune_lora_rank: int = 4
-    finetune_checkpoint_every: int = 200
-    gradient_checkpointing: bool = False
-    refine: bool = False
-    refine_candidates: int = 20
-    refine_top_k: int = 2
-    refine_beta: float | None = None
-    detector: str | None = None  # None: train one; or a safetensors file of --detector-arch weights
-    detector_arch: str | None = None  # resnet18, or resnet18-modified for <= 32 px data
-    detector_epochs: int = 300
-    force: bool = False
-    progress: bool = True
-    warnings: list[str] = field(default_factory=list)
-
-    def fill_defaults(self) -> dict:
-        """Dataset defaults for the options left unset; returns the table row used."""
-        row = defaults_for(self.data)
-        for name in ("contamination", "beta", "top_k", "image_size"):
-            if getattr(self, name) is None:
-                setattr(self, name, row[name])
-        if self.caption_batch_size is None:
-            self.caption_batch_size = 32 if self.tiny else 8
-        if self.caption_max_tokens is None:
-            self.caption_max_tokens = 32 if self.tiny else 256
-        if self.finetune_epochs is None:
-            self.finetune_epochs = 1 if self.tiny else 8
-        if self.refine_beta is None:
-            from vlcp.refine import default_beta
-
-            self.refine_beta = default_beta(self.data)
-        return row
-
-    def finetune_params(self) -> finetune.FinetuneParams:
-        return finetune.FinetuneParams(self.finetune_method, self.finetune_epochs, self.finetune_batch_size,
-                                       self.finetune_lr, self.finetune_max_steps, self.finetune_lora_rank,
-                                       self.gradient_checkpointing, self.finetune_checkpoint_every, self.seed)
-
-    def params(self) -> dict:
-        d = asdict(self)
-        for k in ("out", "data_dir", "warnings", "progress"):
-            d.pop(k)
-        d["out"], d["data_dir"] = str(self.out), str(self.data_dir)
-        return d
+class Refs:
+    """Resolved model references (identities are part of the keys)."""
+    captioner: Any
+    diffusion: Any
+    text_llm: Any = None
+    clip: Any = None
 
 
-def _warn(cfg: DistillConfig, msg: str) -> None:
-    log.warning(msg)
-    cfg.warnings.append(msg)
+@dataclass
+class State:
+    """What the stages hand to each other: values, and the keys that identify them."""
+    samples: list[Sample] = field(default_factory=list)
+    by_class: list[list[int]] = field(default_factory=list)
+    cap_keys: list[str] = field(default_factory=list)
+    captions: list[str | None] = field(default_factory=list)
+    lat_keys: list[str] = field(default_factory=list)
+    lat_entries: list = field(default_factory=list)
+    out_key: str = ""
+    inliers: list[list[int]] = field(default_factory=list)
+    cl_key: str = ""
+    clusters: Any = None  # Entry: meta = members per class, tensors = centres
+    tp_key: str = ""
+    text: dict = field(default_factory=dict)  # class folder -> records of Algorithm 2
+    pr_key: str = ""
+    prompts: dict = field(default_factory=dict)  # class folder -> prompt per cluster
+    ft_key: str | None = None
+    ft_entry: Any = None
+    trained_now: bool = False
+    items: list[tuple[int, int]] = field(default_factory=list)  # (class, cluster) per synthetic image
+    syn_latents: list[np.ndarray] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    syn_keys: list[str] = field(default_factory=list)
+    synth_key: Callable[..., str] | None = None  # (latent, prompt, seed) -> key, shared by candidates
+    synth_params: Any = None  # the synthesis stage's Params: what every synthesis key holds
+    images: list[np.ndarray] = field(default_factory=list)  # the synthetic set (after refinement)
+    detector: Any = None  # refine.Detector
+    scores: list[dict] = field(default_factory=list)
+    defective: list[int] = field(default_factory=list)
+    cand: list[tuple[int, int]] = field(default_factory=list)  # (image, candidate index)
+    n_candidates: int = 0
+    cand_keys: list[str] = field(default_factory=list)
+    cand_images: list[np.ndarray] = field(default_factory=list)
+    cand_scores: list[dict] = field(default_factory=list)
+    replaced: dict[int, np.ndarray] = field(default_factory=dict)  # image -> its image before refinement
+    pool: list[tuple[int, int]] = field(default_factory=list)  # (synthetic image, candidate) per pool image
+    pool_images: list[np.ndarray] = field(default_factory=list)
+    pool_keys: list[str] = field(default_factory=list)
+    pool_seeds: list[int] = field(default_factory=list)
+    clip_keys: list[str] = field(default_factory=list)
+    pool_emb: Any = None
+    anchors: Any = None  # [classes, d] CLIP anchors
+    own_anchors: Any = None  # [synthetic images, d] prototype-prompt anchors (--sas-anchor prototype)
+    anchor_key: str = ""
+
+
+@dataclass
+class Run:
+    cfg: DistillConfig
+    cache: StageCache
+    ds: Dataset
+    refs: Refs
+    resolution: int
+    dry: bool
+    manifest: dict
+    models: dict[str, Lazy] = field(default_factory=dict)
+    reports: list[StageReport] = field(default_factory=list)
+    files: dict[str, Any] = field(default_factory=dict)  # JSON files written next to manifest.json
+    writers: list[Callable[[Path], None]] = field(default_factory=list)  # images, sheets, plots
+    st: State = field(default_factory=State)
+
+    @property
+    def folders(self) -> list[str]:
+        return [c.folder for c in self.ds.classes]
+
+    def warn(self, msg: str) -> None:
+        log.warning(msg)
+        self.cfg.warnings.append(msg)
+
+    def need(self, stage: str, values: list) -> None:
+        """In a dry run, the plan ends where a stage needs values that are not cached yet."""
+        if self.dry and any(v is None for v in values):
+            raise PlanStop(None)
+
+    def release_unused(self, done: Stage, later: list[Stage]) -> None:
+        """Free every model no later stage uses (a 7B captioner must not sit in memory during training)."""
+        still = {m for s in later for m in s.models}
+        for name in done.models:
+            if name not in still and name in self.models:
+                self.models[name].release()
+
+
+class Params:
+    """The configuration as one stage may read it: its declared fields only."""
+
+    def __init__(self, cfg: DistillConfig, stage: Stage):
+        self._cfg, self._stage = cfg, stage
+        self._allowed = set(stage.params) | set(stage.selects) | set(stage.unkeyed)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name not in self._allowed:
+            raise AttributeError(f"stage {self._stage.name!r} reads {name!r} but does not declare it "
+                                 f"(add it to params, selects or unkeyed in vlcp/stages.py)")
+        return getattr(self._cfg, name)
+
+
+@dataclass
+class Step:
+    """One stage within one run: its parameters, its keys and its cache calls."""
+    run: Run
+    stage: Stage
+
+    @property
+    def p(self) -> Params:
+        return Params(self.run.cfg, self.stage)
+
+    def key(self, **inputs) -> str:
+        """The stage's key: its declared parameters by value, plus the given inputs (upstream keys,
+        content hashes, model identities)."""
+        return stage_key(self.stage.name, self.stage.version, layout=KEY_LAYOUT,
+                         params={n: getattr(self.run.cfg, n) for n in self.stage.params}, **inputs)
+
+    def whole(self, key: str, compute: Callable[[], tuple[dict, dict]], model: str | None = None,
+              name: str | None = None):
+        entry, rep = run_stage(self.run.cache, name or self.stage.name, key, compute,
+                               self.run.models.get(model) if model else None, dry=self.run.dry)
+        self.run.reports.append(rep)
+        return entry, rep
+
+    def items(self, keys: list[str], compute, batch_size: int, model: str | None = None,
+              cache_stage: str | None = None):
+        entries, rep = run_items(self.run.cache, cache_stage or self.stage.name, keys, compute, batch_size,
+                                 self.run.models.get(model) if model else None,
+                                 self.run.cfg.progress and self.stage.name, dry=self.run.dry)
+        rep.name = self.stage.name
+        self.run.reports.append(rep)
+        return entries, rep
 
 
 def distill(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> dict:
-    """Run (or plan) the stages up to ``cfg.until``; return the manifest (written to OUT unless dry_run)."""
-    from vlcp import models
+    """Run (or plan) the enabled stages up to ``cfg.until``; return the manifest (written to OUT unless dry)."""
+    from vlcp.cache import CorruptEntry
 
     t_start = time.perf_counter()
+    for attempt in range(3):  # a blob found corrupt when first read is dropped; the rerun recomputes it
+        run = start(cfg, cache, dry_run)
+        try:
+            _run_stages(run)
+            break
+        except CorruptEntry as exc:
+            if attempt == 2:
+                raise DistillError(str(exc)) from None
+            log.warning("%s: recomputing it", exc)
+    run.manifest["stages"] = {r.name: r.manifest() for r in run.reports}
+    run.manifest["seconds"] = round(time.perf_counter() - t_start, 3)
+    run.manifest["cache_corrupt_entries_recomputed"] = cache.corrupt
+    if not dry_run:
+        publish(run)
+    return run.manifest
+
+
+def _run_stages(run: Run) -> None:
+    """The loop: every enabled stage up to --until, models released after their last stage."""
+    enabled = [s for s in STAGES if s.enabled_by is None or getattr(run.cfg, s.enabled_by)]
+    last = STAGE_NAMES.index(run.cfg.until or "output")
+    todo = [s for s in enabled if STAGE_NAMES.index(s.name) <= last]
+    try:
+        for i, stage in enumerate(todo):
+            stage.run(run, Step(run, stage))
+            run.release_unused(stage, todo[i + 1:])
+    except PlanStop as stop:
+        if stop.report is not None:
+            run.reports.append(stop.report)
+        run.manifest["plan_unknown_after"] = run.reports[-1].name if run.reports else None
+    finally:
+        for m in run.models.values():
+            m.release()
+
+
+def start(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> Run:
+    """Validate, apply the dataset defaults, load the dataset's index and resolve the models."""
+    from vlcp import models
+    from vlcp.clip import load_clip
+
+    cfg.validate()
+    cfg.warnings.clear()
     defaults_row = cfg.fill_defaults()
     ds = load_dataset(cfg.data, cfg.data_dir, "train", cfg.classes, cfg.max_per_class,
-                      digest=lambda p: _memo_digest(cache, p))
+                      digest=lambda p: memo_digest(cache, p))
     if cfg.tiny:
         from vlcp.tiny import tiny_models
 
@@ -139,400 +232,44 @@ def distill(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> dic
     cfg.diffusion = cfg.diffusion or models.DEFAULT_DIFFUSION
     if cfg.text_strategy == "llm" and not cfg.text_llm:
         raise DistillError("--text-strategy llm needs --text-llm MODEL (a causal language model: hub id or dir)")
-    cap_ref = models.resolve(cfg.captioner, cache)
-    sd_ref = models.resolve(cfg.diffusion, cache, probe_file="model_index.json")
-    llm_ref = models.resolve(cfg.text_llm, cache) if cfg.text_strategy == "llm" else None
-    resolution = cfg.resolution or models.native_resolution(sd_ref)
-    stop_after = cfg.until or "output"
-    reports: list[StageReport] = []
+    refs = Refs(models.resolve(cfg.captioner, cache),
+                models.resolve(cfg.diffusion, cache, probe_file="model_index.json"),
+                models.resolve(cfg.text_llm, cache) if cfg.text_strategy == "llm" else None)
+    if cfg.sas:
+        from vlcp.clip import resolve_clip
+
+        refs.clip = resolve_clip(cfg.clip, cfg.tiny, cache)
+    resolution = cfg.resolution or models.native_resolution(refs.diffusion)
     manifest = {
         "vlcp_version": __version__, "tiny": cfg.tiny, "parameters": cfg.params(),
         "defaults_source": defaults_row["source"], "dataset": ds.identity(),
         "classes": [{"folder": c.folder, "name": c.name} for c in ds.classes],
-        "models": {"captioner": cap_ref.manifest(), "diffusion": sd_ref.manifest(),
-                   **({"text_llm": llm_ref.manifest()} if llm_ref else {})}, "resolution": resolution,
+        "models": {"captioner": refs.captioner.manifest(), "diffusion": refs.diffusion.manifest(),
+                   **({"text_llm": refs.text_llm.manifest()} if refs.text_llm else {}),
+                   **({"clip": refs.clip.manifest()} if refs.clip else {})}, "resolution": resolution,
         "stages": {}, "warnings": cfg.warnings,
     }
-    dry = dry_run
-
-    def done(name: str) -> bool:
-        return STAGES.index(name) >= STAGES.index(stop_after)
-
-    def finish(extra_files=None) -> dict:
-        manifest["stages"] = {r.name: r.manifest() for r in reports}
-        manifest["seconds"] = round(time.perf_counter() - t_start, 3)
-        manifest["cache_corrupt_entries_recomputed"] = cache.corrupt
-        if not dry:
-            _publish(cfg, manifest, extra_files or {})
-        return manifest
-
-    def need(stage: str, values: list) -> None:
-        """In a dry run, stop planning where a stage needs values that are not cached yet."""
-        if dry and any(v is None for v in values):
-            raise PlanStop(StageReport(stage, "", False, -1, 0, False, 0.0))
-
-    try:
-        return _run(cfg, cache, ds, cap_ref, sd_ref, llm_ref, resolution, reports, manifest, dry, done, finish, need)
-    except PlanStop as stop:
-        if stop.report.items_computed >= 0:
-            reports.append(stop.report)
-        planned = [r.name for r in reports]
-        manifest["stages"] = {r.name: r.manifest() for r in reports}
-        manifest["plan_unknown_after"] = planned[-1] if planned else None
-        manifest["seconds"] = round(time.perf_counter() - t_start, 3)
-        return manifest
+    run = Run(cfg, cache, ds, refs, resolution, dry_run, manifest)
+    run.models = {
+        "captioner": Lazy(lambda: models.load_captioner(refs.captioner, cfg.device)),
+        "vae": Lazy(lambda: models.load_vae(refs.diffusion, cfg.device)),
+        "llm": Lazy(lambda: models.load_text_llm(refs.text_llm, cfg.device)),
+        "pipe": Lazy(lambda: models.load_img2img(refs.diffusion, cfg.device)),
+        "synth": Lazy(lambda: finetuned_pipe(run)),
+        "clip": Lazy(lambda: load_clip(refs.clip, cfg.device)),
+    }
+    return run
 
 
-def _run(cfg, cache, ds, cap_ref, sd_ref, llm_ref, resolution, reports, manifest, dry, done, finish, need) -> dict:
-    from vlcp import models
-
-    # 1. images: decode each file once (cached), drop the unreadable ones
-    keys = [stage_key("images", IMAGES_VERSION, image=s.digest) for s in ds.samples]
-    entries, rep = run_items(cache, "images", keys, lambda idx: ((check_image(ds.samples[i]), None) for i in idx),
-                             64, progress=cfg.progress, desc="checking images", dry=dry)
-    ok = [e is None or e.meta["ok"] for e in entries]  # a dry run assumes unchecked images are fine
-    skipped = [{"source": s.source, "error": e.meta["error"]} for s, e, k in zip(ds.samples, entries, ok) if not k]
-    samples = [s for s, k in zip(ds.samples, ok) if k]
-    rep.details = {"skipped": len(skipped)}
-    reports.append(rep)
-    manifest["skipped_images"] = skipped
-    if skipped:
-        _warn(cfg, f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]['source']}: {skipped[0]['error']}")
-    by_class = [[i for i, s in enumerate(samples) if s.class_idx == c] for c in range(len(ds.classes))]
-    for c, idx in enumerate(by_class):
-        if not idx:
-            raise DatasetError(f"class {ds.classes[c].folder!r} has no usable images")
-    manifest["images_per_class"] = {ds.classes[c].folder: len(idx) for c, idx in enumerate(by_class)}
-    if done("images"):
-        return finish()
-
-    # 2. captions (per image)
-    names = [ds.classes[s.class_idx].name for s in samples]
-    cap_keys = [stage_key("captions", captions.VERSION, image=s.digest, prompt=cfg.caption_prompt, class_name=n,
-                          model=cap_ref.identity, max_new_tokens=cfg.caption_max_tokens, decoding="greedy")
-                for s, n in zip(samples, names)]
-    captioner = Lazy(lambda: models.load_captioner(cap_ref, cfg.device))
-
-    def compute_captions(idx):
-        model, processor = captioner()
-        texts = captions.caption_images(model, processor, [samples[i].load() for i in idx], [names[i] for i in idx],
-                                        cfg.caption_prompt, cfg.caption_max_tokens)
-        for i, text in zip(idx, texts):
-            if not text.strip():
-                raise DistillError(f"the captioner returned empty text for {samples[i].source}; try another "
-                                   f"--caption-prompt or --captioner")
-            yield {"caption": text}, None
-
-    cap_entries, rep = run_items(cache, "captions", cap_keys, compute_captions, cfg.caption_batch_size, captioner,
-                                 cfg.progress, dry=dry)
-    reports.append(rep)
-    caps = [e.meta["caption"] if e else None for e in cap_entries]
-    if done("captions"):
-        return finish()
-
-    # 3. latents (per image)
-    lat_keys = [stage_key("latents", latents.VERSION, image=s.digest, vae=sd_ref.identity, resolution=resolution,
-                          crop=cfg.crop) for s in samples]
-    vae = Lazy(lambda: models.load_vae(sd_ref, cfg.device))
-
-    def compute_latents(idx):
-        z = latents.encode_images(vae(), [samples[i].load() for i in idx], resolution, cfg.crop)
-        return (({}, {"latent": zi}) for zi in z)
-
-    lat_entries, rep = run_items(cache, "latents", lat_keys, compute_latents, cfg.latent_batch_size, vae, cfg.progress,
-                                 dry=dry)
-    reports.append(rep)
-    if done("latents"):
-        return finish()
-    need("outliers", lat_entries)
-    lat = np.stack([e.tensors["latent"] for e in lat_entries])
-
-    # 4. outliers (per class LOF)
-    folders = [c.folder for c in ds.classes]
-    out_key = stage_key("outliers", outliers.VERSION, latents={f: stable_hash([lat_keys[i] for i in by_class[c]])
-                                                               for c, f in enumerate(folders)},
-                        contamination=cfg.contamination, n_neighbors=outliers.N_NEIGHBORS, min_keep=cfg.ipc)
-
-    def compute_outliers():
-        meta, tensors = {}, {}
-        for c, f in enumerate(folders):
-            mask, restored = outliers.inlier_mask(lat[by_class[c]], cfg.contamination, cfg.ipc)
-            tensors[f"mask/{f}"] = mask.astype(np.uint8)
-            meta[f] = {"images": len(mask), "removed": int((~mask).sum()), "restored": restored}
-        return meta, tensors
-
-    out_entry, rep = run_stage(cache, "outliers", out_key, compute_outliers, dry=dry)
-    rep.details = {"removed_per_class": {f: m["removed"] for f, m in out_entry.meta.items()}}
-    reports.append(rep)
-    manifest["outliers"] = out_entry.meta
-    for f, m in out_entry.meta.items():
-        if m["restored"]:
-            _warn(cfg, f"class {f}: LOF would leave fewer than IPC={cfg.ipc} inliers; kept {m['restored']} of "
-                       f"the least outlying outliers")
-    inliers = [[by_class[c][j] for j in np.flatnonzero(out_entry.tensors[f"mask/{f}"])] for c, f in enumerate(folders)]
-    if done("outliers"):
-        return finish()
-
-    # 5. clusters (per class K-Means)
-    cl_key = stage_key("clusters", clusters.VERSION, outliers=out_key, ipc=cfg.ipc, seed=cfg.seed,
-                       allow_duplicates=cfg.allow_duplicates)
-
-    def compute_clusters():
-        meta, tensors = {}, {}
-        for c, f in enumerate(folders):
-            rows = inliers[c]
-            try:
-                centres, labels, dup = clusters.kmeans(lat[rows], cfg.ipc, cfg.seed, cfg.allow_duplicates)
-            except clusters.TooFewImages:
-                raise DistillError(f"class {f!r} ({ds.classes[c].name}) has {len(rows)} usable images, fewer than "
-                                   f"--ipc {cfg.ipc}; lower --ipc or pass --allow-duplicates") from None
-            if dup:
-                members = [[rows[j % len(rows)]] for j in range(cfg.ipc)]
-            else:
-                members = [[rows[j] for j in m] for m in clusters.members_by_distance(lat[rows], centres, labels)]
-            tensors[f"centres/{f}"] = centres
-            meta[f] = {"members": members, "sizes": [len(m) for m in members], "duplicated": dup}
-        return meta, tensors
-
-    cl_entry, rep = run_stage(cache, "clusters", cl_key, compute_clusters, dry=dry)
-    reports.append(rep)
-    for f, m in cl_entry.meta.items():
-        if m["duplicated"]:
-            _warn(cfg, f"class {f}: fewer images than --ipc; prototypes repeat (--allow-duplicates)")
-    if done("clusters"):
-        return finish()
-
-    # 6. text prototypes (Algorithm 2)
-    tp_key = stage_key("text_prototypes", text_prototypes.VERSION, clusters=cl_key, beta=cfg.beta, top_k=cfg.top_k,
-                       captions={f: stable_hash([cap_keys[i] for i in inliers[c]]) for c, f in enumerate(folders)},
-                       names=[c.name for c in ds.classes])
-
-    def compute_text():
-        meta = {}
-        for c, f in enumerate(folders):
-            rows = inliers[c]
-            pos = {g: j for j, g in enumerate(rows)}
-            members = [[pos[g] for g in m] for m in cl_entry.meta[f]["members"]]
-            recs = text_prototypes.class_prototypes([caps[g] for g in rows], members, ds.classes[c].name, cfg.beta,
-                                                    cfg.top_k)
-            for r, m in zip(recs, cl_entry.meta[f]["members"]):
-                r["member"] = samples[rows[r["member"]]].source if r["member"] is not None else None
-                r["cluster_size"] = len(m)
-            meta[f] = recs
-        return meta, {}
-
-    need("text_prototypes", caps)
-    tp_entry, rep = run_stage(cache, "text_prototypes", tp_key, compute_text, dry=dry)
-    reports.append(rep)
-    prototypes = {"beta": cfg.beta, "top_k": cfg.top_k, "classes": {
-        f: {"name": ds.classes[c].name, "clusters": tp_entry.meta[f]} for c, f in enumerate(folders)}}
-    manifest["text_prototypes"] = {f: [{"caption": r["caption"], "score": r["score"], "fallback": r["fallback"],
-                                        "representative_words": r["representative_words"],
-                                        "non_representative": r["non_representative"]} for r in recs]
-                                   for f, recs in tp_entry.meta.items()}
-    if done("text_prototypes"):
-        return finish({"prototypes.json": prototypes})
-
-    # 7. prompts: the text that conditions synthesis (--text-strategy)
-    pr_key = stage_key("prompts", prompts.VERSION, text_prototypes=tp_key, strategy=cfg.text_strategy,
-                       llm=llm_ref.identity if llm_ref else None)
-    llm = Lazy(lambda: models.load_text_llm(llm_ref, cfg.device))
-
-    def compute_prompts():
-        out = {}
-        for c, f in enumerate(folders):
-            recs, name = tp_entry.meta[f], ds.classes[c].name
-            if cfg.text_strategy == "llm":
-                model, tok = llm()
-                out[f] = prompts.llm_sentences(model, tok, [prompts.llm_request(name, r) for r in recs])
-            else:
-                out[f] = [prompts.simple_prompt(cfg.text_strategy, name, r) for r in recs]
-        return out, {}
-
-    pr_entry, rep = run_stage(cache, "prompts", pr_key, compute_prompts, llm, dry=dry)
-    reports.append(rep)
-    for f in folders:
-        for r, text in zip(prototypes["classes"][f]["clusters"], pr_entry.meta[f]):
-            r["prompt"] = text
-    if done("prompts"):
-        return finish({"prototypes.json": prototypes})
-
-    # 8. finetune the diffusion model on (image, caption) pairs (Algorithm 1, step 3)
-    pipe = Lazy(lambda: models.load_img2img(sd_ref, cfg.device))
-    ft_key, ft_entry, trained_now = None, None, []
-    if cfg.finetune:
-        fp = cfg.finetune_params()
-        ft_key = stage_key("finetune", finetune.VERSION, captions=stable_hash(cap_keys), latents=stable_hash(lat_keys),
-                           model=sd_ref.identity, params=fp.key_parts())
-
-        def compute_finetune():
-            trained_now.append(True)
-            weights, meta = finetune.train(pipe(), lat, caps, fp, cache, ft_key, cfg.progress)
-            return meta, weights
-
-        ft_entry, rep = run_stage(cache, "finetune", ft_key, compute_finetune, pipe, dry=dry)
-        rep.details = {k: ft_entry.meta[k] for k in ("steps", "resumed_from", "first_loss", "last_loss")}
-        reports.append(rep)
-        manifest["finetune"] = {k: v for k, v in ft_entry.meta.items() if k != "losses"}
-    if done("finetune"):
-        return finish({"prototypes.json": prototypes, **_loss_files(ft_entry)})
-
-    def finetuned_pipe():
-        p = pipe()
-        if ft_entry is not None and not trained_now:  # trained in this run: the UNet already holds the weights
-            finetune.apply_weights(p.unet, cfg.finetune_method, ft_entry.tensors, cfg.finetune_lora_rank)
-        return p
-
-    # 9. synthesis (per image)
-    items = [(c, j) for c in range(len(folders)) for j in range(cfg.ipc)]
-    syn_latents = [cl_entry.tensors[f"centres/{folders[c]}"][j] for c, j in items]
-    texts = [pr_entry.meta[folders[c]][j] for c, j in items]
-    seeds = [synthesis.image_seed(cfg.seed, folders[c], j) for c, j in items]
-    syn_keys = [_synthesis_key(cfg, sd_ref, ft_key, z, p, s) for z, p, s in zip(syn_latents, texts, seeds)]
-    synth_model = Lazy(finetuned_pipe)
-
-    def compute_synthesis(idx):
-        imgs = synthesis.generate(synth_model(), np.stack([syn_latents[i] for i in idx]), [texts[i] for i in idx],
-                                  [seeds[i] for i in idx], cfg.negative_prompt, cfg.strength, cfg.guidance_scale,
-                                  cfg.steps)
-        return (({"prompt": texts[i], "seed": seeds[i]}, {"image": im}) for i, im in zip(idx, imgs))
-
-    syn_entries, rep = run_items(cache, "synthesis", syn_keys, compute_synthesis, cfg.synthesis_batch_size,
-                                 synth_model, cfg.progress, dry=dry)
-    reports.append(rep)
-    need("output", syn_entries)
-    flat = [e.tensors["image"] for e in syn_entries]
-    if done("synthesis"):
-        return finish({"prototypes.json": prototypes, **_loss_files(ft_entry)})
-    replaced: dict[int, np.ndarray] = {}
-    if cfg.refine:
-        refined, summary = _refinement(cfg, cache, ds, items, flat, syn_latents, texts, seeds, synth_model, ft_key,
-                                       sd_ref, reports, dry, done, need)
-        if refined is None:
-            return finish({"prototypes.json": prototypes, **_loss_files(ft_entry)})
-        replaced = {i: flat[i] for i in summary["replacements"]}
-        flat = refined
-        manifest["refinement"] = summary
-        for f in folders:
-            prototypes["classes"][f]["refinement"] = summary["per_class"][f]
-        if done("refinement"):
-            return finish({"prototypes.json": prototypes, **_loss_files(ft_entry)})
-    images: dict[int, list[np.ndarray]] = {}
-    for (c, _), im in zip(items, flat):
-        images.setdefault(c, []).append(im)
-
-    # 8. output: the ImageFolder (rebuilt from the cache on every run: cheap, never stale)
-    t0 = time.perf_counter()
-    from vlcp import output
-
-    def build(tmp: Path):
-        output.save_images(tmp, ds.classes, images, cfg.image_size)
-        output.contact_sheet(ds.classes, images).save(tmp / "preview.png")
-        if replaced:
-            output.before_after_sheet([(replaced[i], flat[i], ds.classes[items[i][0]].name) for i in sorted(replaced)]
-                                      ).save(tmp / "preview_refined.png")
-
-    reports.append(StageReport("output", stable_hash(syn_keys + [str(cfg.image_size)]), False, len(items), 0, False,
-                               round(time.perf_counter() - t0, 3)))
-    return finish({"prototypes.json": prototypes, "_build": build, **_loss_files(ft_entry)})
-
-
-def _refinement(cfg, cache, ds, items, flat, syn_latents, texts, seeds, synth_model, ft_key, sd_ref, reports, dry,
-                done, need):
-    """Detector-guided refinement after synthesis; returns (images, summary), or (None, None) when --until
-    stops at one of its stages."""
-    from vlcp import refine
-
-    folders = [c.folder for c in ds.classes]
-    p, det_key, det_entry, rep, dev = refine.detector_stage(cache, ds, cfg.data, cfg.data_dir, cfg.classes,
-                                                             cfg.detector_arch, cfg.detector_epochs, cfg.detector,
-                                                             cfg.seed, cfg.device, cfg.progress, dry)
-    reports.append(rep)
-    if done("detector"):
-        return None, None
-    detector = Lazy(lambda: refine.detector_from_state(det_entry.tensors, p, len(folders), dev(),
-                                                       [c.name for c in ds.classes]))
-
-    def score(stage_name, imgs):
-        keys = [stage_key("detector_scores", refine.SCORES_VERSION, detector=det_key, image=_array_hash(im))
-                for im in imgs]
-
-        def compute(idx):
-            res = refine.scores_of(detector(), [imgs[i] for i in idx], p, dev())
-            return (({"pred": r["pred"], "probs": r["probs"]}, {"feature": r["feature"]}) for r in res)
-
-        entries, r = run_items(cache, "detector_scores", keys, compute, 64, detector, cfg.progress,
-                               desc=stage_name, dry=dry)
-        r.name = stage_name
-        reports.append(r)
-        need(stage_name, entries)
-        return [{"pred": e.meta["pred"], "probs": e.meta["probs"], "feature": e.tensors["feature"]} for e in entries]
-
-    scores = score("detector_scores", flat)
-    if done("detector_scores"):
-        return None, None
-    targets = [c for c, _ in items]
-    defective = [i for i in range(len(items))
-                 if refine.is_defective(scores[i]["pred"], scores[i]["probs"][targets[i]], targets[i], cfg.refine_beta)]
-    cand = [(i, j) for i in defective for j in range(cfg.refine_candidates)]
-    cand_seeds = [refine.candidate_seed(seeds[i], j) for i, j in cand]
-    cand_keys = [_synthesis_key(cfg, sd_ref, ft_key, syn_latents[i], texts[i], s) for (i, _), s in zip(cand, cand_seeds)]
-
-    def compute_candidates(idx):
-        imgs = synthesis.generate(synth_model(), np.stack([syn_latents[cand[k][0]] for k in idx]),
-                                  [texts[cand[k][0]] for k in idx], [cand_seeds[k] for k in idx],
-                                  cfg.negative_prompt, cfg.strength, cfg.guidance_scale, cfg.steps)
-        return (({"of": cand[k][0], "candidate": cand[k][1]}, {"image": im}) for k, im in zip(idx, imgs))
-
-    cand_entries, rep = run_items(cache, "candidates", cand_keys, compute_candidates, cfg.synthesis_batch_size,
-                                  synth_model, cfg.progress, dry=dry)
-    reports.append(rep)
-    if done("candidates"):
-        return None, None
-    need("candidate_scores", cand_entries)
-    cand_imgs = [e.tensors["image"] for e in cand_entries]
-    cand_scores = score("candidate_scores", cand_imgs)
-    if done("candidate_scores"):
-        return None, None
-    by_image: dict[int, list] = {}
-    by_image_imgs: dict[int, list] = {}
-    for (i, _), sc, im in zip(cand, cand_scores, cand_imgs):
-        by_image.setdefault(i, []).append(sc)
-        by_image_imgs.setdefault(i, []).append(im)
-    t0 = time.perf_counter()
-    summary = refine.select(folders, targets, scores, by_image, cfg.refine_beta, cfg.refine_top_k)
-    reports.append(StageReport("refinement", stable_hash([det_key, cand_keys, cfg.refine_beta, cfg.refine_top_k]),
-                               False, len(defective), 0, False, round(time.perf_counter() - t0, 3)))
-    out = list(flat)
-    for i, d in summary["replacements"].items():
-        out[i] = by_image_imgs[i][d["candidate"]]
-        d["class"], d["cluster"] = folders[items[i][0]], items[i][1]
-    summary.update(beta=cfg.refine_beta, top_k=cfg.refine_top_k, candidates=cfg.refine_candidates,
-                   detector=det_entry.meta)
-    return out, summary
-
-
-def _loss_files(ft_entry) -> dict:
-    """The fine-tuning loss curve, drawn when the output folder is written."""
-    if ft_entry is None:
-        return {}
-    return {"_plots": lambda tmp: finetune.loss_plot(ft_entry.meta["losses"], tmp / "finetune_loss.png",
-                                                     tmp / "finetune_loss.csv")}
-
-
-def _synthesis_key(cfg: DistillConfig, sd_ref, ft_key, latent: np.ndarray, prompt: str, seed: int) -> str:
-    return stage_key("synthesis", synthesis.VERSION, latent=_array_hash(latent), prompt=prompt, finetune=ft_key, negative_prompt=cfg.negative_prompt, strength=cfg.strength, guidance_scale=cfg.guidance_scale,
-        steps=cfg.steps, model=sd_ref.identity, seed=seed)
-
-
-def _array_hash(a: np.ndarray) -> str:
+def array_hash(a: np.ndarray) -> str:
+    """Content hash of an array (dtype and shape included): synthesis keys name their prototype by it."""
     import hashlib
 
     a = np.ascontiguousarray(a)
     return hashlib.sha256(str((a.dtype.str, a.shape)).encode() + a.tobytes()).hexdigest()[:32]
 
 
-def _memo_digest(cache: StageCache, path: str) -> str:
+def memo_digest(cache: StageCache, path: str) -> str:
     """File content hash, memoised on (path, size, mtime) so reruns do not reread every image."""
     import os
 
@@ -543,19 +280,29 @@ def _memo_digest(cache: StageCache, path: str) -> str:
                       lambda: file_digest(path))
 
 
-def _publish(cfg: DistillConfig, manifest: dict, files: dict) -> None:
+def publish(run: Run) -> None:
+    """OUT, written to a temporary folder and renamed into place: images, sheets, JSON files, manifest,
+    report.html."""
     from vlcp import output
 
-    build = files.pop("_build", None)
-    plots = files.pop("_plots", None)
-
     def write(tmp: Path):
-        if build:
-            build(tmp)
-        if plots:
-            plots(tmp)
-        for name, obj in files.items():
+        for writer in run.writers:
+            writer(tmp)
+        for name, obj in run.files.items():
             output.write_json(tmp / name, obj)
-        output.write_json(tmp / "manifest.json", manifest)
+        output.write_json(tmp / "manifest.json", run.manifest)
+        from vlcp.report import build as build_report
 
-    output.publish(Path(cfg.out), write)
+        build_report(tmp)  # OUT/report.html: relative links, so it survives the rename and a zip
+
+    output.publish(Path(run.cfg.out), write)
+
+
+def cached_captions(cfg: DistillConfig, cache: StageCache) -> list[tuple[str, str | None]]:
+    """(``<class folder>/<file>``, caption or None when not cached) per usable image, computing nothing:
+    what ``vlcp captions export`` writes."""
+    run = start(cfg, cache, dry_run=True)
+    for stage in STAGES[:2]:  # images, captions: a dry run reads the cache and never loads a model
+        stage.run(run, Step(run, stage))
+    return [(f"{run.ds.classes[s.class_idx].folder}/{Path(s.source).name}", c)
+            for s, c in zip(run.st.samples, run.st.captions)]

@@ -269,7 +269,6 @@ def to_array(img, size: int, channels: int, crop_to: int | None = None) -> np.nd
     return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
 
-_to_array = to_array  # the old private name, still imported by refine.py
 
 
 def tensors_from_samples(samples, size: int, channels: int, crop_to: int | None = None, progress: bool = False):

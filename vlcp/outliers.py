@@ -31,3 +31,13 @@ def inlier_mask(x: np.ndarray, contamination: float, min_keep: int = 0) -> tuple
                 mask[i] = True
                 restored += 1
     return mask, restored
+
+
+def per_class(latents: dict[str, np.ndarray], contamination: float, min_keep: int) -> tuple[dict, dict]:
+    """LOF for each class: (meta per class: images / removed / restored, tensors: ``mask/<class>``)."""
+    meta, tensors = {}, {}
+    for folder, x in latents.items():
+        mask, restored = inlier_mask(x, contamination, min_keep)
+        tensors[f"mask/{folder}"] = mask.astype(np.uint8)
+        meta[folder] = {"images": len(mask), "removed": int((~mask).sum()), "restored": restored}
+    return meta, tensors

@@ -10,6 +10,9 @@ image and joins the accepted set, so later choices see it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import numpy as np
 
 from vlcp.cache import stable_hash
@@ -96,8 +99,35 @@ def _mean(v: list[float]) -> float:
     return round(float(np.mean(v)), 4) if v else 0.0
 
 
-def detector_protocol(data: str, arch: str | None, epochs: int):
-    """The detector's training recipe (paper, III-B): Adam 0.01, CutMix, flips, ``epochs`` (300)."""
+@dataclass(frozen=True)
+class DetectorSpec:
+    """Where the detector comes from: the real data it trains on, or user weights."""
+    data: str
+    data_dir: Any
+    classes: list[str] | None
+    weights: str | None  # a safetensors file, a torchvision model name, or None (train one)
+    seed: int
+
+
+@dataclass
+class Detector:
+    """The cached detector stage: its recipe, key, entry (meta + weights) and device."""
+    protocol: Any
+    key: str
+    entry: Any
+    device: Callable[[], str]
+
+    def load(self, classes: list):
+        return detector_from_state(self.entry.tensors, self.protocol, len(classes), self.device(),
+                                   [c.name for c in classes])
+
+
+def detector_protocol(data: str, arch: str | None, epochs: int, weights: str | None = None):
+    """The detector's training recipe (paper, III-B): Adam 0.01, CutMix, flips, ``epochs`` (300).
+
+    A torchvision model name as ``weights`` means its ImageNet recipe: 224 px, ImageNet statistics."""
+    from pathlib import Path
+
     from vlcp.evaluate import IMAGENET_LIKE, make_protocol
 
     p = make_protocol("dc", data, 10, epochs=epochs, aug="none")
@@ -107,7 +137,18 @@ def detector_protocol(data: str, arch: str | None, epochs: int):
     p.aug, p.cutmix, p.batch_size = "flip", 1.0, 64
     if not low_res:
         p.image_size = p.load_size = 224
+    if weights and not Path(weights).is_file():
+        p.model, p.image_size, p.load_size, p.channels = weights, 224, 224, 3
     return p
+
+
+def weights_identity(weights: str | None) -> str | None:
+    """What the detector key holds of ``--detector``: a file's content hash, or the torchvision name."""
+    from pathlib import Path
+
+    from vlcp.cache import file_digest
+
+    return file_digest(weights) if weights and Path(weights).is_file() else weights
 
 
 def net_state(net) -> dict:
@@ -169,18 +210,19 @@ def torchvision_detector(name: str, class_names: list[str], device: str):
     """
     import torchvision.models as tvm
 
+    from vlcp.classnames import lookup
     from vlcp.evaluate import EvalError
 
     try:
         weights = tvm.get_model_weights(name).DEFAULT
     except (ValueError, KeyError):
         raise EvalError(f"--detector {name!r} is neither a file nor a torchvision model name") from None
-    cats = [c.lower() for c in weights.meta["categories"]]
+    index = {c.lower(): i for i, c in reversed(list(enumerate(weights.meta["categories"])))}
     columns, missing = [], []
     for n in class_names:
-        first = n.split(",")[0].strip().lower()
-        if first in cats:
-            columns.append(cats.index(first))
+        col = lookup(index, n.split(",")[0])
+        if col is not None:
+            columns.append(col)
         else:
             missing.append(n)
     if missing:
@@ -201,9 +243,9 @@ def scores_of(net, images: list[np.ndarray], p, device: str) -> list[dict]:
     from PIL import Image
 
     from vlcp import networks
-    from vlcp.evaluate import _to_array, net_input
+    from vlcp.evaluate import net_input, to_array
 
-    x = net_input(np.stack([_to_array(Image.fromarray(im), p.image_size, p.channels) for im in images]), p, device)
+    x = net_input(np.stack([to_array(Image.fromarray(im), p.image_size, p.channels) for im in images]), p, device)
     net.eval()
     with torch.inference_mode():
         feats = networks.embed(net, x).float()
@@ -213,70 +255,50 @@ def scores_of(net, images: list[np.ndarray], p, device: str) -> list[dict]:
             for pr, f in zip(probs, feats)]
 
 
-def detector_stage(cache, ds, data: str, data_dir, classes, arch, epochs: int, weights: str | None, seed: int,
-                   device: str, progress: bool, dry: bool = False):
-    """The cached ``detector`` stage: (protocol, key, entry, report, lazy device).
-
-    Trained on ``ds`` (the real training images in use) with checkpoints every tenth of training, so
-    a killed training resumes; or loaded from ``weights``. Its real test accuracy goes in the entry.
-    """
-    from dataclasses import asdict
+def train_detector(cache, ds, p, spec: DetectorSpec, key: str, device: str, progress: bool) -> tuple[dict, dict]:
+    """(meta, weights) of the detector: trained on ``ds`` with checkpoints every tenth of training (a
+    killed training resumes), or loaded from ``spec.weights``; its real test accuracy goes in meta."""
     from pathlib import Path
 
-    from vlcp import models
-    from vlcp.cache import file_digest, stage_key
+    from vlcp.datasets import load_dataset
     from vlcp.evaluate import accuracy, tensors_from_samples, train
-    from vlcp.runner import Lazy, run_stage
 
-    p = detector_protocol(data, arch, epochs)
-    if weights and not Path(weights).is_file():  # torchvision ImageNet weights: 224 px, ImageNet statistics
-        p.model, p.image_size, p.load_size, p.channels = weights, 224, 224, 3
-    key = stage_key("detector", DETECTOR_VERSION, dataset=ds.identity(), protocol=asdict(p), seed=seed,
-                    weights=file_digest(weights) if weights and Path(weights).is_file() else weights)
-    dev = Lazy(lambda: models.torch_device(device))
-    n = len(ds.classes)
-
-    def compute():
-        from vlcp.datasets import load_dataset
-
-        test = tensors_from_samples(load_dataset(data, data_dir, "test", classes).samples, p.image_size, p.channels)
-        if weights and not Path(weights).is_file():  # a torchvision model name
-            net = torchvision_detector(weights, [c.name for c in ds.classes], dev())
-            return {"source": f"torchvision:{weights}", "model": weights,
-                    "accuracy": round(accuracy(net, *test, p, dev()) * 100, 2)}, {}
-        if weights:
-            net = load_detector(weights, p, n, dev())
-            return {"source": str(weights), "model": p.model, "accuracy": round(accuracy(net, *test, p, dev()) * 100,
-                                                                                  2)}, net_state(net)
-        x, y = tensors_from_samples(ds.samples, p.image_size, p.channels)
-        net, res = train(p, x, y, n, seed, dev(), test=test, progress=progress, desc="detector",
-                         resume=(cache, "detector_checkpoint", key), checkpoint_every=max(1, p.epochs // 10))
-        return {"source": "trained by vlcp", "model": p.model, "epochs": p.epochs,
-                "accuracy": round(res["accuracy"] * 100, 2)}, net_state(net)
-
-    entry, rep = run_stage(cache, "detector", key, compute, dry=dry)
-    return p, key, entry, rep, dev
+    w = spec.weights
+    test = tensors_from_samples(load_dataset(spec.data, spec.data_dir, "test", spec.classes).samples, p.image_size,
+                                p.channels)
+    if w and not Path(w).is_file():  # a torchvision model name
+        net = torchvision_detector(w, [c.name for c in ds.classes], device)
+        return {"source": f"torchvision:{w}", "model": w, "accuracy": round(accuracy(net, *test, p, device) * 100,
+                                                                            2)}, {}
+    if w:
+        net = load_detector(w, p, len(ds.classes), device)
+        return {"source": str(w), "model": p.model, "accuracy": round(accuracy(net, *test, p, device) * 100, 2)}, \
+            net_state(net)
+    x, y = tensors_from_samples(ds.samples, p.image_size, p.channels)
+    net, res = train(p, x, y, len(ds.classes), spec.seed, device, test=test, progress=progress, desc="detector",
+                     resume=(cache, "detector_checkpoint", key), checkpoint_every=max(1, p.epochs // 10))
+    return {"source": "trained by vlcp", "model": p.model, "epochs": p.epochs,
+            "accuracy": round(res["accuracy"] * 100, 2)}, net_state(net)
 
 
-def detect_only(folder, data: str, data_dir, cache, opts: dict, device: str, progress: bool, out) -> dict:
-    """Judge every image of a foreign ImageFolder and write OUT/report.json (no replacement possible)."""
+def detect_only(folder, cfg, cache) -> dict:
+    """Judge every image of a foreign ImageFolder and write ``cfg.out``/report.json (no replacement possible).
+
+    The detector comes from the same ``detector`` stage as ``vlcp distill --refine`` (same key, same cache)."""
     from pathlib import Path
 
     from vlcp import __version__
-    from vlcp.datasets import load_dataset
     from vlcp.evaluate import synthetic_samples
     from vlcp.output import publish, write_json
+    from vlcp.refine_stages import standalone_detector
 
-    ds = load_dataset(data, data_dir, "train")
-    beta = opts["refine_beta"] if opts["refine_beta"] is not None else default_beta(data)
-    p, key, entry, _, dev = detector_stage(cache, ds, data, data_dir, None, opts["detector_arch"],
-                                           opts["detector_epochs"], opts["detector"], 0, device, progress)
-    net = detector_from_state(entry.tensors, p, len(ds.classes), dev(), [c.name for c in ds.classes])
+    det, net, ds = standalone_detector(cfg, cache)
+    p, beta = det.protocol, cfg.refine_beta
     samples, _ = synthetic_samples(Path(folder), ds, None)
     images = [np.asarray(s.load()) for s in samples]
     scores = []
     for i in range(0, len(images), 64):
-        scores += scores_of(net, images[i:i + 64], p, dev())
+        scores += scores_of(net, images[i:i + 64], p, det.device())
     rows, per_class = [], {}
     for s, sc in zip(samples, scores):
         c = s.class_idx
@@ -290,6 +312,6 @@ def detect_only(folder, data: str, data_dir, cache, opts: dict, device: str, pro
     for st in per_class.values():
         st["confidence"] = round(st["confidence"] / st["images"], 4)
     report = {"vlcp_version": __version__, "folder": str(folder), "mode": "detection only (not a vlcp output)",
-              "beta": beta, "detector": entry.meta, "per_class": per_class, "images": rows}
-    publish(Path(out), lambda tmp: write_json(tmp / "report.json", report))
+              "beta": beta, "detector": det.entry.meta, "per_class": per_class, "images": rows}
+    publish(Path(cfg.out), lambda tmp: write_json(tmp / "report.json", report))
     return report

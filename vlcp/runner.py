@@ -46,15 +46,32 @@ class Lazy:
             self.loaded = True
         return self._value
 
+    def release(self) -> None:
+        """Drop the model (and the GPU memory it held) once no later stage needs it."""
+        if not self.loaded:
+            return
+        self._value = None
+        self.loaded = False
+        import gc
+        import sys
+
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
 
 def _was_loaded(model: Lazy | None, before: bool) -> bool:
     return bool(model is not None and model.loaded and not before)
 
 
 class PlanStop(Exception):
-    """Raised in dry-run mode where a stage would have to compute: the plan ends there."""
+    """Raised in dry-run mode where a stage would have to compute: the plan ends there.
 
-    def __init__(self, report: StageReport):
+    ``report`` is that stage's plan (what it would compute), or None when the stage cannot even be
+    planned because its inputs are not cached yet."""
+
+    def __init__(self, report: StageReport | None):
         self.report = report
 
 
@@ -76,11 +93,12 @@ def run_stage(cache: StageCache, stage: str, key: str, compute: Callable[[], tup
 
 def run_items(cache: StageCache, stage: str, keys: list[str],
               compute: Callable[[list[int]], Iterable[tuple[dict, dict]]], batch_size: int,
-              model: Lazy | None = None, progress: bool = True, desc: str | None = None,
+              model: Lazy | None = None, progress: bool | str = True,
               dry: bool = False) -> tuple[list[Entry | None], StageReport]:
     """Per-item stage: compute(indices) yields (meta, tensors) for each index, in order.
 
-    Items with equal keys (duplicate images) are computed once. With ``dry``, nothing is computed:
+    Items with equal keys (duplicate images) are computed once. ``progress`` is False (no bar), True
+    (a bar named after the stage) or the bar's name. With ``dry``, nothing is computed:
     missing entries stay None and the report counts what would be computed.
     """
     t0 = time.perf_counter()
@@ -100,7 +118,8 @@ def run_items(cache: StageCache, stage: str, keys: list[str],
     if todo and not dry:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=desc or stage, unit="img", disable=not progress, leave=False)
+        bar = tqdm(total=len(todo), desc=progress if isinstance(progress, str) else stage, unit="img",
+                   disable=progress is False, leave=False)
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             for i, (meta, tensors) in zip(batch, compute(batch)):

@@ -1,0 +1,174 @@
+"""The stage table: declared parameters are exactly what each key holds; names, README and code agree."""
+import ast
+import dataclasses
+import gc
+import weakref
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_manifest
+from vlcp.config import ConfigError, DistillConfig
+from vlcp.stages import STAGE_NAMES, STAGES, markdown_table
+
+ROOT = Path(__file__).parent.parent
+FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
+CHANGED = {bool: lambda v: not v, int: lambda v: (v or 1) + 1, float: lambda v: (v or 0.5) / 2,
+           str: lambda v: (v or "x") + "-changed"}
+
+
+def _step(stage, **cfg):
+    from vlcp.distill import Run, Step
+
+    run = Run(DistillConfig(data="digits", out=Path("o"), **cfg), None, None, None, 0, False, {})
+    return Step(run, stage)
+
+
+def _changed(cfg_value, name):
+    if name in ("detector", "detector_arch", "text_llm"):
+        return "resnet18-modified"
+    if name == "crop":
+        return "center"
+    if name == "finetune_method":
+        return "lora"
+    if name == "text_strategy":
+        return "label"
+    return CHANGED[type(cfg_value) if cfg_value is not None else int](cfg_value)
+
+
+BASE = dict(ipc=2, contamination=0.1, beta=0.2, top_k=35, image_size=8, caption_batch_size=8, caption_max_tokens=32,
+            finetune_epochs=1, finetune_lr=1e-5, refine_beta=0.9)
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=STAGE_NAMES)
+def test_each_declared_parameter_changes_the_key_and_nothing_else_does(stage):
+    declared = stage.params + stage.selects + stage.unkeyed
+    assert set(declared) <= set(FIELDS), "declares fields the config does not have"
+    base = _step(stage, **BASE).key(upstream="k")
+    for name in stage.params:
+        other = _step(stage, **{**BASE, name: _changed(BASE.get(name, FIELDS[name].default), name)})
+        assert other.key(upstream="k") != base, name
+    for name in sorted(set(FIELDS) - set(stage.params) - {"data", "out", "data_dir", "classes", "warnings"}):
+        value = BASE.get(name, FIELDS[name].default)
+        if isinstance(FIELDS[name].default, (bool, int, float, str)) or value is not None:
+            other = _step(stage, **{**BASE, name: _changed(value, name)})
+            assert other.key(upstream="k") == base, f"{name} is not declared but changes the key"
+    assert _step(stage, **BASE).key(upstream="other") != base  # inputs are keyed too
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=STAGE_NAMES)
+def test_a_stage_can_read_only_what_it_declares(stage):
+    p = _step(stage, **BASE).p
+    for name in stage.params + stage.selects + stage.unkeyed:
+        getattr(p, name)
+    undeclared = sorted(set(FIELDS) - set(stage.params + stage.selects + stage.unkeyed))
+    with pytest.raises(AttributeError, match=f"stage {stage.name!r} reads {undeclared[0]!r} but does not declare"):
+        getattr(p, undeclared[0])
+
+
+def test_stage_names_come_from_the_table(vlcp):
+    from vlcp.cli import cli
+
+    until = next(p for p in cli.commands["distill"].params if p.name == "until")
+    assert list(until.type.choices) == STAGE_NAMES
+    clear = next(p for p in cli.commands["cache"].commands["clear"].params if p.name == "stage")
+    assert list(clear.type.choices)[:len(STAGE_NAMES)] == STAGE_NAMES
+    assert STAGE_NAMES[0] == "images" and STAGE_NAMES[-1] == "output" and len(set(STAGE_NAMES)) == len(STAGES)
+
+
+def test_readme_table_is_the_stage_table():
+    assert markdown_table() in (ROOT / "README.md").read_text()
+
+
+def test_a_model_is_released_after_its_last_stage(vlcp, tmp_path, monkeypatch):
+    """The captioner and the VAE are gone (weakly referenced) before fine-tuning starts."""
+    from vlcp import finetune, models
+
+    refs = {}
+    for name in ("load_captioner", "load_vae"):
+        real = getattr(models, name)
+
+        def load(*a, _real=real, _name=name):
+            obj = _real(*a)
+            refs[_name] = weakref.ref(obj[0] if isinstance(obj, tuple) else obj)
+            return obj
+        monkeypatch.setattr(models, name, load)
+    alive = {}
+    real_train = finetune.train
+
+    def train(*a, **k):
+        gc.collect()
+        alive.update({n: r() is not None for n, r in refs.items()})
+        return real_train(*a, **k)
+    monkeypatch.setattr(finetune, "train", train)
+    r = vlcp("distill", "--data", "digits", "--tiny", "--classes", "0,1", "--max-per-class", "6", "--ipc", "1",
+             "--steps", "2", "--finetune-max-steps", "1", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    assert alive == {"load_captioner": False, "load_vae": False}
+
+
+def test_out_inside_the_dataset_is_refused(vlcp, tmp_path):
+    from tests.test_datasets import make_awkward_folder
+
+    folder = make_awkward_folder(tmp_path / "folder")
+    for out in (folder / "n01440764" / "synthetic", folder, tmp_path):
+        r = vlcp("distill", "--data", folder, "--tiny", "--ipc", "1", "--out", out)
+        assert r.exit_code == 2 and "--out" in r.output and "dataset folder" in r.output, out
+        assert "Traceback" not in r.output
+    with pytest.raises(ConfigError, match="--ipc"):
+        DistillConfig(data="digits", ipc=0, out=tmp_path / "o").validate()
+
+
+def test_refine_on_a_malformed_manifest_is_a_clear_error(vlcp, tmp_path):
+    folder = tmp_path / "synth"
+    (folder / "0").mkdir(parents=True)
+    (folder / "manifest.json").write_text('{"parameters": {"data": "digits", "ipc": ')
+    r = vlcp("refine", folder, "--data", "digits", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "manifest.json is unreadable" in r.output and "Traceback" not in r.output
+    (folder / "manifest.json").write_text('{"parameters": {"data": "digits", "ipc": 2, "beta": 7}}')
+    r = vlcp("refine", folder, "--data", "digits", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--beta" in r.output and "(0, 1]" in r.output  # validated like distill
+
+
+def _functions(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+
+
+def test_functions_are_short_and_take_few_parameters():
+    """The code-shape rule of the stage-table issue (Click commands take their options)."""
+    too_long, too_many = [], []
+    for path in sorted((ROOT / "vlcp").glob("*.py")):
+        for fn in _functions(ast.parse(path.read_text())):
+            click_cmd = any("command" in ast.unparse(d) for d in fn.decorator_list)
+            if fn.end_lineno - fn.lineno + 1 > 80:
+                too_long.append(f"{path.name}:{fn.name}")
+            args = fn.args
+            names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+            n = len([a for a in names if a not in ("self", "cls")])
+            if n > 8 and not click_cmd:
+                too_many.append(f"{path.name}:{fn.name}({n})")
+    assert too_long == [] and too_many == []
+
+
+def test_a_latent_found_corrupt_when_read_is_recomputed(vlcp, tmp_path):
+    """The latents stage only looks at the index (a cached rerun reads no latent); a new --contamination
+    makes outliers read the blobs, it finds the flipped bit and the run restarts with that one latent
+    recomputed (exit 0, one corrupt entry counted)."""
+    args = ["distill", "--data", "digits", "--tiny", "--classes", "0,1", "--max-per-class", "6", "--ipc", "1",
+            "--until", "clusters"]
+    assert vlcp(*args, "--out", tmp_path / "a").exit_code == 0
+    blobs = sorted((tmp_path / "cache" / "blobs" / "latents").rglob("*"))
+    blob = [b for b in blobs if b.is_file()][0]
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 0x01  # inside the tensor payload: same length, only the checksum can tell
+    blob.write_bytes(bytes(data))
+    r = vlcp(*args, "--out", tmp_path / "b")
+    m = read_manifest(tmp_path / "b")
+    assert m["stages"]["latents"]["items_computed"] == 0 and m["cache_corrupt_entries_recomputed"] == 0
+    r = vlcp(*args, "--contamination", "0.2", "--out", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    m = read_manifest(tmp_path / "c")
+    assert m["stages"]["latents"]["items_computed"] == 1 and m["cache_corrupt_entries_recomputed"] == 1
+    assert m["stages"]["outliers"]["items_computed"] == 1

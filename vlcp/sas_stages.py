@@ -1,0 +1,167 @@
+"""Semantic-aware post-sampling (``--post-sample sas``): stages of the table between synthesis and refinement.
+
+vlcp's formulation of SAS (arXiv 2605.18012) from its abstract (``vlcp/sas.py``), not the authors'
+method. pool -> clip_image -> clip_text -> post_sampling: every synthetic image gets
+``--pool-multiplier`` - 1 siblings from its prototype and prompt (seeds from the image's seed and the
+candidate index, cached as refinement candidates are: the same (prototype, prompt, seed) is generated
+once whoever asks), CLIP embeds the pool (cached per image content), and the selection keeps IPC per
+class. A new ``--sas-*`` value recomputes only the selection: no image generated, no CLIP call.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vlcp import refine
+from vlcp.cache import stable_hash
+from vlcp.stages import Stage, generate
+
+if TYPE_CHECKING:
+    from vlcp.distill import Run, Step
+
+
+def pool(run: Run, step: Step) -> None:
+    """Candidates 1..m-1 of every synthetic image (candidate 0 is the image itself)."""
+    p, st = step.p, run.st
+    m = p.pool_multiplier
+    if m == 1:
+        run.warn("--pool-multiplier 1: the pool is the synthetic set itself, so the selection keeps it as is")
+    extra = [(i, k) for i in range(len(st.items)) for k in range(1, m)]
+    lat = [st.syn_latents[i] for i, _ in extra]
+    texts = [st.texts[i] for i, _ in extra]
+    seeds = [refine.candidate_seed(st.seeds[i], k) for i, k in extra]
+    keys = [st.synth_key(z, t, s) for z, t, s in zip(lat, texts, seeds)]
+
+    def compute(idx):
+        for j, (meta, tensors) in zip(idx, generate(run, idx, lat, texts, seeds)):
+            yield {**meta, "of": extra[j][0], "candidate": extra[j][1]}, tensors
+
+    entries, _ = step.items(keys, compute, p.synthesis_batch_size, "synth", cache_stage="candidates")
+    run.need("clip_image", entries)
+    st.pool = [(i, 0) for i in range(len(st.items))] + extra  # (synthetic image, candidate index)
+    st.pool_images = list(st.images) + [e.tensors["image"] for e in entries]
+    st.pool_keys = list(st.syn_keys) + keys
+    st.pool_seeds = list(st.seeds) + seeds
+
+
+def clip_image(run: Run, step: Step) -> None:
+    """CLIP embedding of every pool image, cached per (image content, CLIP) like `vlcp select`'s."""
+    from vlcp import clip
+    from vlcp.distill import array_hash
+
+    p, st, ref = step.p, run.st, run.refs.clip
+    keys = [clip.image_key(array_hash(im), ref.identity) for im in st.pool_images]
+
+    def compute(idx):
+        model, processor = run.models["clip"]()
+        emb = clip.embed_images(model, processor, [st.pool_images[i] for i in idx], None, p.clip_batch_size)
+        return (({}, {"embedding": e}) for e in emb)
+
+    entries, _ = step.items(keys, compute, p.clip_batch_size, "clip", cache_stage=clip.IMAGE_STAGE)
+    run.need("post_sampling", entries)
+    st.clip_keys = keys
+    st.pool_emb = np.stack([e.tensors["embedding"] for e in entries])
+
+
+def clip_text(run: Run, step: Step) -> None:
+    """The relevance anchors: class prompts (default), each prototype's prompt, or real-image centroids."""
+    from vlcp import clip
+
+    p, st, ref = step.p, run.st, run.refs.clip
+    if p.sas_anchor == "centroid":
+        from vlcp.pool_select import real_centroids
+
+        st.anchors, rep, _ = real_centroids(run.cache, ref, run.ds, run.models["clip"], p.clip_batch_size,
+                                            run.cfg.progress and "clip real")
+        rep.name = step.stage.name
+        run.reports.append(rep)
+        st.anchor_key = stable_hash([ref.identity, [s.digest for s in run.ds.samples]])
+        return
+    texts = clip.class_prompts([c.name for c in run.ds.classes], p.clip_prompt)
+    if p.sas_anchor == "prototype":
+        texts += st.texts
+    keys = [clip.text_key(t, ref.identity) for t in texts]
+
+    def compute(idx):
+        model, processor = run.models["clip"]()
+        return (({}, {"embedding": e}) for e in clip.embed_texts(model, processor, [texts[i] for i in idx]))
+
+    entries, _ = step.items(keys, compute, 64, "clip", cache_stage=clip.TEXT_STAGE)
+    run.need("post_sampling", entries)
+    emb = np.stack([e.tensors["embedding"] for e in entries])
+    st.anchors, st.own_anchors = emb[:len(run.ds.classes)], emb[len(run.ds.classes):] if len(emb) > len(
+        run.ds.classes) else None
+    st.anchor_key = stable_hash(keys)
+
+
+def post_sampling(run: Run, step: Step) -> None:
+    """The selection (vlcp's formulation of SAS): IPC images per class from the pool."""
+    from vlcp import sas
+
+    p, st = step.p, run.st
+    labels = np.array([st.items[i][0] for i, _ in st.pool], np.int64)
+    protos = np.array([i for i, _ in st.pool], np.int64)  # the synthetic image (= prototype) it comes from
+    own = st.own_anchors[protos] if st.own_anchors is not None else None
+    params = sas.SasParams(p.ipc, p.sas_keep, p.sas_alpha, p.sas_lambda, p.select, p.sas_per_prototype, True,
+                           p.seed)
+    key = step.key(embeddings=stable_hash(st.clip_keys), anchors=st.anchor_key)
+
+    def compute():
+        sel = sas.select(st.pool_emb, labels, st.anchors, params, own, protos)
+        return {"picked": {str(c): v for c, v in sel.picked.items()}, "candidates": sel.records()}, {}
+
+    entry, _ = step.whole(key, compute)
+    picked = {int(c): v for c, v in entry.meta["picked"].items()}
+    _adopt(run, picked)
+    run.manifest["post_sampling"] = {"method": sas.LABEL, "pool_multiplier": len(st.pool) // max(1, len(st.items)),
+                                     "params": {"keep": p.sas_keep, "alpha": p.sas_alpha, "lambda": p.sas_lambda,
+                                                "select": p.select, "per_prototype": p.sas_per_prototype,
+                                                "anchor": p.sas_anchor},
+                                     **_records(run, entry.meta["candidates"], picked)}
+
+
+def _adopt(run: Run, picked: dict[int, list[int]]) -> None:
+    """The picks become the synthetic set: slot (c, j) takes class c's j-th pick, with its prototype, prompt,
+    seed and key, so refinement regenerates from the prototype the kept image came from."""
+    st = run.st
+    order = [k for c in range(len(run.folders)) for k in picked.get(c, [])]
+    src = [st.pool[k][0] for k in order]
+    st.items = [(c, j) for c in range(len(run.folders)) for j in range(len(picked.get(c, [])))]
+    st.syn_latents = [st.syn_latents[i] for i in src]
+    st.texts = [st.texts[i] for i in src]
+    st.seeds = [st.pool_seeds[k] for k in order]
+    st.syn_keys = [st.pool_keys[k] for k in order]
+    st.images = [st.pool_images[k] for k in order]
+
+
+def _records(run: Run, records: list[dict], picked: dict[int, list[int]]) -> dict:
+    """``images``: per kept image (``<class>/<index>.png``) its scores; ``pool``: every candidate's record."""
+    st = run.st
+    out = {}
+    for c, ks in picked.items():
+        for j, k in enumerate(ks):
+            r = records[k]
+            out[f"{run.folders[c]}/{j:04d}.png"] = {
+                "prototype": st.pool[k][0], "candidate": st.pool[k][1], "relevance": r["relevance"],
+                "margin": r["margin"], "quality": r["quality"], "diversity_at_pick": r["diversity_at_pick"],
+                "rank": r["rank"], "why": r["why"]}
+    return {"images": out, "pool": records}
+
+
+STAGES = [
+    Stage("pool", pool, 1, "`--pool-multiplier` - 1 more images per prototype (seeds from the image's seed "
+          "and the candidate index), shared with refinement candidates", "image", selects=("pool_multiplier",),
+          unkeyed=("synthesis_batch_size",), inputs="the synthesis key of each candidate", models=("pipe", "synth"),
+          enabled_by="sas"),
+    Stage("clip_image", clip_image, 1, "CLIP embedding of every pool image", "image", unkeyed=("clip_batch_size",),
+          inputs="image content hash, CLIP id@commit", models=("clip",), enabled_by="sas"),
+    Stage("clip_text", clip_text, 1, "relevance anchors: class prompts, prototype prompts or real centroids",
+          "image", selects=("sas_anchor", "clip_prompt"), unkeyed=("clip_batch_size",),
+          inputs="text, CLIP id@commit", models=("clip",), enabled_by="sas"),
+    Stage("post_sampling", post_sampling, 1, "vlcp's formulation of SAS from its abstract: stage-1 filter by "
+          "relevance and margin, stage-2 greedy quality vs diversity", params=(
+              "ipc", "sas_keep", "sas_alpha", "sas_lambda", "select", "sas_per_prototype", "sas_anchor", "seed"),
+          inputs="embedding keys, anchor keys", enabled_by="sas"),
+]
+
