@@ -7,8 +7,8 @@ progress) and return a ``StageReport`` that goes into ``manifest.json``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
 
 from vlcp.cache import Entry, StageCache, stable_hash
 
@@ -77,18 +77,40 @@ class PlanStop(Exception):
 
 def run_stage(cache: StageCache, stage: str, key: str, compute: Callable[[], tuple[dict, dict]],
               model: Lazy | None = None, dry: bool = False) -> tuple[Entry, StageReport]:
-    """A whole-stage artefact: compute() -> (meta, tensors), unless the key is cached."""
+    """A whole-stage artefact: compute() -> (meta, tensors), unless the key is cached.
+
+    In a multi-process launch (``vlcp.parallel``) only rank 0 computes; the others wait for the key."""
+    from vlcp import parallel
+
     t0 = time.perf_counter()
     before = model.loaded if model else False
     entry = cache.get(stage, key)
     cached = entry is not None
     if entry is None and dry:
         raise PlanStop(StageReport(stage, key, False, 1, 0, False, 0.0))
-    if entry is None:
+    w = parallel.world()
+    by_peer = entry is None and not w.main
+    if by_peer:
+        parallel.wait_for(cache, stage, {key: 0}, w, what="artefact")
+        entry = _peer_entry(cache, stage, key)
+    elif entry is None:
         meta, tensors = compute()
         entry = cache.put(stage, key, meta, tensors)
-    return entry, StageReport(stage, key, cached, 0 if cached else 1, 1 if cached else 0, _was_loaded(model, before),
-                              round(time.perf_counter() - t0, 3))
+    rep = StageReport(stage, key, cached, 0 if cached or by_peer else 1, 1 if cached else 0,
+                      _was_loaded(model, before), round(time.perf_counter() - t0, 3))
+    if by_peer:
+        rep.details = {"computed_by_peers": 1}
+    return entry, rep
+
+
+def _peer_entry(cache: StageCache, stage: str, key: str) -> Entry:
+    from vlcp.parallel import ParallelError
+
+    entry = cache.get(stage, key)
+    if entry is None:
+        raise ParallelError(f"stage {stage}: the entry {key[:12]} another process wrote is unreadable here "
+                            f"(is the cache directory shared and complete?); rerun to recompute it")
+    return entry
 
 
 def run_items(cache: StageCache, stage: str, keys: list[str],
@@ -99,36 +121,59 @@ def run_items(cache: StageCache, stage: str, keys: list[str],
 
     Items with equal keys (duplicate images) are computed once. ``progress`` is False (no bar), True
     (a bar named after the stage) or the bar's name. With ``dry``, nothing is computed:
-    missing entries stay None and the report counts what would be computed.
+    missing entries stay None and the report counts what would be computed. In a multi-process
+    launch (``vlcp.parallel``) this process computes the missing items of its share only, then waits
+    for the others' and returns every entry; ``details.computed_by_peers`` counts the others' items.
     """
+    from vlcp import parallel
+
     t0 = time.perf_counter()
     before = model.loaded if model else False
+    w = parallel.SINGLE if dry else parallel.world()
     entries: list[Entry | None] = [None] * len(keys)
-    missing: dict[str, list[int]] = {}
+    where: dict[str, list[int]] = {}
     for i, k in enumerate(keys):
-        if k in missing:
-            missing[k].append(i)
-            continue
+        where.setdefault(k, []).append(i)
+    owner = parallel.owners(list(where), w) if w.parallel else {}
+    missing: list[str] = []
+    for k, idx in where.items():
         e = cache.get(stage, k)
         if e is None:
-            missing[k] = [i]
+            missing.append(k)
         else:
-            entries[i] = e
-    todo = [idx[0] for idx in missing.values()]
+            for j in idx:
+                entries[j] = e
+    todo = [where[k][0] for k in missing if owner.get(k, 0) == w.rank]
     if todo and not dry:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc=progress if isinstance(progress, str) else stage, unit="img",
-                   disable=progress is False, leave=False)
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            for i, (meta, tensors) in zip(batch, compute(batch)):
-                e = cache.put(stage, keys[i], meta, tensors)
-                for j in missing[keys[i]]:
-                    entries[j] = e
-            bar.update(len(batch))
-        bar.close()
+        _compute(cache, stage, keys, where, entries, todo, compute, batch_size, progress)
+    peers = {k: owner[k] for k in missing if owner.get(k, 0) != w.rank}
+    if peers:
+        parallel.wait_for(cache, stage, peers, w, progress)
+        for k in peers:
+            e = _peer_entry(cache, stage, k)
+            for j in where[k]:
+                entries[j] = e
     computed = len(todo)
-    return entries, StageReport(stage, stable_hash(keys), computed == 0, computed, len(keys) - computed,
-                                _was_loaded(model, before), round(time.perf_counter() - t0, 3))
+    by_peers = sum(len(where[k]) for k in peers)
+    rep = StageReport(stage, stable_hash(keys), computed == 0 and not peers, computed,
+                      len(keys) - computed - by_peers, _was_loaded(model, before), round(time.perf_counter() - t0, 3))
+    if peers:
+        rep.details = {"computed_by_peers": len(peers)}
+    return entries, rep
 
+
+def _compute(cache: StageCache, stage: str, keys: list[str], where: dict[str, list[int]], entries: list,
+             todo: list[int], compute: Callable, batch_size: int, progress: bool | str) -> None:
+    """Compute ``todo`` (first indices of missing keys) in batches, storing every item at once."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc=progress if isinstance(progress, str) else stage, unit="img",
+               disable=progress is False, leave=False)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        for i, (meta, tensors) in zip(batch, compute(batch)):
+            e = cache.put(stage, keys[i], meta, tensors)
+            for j in where[keys[i]]:
+                entries[j] = e
+        bar.update(len(batch))
+    bar.close()

@@ -1,0 +1,238 @@
+"""Many processes, one cache (vlcp/parallel.py): the split, the waits, a dead peer, torchrun end to end."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.conftest import read_manifest
+from vlcp import parallel
+from vlcp.cache import StageCache
+from vlcp.parallel import ParallelError, World
+from vlcp.runner import run_items, run_stage
+
+RUN = ["--data", "digits", "--tiny", "--classes", "0,1,2", "--max-per-class", "10", "--ipc", "1", "--steps", "2",
+       "--no-finetune"]
+PER_ITEM = ("images", "captions", "latents", "synthesis")
+WHOLE = ("outliers", "clusters", "text_prototypes", "prompts")
+
+
+@pytest.fixture
+def ranked(monkeypatch):
+    """Pretend to be one process of a launch: ranked(rank, world)."""
+    def set_rank(rank: int, size: int, timeout: float = 30):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(size))
+        monkeypatch.setenv("VLCP_LAUNCH_ID", f"test-{os.getpid()}-{time.monotonic_ns()}")
+        monkeypatch.setenv("VLCP_PEER_TIMEOUT", str(timeout))
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "VLCP_LAUNCH_ID"):
+        monkeypatch.delenv(name, raising=False)
+    return set_rank
+
+
+def compute_meta(keys, calls):
+    def compute(idx):
+        calls.extend(idx)
+        return (({"v": keys[i]}, None) for i in idx)
+    return compute
+
+
+# -- the launch environment ---------------------------------------------------------------------------
+def test_world_from_environment():
+    assert parallel.world({}) == parallel.SINGLE and not parallel.SINGLE.parallel
+    w = parallel.world({"RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1", "VLCP_LAUNCH_ID": "L"})
+    assert (w.rank, w.size, w.local_rank, w.launch, w.main, w.parallel) == (1, 3, 1, "L", False, True)
+    assert parallel.world({"RANK": "0", "WORLD_SIZE": "1"}) == parallel.SINGLE
+
+
+@pytest.mark.parametrize("env, msg", [
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 and WORLD_SIZE=2 in the environment do not fit"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "RANK=0 and WORLD_SIZE=0"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' in the environment is not an integer"),
+])
+def test_bad_launch_environment_is_one_line(env, msg):
+    with pytest.raises(ParallelError, match=msg):
+        parallel.world(env)
+
+
+def test_launch_id_is_shared_by_one_launch_only():
+    env = {"MASTER_ADDR": "n1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "4",
+           "LOCAL_WORLD_SIZE": "2"}  # two nodes: the launchers differ, the rendezvous names the launch
+    assert parallel.launch_id(env) == parallel.launch_id(dict(env))
+    assert parallel.launch_id(env) != parallel.launch_id({**env, "MASTER_PORT": "29501"})
+    assert parallel.launch_id({**env, "VLCP_LAUNCH_ID": "job7"}) == "job7"
+
+
+def test_owners_deal_unique_keys_by_position():
+    w = World(1, 3, 0, "L")
+    assert parallel.owners(["a", "b", "c", "d", "e"], w) == {"a": 0, "b": 1, "c": 2, "d": 0, "e": 1}
+
+
+# -- run_items / run_stage under a launch -------------------------------------------------------------
+def test_one_process_is_unchanged(tmp_path, ranked):
+    c = StageCache(tmp_path)
+    keys, calls = ["a", "b", "a", "c"], []
+    entries, rep = run_items(c, "s", keys, compute_meta(keys, calls), 2, progress=False)
+    assert calls == [0, 1, 3] and [e.meta["v"] for e in entries] == keys
+    assert (rep.items_computed, rep.items_cached, rep.details) == (3, 1, {})
+
+
+def test_each_process_computes_its_share_and_returns_all(tmp_path, ranked):
+    """Rank 1 of 2 computes b and d; a, c and e appear from 'rank 0' (a thread) while it waits."""
+    ranked(1, 2)
+    c = StageCache(tmp_path)
+    keys, calls = ["a", "b", "c", "a", "d", "e"], []
+
+    def peer():
+        for k in ("a", "c", "e"):
+            time.sleep(0.1)
+            c.put("s", k, {"v": k})
+
+    t = threading.Thread(target=peer)
+    t.start()
+    entries, rep = run_items(c, "s", keys, compute_meta(keys, calls), 8, progress=False)
+    t.join()
+    assert sorted(calls) == [1, 4]  # b, d
+    assert [e.meta["v"] for e in entries] == keys
+    assert (rep.items_computed, rep.items_cached, rep.details) == (2, 0, {"computed_by_peers": 3})
+
+
+def test_more_processes_than_items(tmp_path, ranked):
+    """Rank 5 of 6 owns nothing of 3 items: it computes nothing and returns the others' entries."""
+    ranked(5, 6)
+    c = StageCache(tmp_path)
+    for k in "xyz":
+        c.put("s", k, {"v": k})
+    calls = []
+    entries, rep = run_items(c, "s", list("xyz"), compute_meta(list("xyz"), calls), 2, progress=False)
+    assert calls == [] and [e.meta["v"] for e in entries] == list("xyz") and rep.items_cached == 3
+
+
+def test_whole_stage_runs_on_rank_zero_only(tmp_path, ranked):
+    ranked(1, 2)
+    c = StageCache(tmp_path)
+    threading.Timer(0.2, lambda: c.put("clusters", "K", {"by": "rank 0"})).start()
+    entry, rep = run_stage(c, "clusters", "K", lambda: pytest.fail("rank 1 must not compute"))
+    assert entry.meta == {"by": "rank 0"}
+    assert (rep.cached, rep.items_computed, rep.details) == (False, 0, {"computed_by_peers": 1})
+    ranked(0, 2)
+    entry, rep = run_stage(c, "clusters", "K2", lambda: ({"by": "me"}, {}))
+    assert entry.meta == {"by": "me"} and rep.items_computed == 1
+
+
+def test_dead_peer_times_out_then_a_rerun_completes_only_the_missing(tmp_path, ranked):
+    ranked(0, 2, timeout=0.5)  # rank 1 never starts: it never beats
+    c = StageCache(tmp_path)
+    keys, calls = list("abcde"), []
+    with pytest.raises(ParallelError, match=r"^stage latents: 2 of 2 item\(s\) computed by other processes still "
+                                            r"missing; rank 1 gave no sign of life for 0s"):
+        run_items(c, "latents", keys, compute_meta(keys, calls), 2, progress=False)
+    assert calls == [0, 2, 4] and [c.has("latents", k) for k in keys] == [True, False, True, False, True]
+    for name in ("RANK", "WORLD_SIZE"):
+        os.environ.pop(name)
+    calls.clear()
+    _, rep = run_items(c, "latents", keys, compute_meta(keys, calls), 2, progress=False)
+    assert calls == [1, 3] and (rep.items_computed, rep.items_cached) == (2, 3)
+
+
+def test_unwritable_cache_is_refused_before_any_work(tmp_path, vlcp, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ParallelError, match=r"file is not a folder"):
+        parallel.check_writable(tmp_path / "file" / "cache")
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.mkstemp", denied)  # root ignores mode bits: deny the probe instead
+    res = vlcp("distill", *RUN, "--out", tmp_path / "out", cache=tmp_path / "ro")
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines()[-1] == (f"Error: cache directory {tmp_path / 'ro'} is not writable by "
+                                                   f"this process ({tmp_path}: Permission denied)")
+    assert not (tmp_path / "ro").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.e2e
+def test_dead_rank_in_a_distill_then_rerun(tmp_path, vlcp, cache_dir, monkeypatch, ranked):
+    """Rank 0 of 2 alone (rank 1 died at start): one-line error, no OUT; a plain rerun computes the rest."""
+    ranked(0, 2, timeout=1)
+    res = vlcp("distill", *RUN, "--out", tmp_path / "out")
+    assert res.exit_code == 1 and "Error: stage images: 15 of 15 item(s) computed by other processes" in res.output
+    assert not (tmp_path / "out").exists()
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name)
+    res = vlcp("distill", *RUN, "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    images = read_manifest(tmp_path / "out")["stages"]["images"]
+    assert (images["items_computed"], images["items_cached"]) == (15, 15)
+
+
+@pytest.mark.e2e
+def test_cached_rerun_until_latents_reads_no_blob(tmp_path, cache_dir, ranked):
+    from vlcp.config import DistillConfig
+    from vlcp.distill import distill
+
+    def run():
+        cfg = DistillConfig(data="digits", ipc=1, out=tmp_path / "out", data_dir=tmp_path / "data", tiny=True,
+                            classes=["0", "1"], max_per_class=5, until="latents", finetune=False, progress=False)
+        cache = StageCache(cache_dir)
+        return distill(cfg, cache), cache
+
+    first, _ = run()
+    assert first["stages"]["latents"]["items_computed"] == 10
+    again, cache = run()
+    assert again["stages"]["latents"]["items_cached"] == 10 and again["stages"]["latents"]["items_computed"] == 0
+    assert cache.blob_reads == 0
+
+
+# -- torchrun end to end ------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.e2e
+def test_torchrun_two_processes(tmp_path, cache_dir, tiny_models_dir, vlcp):
+    """Every item computed exactly once across 2 processes; the same images as one process; a rerun hits."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "VLCP_LAUNCH_ID"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "vlcp", "--cache-dir", str(cache_dir), "--data-dir", str(tmp_path / "data"), "-q", "distill", *RUN,
+           "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "two"
+    ranks = [json.loads((two / "ranks" / f"{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1] and read_manifest(two)["parallel"] == {"world_size": 2}
+    for stage in PER_ITEM:
+        total = {"synthesis": 3}.get(stage, 30)
+        done = [r["stages"][stage]["items_computed"] for r in ranks]
+        assert sum(done) == total and min(done) >= 1, (stage, done)  # each item exactly once, both worked
+        for r in ranks:  # what a process did not compute it found cached or waited for
+            rep = r["stages"][stage]
+            if stage != "images":  # (the images stage puts its own details)
+                assert rep["items_computed"] + rep["items_cached"] + rep.get("details", {}).get("computed_by_peers", 0) == total
+    for stage in WHOLE:
+        assert [r["stages"][stage]["items_computed"] for r in ranks] == [1, 0], stage
+
+    one_cache = tmp_path / "one-cache"
+    shutil.copytree(tiny_models_dir, one_cache / "models")
+    assert vlcp("distill", *RUN, "--out", tmp_path / "one", cache=one_cache).exit_code == 0
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
+    assert len(files) == 4  # 3 images + preview
+    for f in files:
+        assert (two / f).read_bytes() == (tmp_path / "one" / f).read_bytes(), f
+    assert (two / "prototypes.json").read_text() == (tmp_path / "one" / "prototypes.json").read_text()
+
+    res = vlcp("distill", *RUN, "--out", tmp_path / "again")  # one process on the shared cache
+    assert res.exit_code == 0, res.output
+    again = read_manifest(tmp_path / "again")["stages"]
+    assert all(again[s]["items_computed"] == 0 for s in PER_ITEM + WHOLE), again
+    assert "parallel" not in read_manifest(tmp_path / "again")
