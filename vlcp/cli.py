@@ -211,6 +211,19 @@ refine_options = _options(
                                       "images' CLIP centroid.")
 @click.option("--refine", is_flag=True, help="Detector-guided refinement: replace defective images (off by default).")
 @refine_options
+@click.option("--object-masks", is_flag=True,
+              help="LOF and K-Means see foreground-weighted latents (CLIPSeg mask x latent); the img2img start "
+                   "stays the cluster mean of the unmasked latents (vlcp's reading of the multi-modal paper's "
+                   "abstract, arXiv 2505.08605; not the authors' method).")
+@click.option("--mask-prompt", help="What the segmenter looks for, e.g. a super-category ('dog' for ImageWoof). "
+                                    "[default: the class name]")
+@click.option("--segmenter", help="Text-prompted segmenter (hub id or dir). "
+                                  "[default: CIDAS/clipseg-rd64-refined; tiny with --tiny]")
+@click.option("--min-foreground", type=float,
+              help="With --refine: a synthetic image whose foreground fraction (mean CLIPSeg mask) is under F is "
+                   "defective, a candidate under F is not valid (vlcp's reading of the multi-modal paper).")
+@click.option("--mask-batch-size", type=click.IntRange(min=1), default=_default("mask_batch_size"),
+              show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print which stages hit the cache and what would be computed.")
 @click.pass_obj
 def distill(obj: Ctx, **kw):

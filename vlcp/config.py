@@ -83,6 +83,11 @@ class DistillConfig:
     finetune_accumulation: int = 4  # the reference's --gradient_accumulation_steps 4 (8 x 4 = 32 per step)
     finetune_flip: bool = True  # the reference's --random_flip (flipped latents)
     gradient_checkpointing: bool | None = None  # None: on for CUDA (the reference), off on CPU
+    object_masks: bool = False  # vlcp's reading of the multi-modal paper: foreground-weighted LOF/K-Means
+    mask_prompt: str | None = None  # what CLIPSeg segments; None: the class name
+    segmenter: str | None = None  # default CIDAS/clipseg-rd64-refined; a tiny one with --tiny
+    min_foreground: float | None = None  # with --refine: an image with less foreground is defective
+    mask_batch_size: int = 16
     refine: bool = False
     refine_candidates: int = 20
     refine_top_k: int = 2
@@ -104,7 +109,8 @@ class DistillConfig:
         for name in ("top_k", "steps", "latent_batch_size", "synthesis_batch_size", "caption_batch_size",
                      "caption_max_tokens", "finetune_epochs", "finetune_batch_size", "finetune_max_steps",
                      "finetune_lora_rank", "finetune_checkpoint_every", "finetune_accumulation", "refine_candidates", "refine_top_k",
-                     "detector_epochs", "image_size", "max_per_class", "pool_multiplier", "clip_batch_size"):
+                     "detector_epochs", "image_size", "max_per_class", "pool_multiplier", "clip_batch_size",
+                     "mask_batch_size"):
             _at_least("--" + name.replace("_", "-"), getattr(self, name), 1)
         _at_least("--resolution", self.resolution, 8)
         if self.finetune_lr is not None and self.finetune_lr <= 0:
@@ -125,6 +131,7 @@ class DistillConfig:
         if "{name}" not in self.clip_prompt:
             raise ConfigError("--clip-prompt", f"must contain {{name}}, got {self.clip_prompt!r}")
         _choice("--missing-captions", self.missing_captions, ("error", "caption"))
+        _check_masks(self)
         if self.captions_from is not None and not Path(self.captions_from).is_file():
             raise ConfigError("--captions-from", f"{self.captions_from} is not a file")
         if self.until is not None:
@@ -197,6 +204,15 @@ def _in_range(param: str, value, low, high, low_open: bool = False) -> None:
 def _choice(param: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(param, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_masks(cfg: DistillConfig) -> None:
+    """Object-mask options (vlcp's reading of the multi-modal paper): a prompt with text, F in [0, 1] with --refine."""
+    if cfg.mask_prompt is not None and not cfg.mask_prompt.strip():
+        raise ConfigError("--mask-prompt", "must not be empty (leave it out to segment the class name)")
+    _in_range("--min-foreground", cfg.min_foreground, 0, 1)
+    if cfg.min_foreground is not None and not cfg.refine:
+        raise ConfigError("--min-foreground", "is a refinement criterion: add --refine")
 
 
 def _out_outside_data(out: Path, data: str, data_dir: Path) -> None:

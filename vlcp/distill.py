@@ -38,6 +38,7 @@ class Refs:
     diffusion: Any
     text_llm: Any = None
     clip: Any = None
+    segmenter: Any = None
 
 
 @dataclass
@@ -86,6 +87,13 @@ class State:
     anchors: Any = None  # [classes, d] CLIP anchors
     own_anchors: Any = None  # [synthetic images, d] prototype-prompt anchors (--sas-anchor prototype)
     anchor_key: str = ""
+    mask_keys: list[str] = field(default_factory=list)  # object masks (vlcp/mask_stages.py)
+    mask_entries: list = field(default_factory=list)
+    mask_fallback: set[int] = field(default_factory=set)  # classes whose masks are all empty
+    foreground: list[float] = field(default_factory=list)  # per synthetic image
+    fg_key: str = ""
+    cand_foreground: list[float] = field(default_factory=list)  # per refinement candidate
+    cand_fg_key: str = ""
 
 
 @dataclass
@@ -215,6 +223,7 @@ def start(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> Run:
     """Validate, apply the dataset defaults, load the dataset's index and resolve the models."""
     from vlcp import models
     from vlcp.clip import load_clip
+    from vlcp.segment import load_segmenter
 
     cfg.validate()
     cfg.warnings.clear()
@@ -239,6 +248,10 @@ def start(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> Run:
         from vlcp.clip import resolve_clip
 
         refs.clip = resolve_clip(cfg.clip, cfg.tiny, cache)
+    if cfg.object_masks or cfg.min_foreground:
+        from vlcp.segment import resolve_segmenter
+
+        refs.segmenter = resolve_segmenter(cfg.segmenter, cfg.tiny, cache)
     resolution = cfg.resolution or models.native_resolution(refs.diffusion)
     manifest = {
         "vlcp_version": __version__, "tiny": cfg.tiny, "parameters": cfg.params(),
@@ -246,7 +259,9 @@ def start(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> Run:
         "classes": [{"folder": c.folder, "name": c.name} for c in ds.classes],
         "models": {"captioner": refs.captioner.manifest(), "diffusion": refs.diffusion.manifest(),
                    **({"text_llm": refs.text_llm.manifest()} if refs.text_llm else {}),
-                   **({"clip": refs.clip.manifest()} if refs.clip else {})}, "resolution": resolution,
+                   **({"clip": refs.clip.manifest()} if refs.clip else {}),
+                   **({"segmenter": refs.segmenter.manifest()} if refs.segmenter else {})},
+        "resolution": resolution,
         "stages": {}, "warnings": cfg.warnings,
     }
     run = Run(cfg, cache, ds, refs, resolution, dry_run, manifest)
@@ -257,6 +272,7 @@ def start(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> Run:
         "pipe": Lazy(lambda: models.load_img2img(refs.diffusion, cfg.device)),
         "synth": Lazy(lambda: finetuned_pipe(run)),
         "clip": Lazy(lambda: load_clip(refs.clip, cfg.device)),
+        "segmenter": Lazy(lambda: load_segmenter(refs.segmenter, cfg.device)),
     }
     return run
 

@@ -71,10 +71,14 @@ def detector_scores(run: Run, step: Step) -> None:
 
 
 def candidates(run: Run, step: Step) -> None:
-    """For each defective image, --refine-candidates new images from its prototype and prompt."""
+    """For each defective image, --refine-candidates new images from its prototype and prompt; with
+    --min-foreground, an image whose foreground fraction is under it is defective too."""
+    from vlcp import mask_stages as ms
+
     p, st = step.p, run.st
     targets = [c for c, _ in st.items]
-    st.defective = [i for i in range(len(st.items)) if refine.is_defective(
+    lacking = ms.below(st.foreground, p.min_foreground)
+    st.defective = [i for i in range(len(st.items)) if i in lacking or refine.is_defective(
         st.scores[i]["pred"], st.scores[i]["probs"][targets[i]], targets[i], p.refine_beta)]
     st.cand = [(i, j) for i in st.defective for j in range(p.refine_candidates)]
     lat = [st.syn_latents[i] for i, _ in st.cand]
@@ -97,15 +101,22 @@ def candidate_scores(run: Run, step: Step) -> None:
 
 
 def refinement(run: Run, step: Step) -> None:
-    """The selection (Eq. 5-6) from cached scores: which candidate replaces which defective image."""
+    """The selection (Eq. 5-6) from cached scores: which candidate replaces which defective image. With
+    --min-foreground, images and candidates under it count as misclassified (defective / not valid)."""
+    from vlcp import mask_stages as ms
+
     p, st = step.p, run.st
     folders = run.folders
     by_image: dict[int, list] = {}
-    for (i, _), sc in zip(st.cand, st.cand_scores):
+    for (i, _), sc in zip(st.cand, ms.as_judged(st.cand_scores, ms.below(st.cand_foreground, p.min_foreground))):
         by_image.setdefault(i, []).append(sc)
-    key = step.key(detector=st.detector.key, images=st.syn_keys, candidates=st.cand_keys)
-    entry, _ = step.whole(key, lambda: (refine.select(folders, [c for c, _ in st.items], st.scores, by_image,
+    scores = ms.as_judged(st.scores, ms.below(st.foreground, p.min_foreground))
+    fg = {"foreground": [st.fg_key, st.cand_fg_key]} if p.min_foreground else {}  # F = 0 judges nothing
+    key = step.key(detector=st.detector.key, images=st.syn_keys, candidates=st.cand_keys, **fg)
+    entry, _ = step.whole(key, lambda: (refine.select(folders, [c for c, _ in st.items], scores, by_image,
                                                       p.refine_beta, p.refine_top_k), {}))
+    if p.min_foreground:
+        ms.record_foreground(run, p.min_foreground)
     summary = {**entry.meta, "replacements": {int(i): d for i, d in entry.meta["replacements"].items()}}
     first = {i: k for k, (i, j) in enumerate(st.cand) if j == 0}
     images = list(st.images)
@@ -130,13 +141,15 @@ STAGES = [
           "every synthetic image", "image", inputs="detector key, image content hash", models=("detector",),
           enabled_by="refine"),
     Stage("candidates", candidates, 1, "`--refine-candidates` new images per defective image (p <= "
-          "`--refine-beta` or wrong label)", "image", selects=("refine_beta", "refine_candidates"), unkeyed=("synthesis_batch_size",),
+          "`--refine-beta`, wrong label, or foreground under `--min-foreground`)", "image",
+          selects=("refine_beta", "refine_candidates", "min_foreground"), unkeyed=("synthesis_batch_size",),
           inputs="the synthesis key of each candidate (its own seed)", models=("pipe", "synth"),
           enabled_by="refine"),
     Stage("candidate_scores", candidate_scores, refine.SCORES_VERSION, "the detector's verdict on every "
           "candidate", "image", inputs="detector key, image content hash", models=("detector",),
           enabled_by="refine"),
     Stage("refinement", refinement, refine.VERSION, "the selection: valid pool, top-k, least similar to the "
-          "accepted images", params=("refine_beta", "refine_top_k"),
-          inputs="detector key, synthesis keys, candidate keys", enabled_by="refine"),
+          "accepted images", params=("refine_beta", "refine_top_k", "min_foreground"),
+          inputs="detector key, synthesis keys, candidate keys (and foreground keys with `--min-foreground`)",
+          enabled_by="refine"),
 ]

@@ -143,11 +143,15 @@ def _latents(run: Run, rows: list[int]) -> np.ndarray:
 def outliers(run: Run, step: Step) -> None:
     """LOF per class; a class keeps at least IPC images (the least outlying outliers come back)."""
     p, st = step.p, run.st
+    from vlcp import mask_stages as ms
+
     run.need("outliers", st.lat_entries)
     st.out_key = step.key(latents={f: stable_hash([st.lat_keys[i] for i in st.by_class[c]])
-                                   for c, f in enumerate(run.folders)}, n_neighbors=outliers_mod.N_NEIGHBORS)
-    entry, rep = step.whole(st.out_key, lambda: outliers_mod.per_class(
-        {f: _latents(run, st.by_class[c]) for c, f in enumerate(run.folders)}, p.contamination, p.ipc))
+                                   for c, f in enumerate(run.folders)}, n_neighbors=outliers_mod.N_NEIGHBORS,
+                          **ms.key_part(run, p.object_masks))
+    entry, rep = step.whole(st.out_key, lambda: outliers_mod.per_class(  # foreground-weighted with --object-masks
+        {f: ms.features(run, st.by_class[c], c, p.object_masks) for c, f in enumerate(run.folders)},
+        p.contamination, p.ipc))
     rep.details = {"removed_per_class": {f: m["removed"] for f, m in entry.meta.items()}}
     run.manifest["outliers"] = entry.meta
     for f, m in entry.meta.items():
@@ -161,6 +165,7 @@ def outliers(run: Run, step: Step) -> None:
 # 5. clusters ----------------------------------------------------------------------------------------
 def clusters(run: Run, step: Step) -> None:
     """K-Means per class (k = IPC, n_init 10, --seed); the centres are the image prototypes."""
+    from vlcp import mask_stages as ms
     from vlcp.distill import DistillError
 
     p, st = step.p, run.st
@@ -171,16 +176,17 @@ def clusters(run: Run, step: Step) -> None:
         for c, f in enumerate(run.folders):
             rows = st.inliers[c]
             try:
-                centres, members, dup = clusters_mod.class_clusters(_latents(run, rows), rows, p.ipc, p.seed,
-                                                                    p.allow_duplicates)
+                centres, members, dup = clusters_mod.class_clusters(ms.features(run, rows, c, p.object_masks), rows,
+                                                                    p.ipc, p.seed, p.allow_duplicates)
             except clusters_mod.TooFewImages:
                 raise DistillError(f"class {f!r} ({run.ds.classes[c].name}) has {len(rows)} usable images, fewer "
                                    f"than --ipc {p.ipc}; lower --ipc or pass --allow-duplicates") from None
-            tensors[f"centres/{f}"] = centres
+            tensors[f"centres/{f}"] = ms.unmasked_centres(run, members) if p.object_masks else centres
             meta[f] = {"members": members, "sizes": [len(m) for m in members], "duplicated": dup}
         return meta, tensors
 
     st.clusters, _ = step.whole(st.cl_key, compute)
+    ms.record_clusters(run)
     for f, m in st.clusters.meta.items():
         if m["duplicated"]:
             run.warn(f"class {f}: fewer images than --ipc; prototypes repeat (--allow-duplicates)")
@@ -351,6 +357,7 @@ def output(run: Run, step: Step) -> None:
 
 
 def _stages() -> list[Stage]:
+    from vlcp import mask_stages as ms
     from vlcp import refine_stages as rs
     from vlcp import sas_stages
 
@@ -366,10 +373,13 @@ def _stages() -> list[Stage]:
         Stage("latents", latents, lat_v, "VAE encoding at the model's resolution (512 for SD v1.5), x "
               "`scaling_factor`", "image", ("crop",), unkeyed=("latent_batch_size",),
               inputs="image hash, VAE id@commit, resolution", models=("vae",)),
+        *ms.mask_stages(),
         Stage("outliers", outliers, outliers_mod.VERSION, "LOF per class (`n_neighbors=10`, `--contamination`)",
-              params=("contamination", "ipc"), inputs="latent keys per class"),
+              params=("contamination", "ipc", "object_masks"), inputs="latent keys per class (and mask keys "
+              "with `--object-masks`)"),
         Stage("clusters", clusters, clusters_mod.VERSION, "K-Means per class (`k = IPC`, `n_init=10`, `--seed`); "
-              "centres = image prototypes", params=("ipc", "seed", "allow_duplicates"), inputs="outliers key"),
+              "centres = image prototypes", params=("ipc", "seed", "allow_duplicates", "object_masks"),
+              inputs="outliers key"),
         Stage("text_prototypes", text_prototypes, 2, "Algorithm 2: non-representative words N (Eq. 2), top-k "
               "words R_w (Eq. 3), best caption (Eq. 4-5)", params=("beta", "top_k", "clean_captions"),
               inputs="clusters key, caption keys and files of the inliers, class names"),
@@ -387,7 +397,7 @@ def _stages() -> list[Stage]:
               unkeyed=("synthesis_batch_size",), inputs="prototype latent hash, prompt, image seed, finetune key, "
               "diffusion id@commit", models=("pipe", "synth")),
         *sas_stages.STAGES,
-        *rs.STAGES,
+        *rs.STAGES[:2], *ms.foreground_stages(), *rs.STAGES[2:4], *ms.candidate_foreground_stages(), *rs.STAGES[4:],
         Stage("output", output, 1, "`OUT/<class id>/<index>.png`, `manifest.json`, `prototypes.json`, "
               "`preview.png` (rebuilt from the cache on every run)", params=("image_size",),
               inputs="synthetic image keys"),
