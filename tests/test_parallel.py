@@ -236,3 +236,13 @@ def test_torchrun_two_processes(tmp_path, cache_dir, tiny_models_dir, vlcp):
     again = read_manifest(tmp_path / "again")["stages"]
     assert all(again[s]["items_computed"] == 0 for s in PER_ITEM + WHOLE), again
     assert "parallel" not in read_manifest(tmp_path / "again")
+
+
+def test_each_local_process_gets_its_own_gpu(ranked, monkeypatch):
+    assert parallel.local_device("cuda", 4) == "cuda"  # one process: unchanged
+    ranked(5, 8)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert [parallel.local_device(d, 4) for d in ("cuda", "cuda:3", "cpu")] == ["cuda:1", "cuda:3", "cpu"]
+    assert parallel.local_device("cuda", 0) == "cuda"
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert parallel.local_device("cuda", 4) == "cuda:1"

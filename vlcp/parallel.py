@@ -226,3 +226,12 @@ def check_writable(root: str | os.PathLike) -> None:
                             f"({probe}: {exc.strerror or exc})") from None
     os.close(fd)
     os.unlink(tmp)
+
+
+def local_device(device: str, cuda_count: int) -> str:
+    """In a launch, plain ``cuda`` (what ``--device auto`` picks) means this process's own GPU,
+    ``cuda:LOCAL_RANK``: torchrun and accelerate launch do not set CUDA_VISIBLE_DEVICES per process."""
+    w = world()
+    if not w.parallel or device != "cuda" or cuda_count < 1:
+        return device
+    return f"cuda:{w.local_rank % cuda_count}"
