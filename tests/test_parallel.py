@@ -124,6 +124,26 @@ def test_whole_stage_runs_on_rank_zero_only(tmp_path, ranked):
     ranked(0, 2)
     entry, rep = run_stage(c, "clusters", "K2", lambda: ({"by": "me"}, {}))
     assert entry.meta == {"by": "me"} and rep.items_computed == 1
+    assert c.index.get(f"_alive/{os.environ['VLCP_LAUNCH_ID']}/0") is not None  # beating while it computes
+
+
+def test_a_slow_peer_that_beats_is_waited_for(tmp_path, ranked):
+    """Rank 0 takes 1.2 s for its whole stage, longer than the 0.4 s timeout, but it beats: no error."""
+    ranked(1, 2, timeout=0.4)
+    c = StageCache(tmp_path)
+    alive = f"_alive/{os.environ['VLCP_LAUNCH_ID']}/0"
+
+    def slow_rank0():
+        for n in range(12):
+            c.index.set(alive, n)
+            time.sleep(0.1)
+        c.put("finetune", "F", {"steps": 3})
+
+    t = threading.Thread(target=slow_rank0)
+    t.start()
+    entry, _ = run_stage(c, "finetune", "F", lambda: pytest.fail("rank 1 must not train"))
+    t.join()
+    assert entry.meta == {"steps": 3}
 
 
 def test_dead_peer_times_out_then_a_rerun_completes_only_the_missing(tmp_path, ranked):

@@ -89,6 +89,8 @@ def run_stage(cache: StageCache, stage: str, key: str, compute: Callable[[], tup
     if entry is None and dry:
         raise PlanStop(StageReport(stage, key, False, 1, 0, False, 0.0))
     w = parallel.world()
+    if w.parallel:  # from the first stage on, so peers waiting on our long whole stage see us alive
+        parallel.start_heartbeat(cache, w)
     by_peer = entry is None and not w.main
     if by_peer:
         parallel.wait_for(cache, stage, {key: 0}, w, what="artefact")
@@ -135,6 +137,8 @@ def run_items(cache: StageCache, stage: str, keys: list[str],
     for i, k in enumerate(keys):
         where.setdefault(k, []).append(i)
     owner = parallel.owners(list(where), w) if w.parallel else {}
+    if w.parallel:
+        parallel.start_heartbeat(cache, w)
     missing: list[str] = []
     for k, idx in where.items():
         e = cache.get(stage, k)
