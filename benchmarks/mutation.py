@@ -112,6 +112,8 @@ EQUIVALENT: dict[str, str] = {
     **{f"vlcp.evaluate.x_make_protocol__mutmut_{i}": "the grayscale datasets are exactly digits and "
        "fashion-mnist: channels == 1 and the name test say the same" for i in (77, 83, 85, 86, 87, 88)},
     "vlcp.evaluate.x_make_protocol__mutmut_146": "the loop above has just set sources['sources']: pop() never misses",
+    **{f"vlcp.evaluate.x_make_protocol__mutmut_{i}": "the text given to sources['sources'] is popped right after"
+       for i in (140, 141)},
 }
 
 
@@ -149,7 +151,7 @@ def report(modules: list[str]) -> list[str]:
         other = sum(st[n] not in ("killed", "survived") for n in alive)
         real = len(names) - len(equiv)
         rows.append(f"| {m} | {len(names)} | {killed} | {len(alive) - other} | {len(equiv)} | {other} | "
-                    f"{100 * killed / max(real, 1):.0f} % |")
+                    f"{100 * killed / max(real, 1):.1f} % |")
         survivors += [f"{n}: {st[n]}" for n in sorted(alive)]
     return rows + ([""] + ["not killed and not judged equivalent:"] + survivors if survivors else [])
 
