@@ -58,6 +58,8 @@ TABLE: list[tuple[list[str], list[str], str]] = [
     (["--mask-prompt", "a digit"], [], "read only with `--object-masks` / `--min-foreground`"),
     (["--min-foreground", "0.1"], ["foreground", "candidate_foreground", "refinement"],
      "the segmenter judges images and candidates; here every image is already defective, so none is generated"),
+    (["--min-caption-match", "0.1"], ["caption_match", "candidate_caption_match", "refinement"],
+     "CLIP embeds the prompts and the candidates (kept images and class prompts are cached by post-sampling)"),
     (["--image-size", "16"], [], "only the saved size (output)"),
     (["--caption-batch-size", "3", "--latent-batch-size", "5", "--synthesis-batch-size", "1", "--clip-batch-size",
       "7", "--finetune-checkpoint-every", "1"], [], "batch sizes and checkpoint intervals are in no key"),

@@ -209,8 +209,6 @@ refine_options = _options(
 @click.option("--sas-anchor", type=click.Choice(["prompt", "prototype", "centroid"]), default=_default("sas_anchor"),
               show_default=True, help="sas relevance anchor: class prompt, the image's own prompt, or the real "
                                       "images' CLIP centroid.")
-@click.option("--refine", is_flag=True, help="Detector-guided refinement: replace defective images (off by default).")
-@refine_options
 @click.option("--object-masks", is_flag=True,
               help="LOF and K-Means see foreground-weighted latents (CLIPSeg mask x latent); the img2img start "
                    "stays the cluster mean of the unmasked latents (vlcp's reading of the multi-modal paper's "
@@ -226,6 +224,12 @@ refine_options = _options(
               show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print which stages hit the cache and what would be computed.")
 @click.pass_obj
+@click.option("--min-caption-match", type=float,
+              help="With --refine: a synthetic image whose CLIP cosine with its prompt is under S is defective, a "
+                   "candidate under S is not valid (vlcp's reading of the multi-modal paper's caption matching; "
+                   "CLIP as --clip).")
+@click.option("--refine", is_flag=True, help="Detector-guided refinement: replace defective images (off by default).")
+@refine_options
 def distill(obj: Ctx, **kw):
     """Distill a dataset into IPC synthetic images per class with the VLCP method.
 

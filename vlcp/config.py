@@ -87,6 +87,7 @@ class DistillConfig:
     mask_prompt: str | None = None  # what CLIPSeg segments; None: the class name
     segmenter: str | None = None  # default CIDAS/clipseg-rd64-refined; a tiny one with --tiny
     min_foreground: float | None = None  # with --refine: an image with less foreground is defective
+    min_caption_match: float | None = None  # with --refine: CLIP cosine with its prompt under it is defective
     mask_batch_size: int = 16
     refine: bool = False
     refine_candidates: int = 20
@@ -213,6 +214,9 @@ def _check_masks(cfg: DistillConfig) -> None:
     _in_range("--min-foreground", cfg.min_foreground, 0, 1)
     if cfg.min_foreground is not None and not cfg.refine:
         raise ConfigError("--min-foreground", "is a refinement criterion: add --refine")
+    _in_range("--min-caption-match", cfg.min_caption_match, 0, 1, low_open=True)
+    if cfg.min_caption_match is not None and not cfg.refine:
+        raise ConfigError("--min-caption-match", "is a refinement criterion: add --refine")
 
 
 def _out_outside_data(out: Path, data: str, data_dir: Path) -> None:

@@ -94,6 +94,11 @@ class State:
     fg_key: str = ""
     cand_foreground: list[float] = field(default_factory=list)  # per refinement candidate
     cand_fg_key: str = ""
+    caption_match: list[float] = field(default_factory=list)  # CLIP cosine with its prompt, per synthetic image
+    class_match: list[float] = field(default_factory=list)  # ... with its class prompt
+    match_key: str = ""
+    cand_caption_match: list[float] = field(default_factory=list)
+    cand_match_key: str = ""
 
 
 @dataclass
@@ -244,7 +249,7 @@ def start(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> Run:
     refs = Refs(models.resolve(cfg.captioner, cache),
                 models.resolve(cfg.diffusion, cache, probe_file="model_index.json"),
                 models.resolve(cfg.text_llm, cache) if cfg.text_strategy == "llm" else None)
-    if cfg.sas:
+    if cfg.sas or cfg.min_caption_match:
         from vlcp.clip import resolve_clip
 
         refs.clip = resolve_clip(cfg.clip, cfg.tiny, cache)

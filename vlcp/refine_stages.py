@@ -72,12 +72,13 @@ def detector_scores(run: Run, step: Step) -> None:
 
 def candidates(run: Run, step: Step) -> None:
     """For each defective image, --refine-candidates new images from its prototype and prompt; with
-    --min-foreground, an image whose foreground fraction is under it is defective too."""
+    --min-foreground (--min-caption-match), an image whose foreground fraction (CLIP cosine with its prompt)
+    is under it is defective too."""
     from vlcp import mask_stages as ms
 
     p, st = step.p, run.st
     targets = [c for c, _ in st.items]
-    lacking = ms.below(st.foreground, p.min_foreground)
+    lacking = ms.below(st.foreground, p.min_foreground) | ms.below(st.caption_match, p.min_caption_match)
     st.defective = [i for i in range(len(st.items)) if i in lacking or refine.is_defective(
         st.scores[i]["pred"], st.scores[i]["probs"][targets[i]], targets[i], p.refine_beta)]
     st.cand = [(i, j) for i in st.defective for j in range(p.refine_candidates)]
@@ -102,21 +103,30 @@ def candidate_scores(run: Run, step: Step) -> None:
 
 def refinement(run: Run, step: Step) -> None:
     """The selection (Eq. 5-6) from cached scores: which candidate replaces which defective image. With
-    --min-foreground, images and candidates under it count as misclassified (defective / not valid)."""
+    --min-foreground / --min-caption-match, images and candidates under them count as misclassified
+    (defective / not valid)."""
     from vlcp import mask_stages as ms
 
     p, st = step.p, run.st
     folders = run.folders
     by_image: dict[int, list] = {}
-    for (i, _), sc in zip(st.cand, ms.as_judged(st.cand_scores, ms.below(st.cand_foreground, p.min_foreground))):
+    weak = ms.below(st.cand_foreground, p.min_foreground) | ms.below(st.cand_caption_match, p.min_caption_match)
+    for (i, _), sc in zip(st.cand, ms.as_judged(st.cand_scores, weak)):
         by_image.setdefault(i, []).append(sc)
-    scores = ms.as_judged(st.scores, ms.below(st.foreground, p.min_foreground))
-    fg = {"foreground": [st.fg_key, st.cand_fg_key]} if p.min_foreground else {}  # F = 0 judges nothing
-    key = step.key(detector=st.detector.key, images=st.syn_keys, candidates=st.cand_keys, **fg)
+    scores = ms.as_judged(st.scores, ms.below(st.foreground, p.min_foreground) |
+                          ms.below(st.caption_match, p.min_caption_match))
+    extra = {"foreground": [st.fg_key, st.cand_fg_key]} if p.min_foreground else {}  # F = 0 judges nothing
+    if p.min_caption_match:
+        extra["caption_match"] = [st.match_key, st.cand_match_key]
+    key = step.key(detector=st.detector.key, images=st.syn_keys, candidates=st.cand_keys, **extra)
     entry, _ = step.whole(key, lambda: (refine.select(folders, [c for c, _ in st.items], scores, by_image,
                                                       p.refine_beta, p.refine_top_k), {}))
     if p.min_foreground:
         ms.record_foreground(run, p.min_foreground)
+    if p.min_caption_match:
+        from vlcp import caption_match
+
+        caption_match.record(run, p.min_caption_match)
     summary = {**entry.meta, "replacements": {int(i): d for i, d in entry.meta["replacements"].items()}}
     first = {i: k for k, (i, j) in enumerate(st.cand) if j == 0}
     images = list(st.images)
@@ -141,15 +151,18 @@ STAGES = [
           "every synthetic image", "image", inputs="detector key, image content hash", models=("detector",),
           enabled_by="refine"),
     Stage("candidates", candidates, 1, "`--refine-candidates` new images per defective image (p <= "
-          "`--refine-beta`, wrong label, or foreground under `--min-foreground`)", "image",
-          selects=("refine_beta", "refine_candidates", "min_foreground"), unkeyed=("synthesis_batch_size",),
+          "`--refine-beta`, wrong label, foreground under `--min-foreground` or caption match under "
+          "`--min-caption-match`)", "image",
+          selects=("refine_beta", "refine_candidates", "min_foreground", "min_caption_match"),
+          unkeyed=("synthesis_batch_size",),
           inputs="the synthesis key of each candidate (its own seed)", models=("pipe", "synth"),
           enabled_by="refine"),
     Stage("candidate_scores", candidate_scores, refine.SCORES_VERSION, "the detector's verdict on every "
           "candidate", "image", inputs="detector key, image content hash", models=("detector",),
           enabled_by="refine"),
     Stage("refinement", refinement, refine.VERSION, "the selection: valid pool, top-k, least similar to the "
-          "accepted images", params=("refine_beta", "refine_top_k", "min_foreground"),
-          inputs="detector key, synthesis keys, candidate keys (and foreground keys with `--min-foreground`)",
+          "accepted images", params=("refine_beta", "refine_top_k", "min_foreground", "min_caption_match"),
+          inputs="detector key, synthesis keys, candidate keys (and foreground / caption-match keys with "
+          "`--min-foreground` / `--min-caption-match`)",
           enabled_by="refine"),
 ]

@@ -357,6 +357,7 @@ def output(run: Run, step: Step) -> None:
 
 
 def _stages() -> list[Stage]:
+    from vlcp import caption_match as cm
     from vlcp import mask_stages as ms
     from vlcp import refine_stages as rs
     from vlcp import sas_stages
@@ -397,7 +398,8 @@ def _stages() -> list[Stage]:
               unkeyed=("synthesis_batch_size",), inputs="prototype latent hash, prompt, image seed, finetune key, "
               "diffusion id@commit", models=("pipe", "synth")),
         *sas_stages.STAGES,
-        *rs.STAGES[:2], *ms.foreground_stages(), *rs.STAGES[2:4], *ms.candidate_foreground_stages(), *rs.STAGES[4:],
+        *rs.STAGES[:2], *ms.foreground_stages(), *cm.image_stages(), *rs.STAGES[2:4],
+        *ms.candidate_foreground_stages(), *cm.candidate_stages(), *rs.STAGES[4:],
         Stage("output", output, 1, "`OUT/<class id>/<index>.png`, `manifest.json`, `prototypes.json`, "
               "`preview.png` (rebuilt from the cache on every run)", params=("image_size",),
               inputs="synthetic image keys"),
