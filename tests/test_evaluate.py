@@ -52,10 +52,10 @@ def test_full_digits_and_a_random_subset_reach_sensible_accuracy(digits):
     A random IPC-10 subset, trained as many epochs (8 steps), must land well above chance (10%; measured
     63.5%) and below the full-data figure."""
     p, (x, y), test = digits
-    _, full = train(p, x, y, 10, 0, "cpu", test=test, progress=False)
+    _, full = train(p, (x, y, 10), 0, "cpu", test=test, progress=False)
     assert full["accuracy"] > 0.90
     idx = np.concatenate([np.flatnonzero(y == c)[:10] for c in range(10)])
-    _, sub = train(p, x[idx], y[idx], 10, 0, "cpu", test=test, progress=False)
+    _, sub = train(p, (x[idx], y[idx], 10), 0, "cpu", test=test, progress=False)
     assert 0.3 < sub["accuracy"] < full["accuracy"]
     assert sub["best_during_training"] is None  # dc tests once at the end: no selection on the test set
 
@@ -64,9 +64,9 @@ def test_same_seed_same_number(digits):
     p, (x, y), test = digits
     idx = np.arange(0, len(y), 7)
     p2 = make_protocol("dc", "digits", 10, epochs=3)  # with DSA: every random choice is seeded
-    a = train(p2, x[idx], y[idx], 10, 1, "cpu", test=test, progress=False)[1]
-    b = train(p2, x[idx], y[idx], 10, 1, "cpu", test=test, progress=False)[1]
-    c = train(p2, x[idx], y[idx], 10, 2, "cpu", test=test, progress=False)[1]
+    a = train(p2, (x[idx], y[idx], 10), 1, "cpu", test=test, progress=False)[1]
+    b = train(p2, (x[idx], y[idx], 10), 1, "cpu", test=test, progress=False)[1]
+    c = train(p2, (x[idx], y[idx], 10), 2, "cpu", test=test, progress=False)[1]
     assert a["accuracy"] == b["accuracy"] and a["losses"] == b["losses"] and a["losses"] != c["losses"]
 
 
@@ -151,7 +151,7 @@ def test_killed_detector_style_training_resumes_exactly(digits, tmp_path, monkey
     p, (x, y), test = digits
     p = make_protocol("dc", "digits", 10, epochs=6)  # with DSA: the generator state must survive too
     idx = np.arange(0, len(y), 9)
-    _, whole = train(p, x[idx], y[idx], 10, 0, "cpu", test=test, progress=False)
+    _, whole = train(p, (x[idx], y[idx], 10), 0, "cpu", test=test, progress=False)
     cache = StageCache(tmp_path)
     calls = {"n": 0}
     from vlcp import augment
@@ -166,12 +166,10 @@ def test_killed_detector_style_training_resumes_exactly(digits, tmp_path, monkey
 
     monkeypatch.setattr(augment, "dsa", dsa_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(p, x[idx], y[idx], 10, 0, "cpu", test=test, progress=False, resume=(cache, "ckpt", "k"),
-              checkpoint_every=2)
+        train(p, (x[idx], y[idx], 10), 0, "cpu", test=test, progress=False, resume=(cache, "ckpt", "k", 2))
     assert cache.get("ckpt", "k").meta["epoch"] == 4
     monkeypatch.setattr(augment, "dsa", real_dsa)
-    _, resumed = train(p, x[idx], y[idx], 10, 0, "cpu", test=test, progress=False, resume=(cache, "ckpt", "k"),
-                       checkpoint_every=2)
+    _, resumed = train(p, (x[idx], y[idx], 10), 0, "cpu", test=test, progress=False, resume=(cache, "ckpt", "k", 2))
     assert np.allclose(resumed["losses"], whole["losses"], rtol=1e-5) and len(resumed["losses"]) == 6
     assert resumed["accuracy"] == whole["accuracy"]
 

@@ -130,14 +130,14 @@ def small():
 def test_learning_rate_sequences_over_epochs(small):
     x, y, test = small
     r = make_protocol("rded", "digits", 3, model="convnet3", epochs=4)
-    _, res = train(r, x, y, 10, 0, "cpu", test=test, teacher=lambda xb: torch.zeros(len(xb), 10),
+    _, res = train(r, (x, y, 10), 0, "cpu", test=test, teacher=lambda xb: torch.zeros(len(xb), 10),
                    progress=False)
     assert res["lrs"] == pytest.approx([1e-3, 0.961940e-3, 0.853553e-3, 0.691342e-3], rel=1e-5)  # 0.5(1+cos(pi e/8))
     m = make_protocol("minimax", "digits", 3, model="convnet3", epochs=6, batch_size=8)  # 4 steps per epoch
-    _, res = train(m, x, y, 10, 0, "cpu", test=test, progress=False)
+    _, res = train(m, (x, y, 10), 0, "cpu", test=test, progress=False)
     assert res["lrs"] == pytest.approx([0.01, 0.01, 0.01, 0.01, 0.002, 0.0004])  # after epochs 4 and 5
     d = make_protocol("dc", "digits", 3, epochs=4, aug="none", batch_size=8)
-    _, res = train(d, x, y, 10, 0, "cpu", test=test, progress=False)
+    _, res = train(d, (x, y, 10), 0, "cpu", test=test, progress=False)
     assert res["lrs"] == pytest.approx([0.01, 0.01, 0.001, 0.001])
 
 
@@ -161,7 +161,7 @@ def test_rded_teacher_is_trained_once_and_cached(vlcp, tmp_path, monkeypatch):
     real_train = evaluate.train
 
     def counting(*a, **k):
-        calls.append(k.get("desc"))
+        calls.append(k.get("progress"))  # the progress bar is named after what it trains
         return real_train(*a, **k)
 
     monkeypatch.setattr(evaluate, "train", counting)

@@ -57,7 +57,7 @@ def features(ds, data: str, cache, device: str, epochs: int, progress: bool) -> 
     if data not in ("digits", "fashion-mnist", "cifar10", "cifar100"):
         p.image_size = p.load_size = 64
     key = stage_key("baseline_features", FEATURE_VERSION, dataset=ds.identity(), epochs=epochs, size=p.image_size)
-    entry = cache.get("baseline_features", key)
+    entry = cache.get("baseline_features", key, verify=True)
     if entry is None:
         import torch
 
@@ -65,7 +65,7 @@ def features(ds, data: str, cache, device: str, epochs: int, progress: bool) -> 
 
         x, y = tensors_from_samples(ds.samples, p.load_size, p.channels, progress=progress)
         dev = torch_device(device)
-        net, _ = train(p, x, y, len(ds.classes), 0, dev, progress=progress, desc="feature net")
+        net, _ = train(p, (x, y, len(ds.classes)), 0, dev, progress=progress and "feature net")
         net.eval()
         out = []
         with torch.inference_mode():

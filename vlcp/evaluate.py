@@ -443,12 +443,13 @@ def _kd(out, teacher, xb, p: Protocol):
     return kd_loss(out, t_out, p.kd_temperature)
 
 
-def train(p: Protocol, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int, device: str,
-          test: tuple[np.ndarray, np.ndarray] | None = None, teacher=None, progress: bool = True,
-          desc: str = "train", resume: tuple | None = None, checkpoint_every: int = 0):
+def train(p: Protocol, data: tuple[np.ndarray, np.ndarray, int], seed: int, device: str,
+          test: tuple[np.ndarray, np.ndarray] | None = None, teacher=None, progress: bool | str = True,
+          resume: tuple | None = None):
     """Train a fresh network; returns (net, {"accuracy", "best_during_training", "tests", "lrs", "losses", ...}).
 
-    ``resume = (cache, stage, key)`` saves the whole training state there every ``checkpoint_every``
+    ``data = (x, y, number of classes)``; ``progress`` is False, True or the bar's name.
+    ``resume = (cache, stage, key, every)`` saves the whole training state there every ``every``
     epochs and continues from it when present, with the same batches and augmentations as an
     uninterrupted run.
     """
@@ -457,6 +458,8 @@ def train(p: Protocol, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int
 
     from vlcp import networks
 
+    x, y, num_classes = data
+    checkpoint_every = resume[3] if resume else 0
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     net = networks.build(p.model, p.channels, num_classes, p.image_size).to(device)
@@ -483,7 +486,8 @@ def train(p: Protocol, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int
         start = meta["epoch"]
         state = {"losses": meta["losses"], "tests": meta.get("tests", []), "lrs": meta.get("lrs", [])}
         g.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
-    bar = tqdm(range(start, p.epochs), desc=desc, initial=start, total=p.epochs, leave=False, disable=not progress)
+    bar = tqdm(range(start, p.epochs), desc=progress if isinstance(progress, str) else "train", initial=start,
+               total=p.epochs, leave=False, disable=progress is False)
     for epoch in bar:
         perm = torch.randperm(len(x), generator=g)
         tot, correct, seen = 0.0, 0, 0
@@ -597,10 +601,10 @@ def teacher_net(p: Protocol, ds: Dataset, real, test, device: str, cache, path: 
         tp = replace(p, kd_temperature=0.0, mix="torchvision", cutmix=0.0, mixup=0.0, clean_forward=False,
                      epochs=p.teacher_epochs, test_every=0, best_after=0.0, sources={})
         key = stage_key("teacher", TEACHER_VERSION, dataset=ds.identity(), protocol=asdict(tp))
-        entry = cache.get("teacher", key)
+        entry = cache.get("teacher", key, verify=True)
         if entry is None:
-            trained, res = train(tp, *real(), len(ds.classes), 0, device, test=test, progress=progress,
-                                 desc="teacher")
+            trained, res = train(tp, (*real(), len(ds.classes)), 0, device, test=test,
+                                 progress=progress and "teacher")
             state = {k: v.detach().cpu().numpy() for k, v in trained.state_dict().items()}
             entry = cache.put("teacher", key, {"accuracy": res.get("accuracy"), "epochs": p.teacher_epochs}, state)
         net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in entry.tensors.items()})
@@ -649,8 +653,8 @@ def run(cfg: EvalConfig, cache) -> dict:
         tnet, tinfo = teacher_net(p, train_ds, real, test, dev, cache, cfg.teacher, cfg.progress)
     runs = []
     for seed in range(cfg.seeds):
-        _, res = train(p, x, y, len(train_ds.classes), seed, dev, test=test, teacher=tnet, progress=cfg.progress,
-                       desc=f"seed {seed}")
+        _, res = train(p, (x, y, len(train_ds.classes)), seed, dev, test=test, teacher=tnet,
+                       progress=cfg.progress and f"seed {seed}")
         res["seed"] = seed
         res["final_loss"] = round(res["losses"][-1], 4) if res["losses"] else None
         runs.append(res)

@@ -275,8 +275,8 @@ def train_detector(cache, ds, p, spec: DetectorSpec, key: str, device: str, prog
         return {"source": str(w), "model": p.model, "accuracy": round(accuracy(net, *test, p, device) * 100, 2)}, \
             net_state(net)
     x, y = tensors_from_samples(ds.samples, p.image_size, p.channels)
-    net, res = train(p, x, y, len(ds.classes), spec.seed, device, test=test, progress=progress, desc="detector",
-                     resume=(cache, "detector_checkpoint", key), checkpoint_every=max(1, p.epochs // 10))
+    net, res = train(p, (x, y, len(ds.classes)), spec.seed, device, test=test, progress=progress and "detector",
+                     resume=(cache, "detector_checkpoint", key, max(1, p.epochs // 10)))
     return {"source": "trained by vlcp", "model": p.model, "epochs": p.epochs,
             "accuracy": round(res["accuracy"] * 100, 2)}, net_state(net)
 

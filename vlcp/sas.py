@@ -229,7 +229,9 @@ def select(emb: np.ndarray, labels, anchors: np.ndarray, params: SasParams, own_
         picks = np.where(np.arange(shape[1])[None, :min(params.ipc, shape[1])] < n[:, None],
                          order[:, :params.ipc], -1)
         rest_group = np.where(mask, 0, 2)
-    return _assemble(params, labels, rel, margin, Q, verdict, D, G, picks, idx, mask, rest_group, prototypes)
+    padded = {"Q": Q, "verdict": verdict, "D": D, "G": G, "picks": picks, "idx": idx, "mask": mask,
+              "rest_group": rest_group}
+    return _assemble(params, labels, rel, margin, prototypes, padded)
 
 
 def _by_class(emb: np.ndarray, idx: np.ndarray, safe: np.ndarray) -> np.ndarray:
@@ -316,8 +318,11 @@ def _greedy(E: np.ndarray, Q: np.ndarray, allowed: np.ndarray, reps: np.ndarray 
     return picks, D, G
 
 
-def _assemble(params, labels, rel, margin, Q, verdict, D, G, picks, idx, mask, rest_group, prototypes) -> Selection:
-    """Back from padded [C, M] arrays to per-candidate arrays; ranks: picks, then the rest by (group, Q)."""
+def _assemble(params, labels, rel, margin, prototypes, padded: dict) -> Selection:
+    """Back from the padded [C, M] arrays (``padded``: Q, verdict, D, G, picks, idx, mask, rest_group) to
+    per-candidate arrays; ranks: picks, then the rest by (group, Q)."""
+    Q, verdict, D, G = padded["Q"], padded["verdict"], padded["D"], padded["G"]
+    picks, idx, mask, rest_group = padded["picks"], padded["idx"], padded["mask"], padded["rest_group"]
     n = len(labels)
     out = {k: np.full(n, np.nan) for k in ("quality", "diversity", "gain")}
     stage1 = np.full(n, NOT_APPLIED)
