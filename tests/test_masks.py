@@ -167,9 +167,10 @@ def test_object_masks_and_min_foreground_end_to_end_and_reruns(vlcp, mask_cache,
     om = m["object_masks"]
     assert om["method"].startswith("vlcp's reading") and "not the authors' method" in om["method"]
     assert sorted(om["classes"]) == ["0", "1"] and m["models"]["segmenter"]["identity"] == om["segmenter"]
+    names = {c["folder"]: c["name"] for c in m["classes"]}
     for f, c in om["classes"].items():
         assert 0 < c["mean_foreground"] < 1 and len(c["clusters"]) == 1 and not c["fallback_unmasked"]
-        assert c["prompt"] == f"handwritten digit {f}" or c["prompt"].endswith(f)
+        assert c["prompt"] == names[f]  # no --mask-prompt: the class name
     fc = m["foreground_check"]
     assert fc["min_foreground"] == 0.1 and sorted(fc["per_class"]) == ["0", "1"]
     # a mask is stored per image at the latent resolution (the shape of the image's latent)
@@ -213,6 +214,16 @@ def test_a_class_whose_masks_are_all_empty_falls_back_to_unmasked_latents(vlcp, 
     assert classes["0"]["fallback_unmasked"] and classes["0"]["mean_foreground"] == 0.0
     assert not classes["1"]["fallback_unmasked"]
     assert any("unmasked latents" in w for w in read_manifest(tmp_path / "o")["warnings"])
+
+
+@pytest.mark.e2e
+def test_a_mask_prompt_recomputes_the_masks_and_what_follows_not_the_captions(vlcp, mask_cache, tmp_path):
+    until = [*ARGS, "--object-masks", "--until", "clusters"]
+    _run(vlcp, mask_cache, *until, "--out", tmp_path / "a")
+    _run(vlcp, mask_cache, *until, "--mask-prompt", "a digit", "--out", tmp_path / "b")
+    m = read_manifest(tmp_path / "b")
+    assert _computed(m) == ["masks", "outliers", "clusters"] and m["stages"]["masks"]["items_computed"] == 16
+    assert {c["prompt"] for c in m["object_masks"]["classes"].values()} == {"a digit"}
 
 
 @pytest.mark.parametrize("args, hint", [
