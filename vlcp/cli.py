@@ -45,7 +45,9 @@ class Ctx:
 
     def cache(self):
         from vlcp.cache import StageCache
+        from vlcp.parallel import check_writable
 
+        check_writable(self.cache_dir)  # one line before any work, not an SQLite traceback mid-run
         return StageCache(self.cache_dir)
 
 
@@ -691,6 +693,21 @@ def cache_clear(obj: Ctx, stage):
     """Remove cached artefacts (all, or one stage's)."""
     n = obj.cache().clear(stage)
     click.echo(f"removed {n} entr{'y' if n == 1 else 'ies'}" + (f" of stage {stage}" if stage else ""))
+
+
+@cache.command("merge")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.pass_obj
+def cache_merge(obj: Ctx, src):
+    """Copy every artefact of the cache directory SRC that this cache lacks (README, "Many processes, one cache")."""
+    from vlcp.cache_merge import CacheMergeError, merge
+
+    try:
+        rep = merge(obj.cache(), src)
+    except CacheMergeError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"merged {rep.copied} entr{'y' if rep.copied == 1 else 'ies'} ({_human(rep.bytes)}) from {src}; "
+               f"{rep.present} already here" + (f"; {rep.corrupt} corrupt, skipped" if rep.corrupt else ""))
 
 
 @cli.command()

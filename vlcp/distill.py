@@ -303,8 +303,17 @@ def memo_digest(cache: StageCache, path: str) -> str:
 
 def publish(run: Run) -> None:
     """OUT, written to a temporary folder and renamed into place: images, sheets, JSON files, manifest,
-    report.html."""
-    from vlcp import output
+    report.html. In a multi-process launch only rank 0 writes OUT, once every process is done, with each
+    process's stage reports in OUT/ranks/<rank>.json (vlcp/parallel.py)."""
+    from vlcp import output, parallel
+
+    w = parallel.world()
+    if w.parallel:
+        reports = parallel.gather_reports(run.cache, w, run.manifest["stages"])
+        if reports is None:
+            return
+        run.manifest["parallel"] = {"world_size": w.size}
+        run.files.update({f"ranks/{r}.json": rep for r, rep in reports.items()})
 
     def write(tmp: Path):
         for writer in run.writers:
