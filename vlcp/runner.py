@@ -7,7 +7,7 @@ progress) and return a ``StageReport`` that goes into ``manifest.json``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from vlcp.cache import Entry, StageCache, stable_hash
@@ -149,7 +149,9 @@ def run_items(cache: StageCache, stage: str, keys: list[str],
                 entries[j] = e
     todo = [where[k][0] for k in missing if owner.get(k, 0) == w.rank]
     if todo and not dry:
-        _compute(cache, stage, keys, where, entries, todo, compute, batch_size, progress)
+        for i, e in _compute(cache, stage, keys, todo, compute, batch_size, progress):
+            for j in where[keys[i]]:
+                entries[j] = e
     peers = {k: owner[k] for k in missing if owner.get(k, 0) != w.rank}
     if peers:
         parallel.wait_for(cache, stage, peers, w, progress)
@@ -166,8 +168,8 @@ def run_items(cache: StageCache, stage: str, keys: list[str],
     return entries, rep
 
 
-def _compute(cache: StageCache, stage: str, keys: list[str], where: dict[str, list[int]], entries: list,
-             todo: list[int], compute: Callable, batch_size: int, progress: bool | str) -> None:
+def _compute(cache: StageCache, stage: str, keys: list[str], todo: list[int], compute: Callable,
+             batch_size: int, progress: bool | str) -> Iterator[tuple[int, Entry]]:
     """Compute ``todo`` (first indices of missing keys) in batches, storing every item at once."""
     from tqdm.auto import tqdm
 
@@ -176,8 +178,6 @@ def _compute(cache: StageCache, stage: str, keys: list[str], where: dict[str, li
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         for i, (meta, tensors) in zip(batch, compute(batch)):
-            e = cache.put(stage, keys[i], meta, tensors)
-            for j in where[keys[i]]:
-                entries[j] = e
+            yield i, cache.put(stage, keys[i], meta, tensors)
         bar.update(len(batch))
     bar.close()
