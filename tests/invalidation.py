@@ -8,7 +8,7 @@ listed. Each row is (arguments added to BASE, stages that recompute, why).
 from __future__ import annotations
 
 BASE = ["--data", "digits", "--tiny", "--classes", "0,1,2", "--max-per-class", "12", "--ipc", "2",
-        "--steps", "2", "--finetune-max-steps", "2", "--post-sample", "sas", "--pool-multiplier", "2",
+        "--steps", "2", "--finetune-max-steps", "2", "--no-finetune-ema", "--post-sample", "sas", "--pool-multiplier", "2",
         "--refine", "--detector-epochs", "1", "--refine-candidates", "2", "--refine-beta", "0.95"]
 
 JUDGED = ["detector_scores", "candidates", "candidate_scores", "refinement"]
@@ -36,18 +36,19 @@ TABLE: list[tuple[list[str], list[str], str]] = [
     (["--guidance-scale", "5"], SYNTH_ON, "classifier-free guidance"),
     (["--steps", "3"], SYNTH_ON, "denoising steps"),
     (["--negative-prompt", "blurry"], SYNTH_ON, "negative prompt"),
-    (["--finetune-max-steps", "3"], FINETUNE_ON, "fine-tuned weights change"),
+    (["--finetune-max-steps", "1"], FINETUNE_ON, "fine-tuned weights change"),
     (["--finetune-lr", "1e-4"], FINETUNE_ON, "fine-tuned weights change"),
     (["--finetune-batch-size", "4"], FINETUNE_ON, "fine-tuned weights change"),
     (["--finetune-method", "lora"], FINETUNE_ON, "fine-tuned weights change"),
     (["--finetune-accumulation", "2"], FINETUNE_ON, "fine-tuned weights change"),
-    (["--no-finetune-ema"], FINETUNE_ON, "synthesis uses the raw weights, not their EMA"),
+    (["--finetune-ema"], FINETUNE_ON, "synthesis uses the EMA of the weights (the table's base run does not)"),
     (["--no-finetune"], SYNTH_ON, "synthesis from the base model"),
     (["--sas-lambda", "0.1"], ["post_sampling"], "selection only: no image generated, no CLIP call"),
     (["--select", "random"], ["post_sampling"] + JUDGED, "selection only; other images are kept and judged"),
     (["--pool-multiplier", "3"], ["pool", "clip_image", "post_sampling"] + JUDGED,
      "only the new candidate of each prototype is generated and embedded"),
-    (["--clip-prompt", "a picture of a {name}."], ["clip_text", "post_sampling"], "new class anchors"),
+    (["--clip-prompt", "a picture of a {name}."], ["clip_text", "post_sampling"] + JUDGED,
+     "new class anchors: other picks, which are judged"),
     (["--detector-epochs", "2"], ["detector", "detector_scores", "candidates", "candidate_scores", "refinement"],
      "a new detector re-judges every image; images it newly finds defective get candidates"),
     (["--refine-beta", "0.9"], ["refinement"], "selection only: nothing generated or scored"),

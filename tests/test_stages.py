@@ -172,3 +172,27 @@ def test_a_latent_found_corrupt_when_read_is_recomputed(vlcp, tmp_path):
     m = read_manifest(tmp_path / "c")
     assert m["stages"]["latents"]["items_computed"] == 1 and m["cache_corrupt_entries_recomputed"] == 1
     assert m["stages"]["outliers"]["items_computed"] == 1
+
+
+def test_lof_restores_images_and_kmeans_follows_the_seed_through_distill(vlcp, tmp_path):
+    """5-image classes at contamination 0.5 with IPC 4: LOF removes more than one, the least outlying come
+    back until 4 remain, with a warning; two seeds give two different sets of prototypes (issue 17 item 5,
+    at the distill level)."""
+    import numpy as np
+
+    from vlcp.cache import StageCache
+
+    args = ["distill", "--data", "digits", "--tiny", "--classes", "0,1", "--max-per-class", "5", "--ipc", "4",
+            "--contamination", "0.5", "--until", "clusters"]
+    r = vlcp(*args, "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    m = read_manifest(tmp_path / "a")
+    for f, o in m["outliers"].items():
+        assert o["images"] == 5 and o["removed"] == 1 and o["restored"] >= 1, (f, o)
+        assert f"class {f}: LOF would leave fewer than IPC=4 inliers; kept {o['restored']}" in " ".join(m["warnings"])
+    assert vlcp(*args, "--seed", "1", "--out", tmp_path / "b").exit_code == 0
+    keys = {o: read_manifest(tmp_path / o)["stages"]["clusters"]["key"] for o in "ab"}
+    cache = StageCache(tmp_path / "cache")
+    centres = {o: cache.get("clusters", k).tensors["centres/0"] for o, k in keys.items()}
+    assert keys["a"] != keys["b"] and centres["a"].shape[0] == 4
+    assert not np.allclose(centres["a"], centres["b"])

@@ -224,14 +224,14 @@ refine_options = _options(
                    "defective, a candidate under F is not valid (vlcp's reading of the multi-modal paper).")
 @click.option("--mask-batch-size", type=click.IntRange(min=1), default=_default("mask_batch_size"),
               show_default=True)
-@click.option("--dry-run", is_flag=True, help="Print which stages hit the cache and what would be computed.")
-@click.pass_obj
 @click.option("--min-caption-match", type=float,
               help="With --refine: a synthetic image whose CLIP cosine with its prompt is under S is defective, a "
                    "candidate under S is not valid (vlcp's reading of the multi-modal paper's caption matching; "
                    "CLIP as --clip).")
 @click.option("--refine", is_flag=True, help="Detector-guided refinement: replace defective images (off by default).")
 @refine_options
+@click.option("--dry-run", is_flag=True, help="Print which stages hit the cache and what would be computed.")
+@click.pass_obj
 def distill(obj: Ctx, **kw):
     """Distill a dataset into IPC synthetic images per class with the VLCP method.
 
@@ -264,7 +264,9 @@ def _run_distill(obj: Ctx, cfg, dry_run: bool = False) -> None:
 
     with _user_errors():
         manifest = run(cfg, obj.cache(), dry_run=dry_run)
-    if not obj.quiet:
+    from vlcp.parallel import world
+
+    if not obj.quiet and world().main:  # in a multi-process launch rank 0 speaks for all (OUT/ranks/ has each)
         _summary(manifest, dry_run)
         if not dry_run:
             click.echo(f"wrote {cfg.out}/ (manifest.json"
@@ -280,6 +282,7 @@ class _user_errors:
     def __exit__(self, exc_type, exc, tb):
         if exc is None:
             return False
+        from vlcp.cache import CorruptEntry
         from vlcp.caption_files import CaptionFileError
         from vlcp.config import ConfigError
         from vlcp.datasets import DatasetError
@@ -292,7 +295,7 @@ class _user_errors:
             raise click.BadParameter(exc.message, param_hint=exc.param) from None
         if isinstance(exc, (EvalError, OutputError)):  # a folder that does not fit: bad input, exit code 2
             raise click.UsageError(str(exc)) from None
-        if isinstance(exc, (DatasetError, DistillError, ModelError, CaptionFileError)):
+        if isinstance(exc, (DatasetError, DistillError, ModelError, CaptionFileError, CorruptEntry)):
             raise click.ClickException(str(exc)) from None
         return False
 

@@ -52,7 +52,7 @@ def images(run: Run, step: Step) -> None:
     skipped = [{"source": s.source, "error": e.meta["error"]} for s, e, k in zip(ds.samples, entries, ok) if not k]
     run.st.samples = [s for s, k in zip(ds.samples, ok) if k]
     run.st.by_class = [[i for i, s in enumerate(run.st.samples) if s.class_idx == c] for c in range(len(ds.classes))]
-    rep.details = {"skipped": len(skipped)}
+    rep.details = {**rep.details, "skipped": len(skipped)}
     run.manifest["skipped_images"] = skipped
     if skipped:
         run.warn(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]['source']}: {skipped[0]['error']}")
@@ -152,7 +152,7 @@ def outliers(run: Run, step: Step) -> None:
     entry, rep = step.whole(st.out_key, lambda: outliers_mod.per_class(  # foreground-weighted with --object-masks
         {f: ms.features(run, st.by_class[c], c, p.object_masks) for c, f in enumerate(run.folders)},
         p.contamination, p.ipc))
-    rep.details = {"removed_per_class": {f: m["removed"] for f, m in entry.meta.items()}}
+    rep.details = {**rep.details, "removed_per_class": {f: m["removed"] for f, m in entry.meta.items()}}
     run.manifest["outliers"] = entry.meta
     for f, m in entry.meta.items():
         if m["restored"]:
@@ -276,7 +276,8 @@ def finetune(run: Run, step: Step) -> None:
         return meta, weights
 
     st.ft_entry, rep = step.whole(st.ft_key, compute, "pipe")
-    rep.details = {k: st.ft_entry.meta[k] for k in ("steps", "resumed_from", "first_loss", "last_loss")}
+    rep.details = {**rep.details, **{k: st.ft_entry.meta[k] for k in ("steps", "resumed_from", "first_loss",
+                                                                      "last_loss") if k in st.ft_entry.meta}}
     run.manifest["finetune"] = {k: v for k, v in st.ft_entry.meta.items() if k != "losses"}
     losses = st.ft_entry.meta["losses"]
 
@@ -410,6 +411,10 @@ STAGES: list[Stage] = _stages()
 STAGE_NAMES: list[str] = [s.name for s in STAGES]
 
 
+def _flag(enabled_by: str) -> str:
+    return "`--post-sample sas`" if enabled_by == "sas" else f"`--{enabled_by.replace('_', '-')}`"
+
+
 def markdown_table() -> str:
     """The README's "What a run does" table, from STAGES (a test keeps the README equal to it)."""
     rows = ["| stage | what it computes | cached per | key holds | runs with |", "|---|---|---|---|---|"]
@@ -418,5 +423,5 @@ def markdown_table() -> str:
         key = ", ".join(flags + ([s.inputs] if s.inputs else [])) or "-"
         per = {"image": "item", "run": "run"}[s.per]
         rows.append(f"| `{s.name}` | {s.what} | {per} | {key} | "
-                    f"{'`--' + s.enabled_by + '`' if s.enabled_by else 'always'} |")
+                    f"{_flag(s.enabled_by) if s.enabled_by else 'always'} |")
     return "\n".join(rows) + "\n"
