@@ -689,7 +689,8 @@ def cache_info(obj: Ctx, as_json):
 
 
 @cache.command("clear")
-@click.option("--stage", type=StageChoice(("teacher", "baseline_features", "models")),
+@click.option("--stage", type=StageChoice(("detector_checkpoint", "finetune_checkpoint", "teacher", "baseline_features",
+                                           "matching", "matching_checkpoint", "matching_real", "models")),
               help="Only this stage (default: everything).")
 @click.pass_obj
 def cache_clear(obj: Ctx, stage):
