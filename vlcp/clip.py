@@ -11,6 +11,7 @@ module import time.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -59,6 +60,25 @@ def resolve_clip(name: str | None, tiny: bool, cache: StageCache):
 
 
 # -- the tiny model -------------------------------------------------------------------------------
+def tiny_parts(out: Path):
+    """(byte-level CLIP tokenizer, text-config and vision-config arguments) shared by the tiny CLIP-family
+    models (CLIP here, CLIPSeg in ``vlcp/segment.py``): 2 layers of width 32, 32 px images."""
+    from transformers import CLIPTokenizer
+
+    from vlcp.tiny import _byte_vocab
+
+    vocab = _byte_vocab()
+    tok_dir = Path(out) / "tokenizer-src"
+    tok_dir.mkdir(parents=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    layers = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    text = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"], vocab_size=len(vocab), max_position_embeddings=77, **layers)
+    return tokenizer, text, dict(image_size=32, patch_size=16, **layers)
+
+
 def tiny_clip(models_dir: Path) -> Path:
     """The tiny CLIP's directory under models_dir, built (atomically, fixed seed) on first use."""
     from vlcp.tiny import _build_atomically
@@ -74,36 +94,22 @@ def tiny_clip(models_dir: Path) -> Path:
 
 def build_tiny_clip(out: Path) -> None:
     """A 2-layer CLIP (text: byte-level tokenizer as the tiny SD; vision: 32 px, 16 px patches), seed 0."""
-    import json
+    import shutil
 
     import torch
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
-                              CLIPTokenizer, CLIPVisionConfig)
-
-    from vlcp.tiny import _byte_vocab
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
 
     torch.manual_seed(0)
-    vocab = _byte_vocab()
-    tok_dir = Path(out) / "tokenizer-src"
-    tok_dir.mkdir(parents=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
-    text = CLIPTextConfig(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                          pad_token_id=vocab["<|endoftext|>"], vocab_size=len(vocab), hidden_size=32,
-                          intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                          max_position_embeddings=77)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                              image_size=32, patch_size=16)
+    tokenizer, text_kw, vision_kw = tiny_parts(out)
+    text = CLIPTextConfig(**text_kw)
+    vision = CLIPVisionConfig(**vision_kw)
     config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
     model = CLIPModel(config).eval()
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     model.save_pretrained(str(out), safe_serialization=True)
     processor.save_pretrained(str(out))
-    import shutil
-
-    shutil.rmtree(tok_dir)
+    shutil.rmtree(Path(out) / "tokenizer-src")
 
 
 # -- loading and embedding (imports torch) --------------------------------------------------------

@@ -47,28 +47,18 @@ def tiny_clipseg(models_dir: Path) -> Path:
 
 def build_tiny_clipseg(out: Path) -> None:
     """A 2-layer CLIPSeg (byte-level tokenizer as the tiny CLIP; vision 32 px, 16 px patches), seed 0."""
-    import json
     import shutil
 
     import torch
     from transformers import (CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, CLIPSegTextConfig,
-                              CLIPSegVisionConfig, CLIPTokenizer, ViTImageProcessor)
+                              CLIPSegVisionConfig, ViTImageProcessor)
 
-    from vlcp.tiny import _byte_vocab
+    from vlcp.clip import tiny_parts
 
     torch.manual_seed(0)
-    vocab = _byte_vocab()
-    tok_dir = Path(out) / "tokenizer-src"
-    tok_dir.mkdir(parents=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
-    text = CLIPSegTextConfig(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                             pad_token_id=vocab["<|endoftext|>"], vocab_size=len(vocab), hidden_size=32,
-                             intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                             max_position_embeddings=77)
-    vision = CLIPSegVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                                 image_size=32, patch_size=16)
+    tokenizer, text_kw, vision_kw = tiny_parts(out)
+    text = CLIPSegTextConfig(**text_kw)
+    vision = CLIPSegVisionConfig(**vision_kw)
     config = CLIPSegConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16,
                            extract_layers=[0, 1], reduce_dim=16, decoder_num_attention_heads=2,
                            decoder_intermediate_size=32)
@@ -78,7 +68,7 @@ def build_tiny_clipseg(out: Path) -> None:
     processor = CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer)
     model.save_pretrained(str(out), safe_serialization=True)
     processor.save_pretrained(str(out))
-    shutil.rmtree(tok_dir)
+    shutil.rmtree(Path(out) / "tokenizer-src")
 
 
 def load_segmenter(ref, device: str):
