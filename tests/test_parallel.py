@@ -266,3 +266,20 @@ def test_each_local_process_gets_its_own_gpu(ranked, monkeypatch):
     assert parallel.local_device("cuda", 0) == "cuda"
     monkeypatch.setenv("LOCAL_RANK", "5")
     assert parallel.local_device("cuda", 4) == "cuda:1"
+
+
+def test_each_process_gets_its_own_gpu(monkeypatch):
+    """auto / plain cuda map to cuda:LOCAL_RANK in a launch (modulo the GPUs present); cuda:N is kept."""
+    import torch
+
+    from vlcp import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for k, v in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}.items():
+        monkeypatch.setenv(k, v)
+    assert models.torch_device("auto") == "cuda:1" and models.torch_device("cuda") == "cuda:1"
+    assert models.torch_device("cuda:0") == "cuda:0"
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k)
+    assert models.torch_device("auto") == "cuda"

@@ -161,12 +161,16 @@ def native_resolution(ref: ModelRef) -> int:
 
 # -- loading (imports torch) ----------------------------------------------------------------------
 def torch_device(device: str) -> str:
-    """``auto`` -> the best device here; an explicit one is checked (a missing CUDA index is a ModelError)."""
+    """``auto`` -> the best device here; an explicit one is checked (a missing CUDA index is a ModelError).
+
+    In a multi-process launch, ``auto`` and plain ``cuda`` mean this process's own GPU (cuda:LOCAL_RANK)."""
     import torch
+
+    from vlcp.parallel import local_device
 
     if device == "auto":
         if torch.cuda.is_available():
-            return "cuda"
+            return local_device("cuda", torch.cuda.device_count())
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
@@ -180,6 +184,7 @@ def torch_device(device: str) -> str:
             raise ModelError(f"--device {device}: this machine has no CUDA device; use --device cpu or auto")
         if dev.index is not None and dev.index >= n:
             raise ModelError(f"--device {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+        return local_device(device, n)
     return device
 
 
