@@ -43,7 +43,10 @@ def test_imported_captions_never_load_the_captioner_and_round_trip(vlcp, folder,
     m = read_manifest(tmp_path / "o")
     assert m["stages"]["captions"]["items_computed"] == 6 and not m["stages"]["captions"]["model_loaded"]
     assert m["imported_captions"]["matched"] == 6 and m["imported_captions"]["captioned"] == 0
-    r = vlcp("captions", "export", "--data", folder, "--tiny", "--out", tmp_path / "export.jsonl")
+    r = vlcp("captions", "export", "--data", folder, "--tiny", "--out", tmp_path / "none.jsonl")
+    assert r.exit_code == 1 and "no cached captions" in r.output  # the captioner described nothing
+    r = vlcp("captions", "export", "--data", folder, "--tiny", "--captions-from", caps, "--out",
+             tmp_path / "export.jsonl")
     assert r.exit_code == 0, r.output
     got = [json.loads(ln) for ln in (tmp_path / "export.jsonl").read_text().splitlines()]
     assert got == [{"file_name": f.replace("MM", "_"), "text": t} for f, t in _reference_rows()]

@@ -270,12 +270,18 @@ def finetune(run: Run, step: Step) -> None:
     texts = [tp.clean_caption(t) if p.clean_captions else t for t in st.captions]
 
     def compute():
+        from vlcp import models
+
         st.trained_now = True
+        full_fp32 = p.finetune_method == "full" and models.half_precision(models.torch_device(p.device))
+        master = models.load_unet(run.refs.diffusion, p.device) if full_fp32 else None  # fp32 master weights
         weights, meta = ft.train(run.models["pipe"](), _latents(run, list(range(len(st.samples)))), texts,
-                                 fp, run.cache, st.ft_key, run.cfg.progress)
+                                 fp, run.cache, st.ft_key, run.cfg.progress, master_unet=master)
         return meta, weights
 
     st.ft_entry, rep = step.whole(st.ft_key, compute, "pipe")
+    if st.trained_now:  # the final weights are stored: the resumable checkpoint (~14 GB for SD) can go
+        ft.drop_checkpoint(run.cache, st.ft_key)
     rep.details = {**rep.details, **{k: st.ft_entry.meta[k] for k in ("steps", "resumed_from", "first_loss",
                                                                       "last_loss") if k in st.ft_entry.meta}}
     run.manifest["finetune"] = {k: v for k, v in st.ft_entry.meta.items() if k != "losses"}
@@ -363,7 +369,10 @@ def _stages() -> list[Stage]:
     from vlcp import refine_stages as rs
     from vlcp import sas_stages
 
-    cap_v, lat_v = captions_mod.VERSION, 1
+    from vlcp import finetune as ft
+    from vlcp import prompts as prompts_mod
+
+    cap_v, lat_v, ft_v = captions_mod.VERSION, 1, ft.VERSION
     return [
         Stage("images", images, IMAGES_VERSION, "decodes every image once; unreadable files are skipped and listed "
               "in the manifest", "image", inputs="image content hash"),
@@ -385,14 +394,14 @@ def _stages() -> list[Stage]:
         Stage("text_prototypes", text_prototypes, 2, "Algorithm 2: non-representative words N (Eq. 2), top-k "
               "words R_w (Eq. 3), best caption (Eq. 4-5)", params=("beta", "top_k", "clean_captions"),
               inputs="clusters key, caption keys and files of the inliers, class names"),
-        Stage("prompts", prompts, 1, "the conditioning text per cluster, by `--text-strategy`",
+        Stage("prompts", prompts, prompts_mod.VERSION, "the conditioning text per cluster, by `--text-strategy`",
               params=("text_strategy",), inputs="text prototypes key, LLM id@commit", models=("llm",)),
-        Stage("finetune", finetune, 2, "fine-tunes the UNet (or a LoRA adapter) on all (latent, caption) pairs "
+        Stage("finetune", finetune, ft_v, "fine-tunes the UNet (or a LoRA adapter) on all (latent, caption) pairs "
               "with Eq. 1 (Algorithm 1, step 3)",
               params=("finetune_method", "finetune_epochs", "finetune_batch_size", "finetune_lr",
                       "finetune_max_steps", "finetune_lora_rank", "finetune_ema", "finetune_ema_decay",
                       "finetune_max_grad_norm", "finetune_accumulation", "finetune_flip", "clean_captions", "seed"),
-              unkeyed=("finetune_checkpoint_every", "gradient_checkpointing"),
+              unkeyed=("finetune_checkpoint_every", "gradient_checkpointing", "device"),
               inputs="caption and latent keys, diffusion id@commit", models=("pipe",), enabled_by="finetune"),
         Stage("synthesis", synthesis, 1, "img2img from each prototype latent (noised to `--strength`, denoised "
               "with its prompt) by the fine-tuned model", "image", SYNTHESIS_PARAMS, selects=("ipc",),
