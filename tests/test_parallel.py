@@ -17,7 +17,7 @@ from vlcp.parallel import ParallelError, World
 from vlcp.runner import run_items, run_stage
 
 RUN = ["--data", "digits", "--tiny", "--classes", "0,1,2", "--max-per-class", "10", "--ipc", "1", "--steps", "2",
-       "--no-finetune"]
+       "--no-finetune", "--synthesis-batch-size", "1"]  # batch 1: pixels independent of how items are shared
 PER_ITEM = ("images", "captions", "latents", "synthesis")
 WHOLE = ("outliers", "clusters", "text_prototypes", "prompts")
 

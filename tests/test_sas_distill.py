@@ -21,7 +21,7 @@ def test_sas_keeps_ipc_pool_images_and_reruns_only_what_changed(vlcp, tmp_path):
     assert len(ps["pool"]) == 12 and sum(r["kept"] for r in ps["pool"]) == 4
     assert sorted(ps["images"]) == ["0/0000.png", "0/0001.png", "1/0000.png", "1/0001.png"]
     kept = [i for i, r in enumerate(ps["pool"]) if r["kept"]]
-    assert [ps["pool"][i]["class"] for i in kept] == [0, 0, 1, 1]
+    assert sorted(ps["pool"][i]["class"] for i in kept) == [0, 0, 1, 1]  # IPC 2 of each class's 6
     assert len(list((tmp_path / "a").rglob("0*.png"))) == 4
     r = vlcp(*ARGS, "--sas-lambda", "0.1", "--sas-alpha", "0.9", "--out", tmp_path / "b")
     s = read_manifest(tmp_path / "b")["stages"]
