@@ -17,7 +17,8 @@ from vlcp.parallel import ParallelError, World
 from vlcp.runner import run_items, run_stage
 
 RUN = ["--data", "digits", "--tiny", "--classes", "0,1,2", "--max-per-class", "10", "--ipc", "1", "--steps", "2",
-       "--no-finetune", "--synthesis-batch-size", "1"]  # batch 1: pixels independent of how items are shared
+       "--no-finetune", "--caption-batch-size", "1", "--latent-batch-size", "1",
+       "--synthesis-batch-size", "1"]  # batches of 1: results independent of how items are shared
 PER_ITEM = ("images", "captions", "latents", "synthesis")
 WHOLE = ("outliers", "clusters", "text_prototypes", "prompts")
 
@@ -244,7 +245,14 @@ def test_torchrun_two_processes(tmp_path, cache_dir, tiny_models_dir, vlcp):
 
     one_cache = tmp_path / "one-cache"
     shutil.copytree(tiny_models_dir, one_cache / "models")
-    assert vlcp("distill", *RUN, "--out", tmp_path / "one", cache=one_cache).exit_code == 0
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun processes (OMP_NUM_THREADS=1): same float reductions
+    try:
+        assert vlcp("distill", *RUN, "--out", tmp_path / "one", cache=one_cache).exit_code == 0
+    finally:
+        torch.set_num_threads(threads)
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
     assert len(files) == 4  # 3 images + preview
     for f in files:
