@@ -196,3 +196,23 @@ def test_lof_restores_images_and_kmeans_follows_the_seed_through_distill(vlcp, t
     centres = {o: cache.get("clusters", k).tensors["centres/0"] for o, k in keys.items()}
     assert keys["a"] != keys["b"] and centres["a"].shape[0] == 4
     assert not np.allclose(centres["a"], centres["b"])
+
+
+def test_caption_batch_comes_from_the_device_when_not_given(vlcp, tmp_path, tiny_models_dir, monkeypatch):
+    """Without --caption-batch-size (and without --tiny) the batch is asked of the device, once, and only
+    when captions must be computed: a cached rerun asks nothing (and so imports no torch for it)."""
+    from vlcp import captions, models
+    from vlcp.tiny import TINY_LLAVA, TINY_SD
+
+    asked, sizes = [], []
+    monkeypatch.setattr(models, "auto_caption_batch", lambda device: asked.append(device) or 5)
+    real = captions.caption_images
+    monkeypatch.setattr(captions, "caption_images", lambda m, p, imgs, *a: sizes.append(len(imgs)) or real(m, p, imgs, *a))
+    args = ["distill", "--data", "digits", "--classes", "0,1", "--max-per-class", "6", "--ipc", "1", "--until",
+            "captions", "--captioner", tmp_path / "cache" / "models" / TINY_LLAVA,
+            "--diffusion", tmp_path / "cache" / "models" / TINY_SD]
+    r = vlcp(*args, "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    assert asked == ["auto"] and sizes == [5, 5, 2]
+    assert vlcp(*args, "--out", tmp_path / "b").exit_code == 0
+    assert asked == ["auto"]  # the rerun found every caption cached

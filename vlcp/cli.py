@@ -129,7 +129,9 @@ refine_options = _options(
                                   "[default: stable-diffusion-v1-5/stable-diffusion-v1-5]")
 @click.option("--caption-prompt", default=_default("caption_prompt"),
               help="Prompt for captions; {CLASSNAME} is replaced. [default: the paper's prompt]")
-@click.option("--caption-batch-size", type=click.IntRange(min=1), help="[default: 8; 32 with --tiny]")
+@click.option("--caption-batch-size", type=click.IntRange(min=1),
+              help="[default: from GPU memory: 32 on a GPU of >= 40 GB, what fits on a smaller one, 8 off CUDA; "
+                   "32 with --tiny]")
 @click.option("--caption-max-tokens", type=click.IntRange(min=1), help="New tokens per caption. "
                                                                        "[default: 256; 32 with --tiny]")
 @click.option("--captions-from", type=click.Path(exists=True, dir_okay=False),

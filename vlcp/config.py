@@ -37,7 +37,7 @@ class DistillConfig:
     captioner: str | None = None
     diffusion: str | None = None
     caption_prompt: str = CAPTION_PROMPT
-    caption_batch_size: int | None = None  # 8 (a 7B captioner on one GPU); 32 with --tiny
+    caption_batch_size: int | None = None  # None: from GPU memory (32 on >= 40 GB), 8 off CUDA; 32 with --tiny
     caption_max_tokens: int | None = None  # 256; 32 with --tiny
     resolution: int | None = None
     crop: str = "none"
@@ -154,8 +154,8 @@ class DistillConfig:
         for name in ("contamination", "beta", "top_k", "image_size"):
             if getattr(self, name) is None:
                 setattr(self, name, row[name])
-        if self.caption_batch_size is None:
-            self.caption_batch_size = 32 if self.tiny else 8
+        if self.caption_batch_size is None and self.tiny:
+            self.caption_batch_size = 32  # otherwise chosen from GPU memory when captions are computed
         if self.caption_max_tokens is None:
             self.caption_max_tokens = 32 if self.tiny else 256
         if self.finetune_epochs is None:

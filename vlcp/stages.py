@@ -90,8 +90,18 @@ def captions(run: Run, step: Step) -> None:
                                    f"--caption-prompt or --captioner")
             yield {"caption": text}, None
 
-    entries, _ = step.items(st.cap_keys, compute, p.caption_batch_size, "captioner")
+    batch = p.caption_batch_size
+    if batch is None:  # from GPU memory, asked only when something is missing (a cached run imports no torch)
+        missing = not run.dry and any(not run.cache.has(step.stage.name, k) for k in st.cap_keys)
+        batch = _auto_caption_batch(p.device) if missing else 8
+    entries, _ = step.items(st.cap_keys, compute, batch, "captioner")
     st.captions = [e.meta["caption"] if e else None for e in entries]
+
+
+def _auto_caption_batch(device: str) -> int:
+    from vlcp import models
+
+    return models.auto_caption_batch(device)
 
 
 def _imported_captions(run: Run, path: str | None, missing_policy: str) -> tuple[dict[int, str], str | None]:
@@ -378,7 +388,7 @@ def _stages() -> list[Stage]:
               "in the manifest", "image", inputs="image content hash"),
         Stage("captions", captions, cap_v, "LLaVA description with the paper's prompt, greedy decoding", "image",
               ("caption_prompt", "caption_max_tokens"), selects=("captions_from", "missing_captions"),
-              unkeyed=("caption_batch_size",),
+              unkeyed=("caption_batch_size", "device"),
               inputs="image hash, class name, captioner id@commit (or the `--captions-from` file's hash)",
               models=("captioner",)),
         Stage("latents", latents, lat_v, "VAE encoding at the model's resolution (512 for SD v1.5), x "
