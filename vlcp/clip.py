@@ -80,16 +80,11 @@ def tiny_parts(out: Path):
 
 
 def tiny_clip(models_dir: Path) -> Path:
-    """The tiny CLIP's directory under models_dir, built (atomically, fixed seed) on first use."""
-    from vlcp.tiny import _build_atomically
+    """The tiny CLIP's directory under models_dir, built (atomically, fixed seed) on first use and
+    rebuilt, identical, if damaged."""
+    from vlcp.tiny import ensure_built
 
-    d = Path(models_dir) / TINY_CLIP
-    if not (d / "config.json").exists():
-        from vlcp.models import quiet_libraries
-
-        quiet_libraries()
-        _build_atomically(d, build_tiny_clip)
-    return d
+    return ensure_built(Path(models_dir) / TINY_CLIP, build_tiny_clip)
 
 
 def build_tiny_clip(out: Path) -> None:

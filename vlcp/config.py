@@ -109,16 +109,15 @@ class DistillConfig:
         _in_range("--refine-beta", self.refine_beta, 0, 1)
         for name in ("top_k", "steps", "latent_batch_size", "synthesis_batch_size", "caption_batch_size",
                      "caption_max_tokens", "finetune_epochs", "finetune_batch_size", "finetune_max_steps",
-                     "finetune_lora_rank", "finetune_checkpoint_every", "finetune_accumulation", "refine_candidates", "refine_top_k",
+                     "finetune_lora_rank", "finetune_checkpoint_every", "finetune_accumulation", "refine_candidates",
+                     "refine_top_k",
                      "detector_epochs", "image_size", "max_per_class", "pool_multiplier", "clip_batch_size",
                      "mask_batch_size"):
             _at_least("--" + name.replace("_", "-"), getattr(self, name), 1)
         _at_least("--resolution", self.resolution, 8)
-        if self.finetune_lr is not None and self.finetune_lr <= 0:
-            raise ConfigError("--finetune-lr", f"must be positive, got {self.finetune_lr}")
+        _positive("--finetune-lr", self.finetune_lr)
         _in_range("--finetune-ema-decay", self.finetune_ema_decay, 0, 1)
-        if self.finetune_max_grad_norm is not None and self.finetune_max_grad_norm <= 0:
-            raise ConfigError("--finetune-max-grad-norm", f"must be positive, got {self.finetune_max_grad_norm}")
+        _positive("--finetune-max-grad-norm", self.finetune_max_grad_norm)
         _choice("--crop", self.crop, ("none", "center"))
         _choice("--finetune-method", self.finetune_method, ("full", "lora"))
         _choice("--text-strategy", self.text_strategy, ("dcs", "label", "label+keywords", "llm"))
@@ -193,6 +192,11 @@ def default(name: str):
 def _at_least(param: str, value, low) -> None:
     if value is not None and value < low:
         raise ConfigError(param, f"must be at least {low}, got {value}")
+
+
+def _positive(param: str, value) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(param, f"must be positive, got {value}")
 
 
 def _in_range(param: str, value, low, high, low_open: bool = False) -> None:

@@ -174,7 +174,7 @@ class Step:
         self.run.reports.append(rep)
         return entry, rep
 
-    def items(self, keys: list[str], compute, batch_size: int, model: str | None = None,
+    def items(self, keys: list[str], compute, batch_size: int | Callable[[], int], model: str | None = None,
               cache_stage: str | None = None):
         entries, rep = run_items(self.run.cache, cache_stage or self.stage.name, keys, compute, batch_size,
                                  self.run.models.get(model) if model else None,

@@ -581,10 +581,9 @@ def _torchvision_teacher(p: Protocol, ds: Dataset, device: str):
 def teacher_net(p: Protocol, ds: Dataset, real, test, device: str, cache, path: str | None,
                 progress: bool) -> tuple[object, dict]:
     """The RDED teacher: the user's safetensors weights, torchvision's (ImageNet-1K), or one vlcp trains once."""
-    import torch
-
     from vlcp import networks
     from vlcp.cache import stage_key
+    from vlcp.tensors import numpy_to_state, state_to_numpy
 
     net = networks.build(p.model, p.channels, len(ds.classes), p.image_size).to(device)
     if path:
@@ -605,9 +604,9 @@ def teacher_net(p: Protocol, ds: Dataset, real, test, device: str, cache, path: 
         if entry is None:
             trained, res = train(tp, (*real(), len(ds.classes)), 0, device, test=test,
                                  progress=progress and "teacher")
-            state = {k: v.detach().cpu().numpy() for k, v in trained.state_dict().items()}
+            state = state_to_numpy(trained.state_dict(), keep_dtype=True)
             entry = cache.put("teacher", key, {"accuracy": res.get("accuracy"), "epochs": p.teacher_epochs}, state)
-        net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in entry.tensors.items()})
+        net.load_state_dict(numpy_to_state(entry.tensors))
         info = {"source": "trained by vlcp (not RDED's observer)", "key": key, "epochs": entry.meta["epochs"]}
     net.eval()
     for param in net.parameters():

@@ -314,14 +314,15 @@ def drop_checkpoint(cache: StageCache, ckpt_key: str) -> bool:
 
 
 def loss_plot(losses: list[float], path_png, path_csv) -> str:
-    """finetune_loss.png with matplotlib when installed, else finetune_loss.csv; returns the file name."""
+    """finetune_loss.csv always (the report draws it as SVG), finetune_loss.png too when matplotlib is
+    installed; returns the name of the picture, or of the CSV without matplotlib."""
+    path_csv.write_text("step,loss\n" + "".join(f"{i},{v}\n" for i, v in enumerate(losses)))
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        path_csv.write_text("step,loss\n" + "".join(f"{i},{v}\n" for i, v in enumerate(losses)))
         return path_csv.name
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(len(losses)), losses, lw=0.8)

@@ -201,25 +201,21 @@ def mask_stages() -> list[Stage]:
     ]
 
 
-def foreground_stages() -> list[Stage]:
-    """After detector_scores."""
+def _foreground_stage(name: str, run, what: str) -> Stage:
     from vlcp.stages import Stage
 
-    return [
-        Stage("foreground", foreground, FOREGROUND_VERSION, "foreground fraction (mean CLIPSeg mask) of every "
-              "synthetic image; under `--min-foreground` it is defective", "image", selects=("mask_prompt",),
-              unkeyed=("mask_batch_size",), inputs="image content hash, prompt, segmenter id@commit",
-              models=("segmenter",), enabled_by="min_foreground"),
-    ]
+    return Stage(name, run, FOREGROUND_VERSION, what, "image", selects=("mask_prompt",),
+                 unkeyed=("mask_batch_size",), inputs="image content hash, prompt, segmenter id@commit",
+                 models=("segmenter",), enabled_by="min_foreground")
+
+
+def foreground_stages() -> list[Stage]:
+    """After detector_scores."""
+    return [_foreground_stage("foreground", foreground, "foreground fraction (mean CLIPSeg mask) of every "
+                              "synthetic image; under `--min-foreground` it is defective")]
 
 
 def candidate_foreground_stages() -> list[Stage]:
     """After candidate_scores."""
-    from vlcp.stages import Stage
-
-    return [
-        Stage("candidate_foreground", candidate_foreground, FOREGROUND_VERSION, "foreground fraction of every "
-              "refinement candidate; under `--min-foreground` it is not valid", "image", selects=("mask_prompt",),
-              unkeyed=("mask_batch_size",), inputs="image content hash, prompt, segmenter id@commit",
-              models=("segmenter",), enabled_by="min_foreground"),
-    ]
+    return [_foreground_stage("candidate_foreground", candidate_foreground, "foreground fraction of every "
+                              "refinement candidate; under `--min-foreground` it is not valid")]

@@ -152,20 +152,20 @@ def weights_identity(weights: str | None) -> str | None:
 
 
 def net_state(net) -> dict:
-    return {k: v.detach().float().cpu().numpy() for k, v in net.state_dict().items()}
+    from vlcp.tensors import state_to_numpy
+
+    return state_to_numpy(net.state_dict())
 
 
 def detector_from_state(state: dict, p, num_classes: int, device: str, class_names: list[str] | None = None):
-    import torch
-
     from vlcp import networks
+    from vlcp.tensors import numpy_to_state
 
     if not state:  # a torchvision detector: nothing of ours was stored, its weights come from torch.hub
         return torchvision_detector(p.model, class_names or [], device)
 
     net = networks.build(p.model, p.channels, num_classes, p.image_size)
-    ref = net.state_dict()
-    net.load_state_dict({k: torch.from_numpy(v.copy()).to(ref[k].dtype) for k, v in state.items()})
+    net.load_state_dict(numpy_to_state(state, like=net.state_dict()))
     return net.to(device).eval()
 
 

@@ -116,7 +116,7 @@ def _peer_entry(cache: StageCache, stage: str, key: str) -> Entry:
 
 
 def run_items(cache: StageCache, stage: str, keys: list[str],
-              compute: Callable[[list[int]], Iterable[tuple[dict, dict]]], batch_size: int,
+              compute: Callable[[list[int]], Iterable[tuple[dict, dict]]], batch_size: int | Callable[[], int],
               model: Lazy | None = None, progress: bool | str = True,
               dry: bool = False) -> tuple[list[Entry | None], StageReport]:
     """Per-item stage: compute(indices) yields (meta, tensors) for each index, in order.
@@ -149,7 +149,8 @@ def run_items(cache: StageCache, stage: str, keys: list[str],
                 entries[j] = e
     todo = [where[k][0] for k in missing if owner.get(k, 0) == w.rank]
     if todo and not dry:
-        for i, e in _compute(cache, stage, keys, todo, compute, batch_size, progress):
+        bs = batch_size() if callable(batch_size) else batch_size  # e.g. from free GPU memory: only when needed
+        for i, e in _compute(cache, stage, keys, todo, compute, bs, progress):
             for j in where[keys[i]]:
                 entries[j] = e
     peers = {k: owner[k] for k in missing if owner.get(k, 0) != w.rank}

@@ -32,17 +32,9 @@ def resolve_segmenter(name: str | None, tiny: bool, cache):
 
 def tiny_clipseg(models_dir: Path) -> Path:
     """The tiny CLIPSeg's directory under models_dir, built (atomically, fixed seed) on first use."""
-    from vlcp.tiny import _build_atomically, _set_aside, intact
+    from vlcp.tiny import ensure_built
 
-    d = Path(models_dir) / TINY_CLIPSEG
-    if not intact(d):  # missing or damaged: rebuilt with the same bytes (seeded), so the same identity
-        from vlcp.models import quiet_libraries
-
-        quiet_libraries()
-        if d.exists():
-            _set_aside(d)
-        _build_atomically(d, build_tiny_clipseg)
-    return d
+    return ensure_built(Path(models_dir) / TINY_CLIPSEG, build_tiny_clipseg)
 
 
 def build_tiny_clipseg(out: Path) -> None:

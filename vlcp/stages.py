@@ -90,10 +90,8 @@ def captions(run: Run, step: Step) -> None:
                                    f"--caption-prompt or --captioner")
             yield {"caption": text}, None
 
-    batch = p.caption_batch_size
-    if batch is None:  # from GPU memory, asked only when something is missing (a cached run imports no torch)
-        missing = not run.dry and any(not run.cache.has(step.stage.name, k) for k in st.cap_keys)
-        batch = _auto_caption_batch(p.device) if missing else 8
+    # unset: from GPU memory, asked only when captions are computed (a cached run imports no torch)
+    batch = p.caption_batch_size or (lambda: _auto_caption_batch(p.device))
     entries, _ = step.items(st.cap_keys, compute, batch, "captioner")
     st.captions = [e.meta["caption"] if e else None for e in entries]
 
@@ -296,12 +294,7 @@ def finetune(run: Run, step: Step) -> None:
                                                                       "last_loss") if k in st.ft_entry.meta}}
     run.manifest["finetune"] = {k: v for k, v in st.ft_entry.meta.items() if k != "losses"}
     losses = st.ft_entry.meta["losses"]
-
-    def write(tmp):  # the CSV always (the report draws it as SVG), the PNG when matplotlib is installed
-        (tmp / "finetune_loss.csv").write_text("step,loss\n" + "".join(f"{i},{v}\n" for i, v in enumerate(losses)))
-        ft.loss_plot(losses, tmp / "finetune_loss.png", tmp / "finetune_loss.csv")
-
-    run.writers.append(write)
+    run.writers.append(lambda tmp: ft.loss_plot(losses, tmp / "finetune_loss.png", tmp / "finetune_loss.csv"))
 
 
 def finetuned_pipe(run: Run):

@@ -38,16 +38,22 @@ def tiny_models(models_dir: Path) -> tuple[Path, Path, Path]:
     rebuilt: the builders are seeded, so it comes back with the same bytes and the same identity.
     """
     dirs = Path(models_dir) / TINY_SD, Path(models_dir) / TINY_LLAVA, Path(models_dir) / TINY_LLM
-    builders = (_build_sd, _build_llava, _build_llm)
-    for d, build in zip(dirs, builders):
-        if not intact(d):
-            from vlcp.models import quiet_libraries
-
-            quiet_libraries()
-            if d.exists():
-                _set_aside(d)
-            _build_atomically(d, build)
+    for d, build in zip(dirs, (_build_sd, _build_llava, _build_llm)):
+        ensure_built(d, build)
     return dirs
+
+
+def ensure_built(d: Path, build) -> Path:
+    """``d``, (re)built with ``build`` unless it is intact: a missing or damaged tiny model is rebuilt with
+    the same bytes (seeded), so it keeps its identity. Every tiny model (SD, LLaVA, LLM, CLIP, CLIPSeg)."""
+    if not intact(d):
+        from vlcp.models import quiet_libraries
+
+        quiet_libraries()
+        if d.exists():
+            _set_aside(d)
+        _build_atomically(d, build)
+    return d
 
 
 def intact(d: Path) -> bool:
