@@ -182,11 +182,12 @@ def test_bad_input_gives_one_line_errors(vlcp, tmp_path):
 
     r = err("--method", "dm", "--ipc", "1000")
     assert r.exit_code == 1 and "class '0' has 151 images, fewer than --ipc 1000" in r.output
-    r = err("--method", "dc", "--ipc", "1", "--masks", "clipseg")
-    assert "--masks clipseg: needs the object-mask (CLIPSeg) stage" in r.output
-    assert "available now: threshold" in r.output
     r = err("--method", "dm", "--ipc", "1", "--masks", "foo")
-    assert "unknown mask source 'foo'; available: threshold" in r.output
+    assert r.exit_code == 1 and "unknown mask source 'foo'; available: threshold, clipseg" in r.output
+    r = err("--method", "dm", "--ipc", "1", "--mask-prompt", "digit")
+    assert r.exit_code == 2 and "--segmenter and --mask-prompt apply only with --masks clipseg" in r.output
+    r = err("--method", "dm", "--ipc", "1", "--masks", "threshold", "--segmenter", "x/y")
+    assert r.exit_code == 2 and "--segmenter and --mask-prompt apply only with --masks clipseg" in r.output
     r = err("--method", "dc", "--ipc", "3")
     assert "pass --outer-loop and --inner-loop for IPC 3" in r.output
     r = err("--method", "random", "--ipc", "2", "--masks", "threshold")
@@ -239,3 +240,86 @@ def test_caption_loss_run_with_tiny_clip(vlcp, tmp_path):
     assert read_manifest(tmp_path / "cap2")["matching"]["cached"] is False  # other captions: another key
     r = vlcp(*common, "--caption-loss", "1", "--out", tmp_path / "x")
     assert r.exit_code == 1 and "pass --captions FILE" in r.output and again.exit_code == 0
+
+
+# -- clipseg masks (vlcp's reading of the abstract) -------------------------------------------------
+@pytest.fixture(scope="module")
+def clipseg_dir(tmp_path_factory) -> Path:
+    from vlcp import segment
+
+    return segment.tiny_clipseg(tmp_path_factory.mktemp("clipseg") / "models")
+
+
+@pytest.fixture
+def seg_cache(cache_dir, clipseg_dir) -> Path:
+    """The test cache with the tiny CLIPSeg already built (copied, not rebuilt)."""
+    import shutil
+
+    from vlcp import segment
+
+    shutil.copytree(clipseg_dir, cache_dir / "models" / segment.TINY_CLIPSEG)
+    return cache_dir
+
+
+def test_soft_mask_blends_towards_the_background_level():
+    x = np.full((1, 1, 3, 3), 10, np.uint8)  # border median 10 = background level b
+    x[0, 0, 1, 1] = 200
+    soft = np.zeros((1, 3, 3), np.float32)
+    soft[0, 1, 1], soft[0, 0, 0] = 0.25, 1.0
+    got = masks.apply_mask(x, soft)
+    # centre: 0.25 * 200 + 0.75 * 10 = 57.5 -> 58 (round half to even); elsewhere 10 (m = 1 keeps x = 10)
+    assert got[0, 0, 1, 1] == 58 and got[0, 0, 0, 0] == 10 and got.dtype == np.uint8
+    assert (np.delete(got.ravel(), 4) == 10).all()
+    boolean = soft > 0.5  # a 0/1 mask gives what the threshold path always gave
+    assert np.array_equal(masks.apply_mask(x, boolean), masks.apply_mask(x, boolean.astype(np.float32)))
+    with pytest.raises(masks.MaskError, match="expected 1 masks of"):
+        masks.masked(x, "clipseg", soft=soft[:, :2])
+
+
+def test_clipseg_masks_on_digits_have_the_image_size_and_are_cached(seg_cache):
+    from vlcp.evaluate import tensors_from_samples
+
+    ds = load_dataset("digits", seg_cache / "data", "train")
+    x, y = tensors_from_samples(ds.samples[::90], 8, 1)  # 16 images, several classes
+    names = [c.name for c in ds.classes]
+    cache = StageCache(seg_cache)
+    seg = masks.Segmenter(tiny=True)
+    m, info = masks.clipseg_masks(x, y, names, seg, cache, "cpu")
+    assert m.shape == (16, 8, 8) and m.dtype == np.float32 and m.min() >= 0 and m.max() <= 1
+    assert m.std() > 0  # a random segmenter still gives varying masks, not a constant
+    assert (info["computed"], info["cached"]) == (16, 0) and info["segmenter"].startswith("local:")
+    again, info2 = masks.clipseg_masks(x, y, names, seg, cache, "cpu")
+    assert (info2["computed"], info2["cached"]) == (0, 16) and np.array_equal(again, m)
+    other, info3 = masks.clipseg_masks(x, y, names, masks.Segmenter(tiny=True, prompt="a digit"), cache, "cpu")
+    assert info3["computed"] == 16 and not np.array_equal(other, m)  # the prompt is in the key and the input
+    xm, summary = masks.masked(x, "clipseg", soft=m)
+    assert np.array_equal(xm, masks.apply_mask(x, m)) and summary["foreground_fraction"] == round(float(m.mean()), 4)
+
+
+def test_dm_with_clipseg_masks_writes_the_imagefolder_and_reuses_the_masks(vlcp, seg_cache, tmp_path):
+    common = ["baseline", "--method", "dm", "--data", "digits", "--ipc", "1", "--batch-real", "8", "--tiny"]
+    r = vlcp(*common, "--iterations", "3", "--masks", "clipseg", "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "a").iterdir() if p.is_dir()) == [str(d) for d in range(10)]
+    assert all(sorted(f.name for f in (tmp_path / "a" / str(d)).iterdir()) == ["0000.png"] for d in range(10))
+    assert Image.open(tmp_path / "a" / "3" / "0000.png").size == (8, 8)
+    m = read_manifest(tmp_path / "a")["matching"]
+    assert m["masks"]["source"] == "clipseg" and (m["masks"]["computed"], m["masks"]["cached"]) == (1438, 0)
+    assert m["config"]["segmenter"] == {"name": None, "tiny": True, "prompt": None}
+    r = vlcp(*common, "--iterations", "4", "--masks", "clipseg", "--out", tmp_path / "b")  # new result, same masks
+    m4 = read_manifest(tmp_path / "b")["matching"]
+    assert r.exit_code == 0 and m4["cached"] is False and (m4["masks"]["computed"], m4["masks"]["cached"]) == (0, 1438)
+    plain = vlcp(*common, "--iterations", "3", "--out", tmp_path / "p")
+    mp = read_manifest(tmp_path / "p")["matching"]
+    # same networks, batches and DSA: only the masked real side differs, so the loss does too
+    assert plain.exit_code == 0 and mp["masks"] == {"source": None} and mp["loss_curve"] != m["loss_curve"]
+
+
+def test_a_missing_segmenter_offline_is_a_one_line_error(vlcp, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    r = vlcp("baseline", "--method", "dc", "--data", "digits", "--ipc", "1", "--masks", "clipseg", "--segmenter",
+             "no-such-org/no-such-clipseg", "--out", tmp_path / "o")
+    lines = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert r.exit_code == 1 and "Traceback" not in r.output and not (tmp_path / "o").exists()
+    assert len(lines) == 1 and "hf download no-such-org/no-such-clipseg" in lines[0]

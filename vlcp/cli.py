@@ -409,7 +409,11 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
 @click.option("--init", type=click.Choice(["real", "noise"]), default="real", show_default=True,
               help="dm/dc: start from random real images (seeded) or Gaussian noise.")
 @click.option("--masks", help="dm/dc: match masked real images (masked feature alignment / gradient matching); "
-                              "source: threshold (grey data on a flat background). clipseg is not available yet.")
+                              "source: threshold (grey data on a flat background) or clipseg (text-prompted CLIPSeg "
+                              "masks of the real images, cached per image).")
+@click.option("--mask-prompt", help="--masks clipseg: what the segmenter looks for [default: the class name].")
+@click.option("--segmenter", help="--masks clipseg: CLIPSeg hub id or directory "
+                                  "[default: CIDAS/clipseg-rd64-refined; tiny with --tiny].")
 @click.option("--mask-margin", type=float, default=8, show_default=True,
               help="threshold masks: grey levels above the background level that count as object.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=50, show_default=True,
@@ -419,7 +423,8 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
 @click.option("--captions", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="--caption-loss: JSON {class folder or name: [captions of its real images]}.")
 @click.option("--clip", help="--caption-loss: CLIP hub id or directory [default: openai/clip-vit-base-patch32].")
-@click.option("--tiny", is_flag=True, help="--caption-loss: a tiny random CLIP (tests, offline demos).")
+@click.option("--tiny", is_flag=True, help="--caption-loss / --masks clipseg: a tiny random CLIP / CLIPSeg "
+                                         "(tests, offline demos).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @click.pass_obj
 def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force, **match):
@@ -430,7 +435,7 @@ def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force, **ma
     from vlcp.output import check_out, publish
 
     opt_only = [k for k in ("iterations", "lr_img", "batch_real", "outer_loop", "inner_loop", "lr_net", "batch_train",
-                            "masks", "captions", "clip") if match[k] is not None] + ["caption_loss"] * bool(match["caption_loss"])
+                            "masks", "captions", "clip", "mask_prompt", "segmenter") if match[k] is not None] + ["caption_loss"] * bool(match["caption_loss"])
     if method not in ("dm", "dc") and opt_only:
         raise click.UsageError(f"--{opt_only[0].replace('_', '-')} applies to --method dm or dc only")
     with _user_errors():
@@ -469,6 +474,13 @@ def _matching(obj: Ctx, method, ds, data, ipc, seed, match) -> tuple[dict, dict]
         from vlcp.caption_matching import CaptionSpec, load_captions
 
         spec = CaptionSpec(load_captions(cap["captions"], ds.classes), cap["clip"], cap["tiny"])
+    seg = {k: match.pop(k) for k in ("segmenter", "mask_prompt")}
+    if match["masks"] != "clipseg" and any(v is not None for v in seg.values()):
+        raise click.UsageError("--segmenter and --mask-prompt apply only with --masks clipseg")
+    if match["masks"] == "clipseg":
+        from vlcp.masks import Segmenter
+
+        match["segmenter"] = Segmenter(seg["segmenter"], cap["tiny"], seg["mask_prompt"])
     cfg = matching.make_config(method, ipc, seed=seed, **match)
     res = matching.run(cfg, ds, data, obj.cache(), obj.device, not obj.quiet, every, spec)
     m = res.meta

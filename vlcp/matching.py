@@ -18,9 +18,11 @@ code (VICO-UoE/DatasetCondensation, ``main_DM.py`` and ``main.py``), each overri
   synthetic images alike (the reference's batch mode), strategy color_crop_cutout_flip_scale_rotate.
 
 Masked variants (vlcp's reading of the multi-modal paper's abstract, arXiv 2505.08605): with
-``masks`` the *real* side is replaced by masked real images (``vlcp.masks``) — masked feature
-alignment for DM, masked gradient matching for DC. The synthetic side is not masked: its pixels are
-what is learned (a mask would freeze its background) and test images are never masked.
+``masks`` (``threshold`` or ``clipseg``) the *real* side is replaced by masked real images
+(``vlcp.masks``) — masked feature alignment for DM, masked gradient matching for DC. The synthetic
+side is not masked: its pixels are what is learned (a mask would freeze its background) and test
+images are never masked. CLIPSeg masks are cached per image (stage ``matching_masks``); the result's
+key holds the segmenter's identity and the prompt of every class.
 
 Determinism and resume: the randomness of iteration ``it`` (network init, real batches, DSA) comes
 from a generator seeded by (seed, it) only, so a run resumed from a checkpoint (synthetic pixels +
@@ -70,6 +72,7 @@ class MatchConfig:
     model: str = "convnet3"
     seed: int = 0
     caption_loss: float = 0.0  # weight of vlcp.caption_matching's term; 0: off
+    segmenter: mask_mod.Segmenter | None = None  # --masks clipseg: which segmenter, which prompt (key: its identity)
 
 
 def make_config(method: str, ipc: int, seed: int = 0, masks: str | None = None, **overrides) -> MatchConfig:
@@ -87,8 +90,9 @@ def make_config(method: str, ipc: int, seed: int = 0, masks: str | None = None, 
             vals["outer_loop"], vals["inner_loop"] = loops
     vals.update({k: v for k, v in overrides.items() if v is not None})
     cfg = MatchConfig(method=method, ipc=ipc, seed=seed, masks=masks, **vals)
-    if masks is None:
-        cfg.mask_margin = mask_mod.DEFAULT_MARGIN  # irrelevant without masks: keep it out of the key
+    if masks != "threshold":
+        cfg.mask_margin = mask_mod.DEFAULT_MARGIN  # irrelevant without threshold masks: keep it out of the key
+    cfg.segmenter = (cfg.segmenter or mask_mod.Segmenter()) if masks == "clipseg" else None
     if cfg.init not in ("real", "noise"):
         raise MatchError(f"unknown init {cfg.init!r}; known: real, noise")
     for name in ("iterations", "batch_real", "batch_train", "outer_loop", "inner_loop"):
@@ -286,11 +290,16 @@ def real_arrays(ds, data: str, cache, progress: bool):
     return entry.tensors["x"], entry.tensors["y"], p
 
 
-def keys(cfg: MatchConfig, ds, p, caption_parts: dict | None = None) -> tuple[str, str]:
+def keys(cfg: MatchConfig, ds, p, caption_parts: dict | None = None, mask_parts: dict | None = None
+         ) -> tuple[str, str]:
     """(result key, checkpoint key). The checkpoint key leaves out the iteration count: a longer run
-    continues from a shorter one's last state. Without a caption loss its fields stay out of the key."""
+    continues from a shorter one's last state. Without a caption loss its fields stay out of the key;
+    the segmenter counts by its identity and prompts (``mask_parts``), only with clipseg masks."""
     parts = {"dataset": ds.identity(), "size": p.image_size, "channels": p.channels, "mean": p.mean, "std": p.std}
     config = asdict(cfg)
+    config.pop("segmenter")
+    if cfg.masks == "clipseg":
+        parts["masks"] = mask_parts
     if cfg.caption_loss:
         parts["caption"] = caption_parts
     else:
@@ -377,7 +386,9 @@ def run(cfg: MatchConfig, ds, data: str, cache, device: str = "auto", progress: 
     x, y, p = real_arrays(ds, data, cache, progress)
     init = initial_indices(cfg, y, ds.classes)
     cap_parts = caption.key_parts(cache) if cfg.caption_loss else None
-    key, ckpt_key = keys(cfg, ds, p, cap_parts)
+    names = [c.name for c in ds.classes]
+    seg_parts = cfg.segmenter.key_parts(cache, names) if cfg.masks == "clipseg" else None
+    key, ckpt_key = keys(cfg, ds, p, cap_parts, seg_parts)
     entry = cache.get(STAGE, key)
     if entry is not None:
         return Result(entry.tensors["images"], entry.meta, True)
@@ -386,7 +397,10 @@ def run(cfg: MatchConfig, ds, data: str, cache, device: str = "auto", progress: 
     from vlcp.models import torch_device
 
     dev = torch_device(device)
-    xm, mask_info = mask_mod.masked(x, cfg.masks, cfg.mask_margin)
+    soft, seg_info = (mask_mod.clipseg_masks(x, y, names, cfg.segmenter, cache, dev, progress)
+                      if cfg.masks == "clipseg" else (None, {}))
+    xm, mask_info = mask_mod.masked(x, cfg.masks, cfg.mask_margin, soft)
+    mask_info.update(seg_info)
     yt = torch.from_numpy(y).to(dev)
     real = Real(_normalise(xm, p, dev), [torch.nonzero(yt == c).flatten() for c in range(len(ds.classes))])
     if cfg.caption_loss:
