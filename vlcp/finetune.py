@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from vlcp import checkpoint
+from vlcp import checkpoint, ddp
 from vlcp.cache import StageCache, stable_hash
 from vlcp.tensors import numpy_to_state, state_to_numpy
 
@@ -58,6 +58,7 @@ class FinetuneParams:
     max_grad_norm: float | None = 1.0  # reference: --max_grad_norm 1; None: no clipping
     accumulation: int = 4  # reference: --gradient_accumulation_steps 4 (batch 8 x 4 = 32 per step)
     flip: bool = True  # reference: --random_flip
+    shard: ddp.Shard = ddp.ALONE  # data-parallel: this process's share of every micro-batch (not in the key)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (1e-5 if self.method == "full" else 1e-4)
@@ -78,6 +79,7 @@ class FinetuneParams:
     def key_parts(self) -> dict:
         d = asdict(self)
         d.pop("checkpoint_every")  # changes when we save, not what we learn
+        d.pop("shard")  # how many processes share the work, not what is learned
         d.pop("gradient_checkpointing")
         d["lr"] = self.learning_rate()
         if not self.ema:
@@ -196,7 +198,9 @@ def _setup(pipe, p: FinetuneParams, master_unet) -> _State:
 
 
 def _micro_step(s: _State, latents: np.ndarray, captions: list[str], p: FinetuneParams, m: int, weight: float) -> float:
-    """Forward and backward of micro-batch m; the loss is scaled by ``weight`` (1 / micro-batches per step)."""
+    """Forward and backward of this process's rows of micro-batch m; the loss is scaled by ``weight``
+    (1 / micro-batches per step) times the rows' share of the micro-batch, so gradients summed across
+    processes are those of the whole micro-batch; returns the share-weighted loss (summed likewise)."""
     import torch
     import torch.nn.functional as F
 
@@ -208,11 +212,17 @@ def _micro_step(s: _State, latents: np.ndarray, captions: list[str], p: Finetune
     else:
         z = torch.from_numpy(latents[idx])
         z[torch.from_numpy(flips)] = z[torch.from_numpy(flips)].flip(-1)
-    z = z.to(device, torch.float32)
     g = torch.Generator().manual_seed(int(stable_hash([p.seed, m], 15), 16))
-    noise = torch.randn(z.shape, generator=g).to(device)
-    t = torch.randint(0, s.sched.config.num_train_timesteps, (len(z),), generator=g).to(device)
-    ids = pipe.tokenizer([captions[i] for i in idx], padding="max_length", truncation=True,
+    noise = torch.randn(z.shape, generator=g)  # the whole micro-batch's, whichever rows are ours
+    t = torch.randint(0, s.sched.config.num_train_timesteps, (len(z),), generator=g)
+    rows = p.shard.rows(len(idx))
+    if not len(rows):  # more processes than rows: this one adds zero gradients
+        return 0.0
+    share = len(rows) / len(idx)
+    if p.shard.parallel:
+        z, noise, t = z[rows], noise[rows], t[rows]
+    z, noise, t = z.to(device, torch.float32), noise.to(device), t.to(device)
+    ids = pipe.tokenizer([captions[idx[r]] for r in rows], padding="max_length", truncation=True,
                          max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
     with torch.no_grad():
         cond = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].to(device)
@@ -220,13 +230,14 @@ def _micro_step(s: _State, latents: np.ndarray, captions: list[str], p: Finetune
     with torch.autocast(device.type, enabled=s.cuda):
         pred = unet(s.sched.add_noise(z, noise, t), t, cond).sample
     loss = F.mse_loss(pred.float(), target)  # Eq. 1
-    s.scaler.scale(loss * weight).backward()
-    return float(loss.detach())
+    s.scaler.scale(loss * (weight * share)).backward()
+    return float(loss.detach()) * share
 
 
 def _optimizer_step(s: _State, p: FinetuneParams) -> None:
     import torch
 
+    ddp.sum_gradients(s.params, p.shard)
     if p.max_grad_norm is not None:
         s.scaler.unscale_(s.opt)
         torch.nn.utils.clip_grad_norm_(s.params, p.max_grad_norm)
@@ -267,12 +278,13 @@ def train(pipe, latents: np.ndarray, captions: list[str], p: FinetuneParams, cac
     t0 = time.perf_counter()
     for step in bar:
         micro = range(step * p.accumulation, min((step + 1) * p.accumulation, n_micro))
-        loss = sum(_micro_step(s, latents, captions, p, m, 1 / len(micro)) for m in micro) / len(micro)
+        mine = sum(_micro_step(s, latents, captions, p, m, 1 / len(micro)) for m in micro) / len(micro)
+        loss = ddp.sum_value(mine, p.shard)  # the whole micro-batches' mean, whatever the process count
         _optimizer_step(s, p)
         s.losses.append(round(loss, 6))
         bar.set_postfix(loss=f"{s.losses[-1]:.4f}")
-        if (step + 1) % p.checkpoint_every == 0 and step + 1 < total:
-            _save(s, cache, ckpt_key, step + 1)
+        if (step + 1) % p.checkpoint_every == 0 and step + 1 < total and p.shard.rank == 0:
+            _save(s, cache, ckpt_key, step + 1)  # the weights are the same in every process: one writes
     bar.close()
     return _finish(s, p, pipe, start, total, time.perf_counter() - t0, latents.ndim == 5)
 
@@ -298,7 +310,8 @@ def _finish(s: _State, p: FinetuneParams, pipe, start: int, total: int, seconds:
     losses = s.losses
     meta = {"steps": total, "resumed_from": start, "losses": losses, "seconds": round(seconds, 2),
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "params": p.key_parts(), "trainable_parameters": sum(q.numel() for q in s.params),
+            "params": p.key_parts(), "processes": p.shard.size,
+            "trainable_parameters": sum(q.numel() for q in s.params),
             "flip": ("encoded" if encoded_flips else "latent-mirror") if p.flip else "off",
             "master_weights": "upcast from half precision" if upcast else "fp32"}
     s.ema = None

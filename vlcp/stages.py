@@ -277,7 +277,7 @@ def finetune(run: Run, step: Step) -> None:
 
     texts = [tp.clean_caption(t) if p.clean_captions else t for t in st.captions]
 
-    def compute():
+    def compute(fp=fp):
         from vlcp import models
 
         st.trained_now = True
@@ -287,7 +287,8 @@ def finetune(run: Run, step: Step) -> None:
                                  fp, run.cache, st.ft_key, run.cfg.progress, master_unet=master)
         return meta, weights
 
-    st.ft_entry, rep = step.whole(st.ft_key, compute, "pipe")
+    together = _train_together(run, st.ft_key, fp, compute)  # a multi-process launch: every process trains
+    st.ft_entry, rep = step.whole(st.ft_key, together or compute, "pipe")
     if st.trained_now:  # the final weights are stored: the resumable checkpoint (~14 GB for SD) can go
         ft.drop_checkpoint(run.cache, st.ft_key)
     rep.details = {**rep.details, **{k: st.ft_entry.meta[k] for k in ("steps", "resumed_from", "first_loss",
@@ -300,6 +301,28 @@ def finetune(run: Run, step: Step) -> None:
 def finetuned_pipe(run: Run):
     """The img2img pipeline with the fine-tuned weights (already in place if trained in this run)."""
     from vlcp import finetune as ft
+def _train_together(run: Run, key: str, fp, compute):
+    """In a multi-process launch with the weights not cached yet, every process joins one data-parallel
+    training (``vlcp/ddp.py``) instead of waiting for rank 0; returns what rank 0 then stores (a
+    function for ``step.whole``), or None when there is nothing to train together."""
+    from dataclasses import replace
+
+    from vlcp import ddp, models, parallel
+
+    w = parallel.world()
+    if not w.parallel or run.dry or run.cache.get("finetune", key) is not None:
+        return None
+    run.models["pipe"]()  # every process on its own device (parallel.local_device) before joining
+    shard = ddp.join(w.rank, w.size, models.torch_device(run.cfg.device).startswith("cuda"))
+    try:
+        result = compute(replace(fp, shard=shard))
+    except BaseException:
+        ddp.leave(shard, finished=False)
+        raise
+    ddp.leave(shard)
+    return lambda: result
+
+
 
     pipe = run.models["pipe"]()
     st = run.st
