@@ -182,6 +182,16 @@ def test_bad_input_gives_one_line_errors(vlcp, tmp_path):
 
     r = err("--method", "dm", "--ipc", "1000")
     assert r.exit_code == 1 and "class '0' has 151 images, fewer than --ipc 1000" in r.output
+    r = err("--method", "dc", "--ipc", "160", "--outer-loop", "1", "--inner-loop", "1")
+    assert r.exit_code == 1 and "class '0' has 151 images, fewer than --ipc 160" in r.output
+    r = err("--method", "dm", "--ipc", "1", "--caption-loss", "1")  # a caption loss without captions
+    assert r.exit_code == 1 and "--caption-loss needs captions of the real images: pass --captions FILE" in r.output
+    caps = tmp_path / "caps.json"
+    caps.write_text('{"0": ["a zero"]}')
+    r = err("--method", "dm", "--ipc", "1", "--caption-loss", "1", "--captions", caps)
+    assert r.exit_code == 1 and "no captions for class '1'" in r.output
+    r = err("--method", "dm", "--ipc", "1", "--captions", caps)
+    assert r.exit_code == 2 and "--captions and --clip apply only with --caption-loss" in r.output
     r = err("--method", "dm", "--ipc", "1", "--masks", "foo")
     assert r.exit_code == 1 and "unknown mask source 'foo'; available: threshold, clipseg" in r.output
     r = err("--method", "dm", "--ipc", "1", "--mask-prompt", "digit")

@@ -335,9 +335,20 @@ def _summary(manifest: dict, dry_run: bool) -> None:
 @click.option("--teacher-epochs", type=click.IntRange(min=1), help="rded: epochs of the teacher vlcp trains.")
 @click.option("--test-every", type=click.IntRange(min=0), help="Test every N epochs for best-during-training.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write all results here.")
+@click.option("--caption-fusion", is_flag=True,
+              help="Also a separate row (never the headline): a classifier whose head sees [visual features ; CLIP "
+                   "text embedding of the image's prompt (vlcp distill folders) or caption]; test images use their "
+                   "captions, so it changes the test-time input (vlcp's reading of the multi-modal paper).")
+@click.option("--captioner", help="--caption-fusion: captioner (hub id or dir) [default: llava-hf/llava-1.5-7b-hf; "
+                                  "tiny with --tiny].")
+@click.option("--fusion-caption-prompt",
+              help="--caption-fusion: caption prompt, must not contain {CLASSNAME} (distill's prompt names the "
+                   "class, test images must not be named) [default: distill's prompt with 'the object' for the class].")
+@click.option("--clip", help="--caption-fusion: text encoder, CLIP hub id or dir [default: openai/clip-vit-base-patch32].")
+@click.option("--tiny", is_flag=True, help="--caption-fusion: the tiny random LLaVA and CLIP (tests, offline demos).")
 @click.pass_obj
 def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug, full, teacher, teacher_epochs,
-             test_every, json_path):
+             test_every, json_path, caption_fusion, captioner, fusion_caption_prompt, clip, tiny):
     """Train on a distilled ImageFolder SYNTH_DIR, report top-1 on the real test split.
 
     The headline number is the accuracy after the last epoch (mean +- std over seeds). The best test
@@ -346,12 +357,16 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
     """
     if full == bool(synth_dir):
         raise click.UsageError("give either SYNTH_DIR or --full")
+    fusion_opts = {"captioner": captioner, "clip": clip, "fusion_prompt": fusion_caption_prompt, "tiny": tiny or None}
+    if not caption_fusion and any(v is not None for v in fusion_opts.values()):
+        raise click.UsageError("--captioner, --clip, --fusion-caption-prompt and --tiny apply only with --caption-fusion")
     from vlcp import evaluate as ev
 
     cfg = ev.EvalConfig(data=data, synth_dir=str(synth_dir) if synth_dir else None, full=full,
                         data_dir=obj.data_dir, protocol=protocol, model=model, seeds=seeds, epochs=epochs, ipc=ipc,
                         aug=aug, device=obj.device, teacher=teacher, teacher_epochs=teacher_epochs,
-                        test_every=test_every, progress=not obj.quiet)
+                        test_every=test_every, progress=not obj.quiet, caption_fusion=caption_fusion,
+                        captioner=captioner, clip=clip, tiny=tiny, fusion_prompt=fusion_caption_prompt)
     with _user_errors():
         res = ev.run(cfg, obj.cache())
     p, a = res["protocol"], res["accuracy"]
@@ -367,6 +382,12 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
         if res["teacher"]:
             click.echo(f"teacher: {res['teacher']['source']}, test accuracy {res['teacher']['accuracy']:.2f}")
     _table(rows)
+    fused = res.get("caption_fusion")
+    if fused:
+        f = fused["accuracy"]
+        click.echo(f"caption fusion ({fused['note']}; {fused['label']}):")
+        _table([("model", "protocol", "top-1 (final), caption fusion", "per seed (final)"),
+                (p["model"], p["name"], f"{f['mean']:.2f} ± {f['std']:.2f}", " ".join(f"{v:.2f}" for v in f["per_seed"]))])
     from vlcp.output import write_json
 
     if json_path:
@@ -435,7 +456,8 @@ def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force, **ma
     from vlcp.output import check_out, publish
 
     opt_only = [k for k in ("iterations", "lr_img", "batch_real", "outer_loop", "inner_loop", "lr_net", "batch_train",
-                            "masks", "captions", "clip", "mask_prompt", "segmenter") if match[k] is not None] + ["caption_loss"] * bool(match["caption_loss"])
+                            "masks", "captions", "clip", "mask_prompt", "segmenter") if match[k] is not None]
+    opt_only += ["caption_loss"] * bool(match["caption_loss"])
     if method not in ("dm", "dc") and opt_only:
         raise click.UsageError(f"--{opt_only[0].replace('_', '-')} applies to --method dm or dc only")
     with _user_errors():

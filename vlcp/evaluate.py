@@ -104,6 +104,11 @@ class EvalConfig:
     teacher_epochs: int | None = None
     test_every: int | None = None
     progress: bool = True
+    caption_fusion: bool = False  # also the separate caption-concatenation row (vlcp.caption_fusion)
+    captioner: str | None = None  # --caption-fusion: captioner of the images without a prompt, and of the test set
+    clip: str | None = None  # --caption-fusion: the text encoder
+    tiny: bool = False  # --caption-fusion: the tiny LLaVA and tiny CLIP
+    fusion_prompt: str | None = None  # --caption-fusion: the class-agnostic caption prompt
 
 
 def default_protocol(data: str) -> str:
@@ -642,6 +647,7 @@ def run(cfg: EvalConfig, cache) -> dict:
     if cfg.teacher:
         p.teacher, p.sources["teacher"] = str(cfg.teacher), "user (--teacher)"
     dev = torch_device(cfg.device)
+    fusion = _fusion_setup(cfg, p, cache, dev)  # models resolved before any training: a missing one fails fast
     x, y = train_tensors(samples, p, cfg.progress)
     test = test_tensors(test_ds.samples, p, cfg.progress)
     tnet, tinfo = None, None
@@ -657,13 +663,37 @@ def run(cfg: EvalConfig, cache) -> dict:
         res["seed"] = seed
         res["final_loss"] = round(res["losses"][-1], 4) if res["losses"] else None
         runs.append(res)
+    fused = _fused_row(cfg, fusion, cache, (samples, x, y), train_ds, (test_ds, test)) if fusion else None
     return {
         "vlcp_version": __version__, "synthetic": None if cfg.full else str(cfg.synth_dir), "full": cfg.full,
         "dataset": train_ds.identity(), "test_split": {"split": test_ds.split, "images": len(test_ds.samples)},
         "images_per_class": counts, "train_images": len(samples), "protocol": asdict(p),
         "best_label": best_label(p.best_after), "device": dev, "teacher": tinfo, "accuracy": summarise(runs),
-        "seeds": runs, "seconds": round(time.perf_counter() - t0, 2),
+        "seeds": runs, **({"caption_fusion": fused} if fused else {}), "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def _fusion_setup(cfg: EvalConfig, p: Protocol, cache, device: str):
+    """``--caption-fusion``'s resolved models (vlcp.caption_fusion.prepare), or None without the flag."""
+    if not cfg.caption_fusion:
+        return None
+    from vlcp import caption_fusion
+
+    return caption_fusion.prepare(cfg, p, cache, device)
+
+
+def _fused_row(cfg: EvalConfig, fusion, cache, train: tuple, train_ds: Dataset, test: tuple) -> dict:
+    """The caption-fusion row: training images (samples, x, y) with their prompts or captions, the test images
+    with their captions; separate from the headline."""
+    from vlcp import caption_fusion as cf
+
+    samples, x, y = train
+    test_ds, (xt, yt) = test
+    names = [c.name for c in train_ds.classes]
+    tr = cf.Split(samples, x, y, [names[s.class_idx] for s in samples],
+                  None if cfg.full else cf.folder_prompts(Path(cfg.synth_dir)))
+    te = cf.Split(test_ds.samples, xt, yt, [test_ds.classes[s.class_idx].name for s in test_ds.samples])
+    return cf.evaluate_fused(fusion, cache, tr, te, len(train_ds.classes), cfg.seeds, cfg.progress)
 
 
 def written_by_vlcp(folder: Path) -> bool:
@@ -684,6 +714,8 @@ def evaluation_path(folder: Path, res: dict) -> Path:
     p = res["protocol"]
     settings = {"protocol": {k: v for k, v in p.items() if k != "sources"}, "seeds": len(res["seeds"]),
                 "images_per_class": res["images_per_class"], "teacher": (res["teacher"] or {}).get("source")}
+    if res.get("caption_fusion"):  # its own file: an evaluation without the flag does not overwrite the row
+        settings["caption_fusion"] = {k: res["caption_fusion"][k] for k in ("caption_prompt", "captioner", "clip")}
     return Path(folder) / "evaluations" / f"{p['name']}-{p['model']}-{stable_hash(settings, 10)}.json"
 
 

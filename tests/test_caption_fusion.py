@@ -1,0 +1,128 @@
+"""`vlcp evaluate --caption-fusion` (caption concatenation, vlcp's reading of the multi-modal paper's abstract):
+the fused head, that the text path is used, the separate labelled row, caption reuse, bad input."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from vlcp import caption_fusion as cf
+from vlcp.cache import StageCache
+from vlcp.datasets import load_dataset
+from vlcp.evaluate import EvalConfig, make_protocol, tensors_from_samples
+
+
+def test_the_fused_head_sees_features_plus_text():
+    # ConvNet-3 on 8 px digits: conv (pad 3) 8 -> 12, pool 6, conv 6, pool 3, conv 3, pool 1: 128 x 1 x 1 = 128
+    net = cf.build_fused(make_protocol("dc", "digits", 10), 10, 16)
+    assert net.head.in_features == 128 + 16 and net.head.out_features == 10
+    # Fashion-MNIST 28 px: 28 -> 32, pool 16, pool 8, pool 4: 128 x 4 x 4 = 2048, + CLIP ViT-B/32's 512
+    assert cf.build_fused(make_protocol("dc", "fashion-mnist", 10), 10, 512).head.in_features == 2048 + 512
+    x, t = torch.zeros(2, 1, 8, 8), torch.zeros(2, 16)
+    with torch.no_grad():
+        a = net(x, t)
+        t[:, 3] = 1.0
+        b = net(x, t)
+    assert a.shape == (2, 10) and not torch.allclose(a, b)  # the text reaches the logits
+    # the text part is scaled by sqrt(16) = 4: the logit change is 4 x the head's weight column of that entry
+    assert torch.allclose(b - a, 4 * net.head.weight[:, 128 + 3].detach().expand(2, 10), atol=1e-6)
+
+
+def test_one_hot_text_makes_noise_images_classifiable(tmp_path):
+    """Training images of pure noise: only the text carries the class. With a stub embedding that is exactly
+    the one-hot class, the fused classifier reaches 100% on the digits test set in 5 epochs (measured: 1.0);
+    with an all-zero embedding of the same size it stays near chance (measured: 18.7%)."""
+    tr, te = load_dataset("digits", tmp_path), load_dataset("digits", tmp_path, "test")
+    x, y = tensors_from_samples(tr.samples, 8, 1)
+    xt, yt = tensors_from_samples(te.samples, 8, 1)
+    idx = np.concatenate([np.flatnonzero(y == c)[:10] for c in range(10)])
+    noise = np.random.default_rng(0).integers(0, 256, x[idx].shape, dtype=np.uint8)
+    eye = np.eye(10, dtype=np.float32)
+    p = make_protocol("dc", "digits", 10, aug="none", epochs=5, batch_size=10)
+    _, text = cf.train_fused(p, (noise, y[idx], eye[y[idx]], 10), (xt, yt, eye[yt]), 0, "cpu")
+    _, blind = cf.train_fused(p, (noise, y[idx], 0 * eye[y[idx]], 10), (xt, yt, 0 * eye[yt]), 0, "cpu")
+    assert text["accuracy"] > 0.98 and blind["accuracy"] < 0.3
+    assert text["head_input"] == 128 + 10 and len(text["losses"]) == 5
+
+
+def test_prompts_of_a_distill_folder(tmp_path):
+    (tmp_path / "prototypes.json").write_text(json.dumps({"classes": {
+        "0": {"name": "0", "clusters": [{"prompt": "a round zero"}, {"prompt": "a thin zero"}]},
+        "1": {"name": "1", "clusters": [{"prompt": "a stick"}, {"prompt": "a slanted one"}]}}}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"vlcp_version": "x", "parameters": {"ipc": 2}}))
+    assert cf.folder_prompts(tmp_path) == {"0/0000.png": "a round zero", "0/0001.png": "a thin zero",
+                                           "1/0000.png": "a stick", "1/0001.png": "a slanted one"}
+    # SAS: the kept image 1/0000.png came from prototype 3 = class 1's cluster 1 (class-major, IPC 2)
+    (tmp_path / "manifest.json").write_text(json.dumps({"vlcp_version": "x", "parameters": {"ipc": 2},
+                                                        "post_sampling": {"images": {"1/0000.png": {"prototype": 3}}}}))
+    assert cf.folder_prompts(tmp_path)["1/0000.png"] == "a slanted one"
+    (tmp_path / "prototypes.json").unlink()
+    assert cf.folder_prompts(tmp_path) is None  # a vlcp baseline folder: no prompts, captions instead
+    assert cf.folder_prompts(None) is None
+
+
+def test_captions_made_by_distill_are_reused(vlcp, tmp_path):
+    """Same stage, same key as the distill captions stage: distill's captions (made with the same class-agnostic
+    prompt) are found, none is recomputed, and they are the same texts."""
+    r = vlcp("distill", "--data", "digits", "--tiny", "--classes", "0,1", "--max-per-class", "3", "--ipc", "1",
+             "--until", "captions", "--caption-prompt", cf.DEFAULT_PROMPT, "--out", tmp_path / "d")
+    assert r.exit_code == 0, r.output
+    cache = StageCache(tmp_path / "cache")
+    ds = load_dataset("digits", tmp_path / "data", "train", ["0", "1"], 3)
+    fu = cf.prepare(EvalConfig(data="digits", caption_fusion=True, tiny=True), make_protocol("dc", "digits", 1),
+                    cache, "cpu")
+    names = [ds.classes[s.class_idx].name for s in ds.samples]
+    texts, counts = cf.captions_for(fu, cache, ds.samples, names)
+    assert counts == {"computed": 0, "cached": 6}
+    assert texts == [cache.get("captions", cf.caption_key(s.digest, n, fu)).meta["caption"]
+                     for s, n in zip(ds.samples, names)]
+    assert all(t.strip() for t in texts)
+
+
+def test_fusion_row_is_separate_labelled_and_leaves_the_headline_unchanged(vlcp, tmp_path):
+    assert vlcp("baseline", "--method", "random", "--data", "digits", "--ipc", "2", "--out", tmp_path / "b").exit_code == 0
+    args = ["evaluate", tmp_path / "b", "--data", "digits", "--seeds", "1", "--epochs", "2"]
+    plain = vlcp(*args, "--json", tmp_path / "plain.json")
+    fused = vlcp(*args, "--caption-fusion", "--tiny", "--json", tmp_path / "fused.json")
+    assert plain.exit_code == 0 and fused.exit_code == 0, fused.output
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "fused.json"))
+    assert "caption_fusion" not in a and a["accuracy"] == b["accuracy"]  # the headline: same seed, same number
+    assert a["seeds"][0]["losses"] == b["seeds"][0]["losses"]
+    row = b["caption_fusion"]
+    assert row["note"] == "changes the test-time input (each test image's caption): not comparable to the headline"
+    assert "vlcp's reading of the multi-modal paper's abstract" in row["label"]
+    assert row["head_input"] == {"features": 128, "text": 16} and len(row["accuracy"]["per_seed"]) == 1
+    assert row["texts"] == {"train": {"prompts": 0, "captions": 20, "computed": 20, "cached": 0},
+                            "test": {"prompts": 0, "captions": 359, "computed": 359, "cached": 0}}
+    assert "{CLASSNAME}" not in row["caption_prompt"] and row["captioner"].startswith("local:")
+    assert "caption fusion (changes the test-time input" in fused.output and "caption fusion" not in plain.output
+    assert len(list((tmp_path / "b" / "evaluations").glob("*.json"))) == 2  # its own file, not overwritten
+    # a vlcp distill folder: its images' prompts are the training texts; the test captions are cached now
+    shutil.copytree(tmp_path / "b", tmp_path / "d", ignore=shutil.ignore_patterns("evaluations"))
+    (tmp_path / "d" / "prototypes.json").write_text(json.dumps({"classes": {
+        str(c): {"name": str(c), "clusters": [{"prompt": f"digit {c}"}, {"prompt": f"the number {c}"}]}
+        for c in range(10)}}))
+    again = vlcp("evaluate", tmp_path / "d", "--data", "digits", "--seeds", "1", "--epochs", "2", "--caption-fusion",
+                 "--tiny", "--json", tmp_path / "d.json")
+    assert again.exit_code == 0, again.output
+    texts = json.loads((tmp_path / "d.json").read_text())["caption_fusion"]["texts"]
+    assert texts == {"train": {"prompts": 20, "captions": 0, "computed": 0, "cached": 0},
+                     "test": {"prompts": 0, "captions": 359, "computed": 0, "cached": 359}}
+
+
+def test_fusion_bad_input_is_one_line(vlcp, tmp_path, monkeypatch):
+    vlcp("baseline", "--method", "random", "--data", "digits", "--ipc", "1", "--out", tmp_path / "b")
+    args = ["evaluate", tmp_path / "b", "--data", "digits", "--seeds", "1", "--epochs", "1"]
+    r = vlcp(*args, "--tiny")
+    assert r.exit_code == 2 and "apply only with --caption-fusion" in r.output
+    r = vlcp(*args, "--caption-fusion", "--tiny", "--fusion-caption-prompt", "Describe the {CLASSNAME}.")
+    assert r.exit_code == 2 and "must not contain {CLASSNAME}" in r.output
+    r = vlcp(*args, "--caption-fusion", "--tiny", "--protocol", "rded")
+    assert r.exit_code == 2 and "--caption-fusion: the rded protocol" in r.output
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    r = vlcp(*args, "--caption-fusion", "--captioner", "no-such-org/no-such-llava")
+    lines = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert r.exit_code == 1 and "Traceback" not in r.output and "top-1" not in r.output  # before any training
+    assert len(lines) == 1 and "hf download no-such-org/no-such-llava" in lines[0]
