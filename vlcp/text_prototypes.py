@@ -218,14 +218,13 @@ def _firsts(sorted_values: np.ndarray) -> np.ndarray:
 
 
 def _membership(rows_at: list[np.ndarray], n: int):
-    """Cluster x caption counts (a caption listed twice in a cluster counts twice, as its row would)."""
+    """Cluster x caption counts: a caption listed twice in a cluster counts twice, as its row would (the
+    sparse product sums repeated entries)."""
     from scipy.sparse import csr_matrix
 
     cols = np.concatenate(rows_at) if rows_at else np.zeros(0, np.int64)
     indptr = np.cumsum([0] + [len(rows) for rows in rows_at])
-    m = csr_matrix((np.ones(len(cols), np.int64), cols, indptr), shape=(len(rows_at), n))
-    m.sum_duplicates()
-    return m
+    return csr_matrix((np.ones(len(cols), np.int64), cols, indptr), shape=(len(rows_at), n))
 
 
 def _top_words(freq: np.ndarray, top_k: int) -> list[np.ndarray]:
