@@ -196,3 +196,88 @@ def test_next_ranked_replacement_stays_in_the_prototype_and_follows_the_rank():
     assert sas.next_ranked(sel, 0, taken=[1]) == 2
     assert sas.next_ranked(sel, 3) == 4
     assert sas.next_ranked(sel, 3, taken=[4]) is None
+
+
+# -- vlcp's additions: foreground filter and caption match in stage 1 --------------------------------
+def test_a_candidate_under_min_foreground_is_filtered_in_stage_1_even_with_the_best_quality():
+    emb = np.stack([u(1, 0, 0.1), u(1, 0, 0.5), u(1, 0, 0.3), u(1, 0, 0.9)])  # all positive margins
+    fg = [0.05, 0.5, 0.4, 0.3]
+    sel = sas.select(emb, [0] * 4, E2, sas.SasParams(ipc=2, keep=1.0, lam=1.0, min_foreground=0.1), foreground=fg)
+    assert sel.quality[0] == max(sel.quality)  # the most relevant, but without the object
+    assert [sas.VERDICTS[v] for v in sel.stage1] == ["filtered: foreground under --min-foreground", "candidate",
+                                                     "candidate", "candidate"]
+    assert sel.picked[0] == [2, 1]  # lam = 1: by quality among the rest
+    recs = sel.records()
+    assert recs[0]["why"] == "filtered: foreground under --min-foreground" and recs[0]["foreground"] == 0.05
+    plain = sas.select(emb, [0] * 4, E2, sas.SasParams(ipc=2, keep=1.0, lam=1.0), foreground=fg)
+    assert plain.picked[0] == [0, 2] and plain.records()[3]["foreground"] == 0.3  # recorded, not applied
+
+
+def test_back_fill_takes_candidates_with_foreground_before_those_without():
+    # 0: negative margin, enough foreground; 1: the best quality but no foreground; 2: passes both
+    emb = np.stack([u(0.7, 0.71, 0), u(1, 0, 0), u(0.6, 0, 0.8)])
+    fg = [0.5, 0.0, 0.5]
+    two = sas.select(emb, [0] * 3, E2, sas.SasParams(ipc=2, keep=1.0, min_foreground=0.1), foreground=fg)
+    assert [sas.VERDICTS[v] for v in two.stage1] == ["back-filled", "filtered: foreground under --min-foreground",
+                                                     "candidate"]
+    assert sorted(two.picked[0]) == [0, 2]
+    three = sas.select(emb, [0] * 3, E2, sas.SasParams(ipc=3, keep=1.0, min_foreground=0.1), foreground=fg)
+    assert [sas.VERDICTS[v] for v in three.stage1] == ["back-filled", "back-filled", "candidate"]
+
+
+def test_caption_weight_adds_w_times_z_of_the_caption_match_to_quality():
+    emb = np.stack([u(1, 0, z) for z in (0.1, 0.5, 1.0)])  # no rival similarity: S = R
+    m = np.array([0.0, 0.5, 1.0])
+    r = 1 / np.sqrt(1 + np.array([0.1, 0.5, 1.0]) ** 2)
+    zr = (r - r.mean()) / r.std()  # by hand: z(R) = z(S) = [1.0855, 0.2422, -1.3278]
+    zm = (m - m.mean()) / m.std()  # [-1.2247, 0, 1.2247]
+    np.testing.assert_allclose(zr, [1.0855, 0.2422, -1.3278], atol=1e-4)
+    for w, order in ((0.0, [0, 1]), (0.5, [0, 1]), (1.0, [1, 2])):
+        sel = sas.select(emb, [0] * 3, E2, sas.SasParams(ipc=2, keep=1.0, lam=1.0, caption_weight=w),
+                         caption_match=m)
+        np.testing.assert_allclose(sel.quality, zr + w * zm, atol=1e-5)  # alpha z(R) + (1 - alpha) z(S) + W z(M)
+        assert sel.picked[0] == order
+        np.testing.assert_allclose([rec["caption_match"] for rec in sel.records()], m)
+    # W = 1: Q = [-0.139, 0.242, -0.103], so 1 then 2, where W = 0 ranks 0, 1, 2
+
+
+def test_caption_weight_and_min_foreground_need_their_scores_and_ranges():
+    emb = np.stack([u(1, 0, 0.1), u(1, 0, 0.5)])
+    with pytest.raises(sas.SasError, match="caption match"):
+        sas.select(emb, [0, 0], E2, sas.SasParams(ipc=1, caption_weight=0.5))
+    with pytest.raises(sas.SasError, match="foreground"):
+        sas.select(emb, [0, 0], E2, sas.SasParams(ipc=1, min_foreground=0.5))
+    with pytest.raises(sas.SasError, match="--sas-caption-weight"):
+        sas.select(emb, [0, 0], E2, sas.SasParams(ipc=1, caption_weight=1.5), caption_match=[0.1, 0.2])
+    with pytest.raises(sas.SasError, match="shape"):
+        sas.select(emb, [0, 0], E2, sas.SasParams(ipc=1, caption_weight=0.5), caption_match=[0.1])
+
+
+# -- replacements from the pool (SAS then refinement) ------------------------------------------------
+def _ranks() -> sas.PoolRanks:
+    # class 0: prototype 0 has candidates 0-3 (0 and 1 picked), prototype 1 has 4-5 (4 picked); class 1: 6-7
+    return sas.PoolRanks(labels=np.array([0, 0, 0, 0, 0, 0, 1, 1]), prototypes=np.array([0, 0, 0, 0, 1, 1, 0, 0]),
+                         rank=np.array([1, 2, 5, 4, 3, 6, 1, 2]),
+                         kept=np.array([True, True, False, False, True, False, True, False]))
+
+
+def test_pool_walk_follows_the_rank_uses_no_candidate_twice_and_falls_back_when_used_up():
+    walk = sas.pool_walk(_ranks(), [0, 1, 4], bad={3})
+    # pick 0: prototype 0's unpicked by rank: 3 (rank 4, defective), then 2 (rank 5) replaces it
+    assert walk[0] == (2, [3, 2])
+    # pick 1, same prototype: 2 is used, 3 was defective: nothing left, so it gets generated candidates
+    assert walk[1] == (None, [])
+    # pick 4: prototype 1 of class 0 only (candidate 7 of class 1's prototype 0 is never reached)
+    assert walk[2] == (5, [5])
+    assert sas.pool_walk(_ranks(), [1, 0], bad=set()) == [(3, [3]), (2, [2])]  # order of the picks decides
+    assert sas.pool_walk(_ranks(), [6], bad={7}) == [(None, [7])]
+
+
+def test_pool_ranks_from_manifest_records_walk_like_next_ranked():
+    emb = np.stack([u(1, 0, 0.1), u(1, 0, 0.2), u(1, 0, 0.3), u(1, 0, 0.15), u(1, 0, 0.9)])
+    sel = sas.select(emb, [0] * 5, E2, sas.SasParams(ipc=2, keep=1.0, lam=1.0, per_prototype=True),
+                     prototypes=[0, 0, 0, 1, 1])
+    pr = sas.PoolRanks.of_records(json.loads(json.dumps(sel.records())))
+    np.testing.assert_array_equal(pr.rank, sel.rank)
+    assert pr.reachable(0) == [1, 2] and pr.reachable(3) == [4]
+    assert sas.pool_walk(pr, [0, 3], bad={1}) == [(sas.next_ranked(sel, 0, taken=[1]), [1, 2]), (4, [4])]

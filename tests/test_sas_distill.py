@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.conftest import read_manifest
@@ -55,3 +56,137 @@ def test_bad_sas_parameters_are_usage_errors(vlcp, tmp_path):
                        (["--sas-lambda", "2"], "--sas-lambda")):
         r = vlcp(*ARGS, *args, "--out", tmp_path / "o")
         assert r.exit_code == 2 and hint in r.output and "Traceback" not in r.output
+
+
+# -- vlcp's additions: --min-foreground and --sas-caption-weight in stage 1 ------------------------------
+LOW_FG = "filtered: foreground under --min-foreground"
+
+
+def _computed(m: dict) -> list[str]:
+    return [n for n, x in m["stages"].items() if x["items_computed"] and n != "output"]
+
+
+def _cut(values: list[float]) -> float:
+    """A threshold between two well-separated middle values: some candidates fall under it, some do not."""
+    v = sorted(values)
+    i = max(range(3, len(v) - 3), key=lambda j: v[j + 1] - v[j])
+    assert v[i + 1] - v[i] > 1e-5
+    return round((v[i] + v[i + 1]) / 2, 7)
+
+
+@pytest.mark.e2e
+def test_min_foreground_drops_pool_images_in_stage_1_and_a_new_threshold_segments_nothing(vlcp, tmp_path):
+    r = vlcp(*ARGS, "--min-foreground", "0.001", "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    m = read_manifest(tmp_path / "a")
+    s = m["stages"]
+    assert s["pool_foreground"]["items_computed"] == 12 and s["pool_foreground"]["model_loaded"]
+    assert "foreground" not in s and "detector" not in s  # without --refine, F only filters the pool
+    pool = m["post_sampling"]["pool"]
+    fg = [rec["foreground"] for rec in pool]
+    assert all(0.001 < f <= 1 for f in fg) and LOW_FG not in {rec["stage1"] for rec in pool}
+    cut = _cut(fg)
+    r = vlcp(*ARGS, "--min-foreground", str(cut), "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    m = read_manifest(tmp_path / "b")
+    assert _computed(m) == ["post_sampling"]  # the segmenter is not asked again
+    assert not m["stages"]["pool_foreground"]["model_loaded"] and m["stages"]["pool_foreground"]["items_cached"] == 12
+    assert m["post_sampling"]["params"]["min_foreground"] == cut
+    pool = m["post_sampling"]["pool"]
+    assert [rec["foreground"] for rec in pool] == fg
+    for rec in pool:
+        if rec["foreground"] < cut:
+            assert rec["stage1"] in (LOW_FG, "back-filled") and (rec["stage1"] == "back-filled") >= rec["kept"]
+        else:
+            assert rec["stage1"] != LOW_FG
+    assert sum(rec["stage1"] == LOW_FG for rec in pool) >= 1
+    assert all(rec["why"] == LOW_FG for rec in pool if rec["stage1"] == LOW_FG)
+
+
+def _z(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / x.std() if x.std() > 1e-12 else np.zeros_like(x)
+
+
+@pytest.mark.e2e
+def test_caption_weight_reranks_from_the_cached_embeddings_only(vlcp, tmp_path):
+    assert vlcp(*ARGS, "--out", tmp_path / "a").exit_code == 0
+    r = vlcp(*ARGS, "--sas-caption-weight", "1.0", "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    m = read_manifest(tmp_path / "b")
+    assert _computed(m) == ["post_sampling"]
+    assert not m["stages"]["clip_image"]["model_loaded"] and not m["stages"]["clip_text"]["model_loaded"]
+    assert m["post_sampling"]["params"]["caption_weight"] == 1.0
+    for w, out in ((0.0, "a"), (1.0, "b")):
+        pool = read_manifest(tmp_path / out)["post_sampling"]["pool"]
+        for c in (0, 1):
+            recs = [rec for rec in pool if rec["class"] == c]
+            R, S, M, Q = (np.array([rec[k] for rec in recs]) for k in ("relevance", "margin", "caption_match",
+                                                                        "quality"))
+            np.testing.assert_allclose(Q, 0.5 * _z(R) + 0.5 * _z(S) + w * _z(M), atol=1e-4)
+    # the prototype's prompt as relevance anchor: relevance is then the caption match itself
+    r = vlcp(*ARGS, "--sas-anchor", "prototype", "--out", tmp_path / "c")
+    m = read_manifest(tmp_path / "c")
+    assert _computed(m) == ["post_sampling"]  # the prompts were embedded for the caption match already
+    np.testing.assert_allclose([rec["relevance"] for rec in m["post_sampling"]["pool"]],
+                               [rec["caption_match"] for rec in m["post_sampling"]["pool"]], atol=2e-6)
+
+
+# -- SAS, then refinement: the pool first ----------------------------------------------------------------
+REFINE = ["--refine", "--detector-epochs", "1", "--refine-candidates", "2", "--refine-beta", "0.5",
+          "--sas-per-prototype"]
+
+
+@pytest.mark.e2e
+def test_refinement_after_sas_takes_the_next_ranked_pool_candidate_before_generating(vlcp, tmp_path, monkeypatch):
+    """A stand-in detector: kept images are wrong; an unpicked pool image of an even prototype (0 or 2) is
+    right, of an odd one wrong; new candidates are unsure. So the kept image of prototypes 0 and 2 takes its
+    prototype's best-ranked unpicked candidate, those of 1 and 3 walk both of theirs and get new candidates."""
+    from vlcp import refine, sas_stages
+    from vlcp.distill import array_hash
+
+    pool: dict[str, dict] = {}
+    adopt = sas_stages._adopt
+
+    def spy(run, picked):
+        pool.update({array_hash(im): rec for im, rec in zip(run.st.pool_images, run.st.pool_records)})
+        adopt(run, picked)
+
+    def verdicts(net, images, p, device):
+        out = []
+        for im in images:
+            rec = pool.get(array_hash(im))
+            c = rec["class"] if rec else 0
+            right = rec is not None and not rec["kept"] and rec["prototype"] % 2 == 0
+            probs = [0.5, 0.5] if rec is None else [0.9 if (k == c) == right else 0.1 for k in (0, 1)]
+            out.append({"pred": int(np.argmax(probs)), "probs": probs, "feature": np.ones(4, np.float32)})
+        return out
+
+    monkeypatch.setattr(sas_stages, "_adopt", spy)
+    monkeypatch.setattr(refine, "scores_of", verdicts)
+    r = vlcp(*ARGS, *REFINE, "--min-foreground", "0.001", "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    m = read_manifest(tmp_path / "a")
+    s, ref, recs = m["stages"], m["refinement"], m["post_sampling"]["pool"]
+    assert s["foreground"]["items_computed"] == 0 and s["foreground"]["items_cached"] == 4  # pool_foreground's
+    assert s["pool_replacements"]["items_computed"] == 8  # the two unpicked candidates of each prototype
+    by_proto = {}
+    for i, d in ref["pool_replacements"].items():
+        assert d["source"] == "pool" and recs[d["was"]]["kept"]
+        by_proto[recs[d["was"]]["prototype"]] = (int(i), d)
+    assert sorted(by_proto) == [0, 1, 2, 3]  # every kept image was defective
+    for proto, (i, d) in by_proto.items():
+        free = sorted((rec["rank"], rec["index"]) for rec in recs if rec["prototype"] == proto and not rec["kept"])
+        if proto % 2 == 0:  # the best-ranked unpicked candidate is right: it replaces the kept image
+            assert d["candidate"] == free[0][1] and d["rank"] == free[0][0] and d["visited"] == [free[0][1]]
+            assert str(i) not in ref["replacements"]
+        else:  # both unpicked candidates are wrong, in rank order: new candidates are generated
+            assert d["candidate"] is None and d["visited"] == [k for _, k in free]
+            assert ref["replacements"][str(i)]["source"] == "generated"
+    still = sum(d["candidate"] is None for d in ref["pool_replacements"].values())
+    assert still == 2 and ref["generated_for"] == still
+    assert s["candidates"]["items_computed"] == 2 * still and s["candidates"]["items_cached"] == 0  # none a pool image
+    assert s["candidate_scores"]["items_computed"] == 2 * still
+    for f in ("0", "1"):
+        pc = ref["per_class"][f]
+        assert pc["defective_before_pool"] == 2 and pc["pool_replaced"] == 1 and pc["defective"] == 1
+    assert (tmp_path / "a" / "preview_refined.png").is_file()  # before -> after, pool replacements included

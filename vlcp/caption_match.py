@@ -19,6 +19,7 @@ from vlcp.segment import LABEL
 
 if TYPE_CHECKING:
     from vlcp.distill import Run, Step
+    from vlcp.runner import StageReport
     from vlcp.stages import Stage
 
 
@@ -31,7 +32,6 @@ def _embed(run: Run, step: Step, images: list[np.ndarray], texts: list[str]) -> 
     """(image embeddings, text embeddings, a hash of their keys), from the shared CLIP caches; one report."""
     from vlcp import clip
     from vlcp.distill import array_hash
-    from vlcp.runner import StageReport
 
     p, ref = step.p, run.refs.clip
     img_keys = [clip.image_key(array_hash(im), ref.identity) for im in images]
@@ -49,18 +49,22 @@ def _embed(run: Run, step: Step, images: list[np.ndarray], texts: list[str]) -> 
 
     t_entries, t_rep = step.items(txt_keys, embed_texts, 64, "clip", cache_stage=clip.TEXT_STAGE)
     i_entries, i_rep = step.items(img_keys, embed_images, p.clip_batch_size, "clip", cache_stage=clip.IMAGE_STAGE)
-    for _ in range(2):  # one report for the stage: texts and images together
-        run.reports.pop()
-    run.reports.append(StageReport(step.stage.name, stable_hash([txt_keys, img_keys]), t_rep.cached and i_rep.cached,
-                                   t_rep.items_computed + i_rep.items_computed,
-                                   t_rep.items_cached + i_rep.items_cached, t_rep.model_loaded or i_rep.model_loaded,
-                                   round(t_rep.seconds + i_rep.seconds, 3)))
+    run.reports[-2:] = [merged_report(step.stage.name, stable_hash([txt_keys, img_keys]), [t_rep, i_rep])]
     run.need(step.stage.name, t_entries + i_entries)
     by_text = dict(zip(uniq, (e.tensors["embedding"] for e in t_entries)))
     dim = len(next(iter(by_text.values()))) if by_text else 0
     img = np.stack([e.tensors["embedding"] for e in i_entries]) if i_entries else np.zeros((0, dim), np.float32)
     txt = np.stack([by_text[t] for t in texts]) if texts else np.zeros((0, dim), np.float32)
     return img, txt, stable_hash([txt_keys, img_keys])
+
+
+def merged_report(name: str, key: str, reports: list) -> StageReport:
+    """One stage report for a stage that read two caches (texts and images): the manifest has one per stage."""
+    from vlcp.runner import StageReport
+
+    return StageReport(name, key, all(r.cached for r in reports), sum(r.items_computed for r in reports),
+                       sum(r.items_cached for r in reports), any(r.model_loaded for r in reports),
+                       round(sum(r.seconds for r in reports), 3))
 
 
 def _class_texts(run: Run, step: Step, classes: list[int]) -> list[str]:
@@ -77,6 +81,7 @@ def caption_match(run: Run, step: Step) -> None:
     img, txt, st.match_key = _embed(run, step, list(st.images) * 2, list(st.texts) + _class_texts(run, step, classes))
     both = cosines(img, txt)
     st.caption_match, st.class_match = [float(v) for v in both[:n]], [float(v) for v in both[n:]]
+    st.class_text_emb = txt[n:]  # per image: what a pool replacement's class match is measured against
 
 
 def candidate_caption_match(run: Run, step: Step) -> None:

@@ -213,6 +213,10 @@ refine_options = _options(
 @click.option("--sas-anchor", type=click.Choice(["prompt", "prototype", "centroid"]), default=_default("sas_anchor"),
               show_default=True, help="sas relevance anchor: class prompt, the image's own prompt, or the real "
                                       "images' CLIP centroid.")
+@click.option("--sas-caption-weight", type=float, default=_default("sas_caption_weight"), show_default=True,
+              help="sas stage 1: quality += W z(caption match), the CLIP cosine of a candidate with the prompt it "
+                   "was generated from, in [0, 1]; 0 = off (vlcp's formulation, from the multi-modal paper's "
+                   "caption matching; not in the SAS abstract).")
 @click.option("--object-masks", is_flag=True,
               help="LOF and K-Means see foreground-weighted latents (CLIPSeg mask x latent); the img2img start "
                    "stays the cluster mean of the unmasked latents (vlcp's reading of the multi-modal paper's "
@@ -223,7 +227,8 @@ refine_options = _options(
                                   "[default: CIDAS/clipseg-rd64-refined; tiny with --tiny]")
 @click.option("--min-foreground", type=float,
               help="With --refine: a synthetic image whose foreground fraction (mean CLIPSeg mask) is under F is "
-                   "defective, a candidate under F is not valid (vlcp's reading of the multi-modal paper).")
+                   "defective, a candidate under F is not valid; with --post-sample sas: stage 1 drops pool "
+                   "images under F (vlcp's reading of the multi-modal paper; vlcp's formulation).")
 @click.option("--mask-batch-size", type=click.IntRange(min=1), default=_default("mask_batch_size"),
               show_default=True)
 @click.option("--min-caption-match", type=float,

@@ -67,6 +67,7 @@ class DistillConfig:
     select: str = "sas"  # sas | relevance | random (the one-score ablation and the random control)
     sas_per_prototype: bool = False
     sas_anchor: str = "prompt"  # prompt | prototype | centroid
+    sas_caption_weight: float = 0.0  # W: weight of z(caption match) in the stage-1 quality (vlcp's formulation)
     text_strategy: str = "dcs"
     text_llm: str | None = None
     finetune: bool = True
@@ -86,7 +87,7 @@ class DistillConfig:
     object_masks: bool = False  # vlcp's reading of the multi-modal paper: foreground-weighted LOF/K-Means
     mask_prompt: str | None = None  # what CLIPSeg segments; None: the class name
     segmenter: str | None = None  # default CIDAS/clipseg-rd64-refined; a tiny one with --tiny
-    min_foreground: float | None = None  # with --refine: an image with less foreground is defective
+    min_foreground: float | None = None  # --refine: less foreground is defective; --post-sample sas: dropped
     min_caption_match: float | None = None  # with --refine: CLIP cosine with its prompt under it is defective
     mask_batch_size: int = 16
     refine: bool = False
@@ -128,6 +129,7 @@ class DistillConfig:
         _in_range("--sas-keep", self.sas_keep, 0, 1, low_open=True)
         _in_range("--sas-alpha", self.sas_alpha, 0, 1)
         _in_range("--sas-lambda", self.sas_lambda, 0, 1)
+        _in_range("--sas-caption-weight", self.sas_caption_weight, 0, 1)
         if "{name}" not in self.clip_prompt:
             raise ConfigError("--clip-prompt", f"must contain {{name}}, got {self.clip_prompt!r}")
         _choice("--missing-captions", self.missing_captions, ("error", "caption"))
@@ -144,6 +146,21 @@ class DistillConfig:
     def sas(self) -> bool:
         """Post-sampling is on (the stage table's switch for its stages)."""
         return self.post_sample == "sas"
+
+    @property
+    def sas_foreground(self) -> bool:
+        """Post-sampling with a foreground threshold: every pool image's foreground is measured."""
+        return self.sas and bool(self.min_foreground)
+
+    @property
+    def refine_foreground(self) -> bool:
+        """Refinement with a foreground threshold: kept images and candidates are segmented."""
+        return self.refine and bool(self.min_foreground)
+
+    @property
+    def sas_refine(self) -> bool:
+        """Post-sampling then refinement: a defective kept image first takes a pool candidate."""
+        return self.sas and self.refine
 
     def fill_defaults(self) -> dict:
         """Dataset defaults for the options left unset; returns the table row used."""
@@ -216,8 +233,9 @@ def _check_masks(cfg: DistillConfig) -> None:
     if cfg.mask_prompt is not None and not cfg.mask_prompt.strip():
         raise ConfigError("--mask-prompt", "must not be empty (leave it out to segment the class name)")
     _in_range("--min-foreground", cfg.min_foreground, 0, 1)
-    if cfg.min_foreground is not None and not cfg.refine:
-        raise ConfigError("--min-foreground", "is a refinement criterion: add --refine")
+    if cfg.min_foreground is not None and not (cfg.refine or cfg.post_sample == "sas"):
+        raise ConfigError("--min-foreground", "is a refinement or post-sampling criterion: add --refine or "
+                                              "--post-sample sas")
     _in_range("--min-caption-match", cfg.min_caption_match, 0, 1, low_open=True)
     if cfg.min_caption_match is not None and not cfg.refine:
         raise ConfigError("--min-caption-match", "is a refinement criterion: add --refine")

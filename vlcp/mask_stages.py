@@ -11,6 +11,9 @@ Not the authors' method (only the abstract is public; ``shared/papers/multimodal
   fraction of every synthetic image and refinement candidate, cached per (image content, prompt,
   segmenter); an image under F is defective, a candidate under F is not valid. Changing F rescores nothing.
   (F = 0 can find nothing under it, so the foreground stages are skipped.)
+- ``pool_foreground`` (``--min-foreground F`` with ``--post-sample sas``, ``vlcp/sas_stages.py``): the same
+  fraction for every pool image; post-sampling's stage 1 drops candidates under F. Every foreground
+  stage keys an image the same way (``shared_key``), so an image is segmented once whichever asks.
 """
 from __future__ import annotations
 
@@ -133,6 +136,15 @@ def record_clusters(run: Run) -> None:
 
 
 # foreground of synthetic images ---------------------------------------------------------------------
+def shared_key(stage: str, version: int, **inputs) -> str:
+    """A per-item key that several stages share (the key ``stage``'s own step would build; these stages key
+    nothing by configuration value): the same image is computed once whichever stage asks."""
+    from vlcp.cache import stage_key
+    from vlcp.distill import KEY_LAYOUT
+
+    return stage_key(stage, version, layout=KEY_LAYOUT, params={}, **inputs)
+
+
 def _foreground(run: Run, step: Step, images: list[np.ndarray], classes: list[int]) -> tuple[list[float], str]:
     """(foreground fraction per image, a hash of the keys), cached per (image content, prompt, segmenter)."""
     from vlcp import segment
@@ -141,8 +153,8 @@ def _foreground(run: Run, step: Step, images: list[np.ndarray], classes: list[in
     p = step.p
     seg = run.refs.segmenter.identity
     texts = [prompt_for(run.ds.classes[c].name, p.mask_prompt) for c in classes]
-    keys = [step.key(image=array_hash(im), prompt=t, segmenter=seg, size=FOREGROUND_SIZE)
-            for im, t in zip(images, texts)]
+    keys = [shared_key("foreground", FOREGROUND_VERSION, image=array_hash(im), prompt=t, segmenter=seg,
+                       size=FOREGROUND_SIZE) for im, t in zip(images, texts)]
 
     def compute(idx):
         model, processor = run.models["segmenter"]()
@@ -201,12 +213,12 @@ def mask_stages() -> list[Stage]:
     ]
 
 
-def _foreground_stage(name: str, run, what: str) -> Stage:
+def _foreground_stage(name: str, run, what: str, enabled_by: str = "refine_foreground") -> Stage:
     from vlcp.stages import Stage
 
     return Stage(name, run, FOREGROUND_VERSION, what, "image", selects=("mask_prompt",),
                  unkeyed=("mask_batch_size",), inputs="image content hash, prompt, segmenter id@commit",
-                 models=("segmenter",), enabled_by="min_foreground")
+                 models=("segmenter",), enabled_by=enabled_by)
 
 
 def foreground_stages() -> list[Stage]:

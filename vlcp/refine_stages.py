@@ -1,8 +1,12 @@
 """The stages of detector-guided refinement (``--refine``), entries of the stage table after synthesis.
 
-detector -> detector_scores -> candidates -> candidate_scores -> refinement. Scores are cached per
-(detector, image content); candidates share the synthesis keys, so the same (prototype, prompt,
-seed) is generated once whoever asks; the selection is cached from its inputs' keys.
+detector -> detector_scores -> [pool_replacements] -> candidates -> candidate_scores -> refinement.
+Scores are cached per (detector, image content), one key whichever stage asks; candidates share the
+synthesis keys, so the same (prototype, prompt, seed) is generated once whoever asks; the selection is
+cached from its inputs' keys. After ``--post-sample sas`` (vlcp's composition of its SAS formulation
+with refinement), ``pool_replacements`` first gives each defective kept image the next-ranked good pool
+candidate of its prototype; only the images still defective get new candidates, none of which is a
+pool image.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vlcp import refine
+from vlcp.cache import stable_hash
 from vlcp.runner import Lazy
 from vlcp.stages import Stage, generate
 
@@ -54,8 +59,11 @@ def score(run: Run, step: Step, images: list[np.ndarray]) -> list[dict]:
     """Detector verdicts per image (label, probabilities, penultimate features), cached per image content."""
     from vlcp.distill import array_hash
 
+    from vlcp.mask_stages import shared_key
+
     det = run.st.detector
-    keys = [step.key(detector=det.key, image=array_hash(im)) for im in images]
+    keys = [shared_key("detector_scores", refine.SCORES_VERSION, detector=det.key, image=array_hash(im))
+            for im in images]
 
     def compute(idx):
         res = refine.scores_of(run.models["detector"](), [images[i] for i in idx], det.protocol, det.device())
@@ -70,22 +78,87 @@ def detector_scores(run: Run, step: Step) -> None:
     run.st.scores = score(run, step, run.st.images)
 
 
-def candidates(run: Run, step: Step) -> None:
-    """For each defective image, --refine-candidates new images from its prototype and prompt; with
-    --min-foreground (--min-caption-match), an image whose foreground fraction (CLIP cosine with its prompt)
-    is under it is defective too."""
+def defective(scores: list[dict], targets: list[int], beta: float, lacking: set[int]) -> list[int]:
+    """Indices of defective images: p(target) <= beta or a wrong label (refine.is_defective), or in ``lacking``
+    (foreground under --min-foreground, caption match under --min-caption-match)."""
+    return [i for i, (sc, t) in enumerate(zip(scores, targets))
+            if i in lacking or refine.is_defective(sc["pred"], sc["probs"][t], t, beta)]
+
+
+def pool_replacements(run: Run, step: Step) -> None:
+    """After post-sampling: each defective kept image takes the next-ranked unpicked pool candidate of its
+    prototype that is not defective by the same rule (sas.pool_walk; no candidate used twice), before any
+    new candidate is generated. Every candidate the walk may reach is scored at once (one batch, cached
+    per image content with the detector_scores key, so an image is scored once whichever stage asks)."""
     from vlcp import mask_stages as ms
+    from vlcp import sas
 
     p, st = step.p, run.st
     targets = [c for c, _ in st.items]
     lacking = ms.below(st.foreground, p.min_foreground) | ms.below(st.caption_match, p.min_caption_match)
-    st.defective = [i for i in range(len(st.items)) if i in lacking or refine.is_defective(
-        st.scores[i]["pred"], st.scores[i]["probs"][targets[i]], targets[i], p.refine_beta)]
-    st.cand = [(i, j) for i in st.defective for j in range(p.refine_candidates)]
+    bad_slots = defective(st.scores, targets, p.refine_beta, lacking)
+    ranks = sas.PoolRanks.of_records(st.pool_records)
+    reach = sorted({k for i in bad_slots for k in ranks.reachable(st.slot_pool[i])})
+    scores = dict(zip(reach, score(run, step, [st.pool_images[k] for k in reach])))
+    pool_fg = st.pool_foreground if p.min_foreground else []
+    low = ms.below(list(pool_fg), p.min_foreground) | ms.below(list(st.pool_match), p.min_caption_match)
+    label = {k: int(ranks.labels[k]) for k in reach}
+    bad = {k for k in reach if k in low or refine.is_defective(scores[k]["pred"], scores[k]["probs"][label[k]],
+                                                               label[k], p.refine_beta)}
+    walk = sas.pool_walk(ranks, [st.slot_pool[i] for i in bad_slots], bad)
+    st.pool_swaps = {}
+    for i, (k, visited) in zip(bad_slots, walk):
+        record = {"source": "pool", "was": st.slot_pool[i], "candidate": k, "visited": visited,
+                  "rank": None if k is None else int(ranks.rank[k]),
+                  "p_before": st.scores[i]["probs"][targets[i]],
+                  "p_after": None if k is None else scores[k]["probs"][targets[i]]}
+        st.pool_swaps[i] = record
+        if k is not None:
+            _swap(run, i, k, scores[k], p.min_foreground)
+    st.pool_swap_key = stable_hash([st.detector.key, sorted(st.pool_swaps.items())])
+
+
+def _swap(run: Run, i: int, k: int, sc: dict, min_foreground) -> None:
+    """Kept image i becomes pool candidate k (same prototype, so the same latent and prompt): its image,
+    seed, synthesis key, detector verdict, foreground and caption match."""
+    from vlcp.caption_match import cosines
+
+    st = run.st
+    st.replaced.setdefault(i, st.images[i])
+    st.images[i], st.seeds[i], st.syn_keys[i], st.scores[i] = st.pool_images[k], st.pool_seeds[k], st.pool_keys[k], sc
+    st.slot_pool[i] = k
+    if min_foreground:
+        st.foreground[i] = st.pool_foreground[k]
+    if st.caption_match:  # --min-caption-match: the caption_match stage measured the kept images
+        st.caption_match[i] = float(st.pool_match[k])
+        st.class_match[i] = float(cosines(st.pool_emb[k][None], st.class_text_emb[i][None])[0])
+
+
+def candidates(run: Run, step: Step) -> None:
+    """For each defective image, --refine-candidates new images from its prototype and prompt; with
+    --min-foreground (--min-caption-match), an image whose foreground fraction (CLIP cosine with its prompt)
+    is under it is defective too. After post-sampling, a candidate index whose image is in the pool is
+    skipped: the pool was judged already (pool_replacements), so every candidate is a new image."""
+    from vlcp import mask_stages as ms
+
+    p, st = step.p, run.st
+    lacking = ms.below(st.foreground, p.min_foreground) | ms.below(st.caption_match, p.min_caption_match)
+    st.defective = defective(st.scores, [c for c, _ in st.items], p.refine_beta, lacking)
+    pool = set(st.pool_keys)
+    st.cand, st.cand_keys, seeds = [], [], []
+    for i in st.defective:
+        j = n = 0
+        while n < p.refine_candidates:
+            seed = refine.candidate_seed(st.seeds[i], j)
+            key = st.synth_key(st.syn_latents[i], st.texts[i], seed)
+            if key not in pool:
+                st.cand.append((i, j))
+                st.cand_keys.append(key)
+                seeds.append(seed)
+                n += 1
+            j += 1
     lat = [st.syn_latents[i] for i, _ in st.cand]
     texts = [st.texts[i] for i, _ in st.cand]
-    seeds = [refine.candidate_seed(st.seeds[i], j) for i, j in st.cand]
-    st.cand_keys = [st.synth_key(z, t, s) for z, t, s in zip(lat, texts, seeds)]
 
     def compute(idx):
         for k, (meta, tensors) in zip(idx, generate(run, idx, lat, texts, seeds)):
@@ -118,6 +191,8 @@ def refinement(run: Run, step: Step) -> None:
     extra = {"foreground": [st.fg_key, st.cand_fg_key]} if p.min_foreground else {}  # F = 0 judges nothing
     if p.min_caption_match:
         extra["caption_match"] = [st.match_key, st.cand_match_key]
+    if getattr(st, "pool_swap_key", None):  # after post-sampling: the pool replacements made before
+        extra["pool"] = st.pool_swap_key
     key = step.key(detector=st.detector.key, images=st.syn_keys, candidates=st.cand_keys, **extra)
     entry, _ = step.whole(key, lambda: (refine.select(folders, [c for c, _ in st.items], scores, by_image,
                                                       p.refine_beta, p.refine_top_k), {}))
@@ -128,19 +203,46 @@ def refinement(run: Run, step: Step) -> None:
 
         caption_match.record(run, p.min_caption_match)
     summary = {**entry.meta, "replacements": {int(i): d for i, d in entry.meta["replacements"].items()}}
-    first = {i: k for k, (i, j) in enumerate(st.cand) if j == 0}
+    first: dict[int, int] = {}
+    for k, (i, _) in enumerate(st.cand):
+        first.setdefault(i, k)
     images = list(st.images)
     for i, d in summary["replacements"].items():
-        st.replaced[i] = images[i]
+        st.replaced.setdefault(i, images[i])
         images[i] = st.cand_images[first[i] + d["candidate"]]
-        d["class"], d["cluster"] = folders[st.items[i][0]], st.items[i][1]
+        d["class"], d["cluster"], d["source"] = folders[st.items[i][0]], st.items[i][1], "generated"
     st.images = images
     summary.update(beta=p.refine_beta, top_k=p.refine_top_k, candidates=st.n_candidates,
-                   detector=st.detector.entry.meta)
+                   detector=st.detector.entry.meta, generated_for=len(st.defective))
+    if getattr(st, "pool_swaps", None) is not None:
+        _record_pool(run, summary)
     run.manifest["refinement"] = summary
     for f in folders:
         run.files["prototypes.json"]["classes"][f]["refinement"] = summary["per_class"][f]
 
+
+def _record_pool(run: Run, summary: dict) -> None:
+    """The manifest's pool replacements, apart from the generated ones: per defective kept image, the pool
+    candidate (index into post_sampling.pool) and its SAS rank, or null when its prototype's pool was used up."""
+    st = run.st
+    pool = {}
+    for i, d in st.pool_swaps.items():
+        pool[i] = {**d, "class": run.folders[st.items[i][0]], "cluster": st.items[i][1]}
+    summary["pool_replacements"] = pool
+    for c, f in enumerate(run.folders):
+        mine = [d for i, d in st.pool_swaps.items() if st.items[i][0] == c]
+        summary["per_class"][f].update(defective_before_pool=len(mine),
+                                       pool_replaced=sum(d["candidate"] is not None for d in mine))
+
+
+POOL_STAGES = [
+    Stage("pool_replacements", pool_replacements, 1, "after post-sampling: a defective kept image takes the "
+          "next-ranked unpicked pool candidate of its prototype that is not defective (detector, and "
+          "`--min-foreground` / `--min-caption-match`), before any new candidate is generated", "image",
+          selects=("refine_beta", "min_foreground", "min_caption_match"),
+          inputs="detector key, image content hash (the `detector_scores` keys)", models=("detector",),
+          enabled_by="sas_refine"),
+]
 
 STAGES = [
     Stage("detector", detector, refine.DETECTOR_VERSION, "a classifier trained on the real training images "
@@ -152,7 +254,7 @@ STAGES = [
           enabled_by="refine"),
     Stage("candidates", candidates, 1, "`--refine-candidates` new images per defective image (p <= "
           "`--refine-beta`, wrong label, foreground under `--min-foreground` or caption match under "
-          "`--min-caption-match`)", "image",
+          "`--min-caption-match`; after post-sampling: still defective after the pool, and no pool image)", "image",
           selects=("refine_beta", "refine_candidates", "min_foreground", "min_caption_match"),
           unkeyed=("synthesis_batch_size",),
           inputs="the synthesis key of each candidate (its own seed)", models=("pipe", "synth"),
@@ -163,6 +265,6 @@ STAGES = [
     Stage("refinement", refinement, refine.VERSION, "the selection: valid pool, top-k, least similar to the "
           "accepted images", params=("refine_beta", "refine_top_k", "min_foreground", "min_caption_match"),
           inputs="detector key, synthesis keys, candidate keys (and foreground / caption-match keys with "
-          "`--min-foreground` / `--min-caption-match`)",
+          "`--min-foreground` / `--min-caption-match`, the pool replacements after post-sampling)",
           enabled_by="refine"),
 ]

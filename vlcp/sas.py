@@ -10,10 +10,16 @@ Scores per candidate (all embeddings unit vectors, similarity = dot product):
                                      or a per-candidate anchor (e.g. its prototype's text)
   margin     S = R - max_{k != c} s(v, A_k)   (A: the class anchors; S < 0: CLIP prefers another class)
   diversity  D = 1 - max_{j in selection} s(v, v_j), recomputed after every pick
-Stage 1 (per class): Q = alpha z(R) + (1 - alpha) z(S) (z: standardised over the class's pool);
-candidates with S < 0 are dropped, the top ceil(keep * M) (at least IPC) by Q remain; if fewer than IPC
-pass, the best dropped ones by Q are back-filled. Stage 2: the best Q first, then greedily
-argmax lam z(Q) + (1 - lam) D (z over the candidates). Ties go to the lowest candidate index.
+  caption match M = s(v, t)          t = the text the candidate was generated from (its prototype's
+                                     prompt): optional, vlcp's addition from the multi-modal paper
+  foreground  F_v                    the object's share of the image (CLIPSeg): optional, ditto
+Stage 1 (per class): Q = alpha z(R) + (1 - alpha) z(S) + W z(M) (z: standardised over the class's pool;
+W = ``caption_weight``, 0 by default: vlcp's formulation, not in the SAS abstract); candidates with
+F_v < ``min_foreground`` are dropped first ("filtered: foreground under --min-foreground"), then those
+with S < 0, and the top ceil(keep * M) (at least IPC) by Q remain; if fewer than IPC pass, the best
+dropped ones by Q are back-filled, those with enough foreground before those without. Stage 2: the
+best Q first, then greedily argmax lam z(Q) + (1 - lam) D (z over the candidates). Ties go to the
+lowest candidate index. The random and relevance modes have no stage 1 (no Q, no foreground filter).
 
 Numpy only and vectorised across classes (pools are padded into [C, M] arrays): no torch here.
 """
@@ -33,9 +39,10 @@ DEFAULT_LAMBDA = 0.5
 _CHUNK = 4096
 MODES = ("random", "relevance", "sas")
 # stage-1 verdicts
-CANDIDATE, NEGATIVE_MARGIN, BELOW_SHARE, BACKFILLED, COVERAGE, NOT_APPLIED = range(6)
+CANDIDATE, NEGATIVE_MARGIN, BELOW_SHARE, BACKFILLED, COVERAGE, NOT_APPLIED, LOW_FOREGROUND = range(7)
 VERDICTS = ("candidate", "filtered: negative margin", "filtered: below the kept share", "back-filled",
-            "prototype coverage", "not applied")
+            "prototype coverage", "not applied", "filtered: foreground under --min-foreground")
+FILTERED = (NEGATIVE_MARGIN, BELOW_SHARE, LOW_FOREGROUND)
 
 
 class SasError(ValueError):
@@ -52,13 +59,18 @@ class SasParams:
     per_prototype: bool = False  # the best candidate of each prototype first (K-Means coverage)
     gate: bool = True  # drop negative-margin candidates in stage 1
     seed: int = 0  # random mode only
+    caption_weight: float = 0.0  # W: weight of z(caption match) in Q (vlcp's formulation)
+    min_foreground: float | None = None  # stage 1 drops candidates with less foreground (vlcp's formulation)
 
     def check(self) -> None:
         if self.ipc < 1:
             raise SasError(f"ipc must be >= 1, got {self.ipc}")
         if not 0 < self.keep <= 1:
             raise SasError(f"--sas-keep must be in (0, 1], got {self.keep}")
-        for name, v in (("--sas-alpha", self.alpha), ("--sas-lambda", self.lam)):
+        for name, v in (("--sas-alpha", self.alpha), ("--sas-lambda", self.lam),
+                        ("--sas-caption-weight", self.caption_weight), ("--min-foreground", self.min_foreground)):
+            if v is None:
+                continue
             if not 0 <= v <= 1:
                 raise SasError(f"{name} must be in [0, 1], got {v}")
         if self.mode not in MODES:
@@ -82,6 +94,8 @@ class Selection:
     gain: np.ndarray  # the stage-2 score when picked (NaN otherwise)
     picked: dict[int, list[int]]  # class -> candidate indices in pick order
     prototypes: np.ndarray | None = None
+    caption_match: np.ndarray | None = None  # M per candidate, when given
+    foreground: np.ndarray | None = None  # foreground fraction per candidate, when given
 
     @property
     def kept(self) -> np.ndarray:
@@ -96,9 +110,12 @@ class Selection:
         cols = [_col(a) for a in (self.relevance, self.margin, self.quality, self.diversity, self.gain)]
         protos = [None] * len(kept) if self.prototypes is None else np.asarray(self.prototypes).tolist()
         labels, stage1, rank = self.labels.tolist(), self.stage1.tolist(), self.rank.tolist()
+        extra = {n: _col(a) for n, a in (("caption_match", self.caption_match), ("foreground", self.foreground))
+                 if a is not None}
         out = []
         for i, (rel, mar, q, d, g) in enumerate(zip(*cols)):
             out.append({"index": i, "class": labels[i], "prototype": protos[i], "relevance": rel, "margin": mar,
+                        **{n: v[i] for n, v in extra.items()},
                         "quality": q, "stage1": VERDICTS[stage1[i]], "diversity_at_pick": d, "score_at_pick": g,
                         "rank": rank[i], "kept": kept[i], "why": self._why(rank[i], kept[i], stage1[i], d, g)})
         return out
@@ -113,7 +130,7 @@ class Selection:
             if d is None:
                 return f"pick {r}: highest quality Q" + (" of its prototype" if verdict == COVERAGE else "")
             return f"pick {r}: best lam*z(Q)+(1-lam)*D = {g:.4f} (D = {d:.4f})"
-        if verdict in (NEGATIVE_MARGIN, BELOW_SHARE):
+        if verdict in FILTERED:
             return VERDICTS[verdict]
         return f"not picked: rank {r} ({'lower quality or diversity' if p.mode == 'sas' else 'lower ' + p.mode})"
 
@@ -192,17 +209,24 @@ def _order(key: np.ndarray, group: np.ndarray) -> np.ndarray:
 
 # -- the selection --------------------------------------------------------------------------------
 def select(emb: np.ndarray, labels, anchors: np.ndarray, params: SasParams, own_anchors: np.ndarray | None = None,
-           prototypes=None) -> Selection:
+           prototypes=None, caption_match=None, foreground=None) -> Selection:
     """Choose ``params.ipc`` candidates per class (fewer where a class's pool is smaller).
 
     ``emb`` [N, d] unit candidate embeddings, ``labels`` [N] class indices into ``anchors`` [C, d];
-    ``prototypes`` [N] (optional) the prototype each candidate was generated from, for ``per_prototype``.
+    ``prototypes`` [N] (optional) the prototype each candidate was generated from, for ``per_prototype``;
+    ``caption_match`` [N] (M, needed when ``caption_weight`` > 0) and ``foreground`` [N] (needed with
+    ``min_foreground``) are recorded per candidate whenever given.
     """
     params.check()
     emb = np.asarray(emb, np.float32)
     labels = np.asarray(labels, np.int64)
     if params.per_prototype and prototypes is None:
         raise SasError("per_prototype needs the prototype of every candidate")
+    caption_match, foreground = _optional(caption_match, len(labels)), _optional(foreground, len(labels))
+    if params.caption_weight and caption_match is None:
+        raise SasError("caption_weight > 0 needs the caption match of every candidate")
+    if params.min_foreground is not None and foreground is None:
+        raise SasError("min_foreground needs the foreground fraction of every candidate")
     rel, margin = scores(emb, labels, anchors, own_anchors)
     classes, idx, mask = _pad(labels)
     safe = np.where(mask, idx, 0)
@@ -213,7 +237,10 @@ def select(emb: np.ndarray, labels, anchors: np.ndarray, params: SasParams, own_
     D, G = np.full(shape, np.nan), np.full(shape, np.nan)
     if params.mode == "sas":
         Q = params.alpha * _z(R, mask) + (1 - params.alpha) * _z(S, mask)
-        verdict, allowed = _stage1(Q, S, mask, params)
+        if params.caption_weight:
+            Q = Q + params.caption_weight * _z(np.where(mask, caption_match[safe], 0.0), mask)
+        low = mask & (foreground[safe] < params.min_foreground) if params.min_foreground is not None else None
+        verdict, allowed = _stage1(Q, S, mask, params, low)
         reps = _representatives(Q, allowed, proto, mask) if params.per_prototype else None
         if reps is not None:
             verdict[reps & ~allowed] = COVERAGE
@@ -231,7 +258,19 @@ def select(emb: np.ndarray, labels, anchors: np.ndarray, params: SasParams, own_
         rest_group = np.where(mask, 0, 2)
     padded = {"Q": Q, "verdict": verdict, "D": D, "G": G, "picks": picks, "idx": idx, "mask": mask,
               "rest_group": rest_group}
-    return _assemble(params, labels, rel, margin, prototypes, padded)
+    sel = _assemble(params, labels, rel, margin, prototypes, padded)
+    sel.caption_match, sel.foreground = caption_match, foreground
+    return sel
+
+
+def _optional(values, n: int) -> np.ndarray | None:
+    """A per-candidate float column, or None; its length must be the pool's."""
+    if values is None:
+        return None
+    a = np.asarray(values, np.float64)
+    if a.shape != (n,):
+        raise SasError(f"a per-candidate score has shape {a.shape}, the pool has {n} candidates")
+    return a
 
 
 def _by_class(emb: np.ndarray, idx: np.ndarray, safe: np.ndarray) -> np.ndarray:
@@ -251,19 +290,24 @@ def _random_keys(classes: np.ndarray, mask: np.ndarray, seed: int) -> np.ndarray
     return keys
 
 
-def _stage1(Q: np.ndarray, S: np.ndarray, mask: np.ndarray, p: SasParams) -> tuple[np.ndarray, np.ndarray]:
-    """(verdict codes, candidate mask): non-negative margin, then the top share by Q; back-fill to IPC."""
+def _stage1(Q: np.ndarray, S: np.ndarray, mask: np.ndarray, p: SasParams,
+            low: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(verdict codes, candidate mask): enough foreground (``low``: under --min-foreground), non-negative
+    margin, then the top share by Q; back-fill to IPC, candidates with enough foreground first."""
     m_c = mask.sum(1)
-    passing = mask & (S >= 0) if p.gate else mask.copy()
+    low = np.zeros_like(mask) if low is None else low
+    ok = mask & ~low
+    passing = ok & (S >= 0) if p.gate else ok.copy()
     share = np.maximum(np.ceil(np.round(p.keep * m_c, 9)), p.ipc)
-    order = _order(Q, np.where(passing, 0, np.where(mask, 1, 2)))
+    order = _order(Q, np.where(passing, 0, np.where(ok, 1, np.where(mask, 2, 3))))
     n_pass = passing.sum(1)
     n_cand = np.where(n_pass >= p.ipc, np.minimum(n_pass, share), np.minimum(p.ipc, m_c))
     pos = np.empty_like(order)
     np.put_along_axis(pos, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), 1)
     cand = mask & (pos < n_cand[:, None])
     verdict = np.full(Q.shape, CANDIDATE)
-    verdict[mask & ~passing & ~cand] = NEGATIVE_MARGIN
+    verdict[ok & ~passing & ~cand] = NEGATIVE_MARGIN
+    verdict[low & ~cand] = LOW_FOREGROUND
     verdict[mask & passing & ~cand] = BELOW_SHARE
     verdict[mask & ~passing & cand] = BACKFILLED
     return verdict, cand
@@ -371,10 +415,49 @@ def next_ranked(sel: Selection, candidate: int, taken=()) -> int | None:
     """The best-ranked unpicked candidate (not in ``taken``) of ``candidate``'s class, and of its prototype
     when prototypes are known: what replaces a pick found defective later (e.g. by the detector).
     Ranks put stage-1 candidates before dropped ones; None when the pool is used up."""
-    same = sel.labels == sel.labels[candidate]
-    if sel.prototypes is not None:
-        same &= np.asarray(sel.prototypes) == np.asarray(sel.prototypes)[candidate]
-    free = same & ~sel.kept
-    free[list(taken)] = False
-    idx = np.nonzero(free)[0]
-    return int(idx[np.argmin(sel.rank[idx])]) if len(idx) else None
+    return _next_ranked(PoolRanks(sel.labels, sel.prototypes, sel.rank, sel.kept), candidate, taken)
+
+
+@dataclass(frozen=True)
+class PoolRanks:
+    """What a replacement walk needs of a selection, per candidate (from a Selection or its manifest records)."""
+    labels: np.ndarray
+    prototypes: np.ndarray | None
+    rank: np.ndarray
+    kept: np.ndarray
+
+    @classmethod
+    def of_records(cls, records: list[dict]) -> "PoolRanks":
+        protos = [r["prototype"] for r in records]
+        return cls(np.array([r["class"] for r in records], np.int64),
+                   None if None in protos else np.array(protos, np.int64),
+                   np.array([r["rank"] for r in records], np.int64), np.array([r["kept"] for r in records], bool))
+
+    def reachable(self, candidate: int) -> list[int]:
+        """The unpicked candidates a walk from ``candidate`` may visit: same class (and prototype)."""
+        same = (self.labels == self.labels[candidate]) & ~self.kept
+        if self.prototypes is not None:
+            same &= self.prototypes == self.prototypes[candidate]
+        return np.nonzero(same)[0].tolist()
+
+
+def _next_ranked(pr: PoolRanks, candidate: int, taken=()) -> int | None:
+    idx = [k for k in pr.reachable(candidate) if k not in set(taken)]
+    return int(idx[int(np.argmin(pr.rank[idx]))]) if idx else None  # argmin: the lowest index on equal ranks
+
+
+def pool_walk(pr: PoolRanks, picks: list[int], bad) -> list[tuple[int | None, list[int]]]:
+    """Replacements from the pool (vlcp's composition of SAS with refinement): for each defective pick in
+    order, the unpicked candidates of its prototype in rank order; the first not in ``bad`` replaces it.
+    A candidate is visited once in the whole walk (a good one is used, a bad one stays bad), so none is
+    used twice. Per pick: (its replacement or None when the prototype's pool is used up, the visited)."""
+    taken: set[int] = set()
+    out = []
+    for pick in picks:
+        visited, found = [], None
+        while found is None and (k := _next_ranked(pr, pick, taken)) is not None:
+            taken.add(k)
+            visited.append(k)
+            found = None if k in bad else k
+        out.append((found, visited))
+    return out

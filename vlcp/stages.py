@@ -434,7 +434,7 @@ def _stages() -> list[Stage]:
               unkeyed=("synthesis_batch_size",), inputs="prototype latent hash, prompt, image seed, finetune key, "
               "diffusion id@commit", models=("pipe", "synth")),
         *sas_stages.STAGES,
-        *rs.STAGES[:2], *ms.foreground_stages(), *cm.image_stages(), *rs.STAGES[2:4],
+        *rs.STAGES[:2], *ms.foreground_stages(), *cm.image_stages(), *rs.POOL_STAGES, *rs.STAGES[2:4],
         *ms.candidate_foreground_stages(), *cm.candidate_stages(), *rs.STAGES[4:],
         Stage("output", output, 1, "`OUT/<class id>/<index>.png`, `manifest.json`, `prototypes.json`, "
               "`preview.png` (rebuilt from the cache on every run)", params=("image_size",),
@@ -447,7 +447,10 @@ STAGE_NAMES: list[str] = [s.name for s in STAGES]
 
 
 def _flag(enabled_by: str) -> str:
-    return "`--post-sample sas`" if enabled_by == "sas" else f"`--{enabled_by.replace('_', '-')}`"
+    both = {"sas": "`--post-sample sas`", "sas_foreground": "`--post-sample sas` and `--min-foreground`",
+            "sas_refine": "`--post-sample sas` and `--refine`",
+            "refine_foreground": "`--refine` and `--min-foreground`"}
+    return both.get(enabled_by) or f"`--{enabled_by.replace('_', '-')}`"
 
 
 def markdown_table() -> str:
