@@ -126,3 +126,24 @@ def test_fusion_bad_input_is_one_line(vlcp, tmp_path, monkeypatch):
     lines = [line for line in r.output.splitlines() if line.startswith("Error:")]
     assert r.exit_code == 1 and "Traceback" not in r.output and "top-1" not in r.output  # before any training
     assert len(lines) == 1 and "hf download no-such-org/no-such-llava" in lines[0]
+
+
+def test_the_report_lists_the_fusion_row_apart_from_the_headline(tmp_path):
+    from tests.test_report import evaluation, make_folder
+    from vlcp import report
+
+    folder = make_folder(tmp_path / "out", ipc=10)
+    (folder / "evaluations").mkdir()
+    res = evaluation(ipc=10)
+    res["caption_fusion"] = {"label": cf.LABEL, "note": cf.NOTE, "accuracy": {"mean": 99.5, "std": 0.25,
+                                                                            "per_seed": [99.25, 99.75]}}
+    (folder / "evaluations" / "minimax-resnetap10-fused.json").write_text(json.dumps(res))
+    text = report.build(folder).read_text(encoding="utf-8")
+    section = text[text.index('<section id="evaluation">'):text.index("</section>", text.index('id="evaluation"'))]
+    assert "<td><b>61.00 ± 1.00</b></td>" in section and "99.50" not in section.split("Caption fusion")[0]
+    assert ("<li>resnetap10, minimax: <b>99.50 ± 0.25</b> — changes the test-time input (each test image&#x27;s "
+            "caption): not comparable to the headline") in section
+    plain = make_folder(tmp_path / "plain", ipc=10)
+    (plain / "evaluations").mkdir()
+    (plain / "evaluations" / "e.json").write_text(json.dumps(evaluation(ipc=10)))
+    assert "Caption fusion" not in report.build(plain).read_text(encoding="utf-8")

@@ -402,8 +402,21 @@ def evaluation_section(f: Folder) -> str:
                      "paper (VLCP)", "file"], rows, "num") if rows else
              '<p class="note">No evaluation yet: <code>vlcp evaluate OUT --data '
              f'{escape(dataset)} --json results.json</code> adds its results to <code>OUT/evaluations/</code>.</p>')
-    return ('<section id="evaluation"><h2>Evaluation</h2>' + table
+    return ('<section id="evaluation"><h2>Evaluation</h2>' + table + fusion_rows(f.evaluations)
             + published_table(f, dataset, ipc, {(e["protocol"], e["model"]): e["final"] for e in evals}) + "</section>")
+
+
+def fusion_rows(evaluations: list[tuple[str, dict]]) -> str:
+    """The ``--caption-fusion`` results: a separate list under the table, never in the headline column."""
+    items = []
+    for name, res in evaluations:
+        fu, p = _dict(res.get("caption_fusion")), _dict(res.get("protocol"))
+        if fu:
+            items.append(f'<li>{escape(str(p.get("model", "?")))}, {escape(str(p.get("name", "?")))}: '
+                         f'<b>{_pm(fu.get("accuracy"))}</b> — {escape(str(fu.get("note", "")))} '
+                         f'<span class="src">{escape(str(fu.get("label", "")))}; {escape(name)}</span></li>')
+    return (f'<p class="note">Caption fusion (a separate row, never the headline):</p><ul>{"".join(items)}</ul>'
+            if items else "")
 
 
 def published_table(f: Folder, dataset: str, ipc: Any, ours: dict[tuple[str, str], str]) -> str:
