@@ -159,10 +159,11 @@ def _word_ids(data: bytes, at: np.ndarray, length: np.ndarray) -> tuple[list[str
     short = length <= PACKED
     keys = _pack(np.frombuffer(data, np.uint8), at[short], length[short])
     order = np.argsort(keys)  # numpy sorts integers far faster than its hash-based np.unique runs
-    first = _firsts(keys[order])
+    ordered = keys[order]
+    first = _firsts(ordered)
     short_ids = np.empty(len(keys), np.int64)
     short_ids[order] = np.cumsum(first) - 1
-    vocab = _unpack(keys[order][first])
+    vocab = _unpack(ordered[first])
     if short.all():
         return vocab, short_ids
     long_words = [data[a:a + n].decode("ascii") for a, n in zip(at[~short].tolist(), length[~short].tolist())]
