@@ -19,6 +19,9 @@ def test_the_fused_head_sees_features_plus_text():
     assert net.head.in_features == 128 + 16 and net.head.out_features == 10
     # Fashion-MNIST 28 px: 28 -> 32, pool 16, pool 8, pool 4: 128 x 4 x 4 = 2048, + CLIP ViT-B/32's 512
     assert cf.build_fused(make_protocol("dc", "fashion-mnist", 10), 10, 512).head.in_features == 2048 + 512
+    # ResNetAP-10 (minimax; width 64 x 8 after four stages) and ResNet-18: 512 pooled features
+    assert cf.build_fused(make_protocol("minimax", "digits", 2), 10, 16).head.in_features == 512 + 16
+    assert cf.build_fused(make_protocol("dc", "cifar10", 10, model="resnet18"), 10, 16).head.in_features == 512 + 16
     x, t = torch.zeros(2, 1, 8, 8), torch.zeros(2, 16)
     with torch.no_grad():
         a = net(x, t)
@@ -147,3 +150,13 @@ def test_the_report_lists_the_fusion_row_apart_from_the_headline(tmp_path):
     (plain / "evaluations").mkdir()
     (plain / "evaluations" / "e.json").write_text(json.dumps(evaluation(ipc=10)))
     assert "Caption fusion" not in report.build(plain).read_text(encoding="utf-8")
+
+
+def test_a_protocol_that_mixes_trains_the_fusion_row_without_cutmix(cache_dir):
+    p = make_protocol("minimax", "digits", 2)
+    fu = cf.prepare(EvalConfig(data="digits", caption_fusion=True, tiny=True), p, StageCache(cache_dir), "cpu")
+    assert p.cutmix == 1.0 and fu.protocol.cutmix == 0.0 and fu.protocol.mixup == 0.0
+    assert list(fu.changes) == ["cutmix/mixup"] and fu.protocol.epochs == p.epochs and fu.protocol.aug == p.aug
+    dc = cf.prepare(EvalConfig(data="digits", caption_fusion=True, tiny=True), make_protocol("dc", "digits", 2),
+                    StageCache(cache_dir), "cpu")
+    assert dc.changes == {} and dc.max_tokens == 32 and dc.prompt == cf.DEFAULT_PROMPT

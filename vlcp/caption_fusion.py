@@ -193,12 +193,7 @@ def build_fused(p, num_classes: int, text_dim: int):
         def __init__(self):
             super().__init__()
             self.base = networks.build(p.model, p.channels, num_classes, p.image_size)
-            with torch.no_grad():
-                was = self.base.training
-                self.base.eval()
-                feat = networks.embed(self.base, torch.zeros(1, p.channels, p.image_size, p.image_size)).shape[1]
-                self.base.train(was)
-            self.head = nn.Linear(feat + text_dim, num_classes)
+            self.head = nn.Linear(networks.feature_dim(self.base) + text_dim, num_classes)
 
         def forward(self, x, t):
             t = t.to(x.dtype) * math.sqrt(t.shape[1])  # unit norm -> unit RMS per entry, the features' scale

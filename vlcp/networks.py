@@ -125,5 +125,11 @@ def embed(net: nn.Module, x):
         net.fc = fc
 
 
+def feature_dim(net: nn.Module) -> int:
+    """Size of the penultimate features ``embed`` returns: the input size of the final linear layer."""
+    head = net.classifier if hasattr(net, "classifier") else net.fc
+    return head.in_features
+
+
 def n_params(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
