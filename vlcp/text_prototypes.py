@@ -205,10 +205,11 @@ def _binary_matrix(caption: np.ndarray, ids: np.ndarray, n: int, n_words: int):
     """Caption x word CSR matrix, 1 where the caption holds the word (however often)."""
     from scipy.sparse import csr_matrix
 
-    pairs = np.sort(caption * n_words + ids)
+    small = np.int32 if n * n_words < 2**31 else np.int64  # scipy's own index type: no conversion, faster sort
+    pairs = np.sort(caption.astype(small) * small(n_words) + ids.astype(small))
     pairs = pairs[_firsts(pairs)]  # distinct, sorted by caption, then word: CSR order
-    indptr = np.searchsorted(pairs, np.arange(n + 1) * n_words)
-    return csr_matrix((np.ones(len(pairs), np.int64), pairs % n_words, indptr), shape=(n, n_words))
+    indptr = np.searchsorted(pairs, np.arange(n + 1, dtype=small) * small(n_words)).astype(small)
+    return csr_matrix((np.ones(len(pairs), np.int64), pairs % small(n_words), indptr), shape=(n, n_words))
 
 
 def _firsts(sorted_values: np.ndarray) -> np.ndarray:
