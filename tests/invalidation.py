@@ -11,10 +11,12 @@ BASE = ["--data", "digits", "--tiny", "--classes", "0,1,2", "--max-per-class", "
         "--steps", "2", "--finetune-max-steps", "2", "--no-finetune-ema", "--post-sample", "sas", "--pool-multiplier", "2",
         "--refine", "--detector-epochs", "1", "--refine-candidates", "2", "--refine-beta", "0.95"]
 
-JUDGED = ["detector_scores", "candidates", "candidate_scores", "refinement"]
+RESCORED = ["detector_scores", "candidates", "candidate_scores", "refinement"]  # the pool walks' images all cached
+JUDGED = ["detector_scores", "pool_replacements", "candidates", "candidate_scores", "refinement"]
 SYNTH_ON = ["synthesis", "pool", "clip_image", "post_sampling"] + JUDGED
-CLUSTERS_ON = ["clusters", "text_prototypes", "prompts"] + SYNTH_ON
-CAPTION_ON = ["text_prototypes", "prompts", "finetune"] + SYNTH_ON
+PROMPT_ON = ["synthesis", "pool", "clip_image", "clip_text", "post_sampling"] + JUDGED  # new prompts: embedded
+CLUSTERS_ON = ["clusters", "text_prototypes", "prompts"] + PROMPT_ON
+CAPTION_ON = ["text_prototypes", "prompts", "finetune"] + PROMPT_ON
 FINETUNE_ON = ["finetune"] + SYNTH_ON
 
 TABLE: list[tuple[list[str], list[str], str]] = [
@@ -28,10 +30,11 @@ TABLE: list[tuple[list[str], list[str], str]] = [
     (["--beta", "0.05"], ["text_prototypes", "prompts"] + SYNTH_ON, "Eq. 2 threshold: other captions win"),
     (["--top-k", "1"], ["text_prototypes", "prompts"],
      "Eq. 3; here no pick changes, so no image is regenerated (synthesis is keyed by its actual prompt)"),
-    (["--text-strategy", "label"], ["prompts"] + SYNTH_ON, "only the conditioning text changes"),
-    (["--caption-max-tokens", "8"], ["captions"] + CAPTION_ON, "new captions; LOF/K-Means use latents only"),
+    (["--text-strategy", "label"], ["prompts"] + PROMPT_ON, "only the conditioning text changes"),
+    (["--caption-max-tokens", "8"], ["captions"] + CAPTION_ON[:-len(JUDGED)] + RESCORED,
+     "new captions; LOF/K-Means use latents only; here no defective pick has an unpicked pool candidate"),
     (["--caption-prompt", "Describe the {CLASSNAME}."], ["captions"] + CAPTION_ON, "new captions"),
-    (["--resolution", "16"], ["latents", "outliers"] + CLUSTERS_ON[:3] + FINETUNE_ON, "new latents"),
+    (["--resolution", "16"], ["latents", "outliers"] + CLUSTERS_ON[:3] + ["finetune"] + PROMPT_ON, "new latents"),
     (["--strength", "1.0"], SYNTH_ON, "img2img noise level"),
     (["--guidance-scale", "5"], SYNTH_ON, "classifier-free guidance"),
     (["--steps", "3"], SYNTH_ON, "denoising steps"),
@@ -44,12 +47,15 @@ TABLE: list[tuple[list[str], list[str], str]] = [
     (["--finetune-ema"], FINETUNE_ON, "synthesis uses the EMA of the weights (the table's base run does not)"),
     (["--no-finetune"], SYNTH_ON, "synthesis from the base model"),
     (["--sas-lambda", "0.1"], ["post_sampling"], "selection only: no image generated, no CLIP call"),
-    (["--select", "random"], ["post_sampling"] + JUDGED, "selection only; other images are kept and judged"),
-    (["--pool-multiplier", "3"], ["pool", "clip_image", "post_sampling"] + JUDGED,
+    (["--select", "random"], ["post_sampling"] + RESCORED,
+     "selection only; other images are kept and judged (the pool walks reach only images scored before)"),
+    (["--sas-caption-weight", "0.5"], ["post_sampling"] + RESCORED,
+     "selection only: no image generated, no CLIP call (M from cached embeddings); other picks are judged"),
+    (["--pool-multiplier", "3"], ["pool", "clip_image", "post_sampling"] + RESCORED,
      "only the new candidate of each prototype is generated and embedded"),
-    (["--clip-prompt", "a picture of a {name}."], ["clip_text", "post_sampling"] + JUDGED,
-     "new class anchors: other picks, which are judged"),
-    (["--detector-epochs", "2"], ["detector", "detector_scores", "candidates", "candidate_scores", "refinement"],
+    (["--clip-prompt", "a picture of a {name}."], ["clip_text", "post_sampling"] + RESCORED[1:],
+     "new class anchors: other picks, scored already in the base run's pool walks; defective ones get candidates"),
+    (["--detector-epochs", "2"], ["detector"] + JUDGED,
      "a new detector re-judges every image; images it newly finds defective get candidates"),
     (["--refine-beta", "0.9"], ["refinement"], "selection only: nothing generated or scored"),
     (["--refine-top-k", "1"], ["refinement"], "selection only"),
@@ -57,10 +63,11 @@ TABLE: list[tuple[list[str], list[str], str]] = [
     (["--object-masks"], ["masks", "outliers"] + CLUSTERS_ON,
      "LOF/K-Means on foreground-weighted latents; captions and latents reused; prototypes = unmasked means"),
     (["--mask-prompt", "a digit"], [], "read only with `--object-masks` / `--min-foreground`"),
-    (["--min-foreground", "0.1"], ["foreground", "candidate_foreground", "refinement"],
-     "the segmenter judges images and candidates; here every image is already defective, so none is generated"),
-    (["--min-caption-match", "0.1"], ["caption_match", "candidate_caption_match", "refinement"],
-     "CLIP embeds the prompts and the candidates (kept images and class prompts are cached by post-sampling)"),
+    (["--min-foreground", "0.1"], ["pool_foreground", "post_sampling", "candidate_foreground", "refinement"],
+     "the segmenter measures the pool (stage 1 drops none under 0.1 here; `foreground` finds the kept images "
+     "cached) and the candidates; every image is already defective, so none is generated"),
+    (["--min-caption-match", "0.1"], ["candidate_caption_match", "refinement"],
+     "CLIP embeds only the candidates (kept images, their prompts and class prompts are cached by post-sampling)"),
     (["--image-size", "16"], [], "only the saved size (output)"),
     (["--caption-batch-size", "3", "--latent-batch-size", "5", "--synthesis-batch-size", "1", "--clip-batch-size",
       "7", "--finetune-checkpoint-every", "1"], [], "batch sizes and checkpoint intervals are in no key"),

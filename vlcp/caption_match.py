@@ -6,7 +6,8 @@ CLIP cosine between each synthetic image (and refinement candidate) and the prom
 from (its cluster's text prototype), with the class prompt's cosine reported beside it. With
 ``--min-caption-match S`` (and ``--refine``) an image under S is defective and a candidate under S is
 not valid. Embeddings share the post-sampling CLIP caches (``vlcp/clip.py``: per image content and per
-text, keyed by the CLIP identity), so changing S recomputes no embedding.
+text, keyed by the CLIP identity), so changing S recomputes no embedding. The same cosine of every pool
+candidate is a post-sampling score (``vlcp/sas_stages.py``, ``--sas-caption-weight``).
 """
 from __future__ import annotations
 

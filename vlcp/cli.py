@@ -195,7 +195,8 @@ refine_options = _options(
 @click.option("--post-sample", type=click.Choice(["none", "sas"]), default=_default("post_sample"), show_default=True,
               help="sas: generate a pool of --pool-multiplier images per prototype and keep IPC per class by CLIP "
                    "relevance, margin and diversity (vlcp's formulation of SAS, arXiv 2605.18012, from its "
-                   "abstract; not the authors' method).")
+                   "abstract; not the authors' method). With --refine, a defective kept image first takes the "
+                   "next-ranked good pool candidate of its prototype (vlcp's formulation).")
 @click.option("--pool-multiplier", type=click.IntRange(min=1), default=_default("pool_multiplier"), show_default=True,
               help="sas: images generated per prototype (1 = the synthetic set itself).")
 @click.option("--clip", help="sas: CLIP model (hub id or dir). [default: openai/clip-vit-base-patch32; tiny with --tiny]")
