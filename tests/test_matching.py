@@ -138,7 +138,9 @@ def _run(cache_dir: Path, method: str, iterations: int, every: int):
     ds = load_dataset("digits", cache_dir / "data", "train")
     extra = {"outer_loop": 2, "inner_loop": 1} if method == "dc" else {}
     cfg = matching.make_config(method, 2, seed=3, iterations=iterations, batch_real=16, **extra)
-    return matching.run(cfg, ds, "digits", StageCache(cache_dir), progress=False, checkpoint_every=every)
+    # on the CPU: there two uninterrupted runs are bit-identical; on CUDA they are not (atomics in DSA's
+    # grid_sample backward and the convolutions; measured on an H200, README), so no bit-exact resume either
+    return matching.run(cfg, ds, "digits", StageCache(cache_dir), "cpu", progress=False, checkpoint_every=every)
 
 
 @pytest.mark.parametrize("method", ["dm", "dc"])
