@@ -114,8 +114,8 @@ def folder_prompts(folder: Path | None) -> dict[str, str] | None:
     ipc = (manifest.get("parameters") or {}).get("ipc")
     kept = (manifest.get("post_sampling") or {}).get("images") or {}
     for name, rec in kept.items():  # SAS: prototype = index into the class-major (class, cluster) items
-        f, ps = name.split("/")[0], prompts.get(name.split("/")[0], [])
-        j = rec.get("prototype", -1) % ipc if isinstance(ipc, int) and ipc > 0 else -1
+        ps, proto = prompts.get(name.split("/")[0], []), rec.get("prototype") if isinstance(rec, dict) else None
+        j = proto % ipc if isinstance(proto, int) and isinstance(ipc, int) and ipc > 0 else -1
         if 0 <= j < len(ps) and isinstance(ps[j], str):
             out[name] = ps[j]
     return out or None
@@ -185,7 +185,7 @@ def text_embeddings(fu: Fusion, cache, texts: list[str]) -> np.ndarray:
 def build_fused(p, num_classes: int, text_dim: int):
     """The protocol's network with a new head over [penultimate features ; text embedding]."""
     import torch
-    import torch.nn as nn
+    from torch import nn
 
     from vlcp import networks
 
