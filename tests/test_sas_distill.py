@@ -53,7 +53,9 @@ def test_pool_multiplier_one_warns_and_keeps_the_synthetic_set(vlcp, tmp_path):
 
 def test_bad_sas_parameters_are_usage_errors(vlcp, tmp_path):
     for args, hint in ((["--sas-keep", "0"], "--sas-keep"), (["--clip-prompt", "a photo"], "--clip-prompt"),
-                       (["--sas-lambda", "2"], "--sas-lambda")):
+                       (["--sas-lambda", "2"], "--sas-lambda"), (["--sas-caption-weight", "-0.1"],
+                                                                 "--sas-caption-weight"),
+                       (["--min-foreground", "1.5"], "--min-foreground")):
         r = vlcp(*ARGS, *args, "--out", tmp_path / "o")
         assert r.exit_code == 2 and hint in r.output and "Traceback" not in r.output
 
@@ -179,6 +181,8 @@ def test_refinement_after_sas_takes_the_next_ranked_pool_candidate_before_genera
         if proto % 2 == 0:  # the best-ranked unpicked candidate is right: it replaces the kept image
             assert d["candidate"] == free[0][1] and d["rank"] == free[0][0] and d["visited"] == [free[0][1]]
             assert str(i) not in ref["replacements"]
+            shown = m["post_sampling"]["images"][f"{d['class']}/{d['cluster']:04d}.png"]  # the image now there
+            assert shown["rank"] == d["rank"] and shown["why"].startswith("pool replacement (rank")
         else:  # both unpicked candidates are wrong, in rank order: new candidates are generated
             assert d["candidate"] is None and d["visited"] == [k for _, k in free]
             assert ref["replacements"][str(i)]["source"] == "generated"

@@ -224,10 +224,18 @@ def refinement(run: Run, step: Step) -> None:
 def _record_pool(run: Run, summary: dict) -> None:
     """The manifest's pool replacements, apart from the generated ones: per defective kept image, the pool
     candidate (index into post_sampling.pool) and its SAS rank, or null when its prototype's pool was used up."""
+    from vlcp.sas_stages import image_record
+
     st = run.st
     pool = {}
+    images = run.manifest["post_sampling"]["images"]
     for i, d in st.pool_swaps.items():
-        pool[i] = {**d, "class": run.folders[st.items[i][0]], "cluster": st.items[i][1]}
+        (c, j), k = st.items[i], d["candidate"]
+        pool[i] = {**d, "class": run.folders[c], "cluster": j}
+        if k is not None:  # post_sampling.images describes the image now at that path
+            images[f"{run.folders[c]}/{j:04d}.png"] = {
+                **image_record(run, st.pool_records[k], k),
+                "why": f"pool replacement (rank {d['rank']}) of the defective pick {d['was']}"}
     summary["pool_replacements"] = pool
     for c, f in enumerate(run.folders):
         mine = [d for i, d in st.pool_swaps.items() if st.items[i][0] == c]

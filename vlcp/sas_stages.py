@@ -160,17 +160,19 @@ def _adopt(run: Run, picked: dict[int, list[int]]) -> None:
 
 def _records(run: Run, records: list[dict], picked: dict[int, list[int]]) -> dict:
     """``images``: per kept image (``<class>/<index>.png``) its scores; ``pool``: every candidate's record."""
-    st = run.st
     out = {}
     for c, ks in picked.items():
         for j, k in enumerate(ks):
-            r = records[k]
-            out[f"{run.folders[c]}/{j:04d}.png"] = {
-                "prototype": st.pool[k][0], "candidate": st.pool[k][1], "relevance": r["relevance"],
-                "margin": r["margin"], **{n: r[n] for n in ("caption_match", "foreground") if n in r},
-                "quality": r["quality"], "diversity_at_pick": r["diversity_at_pick"], "rank": r["rank"],
-                "why": r["why"]}
+            out[f"{run.folders[c]}/{j:04d}.png"] = image_record(run, records[k], k)
     return {"images": out, "pool": records}
+
+
+def image_record(run: Run, r: dict, k: int) -> dict:
+    """What the manifest says of the image at an output path: pool candidate k's scores (record r)."""
+    pool = run.st.pool
+    return {"prototype": pool[k][0], "candidate": pool[k][1], "relevance": r["relevance"], "margin": r["margin"],
+            **{n: r[n] for n in ("caption_match", "foreground") if n in r}, "quality": r["quality"],
+            "diversity_at_pick": r["diversity_at_pick"], "rank": r["rank"], "why": r["why"]}
 
 
 STAGES = [
