@@ -165,6 +165,30 @@ def test_refinement_verdicts_loss_curve_and_post_sampling(tmp_path):
     assert "<dt>method</dt><dd>clip</dd>" in text  # run-level values of the section
 
 
+def test_refinement_after_sas_shows_the_pool_replacements_apart(tmp_path):
+    """SAS + --refine: a slot replaced by the next-ranked pool candidate says so; one whose prototype's
+    pool was used up and was then replaced by a generated candidate shows the generated verdict."""
+    extra = {"refinement": {
+        "beta": 0.9, "candidates": 2, "top_k": 2, "detector": {"model": "resnet18"},
+        "replacements": {"3": {"candidate": 0, "how": "fallback", "pool": [], "p_before": 0.1, "p_after": 0.4,
+                               "class": "n02102040", "cluster": 1, "source": "generated"}},
+        "pool_replacements": {"0": {"source": "pool", "was": 0, "candidate": 7, "rank": 3, "visited": [5, 7],
+                                    "class": "n01440764", "cluster": 0},
+                              "3": {"source": "pool", "was": 9, "candidate": None, "rank": None, "visited": [11],
+                                    "class": "n02102040", "cluster": 1}},
+        "per_class": {"n01440764": {"images": 2, "defective_before_pool": 1, "pool_replaced": 1, "defective": 0,
+                                    "valid": 0, "fallback": 0, "confidence_before": 0.5, "confidence_after": 0.9},
+                      "n02102040": {"images": 2, "defective_before_pool": 1, "pool_replaced": 0, "defective": 1,
+                                    "valid": 0, "fallback": 1, "confidence_before": 0.3, "confidence_after": 0.5}}}}
+    text, page = build_page(make_folder(tmp_path / "out", extra=extra))
+    assert page.texts["p.verdict"] == [
+        "refinement: replaced by SAS pool candidate 7 (rank 3 of its class, the next-ranked of its prototype)",
+        "refinement: kept", "refinement: kept",
+        "refinement: replaced by candidate 0 (as fallback: no candidate was valid); p(class) 0.100 → 0.400"]
+    assert "<dt>replaced from the SAS pool first</dt><dd>1</dd>" in text
+    assert "<th>defective after SAS</th><th>from the SAS pool</th>" in text
+
+
 def test_evaluations_next_to_published_numbers(tmp_path):
     folder = make_folder(tmp_path / "out", ipc=10)
     (folder / "evaluations").mkdir()

@@ -337,15 +337,21 @@ def refinement_section(f: Folder) -> str:
              ("detector epochs", det.get("epochs")), ("detector test accuracy (%)", det.get("accuracy")),
              ("β (defective if p ≤ β)", r.get("beta")), ("candidates per defective image", r.get("candidates")),
              ("top-k", r.get("top_k")), ("images replaced", len(_dict(r.get("replacements"))))]
+    pool = "pool_replacements" in r  # after SAS post-sampling: the next-ranked pool candidate first
+    if pool:
+        facts.append(("replaced from the SAS pool first", sum(isinstance(d, dict) and d.get("candidate") is not None
+                                                              for d in _dict(r.get("pool_replacements")).values())))
     dl = "".join(f"<dt>{escape(k)}</dt><dd>{_num(v)}</dd>" for k, v in facts if v is not None)
     names = dict(f.classes)
     rows = []
     for folder, s in _dict(r.get("per_class")).items():
         s = _dict(s)
-        rows.append([escape(f"{folder} · {names.get(folder, folder)}"), _num(s.get("images")),
+        first = [_num(s.get("defective_before_pool")), _num(s.get("pool_replaced"))] if pool else []
+        rows.append([escape(f"{folder} · {names.get(folder, folder)}"), _num(s.get("images")), *first,
                      _num(s.get("defective")), _num(s.get("valid")), _num(s.get("fallback")),
                      f"{_num(s.get('confidence_before'), 3)} → {_num(s.get('confidence_after'), 3)}"])
-    head = ["class", "images", "defective", "from a valid pool", "by fallback", "mean p(class) before → after"]
+    head = ["class", "images", *(["defective after SAS", "from the SAS pool"] if pool else []), "defective",
+            "from a valid pool", "by fallback", "mean p(class) before → after"]
     table = _table(head, rows, "num") if rows else ""
     sheet = ('<details><summary>preview_refined.png: each replaced image (left) and its replacement (right)'
              '</summary><img class="sheet" src="preview_refined.png" alt="replaced images and their replacements">'
@@ -490,8 +496,13 @@ def prototype_html(rec: dict) -> str:
     return "".join(parts)
 
 
-def verdict_html(rep: dict | None, refined: bool) -> str:
-    """Refinement verdict of one image: kept, or replaced (how, pool, p before → after)."""
+def verdict_html(rep: dict | None, refined: bool, from_pool: dict | None = None) -> str:
+    """Refinement verdict of one image: kept, replaced by the next-ranked SAS pool candidate of its
+    prototype, or replaced by a generated candidate (how, pool, p before → after)."""
+    if rep is None and from_pool is not None and from_pool.get("candidate") is not None:
+        return (f'<p class="verdict replaced">refinement: replaced by SAS pool candidate '
+                f'{_num(from_pool.get("candidate"))} (rank {_num(from_pool.get("rank"))} of its class, the '
+                f'next-ranked of its prototype)</p>')
     if rep is None:
         return '<p class="verdict kept">refinement: kept</p>' if refined else ""
     pool = len(_list(rep.get("pool")))
@@ -549,6 +560,8 @@ def classes_section(f: Folder) -> str:
     refinement = _dict(f.manifest.get("refinement"))
     replacements = {(str(r.get("class")), r.get("cluster")): r
                     for r in _dict(refinement.get("replacements")).values() if isinstance(r, dict)}
+    from_pool = {(str(r.get("class")), r.get("cluster")): r
+                 for r in _dict(refinement.get("pool_replacements")).values() if isinstance(r, dict)}
     scores = post_sampling_lookup(f)
     nav = " ".join(f'<a href="#class-{c}">{escape(folder)}</a>' for c, (folder, _) in enumerate(f.classes))
     legend = ('<p class="note">Under each image: its cluster, and the cluster\'s text prototype (Algorithm 2): the '
@@ -564,7 +577,7 @@ def classes_section(f: Folder) -> str:
             stem = Path(file).stem
             j = int(stem) if stem.isdigit() else pos
             rec = _dict(clusters[j]) if j < len(clusters) else {}
-            verdict = verdict_html(replacements.get((folder, j)), bool(refinement))
+            verdict = verdict_html(replacements.get((folder, j)), bool(refinement), from_pool.get((folder, j)))
             cards.append(card(folder, name, file, (w, h), j, rec, verdict, scores(folder, file, j, i)))
             i += 1
         parts.append(class_block(f, c, folder, name, cards))
