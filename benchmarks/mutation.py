@@ -49,18 +49,49 @@ _BYTES = "every record has a 'bytes' field; the default is never used"
 _EXISTS = "the key came from iterkeys / was just compared, so pop() without a default never misses"
 _CLASSES = "default class count 10 vs 11: only 100 and 1000 classes change anything"
 _DEFAULT = "the argument dropped equals the Protocol dataclass default"
+_SLOW_STARTS = ("the caption starts are then always computed caption by caption (the path for captions "
+                "holding a NUL), which gives the same starts")
+_WHOLE = "the word ids as float64 are whole numbers < 2**53, cast to the index type in _binary_matrix"
 
 # Mutants that cannot change behaviour, with the reason (checked by reading ``mutmut show NAME``).
 EQUIVALENT: dict[str, str] = {
-    "vlcp.text_prototypes.x_class_prototypes__mutmut_8": "lowercase=True is CountVectorizer's default",
-    "vlcp.text_prototypes.x_class_prototypes__mutmut_18": _NO_WORDS,
-    "vlcp.text_prototypes.x_class_prototypes__mutmut_20": _NO_WORDS,
-    "vlcp.text_prototypes.x_class_prototypes__mutmut_34": _NO_WORDS,
-    "vlcp.text_prototypes.x_class_prototypes__mutmut_36": _NO_WORDS,
-    "vlcp.text_prototypes.x_class_prototypes__mutmut_39": "np.array of Python bools is bool without dtype=bool",
-    "vlcp.text_prototypes.x_class_prototypes__mutmut_41": "np.array of Python bools is bool without dtype=bool",
-    "vlcp.text_prototypes.x_class_prototypes__mutmut_120": _ZERO_SCORE,
-    "vlcp.text_prototypes.x_class_prototypes__mutmut_121": _ZERO_SCORE,
+    **{f"vlcp.text_prototypes.x__binary_matrix__mutmut_{i}": "int64 caption x word pairs where int32 would do: "
+       "scipy stores index arrays that fit as int32 itself, same matrix (int32 only saves that conversion)"
+       for i in (2, 6)},
+    **{f"vlcp.text_prototypes.x__binary_matrix__mutmut_{i}": "np.arange(n + 1) without dtype is int64: the row "
+       "bounds cannot overflow, the same indptr is cast to the index type" for i in (26, 28)},
+    **{f"vlcp.text_prototypes.x__binary_matrix__mutmut_{i}": "shape inferred: len(indptr) - 1 rows, largest "
+       "column + 1 columns, and every vocabulary word occurs in some caption" for i in (33, 35)},
+    "vlcp.text_prototypes.x__class_bytes__mutmut_13": '"UTF-8" and "utf-8" name the same codec',
+    **{f"vlcp.text_prototypes.x__class_bytes__mutmut_{i}": _SLOW_STARTS for i in (17, 26)},
+    "vlcp.text_prototypes.x__class_bytes__mutmut_29": "caption starts at NUL - 1 instead of NUL + 1: no token "
+                                                      "starts on a NUL or on the byte before it (tokens have >= 2 "
+                                                      "letters), so searchsorted counts the same tokens",
+    **{f"vlcp.text_prototypes.x__membership__mutmut_{i}": "the empty column array only serves members == [], "
+       "whose matrix has no rows either way (a float or stray index past indptr[-1] is never read)"
+       for i in (6, 8, 9)},
+    "vlcp.text_prototypes.x__non_representative__mutmut_21": "with an empty vocabulary the frequency test gives "
+                                                             "an empty boolean array, as stop is",
+    **{f"vlcp.text_prototypes.x__pack__mutmut_{i}": "any sort by length gives the same keys: each is computed for "
+       "its own token and scattered back" for i in (3, 5, 7, 9)},
+    "vlcp.text_prototypes.x__pack__mutmut_17": 'side="left" is searchsorted\'s default',
+    **{f"vlcp.text_prototypes.x__token_runs__mutmut_{i}": "a float letter array holds the same 0/1 edges as a "
+       "boolean one" for i in (8, 10)},
+    "vlcp.text_prototypes.x__top_words__mutmut_25": "max(freq, 1) vs max(freq, 0) differs only when all "
+                                                    "frequencies are 0: a common offset, the same smallest keys",
+    **{f"vlcp.text_prototypes.x__top_words__mutmut_{i}": "axis=1 is the default axis -1 of the 2-D frequencies"
+       for i in (32, 38)},
+    **{f"vlcp.text_prototypes.x__unpack__mutmut_{i}": "np.arange without dtype is int64 already" for i in (7, 11)},
+    "vlcp.text_prototypes.x__word_ids__mutmut_2": "12-letter words then take the Python-string path, which gives "
+                                                  "the same sorted vocabulary and ids (only slower)",
+    "vlcp.text_prototypes.x__word_ids__mutmut_34": '"ASCII" and "ascii" name the same codec',
+    **{f"vlcp.text_prototypes.x__word_ids__mutmut_{i}": _WHOLE for i in (55, 57)},
+    **{f"vlcp.text_prototypes.x__word_ids__mutmut_{i}": "np.array of Python ints is int64 without the dtype"
+       for i in (60, 62)},
+    **{f"vlcp.text_prototypes.x_class_prototypes__mutmut_{i}": "np.asarray of Python ints is int64 without the "
+       "dtype; an empty cluster's float array is never indexed" for i in (41, 43)},
+    "vlcp.text_prototypes.x_class_prototypes__mutmut_83": _ZERO_SCORE,
+    "vlcp.text_prototypes.x_class_prototypes__mutmut_84": _ZERO_SCORE,
     "vlcp.outliers.x_inlier_mask__mutmut_1": "min_keep default 1 vs 0: LOF (contamination <= 0.5) never removes all",
     "vlcp.outliers.x_inlier_mask__mutmut_31": _RESHAPE,
     "vlcp.outliers.x_inlier_mask__mutmut_36": "mask.sum() == min_keep enters the loop, which breaks at once",

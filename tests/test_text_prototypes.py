@@ -124,3 +124,80 @@ def test_a_caption_listed_twice_in_a_cluster_counts_twice():
     (r,) = class_prototypes(["aa", "bb", "bb cc"], [[1, 0, 0, 2]], "x", beta=1.0, top_k=1)
     assert r["representative_words"] == {"aa": 2}  # aa 2 (listed twice), bb 2, cc 1: the tie goes to aa
     assert (r["member"], r["score"]) == (0, 2.0)
+
+
+# -- exact outputs that kill the mutants benchmarks/mutation.py found surviving the tests above ----------
+
+
+def test_no_clusters_give_no_records():
+    assert class_prototypes(["snow field", "snow"], [], "x", beta=1.0, top_k=2) == []
+
+
+def test_top_k_zero_gives_an_empty_r_w_and_the_closest_member():
+    (r,) = class_prototypes(["aa bb", "bb"], [[1, 0]], "x", beta=1.0, top_k=0)
+    assert r == {"caption": "bb", "member": 1, "score": 0.0, "fallback": True, "representative_words": {},
+                 "non_representative": []}
+
+
+@pytest.mark.parametrize("top_k, rw, score", [(1, {"aa": 3}, 3.0), (2, {"aa": 3, "cc": 2}, 5.0)])
+def test_top_k_takes_the_most_frequent_words_not_the_first_ones(top_k, rw, score):
+    # aa 3, bb 1, cc 2: the top 2 are aa and cc, although bb comes before cc in the vocabulary
+    (r,) = class_prototypes(["aa bb cc", "aa cc", "aa"], [[2, 1, 0]], "x", beta=1.0, top_k=top_k)
+    assert (r["representative_words"], r["member"], r["score"]) == (rw, 1 if top_k == 2 else 2, score)
+
+
+def test_top_1_of_many_words_is_the_most_frequent_one():
+    # 2,000 words once each and the alphabetically last one twice: a partial sort must still find it
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    ids = np.arange(2000)
+    words = ["".join(w) for w in letters[np.stack([ids // 26**2 % 26, ids // 26 % 26, ids % 26], 1)]]
+    (r,) = class_prototypes([" ".join(words), words[-1]], [[0, 1]], "x", beta=1.0, top_k=1)
+    assert (r["representative_words"], r["member"], r["score"]) == ({"cyx": 2}, 0, 2.0)
+
+
+def test_a_lone_surrogate_in_a_caption_is_no_letter_and_no_error():
+    (r,) = class_prototypes(["snow \ud800 field", "field"], [[1, 0]], "x", beta=1.0, top_k=2)
+    assert (r["representative_words"], r["caption"], r["score"]) == ({"field": 2, "snow": 1}, "snow \ud800 field", 3.0)
+
+
+def test_the_bytes_next_to_a_z_split_words():
+    vocab, x = caption_words(["ab{cd", "ab`cd ef"], clean=False)  # "`" and "{" are bytes 96 and 123
+    assert (vocab, x.toarray().tolist()) == (["ab", "cd", "ef"], [[1, 1, 0], [1, 1, 1]])
+
+
+def test_words_belong_to_their_caption_around_control_bytes_and_empty_captions():
+    vocab, x = caption_words(["ab\x01cd", "ef"], clean=False)  # one byte 1 in two captions: not a separator
+    assert (vocab, x.toarray().tolist()) == (["ab", "cd", "ef"], [[1, 1, 0], [0, 0, 1]])
+    vocab, x = caption_words(["ab\x01cd", "ef", "", "gh"], clean=False)
+    assert x.toarray().tolist() == [[1, 1, 0, 0], [0, 0, 1, 0], [0] * 4, [0, 0, 0, 1]]
+    vocab, x = caption_words(["", "ab", ""], clean=False)
+    assert (vocab, x.toarray().tolist()) == (["ab"], [[0], [1], [0]])
+
+
+def test_caption_words_without_words_is_an_empty_int64_matrix():
+    vocab, x = caption_words(["42", "!!", "a"], clean=True)
+    assert (vocab, x.shape, x.dtype, x.nnz) == ([], (3, 0), np.int64, 0)
+
+
+def test_caption_words_matrix_has_scipys_int32_indices():
+    # what CountVectorizer gives; the matrix is built in int32 when captions x words fit (no conversion)
+    vocab, x = caption_words(["snow field", "snow", "field of snow"], clean=True)
+    assert (vocab, x.toarray().tolist()) == (["field", "of", "snow"], [[1, 0, 1], [0, 0, 1], [1, 1, 1]])
+    assert (x.dtype, x.indices.dtype, x.indptr.dtype) == (np.int64, np.int32, np.int32)
+
+
+def test_a_class_whose_captions_x_words_reach_2_31_still_counts_its_last_caption():
+    # 2**16 captions x 2**15 words = 2**31 pairs: one past int32, so the matrix is built in int64
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    ids = np.arange(2**15)
+    words = ["".join(w) for w in letters[np.stack([ids // 26**3 % 26, ids // 26**2 % 26, ids // 26 % 26, ids % 26], 1)]]
+    vocab, x = caption_words([""] * (2**16 - 1) + [" ".join(words)], clean=False)
+    assert vocab == sorted(words) and x.shape == (2**16, 2**15) and x.nnz == 2**15
+    assert x.indptr[-2:].tolist() == [0, 2**15] and x[-1].indices.tolist() == list(range(2**15))
+
+
+def test_an_empty_cluster_of_a_class_without_words_gets_an_empty_record():
+    empty, r = class_prototypes(["42", "!"], [[], [1, 0]], "x", beta=1.0, top_k=1)
+    assert empty == {"caption": "", "member": None, "score": 0.0, "fallback": True, "representative_words": {},
+                     "non_representative": []}
+    assert (r["caption"], r["member"], r["fallback"]) == ("!", 1, True)
