@@ -11,6 +11,12 @@ copied into every fresh cache, so no row pays for them):
   3. a cached ``--until clusters`` (outliers and clusters computed on the cached latents);
   4. cold ``--until latents`` with ``--nproc`` processes through ``torchrun`` on a fresh cache.
 Peak RSS is the largest resident set of the process tree (``wait4``), start-up and imports included.
+
+``--cluster-memory`` measures per-class streaming instead (issue 12 item 1): after a cold ``--until
+latents`` at ``--resolution`` (128 px gives the tiny VAE 4x64x64 latents, 64 KiB each like SD v1.5 at
+512 px), a fresh process runs the cached stages up to the latents, then the outliers and clusters
+stages alone, and reports its resident set before them and its peak during them (VmHWM, reset through
+``/proc/self/clear_refs`` just before): what the clustering stages add, start-up excluded.
 """
 import argparse
 import json
@@ -74,13 +80,84 @@ def lookup_cost(cache_dir: Path) -> tuple[int, float, float]:
     return len(keys), 1e6 * t_get / len(keys), 1e6 * t_has / len(keys)
 
 
+def _vm(field: str) -> int:
+    """A VmRSS / VmHWM figure of this process, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure_clusters(cache_dir: str, data: str, resolution: int, ipc: int) -> dict:
+    """In this process: the cached stages up to the latents, then outliers + clusters with the peak RSS reset
+    just before them. Returns MiB figures and seconds (printed as JSON by ``--_measure``)."""
+    import gc
+
+    from vlcp.cache import StageCache
+    from vlcp.config import DistillConfig
+    from vlcp.distill import Step, _run_stages, start
+    from vlcp.stages import STAGE_NAMES, STAGES
+
+    cfg = DistillConfig(data=data, tiny=True, ipc=ipc, resolution=resolution, finetune=False, until="latents",
+                        out=Path(cache_dir).parent / "out-memory", progress=False)
+    cache = StageCache(cache_dir)
+    run = start(cfg, cache)
+    _run_stages(run)
+    assert all(r.items_computed == 0 for r in run.reports), "the latents must be cached first"
+    cache.clear("outliers")  # computed in the window, every time
+    cache.clear("clusters")
+    import numpy as np  # noqa: F811
+    from sklearn.cluster import KMeans
+    from sklearn.neighbors import LocalOutlierFactor
+
+    dim = cache.get("latents", run.st.lat_keys[0]).tensors["latent"].size  # a separate entry: not kept
+    # sklearn's imports, thread pools and BLAS buffers (about 130 MiB at this size) before the window
+    warm = np.random.default_rng(0).normal(size=(12, dim))
+    LocalOutlierFactor(n_neighbors=5).fit_predict(warm)
+    KMeans(n_clusters=2, random_state=0, n_init=10).fit(warm)
+    gc.collect()
+    before = _vm("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
+    t0 = time.perf_counter()
+    for name in ("outliers", "clusters"):
+        stage = STAGES[STAGE_NAMES.index(name)]
+        stage.run(run, Step(run, stage))
+    return {"rss_before_mib": before / 1024, "peak_mib": _vm("VmHWM") / 1024, "seconds": time.perf_counter() - t0,
+            "images": len(run.st.samples), "blob_reads": cache.blob_reads - 1,
+            "latent_kib": cache.get("latents", run.st.lat_keys[0]).tensors["latent"].nbytes / 1024}
+
+
+def cluster_memory(a, env: dict, tmp: Path, models: Path, data: Path) -> None:
+    """Cold --until latents at --resolution, then the clustering stages' memory in a fresh process."""
+    cache = tmp / f"cache-r{a.resolution}"
+    if not (cache / "models").exists():
+        shutil.copytree(models, cache / "models")
+    t, rss = run([sys.executable, "-m", "vlcp", "--cache-dir", str(cache), "-q", "distill", "--data", str(data),
+                  "--tiny", "--ipc", str(a.ipc), "--no-finetune", "--resolution", str(a.resolution), "--until",
+                  "latents", "--force", "--out", str(tmp / "out-latents")], env)
+    print(f"cold --until latents at {a.resolution} px: {t:.1f} s, peak RSS {rss} MiB")
+    proc = subprocess.run([sys.executable, __file__, "--_measure", str(cache), str(data), str(a.resolution),
+                           str(a.ipc)], env=env, capture_output=True, text=True, check=True)
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{a.classes} classes x {a.per_class} images ({m['images']}), latents of {m['latent_kib']:.0f} KiB, "
+          f"IPC {a.ipc}: outliers + clusters {m['seconds']:.1f} s, RSS {m['rss_before_mib']:.0f} MiB before, "
+          f"peak {m['peak_mib']:.0f} MiB during (+{m['peak_mib'] - m['rss_before_mib']:.0f} MiB), "
+          f"{m['blob_reads']} blob reads")
+
+
 def main():
+    if len(sys.argv) == 6 and sys.argv[1] == "--_measure":
+        print(json.dumps(measure_clusters(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--px", type=int, default=32)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
+    ap.add_argument("--cluster-memory", action="store_true", help="only the clustering stages' memory (see above)")
+    ap.add_argument("--resolution", type=int, default=128, help="with --cluster-memory: the VAE's input size")
+    ap.add_argument("--ipc", type=int, default=2, help="with --cluster-memory: clusters per class")
     a = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -92,6 +169,11 @@ def main():
     from vlcp.tiny import tiny_models
 
     tiny_models(models)
+    if a.cluster_memory:
+        cluster_memory(a, env, tmp, models, data)
+        if not a.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
 
     def distill(cache: Path, until: str, nproc: int = 1) -> tuple[float, int, dict]:
         if not (cache / "models").exists():

@@ -469,3 +469,111 @@ def test_memo_computes_once_per_key(tmp_path):
     assert StageCache(tmp_path).memo("digest", "k1", lambda: calls.append(2) or "other") == "v1"
     assert c.memo("digest", "k2", lambda: calls.append(3) or "v2") == "v2"
     assert calls == [1, 3] and c.index["_memo/digest/k1"] == "v1"
+
+
+# -- per-class streaming (issue 12): tensors read without being kept --------------------------------
+
+def test_read_returns_tensors_without_keeping_them(tmp_path):
+    c = StageCache(tmp_path)
+    e = c.put("latents", "k", {"m": 1}, {"latent": LATENT}, retain=False)
+    assert not e.loaded and c.blob_reads == 0  # written, not held
+    assert e.read()["latent"][5] == 5.0 and not e.loaded and c.blob_reads == 1
+    assert e.read()["latent"][6] == 6.0 and c.blob_reads == 2  # every read() reads the blob again
+    assert e.tensors["latent"][7] == 7.0 and e.loaded and c.blob_reads == 3
+    assert e.read()["latent"][8] == 8.0 and c.blob_reads == 3  # once kept, read() uses them
+    kept = c.put("latents", "k2", {}, {"latent": LATENT})
+    assert kept.loaded and kept.read()["latent"] is not None and c.blob_reads == 3
+
+
+def test_read_of_a_corrupt_blob_raises_and_drops_the_record(tmp_path):
+    c = StageCache(tmp_path)
+    e = c.put("latents", "k", {}, {"latent": LATENT}, retain=False)
+    _flip_payload_byte(_one_blob(tmp_path))
+    with pytest.raises(CorruptEntry, match=r"^cache entry latents/k is corrupt \(checksum mismatch in k-"):
+        e.read()
+    assert not c.has("latents", "k") and c.corrupt == 1
+
+
+def test_run_items_without_retain_keeps_no_computed_tensor(tmp_path):
+    from vlcp.runner import ItemOpts
+
+    c = StageCache(tmp_path)
+    keys = ["a", "b", "a", "c"]
+
+    def compute(idx):
+        return (({"i": i}, {"latent": np.full(3, i, np.float32)}) for i in idx)
+
+    entries, rep = run_items(c, "latents", keys, compute, 2, progress=False, opts=ItemOpts(retain=False))
+    assert rep.items_computed == 3 and not any(e.loaded for e in entries) and c.blob_reads == 0
+    assert [e.read()["latent"][0] for e in entries] == [0.0, 1.0, 0.0, 3.0] and c.blob_reads == 4
+    entries, _ = run_items(c, "latents", ["d"], compute, 2, progress=False)  # default: kept
+    assert entries[0].loaded
+
+
+def test_get_many_is_get_for_each_key(tmp_path, monkeypatch, caplog):
+    """One SQL query per chunk of keys: the same entries as one get per key, missing and corrupt ones None
+    (a corrupt one dropped and counted), and the same without diskcache's table (the fallback)."""
+    c = StageCache(tmp_path)
+    for k in "abcde":
+        c.put("latents", k, {"k": k}, {"latent": LATENT * ord(k)})
+    c.put("captions", "a", {"caption": "not a latent"})
+    rec = c.index["latents/d"]
+    c.index["latents/d"] = {**rec, "meta": rec["meta"].replace('"d"', '"x"')}  # metadata no longer matches
+    keys = ["e", "a", "zz", "d", "c", "b"]
+    with caplog.at_level(logging.WARNING, logger="vlcp"):
+        got = StageCache(tmp_path).get_many("latents", keys, chunk=2)
+    assert [e and e.meta["k"] for e in got] == ["e", "a", None, None, "c", "b"]
+    assert not any(e.loaded for e in got if e) and got[1].tensors["latent"][1] == 97.0
+    assert "latents/d" not in c.index and "metadata checksum mismatch" in caplog.text
+    monkeypatch.setattr("vlcp.cache.diskcache_major", lambda: 6)  # another schema: one get per key
+    fresh = StageCache(tmp_path)
+    assert [e and e.meta["k"] for e in fresh.get_many("latents", keys)] == ["e", "a", None, None, "c", "b"]
+    assert StageCache(tmp_path).get_many("latents", []) == []
+
+
+@pytest.mark.e2e
+def test_clustering_reads_one_class_at_a_time_and_keeps_no_latent(tmp_path, cache_dir, monkeypatch):
+    """A cold --until clusters: the latents stage keeps none of the latents it computed; outliers and clusters
+    read each latent (of the inliers) exactly once, never more than one class's latents alive at a time
+    (counted through weak references to every array read), none kept afterwards; the result is the LOF
+    and K-Means of each class's stacked latents, as computed directly."""
+    import gc
+    import weakref
+
+    from vlcp import clusters as clusters_mod
+    from vlcp import outliers as outliers_mod
+    from vlcp.config import DistillConfig
+    from vlcp.distill import _run_stages, start
+
+    live, peak = [0], [0]
+    real_read = StageCache._read_blob
+
+    def counted_read(self, stage, key, name, sha):
+        out = real_read(self, stage, key, name, sha)
+        for arr in out.values():
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            weakref.finalize(arr, lambda: live.__setitem__(0, live[0] - 1))
+        return out
+
+    monkeypatch.setattr(StageCache, "_read_blob", counted_read)
+    cfg = DistillConfig(data="digits", ipc=2, out=tmp_path / "out", data_dir=tmp_path / "data", tiny=True,
+                        classes=["0", "1", "2", "3"], max_per_class=9, until="clusters", finetune=False,
+                        contamination=0.2, progress=False)
+    cache = StageCache(cache_dir)
+    run = start(cfg, cache)
+    _run_stages(run)
+    st = run.st
+    gc.collect()
+    n, inliers = len(st.samples), sum(len(r) for r in st.inliers)
+    assert n == 36 and inliers < n  # LOF removed some
+    assert cache.blob_reads == n + inliers  # outliers read every latent once, clusters every inlier once
+    assert not any(e.loaded for e in st.lat_entries) and live[0] == 0
+    assert peak[0] == 9  # one class at a time (9 images per class), never two
+    for c, f in enumerate(run.folders):
+        x = np.stack([cache.get("latents", st.lat_keys[i]).tensors["latent"] for i in st.by_class[c]])
+        mask, _ = outliers_mod.inlier_mask(x, 0.2, 2)
+        assert st.inliers[c] == [st.by_class[c][j] for j in np.flatnonzero(mask)]
+        centres, members, _ = clusters_mod.class_clusters(x[mask], st.inliers[c], 2, cfg.seed, False)
+        assert st.clusters.meta[f]["members"] == members
+        assert np.array_equal(st.clusters.tensors[f"centres/{f}"], centres)

@@ -19,6 +19,10 @@ from vlcp.runner import run_items, run_stage
 RUN = ["--data", "digits", "--tiny", "--classes", "0,1,2", "--max-per-class", "10", "--ipc", "1", "--steps", "2",
        "--no-finetune", "--caption-batch-size", "1", "--latent-batch-size", "1",
        "--synthesis-batch-size", "1"]  # batches of 1: results independent of how items are shared
+# default batch sizes (images 64, captions 32 with --tiny, latents 16, synthesis 8): (items, batch) per stage
+BATCHED = ["--data", "digits", "--tiny", "--classes", "0,1,2,3,4", "--max-per-class", "10", "--ipc", "2",
+           "--steps", "2", "--no-finetune"]
+BATCHES = {"images": (50, 64), "captions": (50, 32), "latents": (50, 16), "synthesis": (10, 8)}
 PER_ITEM = ("images", "captions", "latents", "synthesis")
 WHOLE = ("outliers", "clusters", "text_prototypes", "prompts")
 
@@ -70,9 +74,48 @@ def test_launch_id_is_shared_by_one_launch_only():
     assert parallel.launch_id({**env, "VLCP_LAUNCH_ID": "job7"}) == "job7"
 
 
-def test_owners_deal_unique_keys_by_position():
+def test_owners_deal_whole_batches_by_position():
     w = World(1, 3, 0, "L")
     assert parallel.owners(["a", "b", "c", "d", "e"], w) == {"a": 0, "b": 1, "c": 2, "d": 0, "e": 1}
+    assert parallel.owners(list("abcdefg"), w, batch=2) == {"a": 0, "b": 0, "c": 1, "d": 1, "e": 2, "f": 2, "g": 0}
+
+
+def test_dealt_batches_are_the_batches_of_one_process():
+    """Cold (everything missing): the ranks' batches together are exactly one process's batches, each
+    key computed by one rank; the others' keys are owed by the rank that has them."""
+    unique = [f"k{i}" for i in range(11)]
+    one, owed = parallel.deal(unique, list(range(11)), 4, parallel.SINGLE)
+    assert one == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]] and owed == {}
+    for size in (2, 3, 5):
+        got = []
+        for r in range(size):
+            mine, peers = parallel.deal(unique, list(range(11)), 4, World(r, size, 0, "L"))
+            got += mine
+            assert sorted(peers) == sorted(unique[n] for b in one for n in b if one.index(b) % size != r)
+            assert all(peers[unique[n]] == one.index(b) % size for b in one for n in b if unique[n] in peers)
+        assert sorted(got) == one
+    # partly cached: each rank computes what is missing of its own batches, in those batches
+    assert parallel.deal(unique, [1, 2, 5, 9], 4, World(0, 2, 0, "L")) == ([[1, 2], [9]], {"k5": 1})
+    assert parallel.deal(unique, [1, 2, 5, 9], 4, World(1, 2, 0, "L")) == ([[5]], {"k1": 0, "k2": 0, "k9": 0})
+    assert parallel.deal(unique, [1, 2, 5, 9], 4, parallel.SINGLE) == ([[1, 2, 5, 9]], {})  # one process: dense
+
+
+def test_a_measured_batch_size_is_agreed_once_per_launch(tmp_path, ranked):
+    """Ranks that measure different sizes (free GPU memory) still cut the same batches: the first one wins."""
+    ranked(1, 2)
+    c = StageCache(tmp_path)
+    w1 = parallel.world()
+    asked = []
+
+    def size(n):
+        return lambda: asked.append(n) or n
+
+    assert parallel.batch_size(c, "captions", ["a", "b"], size(3), w1) == 3
+    w0 = World(0, 2, 0, w1.launch)
+    assert parallel.batch_size(c, "captions", ["a", "b"], size(5), w0) == 3 and asked == [3]  # not even asked
+    assert parallel.batch_size(c, "captions", ["a", "c"], size(5), w0) == 5  # another key list: its own
+    assert parallel.batch_size(c, "captions", ["a", "b"], size(7), parallel.SINGLE) == 7
+    assert parallel.batch_size(c, "captions", ["a", "b"], 4, w0) == 4 and asked == [3, 5, 7]
 
 
 # -- run_items / run_stage under a launch -------------------------------------------------------------
@@ -84,22 +127,27 @@ def test_one_process_is_unchanged(tmp_path, ranked):
     assert (rep.items_computed, rep.items_cached, rep.details) == (3, 1, {})
 
 
-def test_each_process_computes_its_share_and_returns_all(tmp_path, ranked):
-    """Rank 1 of 2 computes b and d; a, c and e appear from 'rank 0' (a thread) while it waits."""
+def test_each_process_computes_its_batches_and_returns_all(tmp_path, ranked):
+    """Batches of 2 of the unique keys (a b | c d | e) dealt round-robin: rank 1 of 2 computes c and d in one
+    batch, as one process would; a, b and e appear from 'rank 0' (a thread) while it waits."""
     ranked(1, 2)
     c = StageCache(tmp_path)
-    keys, calls = ["a", "b", "c", "a", "d", "e"], []
+    keys, batches = ["a", "b", "c", "a", "d", "e"], []
+
+    def compute(idx):
+        batches.append(list(idx))
+        return (({"v": keys[i]}, None) for i in idx)
 
     def peer():
-        for k in ("a", "c", "e"):
+        for k in ("a", "b", "e"):
             time.sleep(0.1)
             c.put("s", k, {"v": k})
 
     t = threading.Thread(target=peer)
     t.start()
-    entries, rep = run_items(c, "s", keys, compute_meta(keys, calls), 8, progress=False)
+    entries, rep = run_items(c, "s", keys, compute, 2, progress=False)
     t.join()
-    assert sorted(calls) == [1, 4]  # b, d
+    assert batches == [[2, 4]]  # c, d
     assert [e.meta["v"] for e in entries] == keys
     assert (rep.items_computed, rep.items_cached, rep.details) == (2, 0, {"computed_by_peers": 3})
 
@@ -154,12 +202,12 @@ def test_dead_peer_times_out_then_a_rerun_completes_only_the_missing(tmp_path, r
     with pytest.raises(ParallelError, match=r"^stage latents: 2 of 2 item\(s\) computed by other processes still "
                                             r"missing; rank 1 gave no sign of life for 0s"):
         run_items(c, "latents", keys, compute_meta(keys, calls), 2, progress=False)
-    assert calls == [0, 2, 4] and [c.has("latents", k) for k in keys] == [True, False, True, False, True]
+    assert calls == [0, 1, 4] and [c.has("latents", k) for k in keys] == [True, True, False, False, True]
     for name in ("RANK", "WORLD_SIZE"):
         os.environ.pop(name)
     calls.clear()
     _, rep = run_items(c, "latents", keys, compute_meta(keys, calls), 2, progress=False)
-    assert calls == [1, 3] and (rep.items_computed, rep.items_cached) == (2, 3)
+    assert calls == [2, 3] and (rep.items_computed, rep.items_cached) == (2, 3)
 
 
 def test_unwritable_cache_is_refused_before_any_work(tmp_path, vlcp, monkeypatch):
@@ -180,17 +228,21 @@ def test_unwritable_cache_is_refused_before_any_work(tmp_path, vlcp, monkeypatch
 
 @pytest.mark.e2e
 def test_dead_rank_in_a_distill_then_rerun(tmp_path, vlcp, cache_dir, monkeypatch, ranked):
-    """Rank 0 of 2 alone (rank 1 died at start): one-line error, no OUT; a plain rerun computes the rest."""
+    """Rank 0 of 2 alone (rank 1 died at start): one-line error, no OUT; a plain rerun computes the rest.
+
+    The 30 images are one batch of the images stage (64): rank 0's, all checked; captions come in batches
+    of 1, every other one rank 1's: 15 missing."""
     ranked(0, 2, timeout=1)
     res = vlcp("distill", *RUN, "--out", tmp_path / "out")
-    assert res.exit_code == 1 and "Error: stage images: 15 of 15 item(s) computed by other processes" in res.output
+    assert res.exit_code == 1 and "Error: stage captions: 15 of 15 item(s) computed by other processes" in res.output
     assert not (tmp_path / "out").exists()
     for name in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name)
     res = vlcp("distill", *RUN, "--out", tmp_path / "out")
     assert res.exit_code == 0, res.output
-    images = read_manifest(tmp_path / "out")["stages"]["images"]
-    assert (images["items_computed"], images["items_cached"]) == (15, 15)
+    stages = read_manifest(tmp_path / "out")["stages"]
+    assert (stages["images"]["items_computed"], stages["images"]["items_cached"]) == (0, 30)
+    assert (stages["captions"]["items_computed"], stages["captions"]["items_cached"]) == (15, 15)
 
 
 @pytest.mark.e2e
@@ -218,28 +270,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def dealt(n: int, batch: int, rank: int, size: int = 2) -> int:
+    """Items of rank ``rank`` when n items in batches of ``batch`` are dealt round-robin (written out: no
+    vlcp code), e.g. 50 in 16s: batches 16, 16, 16, 2 -> rank 0 has 32, rank 1 has 18."""
+    sizes = [min(batch, n - start) for start in range(0, n, batch)]
+    return sum(sizes[rank::size])
+
+
 @pytest.mark.e2e
 def test_torchrun_two_processes(tmp_path, cache_dir, tiny_models_dir, vlcp):
-    """Every item computed exactly once across 2 processes; the same images as one process; a rerun hits."""
+    """Default batch sizes: whole batches dealt round-robin, every item computed exactly once across 2
+    processes; byte-identical images to one process (same batches, one thread each); a rerun hits."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "VLCP_LAUNCH_ID"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "vlcp", "--cache-dir", str(cache_dir), "--data-dir", str(tmp_path / "data"), "-q", "distill", *RUN,
-           "--out", str(tmp_path / "two")]
+           "-m", "vlcp", "--cache-dir", str(cache_dir), "--data-dir", str(tmp_path / "data"), "-q", "distill",
+           *BATCHED, "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "two"
     ranks = [json.loads((two / "ranks" / f"{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and read_manifest(two)["parallel"] == {"world_size": 2}
+    assert [dealt(*BATCHES[s], 1) for s in PER_ITEM] == [0, 18, 18, 2]  # rank 1 works in 3 stages of 4
     for stage in PER_ITEM:
-        total = {"synthesis": 3}.get(stage, 30)
+        total, batch = BATCHES[stage]
         done = [r["stages"][stage]["items_computed"] for r in ranks]
-        assert sum(done) == total and min(done) >= 1, (stage, done)  # each item exactly once, both worked
+        assert done == [dealt(total, batch, 0), dealt(total, batch, 1)], (stage, done)  # whole batches, once
         for r in ranks:  # what a process did not compute it found cached or waited for
             rep = r["stages"][stage]
-            if stage != "images":  # (the images stage puts its own details)
-                assert rep["items_computed"] + rep["items_cached"] + rep.get("details", {}).get("computed_by_peers", 0) == total
+            assert rep["items_computed"] + rep["items_cached"] + rep.get("details", {}).get("computed_by_peers", 0) == total
     for stage in WHOLE:
         assert [r["stages"][stage]["items_computed"] for r in ranks] == [1, 0], stage
 
@@ -250,16 +310,16 @@ def test_torchrun_two_processes(tmp_path, cache_dir, tiny_models_dir, vlcp):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the torchrun processes (OMP_NUM_THREADS=1): same float reductions
     try:
-        assert vlcp("distill", *RUN, "--out", tmp_path / "one", cache=one_cache).exit_code == 0
+        assert vlcp("distill", *BATCHED, "--out", tmp_path / "one", cache=one_cache).exit_code == 0
     finally:
         torch.set_num_threads(threads)
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
-    assert len(files) == 4  # 3 images + preview
+    assert len(files) == 11  # 10 images + preview
     for f in files:
         assert (two / f).read_bytes() == (tmp_path / "one" / f).read_bytes(), f
     assert (two / "prototypes.json").read_text() == (tmp_path / "one" / "prototypes.json").read_text()
 
-    res = vlcp("distill", *RUN, "--out", tmp_path / "again")  # one process on the shared cache
+    res = vlcp("distill", *BATCHED, "--out", tmp_path / "again")  # one process on the shared cache
     assert res.exit_code == 0, res.output
     again = read_manifest(tmp_path / "again")["stages"]
     assert all(again[s]["items_computed"] == 0 for s in PER_ITEM + WHOLE), again

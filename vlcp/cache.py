@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,10 +38,14 @@ BLOB_DIR = "blobs"
 MODELS_DIR = "models"
 
 
+# json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str), without building an encoder per
+# call (a cached rerun hashes a few keys per image: the encoder's set-up was a third of the cost)
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def stable_hash(obj: Any, n: int = 32) -> str:
     """Hash a JSON-able object independently of dict order and whitespace."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:n]
+    return hashlib.sha256(_CANONICAL.encode(obj).encode()).hexdigest()[:n]
 
 
 def stage_key(stage: str, version: int, **parts: Any) -> str:
@@ -87,10 +92,17 @@ class Entry:
 
     @property
     def tensors(self) -> dict[str, np.ndarray]:
+        """The tensors, read on first access and kept (use ``read`` where they should not stay)."""
         if self._tensors is None:
             self._tensors = self._load()
             self._load = None
         return self._tensors
+
+    def read(self) -> dict[str, np.ndarray]:
+        """The tensors without keeping them on the entry: each call reads (and verifies) the blob again
+        unless they are already in memory. Per-class stages read this way, so one class's latents at a
+        time are in memory however many classes the dataset has."""
+        return self._tensors if self._tensors is not None else self._load()
 
     def __repr__(self) -> str:
         return f"Entry(meta={self.meta!r}, loaded={self.loaded})"
@@ -109,10 +121,15 @@ class StageCache:
                                      size_limit=1 << 62, cull_limit=0, eviction_policy="none")
         self.corrupt = 0
         self.blob_reads = 0  # blobs read from disk by this process (a cached rerun should read none)
+        self._blobs = str(self.root / BLOB_DIR)
 
     # -- records -----------------------------------------------------------------------------
     def _blob_path(self, stage: str, name: str) -> Path:
-        return self.root / BLOB_DIR / stage / name[:2] / name
+        return Path(self._blob_str(stage, name))
+
+    def _blob_str(self, stage: str, name: str) -> str:
+        """The blob's path as a string: building it with pathlib cost more than the lookup's SQL."""
+        return f"{self._blobs}{os.sep}{stage}{os.sep}{name[:2]}{os.sep}{name}"
 
     def has(self, stage: str, key: str) -> bool:
         """Whether an entry is recorded: the index only, no blob is touched."""
@@ -139,6 +156,49 @@ class StageCache:
             self._drop(stage, key, rec, f"unreadable index record: {exc!r}")
         return None
 
+    def get_many(self, stage: str, keys: list[str], chunk: int = 500) -> list[Entry | None]:
+        """``get`` for many keys of one stage (a per-item stage's lookup): one SQL query per ``chunk``
+        keys instead of one per key; missing, corrupt or unreadable entries give None (and corrupt
+        ones are dropped, as in ``get``). No blob is read; index records are decoded a chunk at a time."""
+        out: list[Entry | None] = []
+        for start in range(0, len(keys), chunk):
+            part = keys[start:start + chunk]
+            recs = self._records(stage, part)
+            for key in part:
+                rec = recs.get(key)
+                out.append(None if rec is None else self._checked_entry(stage, key, rec))
+        return out
+
+    def _checked_entry(self, stage: str, key: str, rec: Any) -> Entry | None:
+        """The entry of an index record, or None after dropping a corrupt or unreadable record."""
+        try:
+            return self._entry(stage, key, rec)
+        except CorruptEntry as exc:
+            self._drop(stage, key, rec, exc.reason)
+        except (KeyError, TypeError, ValueError) as exc:
+            self._drop(stage, key, rec, f"unreadable index record: {exc!r}")
+        return None
+
+    def _records(self, stage: str, keys: list[str]) -> dict[str, Any]:
+        """Index records of ``stage/key`` for the keys present, in one SQL query.
+
+        Reads diskcache's table directly (the schema of diskcache 5: string keys stored raw, values
+        decoded by its Disk); any other diskcache falls back to one ``get`` per key."""
+        sql, disk = getattr(self.index, "_sql", None), getattr(self.index, "_disk", None)
+        if sql is None or disk is None or diskcache_major() != 5:
+            recs = ((k, self.index.get(f"{stage}/{k}")) for k in keys)
+            return {k: r for k, r in recs if r is not None}
+        prefix, out = f"{stage}/", {}
+        marks = ",".join("?" * len(keys))
+        rows = sql(f"SELECT key, mode, filename, value FROM Cache WHERE raw = 1 AND key IN ({marks}) "
+                   "AND (expire_time IS NULL OR expire_time > ?)", (*(prefix + k for k in keys), time.time())).fetchall()
+        for db_key, mode, filename, value in rows:
+            try:
+                out[db_key[len(prefix):]] = disk.fetch(mode, filename, value, False)
+            except OSError:  # removed meanwhile: missing
+                pass
+        return out
+
     def _entry(self, stage: str, key: str, rec: dict) -> Entry:
         meta_text = rec["meta"]
         if hashlib.sha256(meta_text.encode()).hexdigest() != rec["meta_sha"]:
@@ -146,41 +206,49 @@ class StageCache:
         meta = json.loads(meta_text)
         if not rec.get("blob"):
             return Entry(meta, {})
-        path = self._blob_path(stage, rec["blob"])
+        path = self._blob_str(stage, rec["blob"])
         size = rec["bytes"] - len(meta_text)  # ASCII JSON: characters are bytes
         try:
-            st = path.stat()
+            st_size = os.stat(path).st_size
         except OSError as exc:
-            raise CorruptEntry(f"blob {path.name} unreadable: {exc.strerror or exc}") from None
-        if st.st_size != size:
-            raise CorruptEntry(f"blob {path.name} has {st.st_size} bytes, expected {size}")
-        return Entry(meta, load=lambda: self._read_blob(stage, key, rec, path))
+            raise CorruptEntry(f"blob {rec['blob']} unreadable: {exc.strerror or exc}") from None
+        if st_size != size:
+            raise CorruptEntry(f"blob {rec['blob']} has {st_size} bytes, expected {size}")
+        return Entry(meta, load=partial(self._read_blob, stage, key, rec["blob"], rec["blob_sha"]))
 
-    def _read_blob(self, stage: str, key: str, rec: dict, path: Path) -> dict[str, np.ndarray]:
-        """Read and verify one blob; on any fault drop the record and raise CorruptEntry."""
+    def _read_blob(self, stage: str, key: str, name: str, sha: str) -> dict[str, np.ndarray]:
+        """Read and verify one blob; on any fault drop the record and raise CorruptEntry.
+
+        A lazy entry holds only these four strings (a partial), not its index record: a million cached
+        latents cost about 0.6 KB each in memory until they are read."""
         from safetensors.numpy import load
 
         self.blob_reads += 1
         try:
-            data = path.read_bytes()
+            data = Path(self._blob_str(stage, name)).read_bytes()
         except OSError as exc:
-            reason = f"blob {path.name} unreadable: {exc.strerror or exc}"
+            reason = f"blob {name} unreadable: {exc.strerror or exc}"
         else:
-            if hashlib.sha256(data).hexdigest() == rec["blob_sha"]:
+            if hashlib.sha256(data).hexdigest() == sha:
                 return load(data)
-            reason = f"checksum mismatch in {path.name}"
-        self._drop(stage, key, rec, reason)
+            reason = f"checksum mismatch in {name}"
+        self._drop(stage, key, None, reason, blob=name)
         raise CorruptEntry(reason, stage, key)
 
-    def _drop(self, stage: str, key: str, rec: dict, reason: str) -> None:
-        """Warn, count, and remove the index record (unless a writer has replaced it meanwhile)."""
+    def _drop(self, stage: str, key: str, rec: dict | None, reason: str, blob: str | None = None) -> None:
+        """Warn, count, and remove the index record, unless a writer has replaced it meanwhile (the record
+        is no longer ``rec``, or no longer names ``blob``: blob names carry their checksum)."""
         log.warning("cache entry %s/%s is corrupt (%s); recomputing it", stage, key[:12], reason)
         self.corrupt += 1
         k = f"{stage}/{key}"
-        if self.index.get(k) == rec:
+        cur = self.index.get(k)
+        if cur is not None and (cur == rec if blob is None else isinstance(cur, dict) and cur.get("blob") == blob):
             self.index.pop(k, None)
 
-    def put(self, stage: str, key: str, meta: dict, tensors: dict[str, np.ndarray] | None = None) -> Entry:
+    def put(self, stage: str, key: str, meta: dict, tensors: dict[str, np.ndarray] | None = None,
+            retain: bool = True) -> Entry:
+        """Store an entry; the returned entry keeps ``tensors`` unless ``retain`` is False (then it reads
+        them back from the blob when used: a stage computing a million latents must not hold them)."""
         meta_text = json.dumps(meta, sort_keys=True)
         rec: dict[str, Any] = {"meta": meta_text, "meta_sha": hashlib.sha256(meta_text.encode()).hexdigest(),
                                "stage": stage, "bytes": len(meta_text), "created": time.time()}
@@ -190,10 +258,12 @@ class StageCache:
             data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
             sha = hashlib.sha256(data).hexdigest()
             name = f"{key}-{sha[:16]}.safetensors"  # immutable: a concurrent writer gets its own file
-            path = self._blob_path(stage, name)
-            atomic_write_bytes(path, data)
+            path = self._blob_str(stage, name)
+            atomic_write_bytes(Path(path), data)
             rec.update(blob=name, blob_sha=sha, bytes=rec["bytes"] + len(data))
         self.index.set(f"{stage}/{key}", rec)
+        if tensors and not retain:
+            return Entry(meta, load=partial(self._read_blob, stage, key, name, sha))
         return Entry(meta, dict(tensors or {}))
 
     # -- housekeeping ------------------------------------------------------------------------
@@ -242,6 +312,13 @@ class StageCache:
 
     def close(self) -> None:
         self.index.close()
+
+
+def diskcache_major() -> int:
+    """The major version of diskcache (its SQL schema is read directly by ``StageCache.get_many``)."""
+    import diskcache
+
+    return int(diskcache.__version__.split(".")[0])
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

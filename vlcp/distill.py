@@ -19,7 +19,7 @@ from vlcp import __version__
 from vlcp.cache import StageCache, stable_hash, stage_key
 from vlcp.config import DistillConfig
 from vlcp.datasets import Dataset, Sample, load_dataset
-from vlcp.runner import Lazy, PlanStop, StageReport, run_items, run_stage
+from vlcp.runner import ItemOpts, Lazy, PlanStop, StageReport, run_items, run_stage
 from vlcp.stages import STAGE_NAMES, STAGES, Stage, finetuned_pipe
 
 log = logging.getLogger("vlcp")
@@ -175,10 +175,12 @@ class Step:
         return entry, rep
 
     def items(self, keys: list[str], compute, batch_size: int | Callable[[], int], model: str | None = None,
-              cache_stage: str | None = None):
+              cache_stage: str | None = None, retain: bool = True):
+        """A per-item stage (``run_items``); ``retain=False`` when the computed tensors must not stay in
+        memory (latents: read back one class at a time by the stages that use them)."""
         entries, rep = run_items(self.run.cache, cache_stage or self.stage.name, keys, compute, batch_size,
                                  self.run.models.get(model) if model else None,
-                                 self.run.cfg.progress and self.stage.name, dry=self.run.dry)
+                                 self.run.cfg.progress and self.stage.name, ItemOpts(self.run.dry, retain))
         rep.name = self.stage.name
         self.run.reports.append(rep)
         return entries, rep

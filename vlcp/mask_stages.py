@@ -113,7 +113,7 @@ def key_part(run: Run, on: bool) -> dict:
 def features(run: Run, rows: list[int], c: int, on: bool) -> np.ndarray:
     """What LOF and K-Means see for class c: its latents, foreground-weighted with --object-masks
     (unless every mask of the class is empty)."""
-    z = np.stack([run.st.lat_entries[i].tensors["latent"] for i in rows])
+    z = np.stack([run.st.lat_entries[i].read()["latent"] for i in rows])  # read, not kept: one class at a time
     if not on or c in run.st.mask_fallback:
         return z
     return weighted(z, np.stack([run.st.mask_entries[i].tensors["mask"] for i in rows]))
@@ -121,7 +121,7 @@ def features(run: Run, rows: list[int], c: int, on: bool) -> np.ndarray:
 
 def unmasked_centres(run: Run, members: list[list[int]]) -> np.ndarray:
     """The img2img start points: the mean unmasked latent of each cluster's members (a natural background)."""
-    return np.stack([np.mean([run.st.lat_entries[i].tensors["latent"] for i in m], axis=0)
+    return np.stack([np.mean([run.st.lat_entries[i].read()["latent"] for i in m], axis=0)
                      for m in members]).astype(np.float32)
 
 

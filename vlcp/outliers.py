@@ -1,6 +1,8 @@
 """Stage ``outliers``: Local Outlier Factor per class on the flattened latents (paper, section 3.2)."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import numpy as np
 
 VERSION = 1
@@ -33,10 +35,14 @@ def inlier_mask(x: np.ndarray, contamination: float, min_keep: int = 0) -> tuple
     return mask, restored
 
 
-def per_class(latents: dict[str, np.ndarray], contamination: float, min_keep: int) -> tuple[dict, dict]:
-    """LOF for each class: (meta per class: images / removed / restored, tensors: ``mask/<class>``)."""
+def per_class(latents: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]], contamination: float,
+              min_keep: int) -> tuple[dict, dict]:
+    """LOF for each class: (meta per class: images / removed / restored, tensors: ``mask/<class>``).
+
+    ``latents`` may be a generator of (class, latents) pairs: each class's matrix is then built when
+    its turn comes and dropped after it, so memory holds one class at a time."""
     meta, tensors = {}, {}
-    for folder, x in latents.items():
+    for folder, x in (latents.items() if isinstance(latents, Mapping) else latents):
         mask, restored = inlier_mask(x, contamination, min_keep)
         tensors[f"mask/{folder}"] = mask.astype(np.uint8)
         meta[folder] = {"images": len(mask), "removed": int((~mask).sum()), "restored": restored}

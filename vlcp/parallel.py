@@ -3,9 +3,11 @@
 ``torchrun`` and ``accelerate launch`` start N copies of ``vlcp distill`` with ``RANK``/``WORLD_SIZE``
 (and ``LOCAL_RANK``) in the environment; without them there is one process and nothing here changes
 what a run does. The processes never talk to each other directly (no ``torch.distributed``): the
-shared stage cache is the only channel. Per item, the unique keys of a stage are dealt out by
-position (``unique[rank::world]``, the same split in every process whatever is cached already), each
-process computes the missing keys of its share and then waits until every key is in the cache.
+shared stage cache is the only channel. Per item, the unique keys of a stage are cut into the
+batches a cold single-process run would use and whole batches are dealt out round-robin (batch b to
+rank ``b % world``: the same split in every process whatever is cached already, and every item
+computed with the same batch mates as in one process); each process computes the missing keys of its
+batches and then waits until every key is in the cache.
 Whole-stage artefacts are computed by rank 0 alone while the others wait for the key.
 
 A waiting process must not hang forever on a peer that died: every process beats a counter in the
@@ -21,7 +23,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -137,9 +139,46 @@ def start_heartbeat(cache: StageCache, w: World) -> None:
 
 
 # -- waiting -----------------------------------------------------------------------------------------
-def owners(unique: list[str], w: World) -> dict[str, int]:
-    """Which rank computes each unique key: dealt by position, identical in every process."""
-    return {k: i % w.size for i, k in enumerate(unique)}
+def owners(unique: list[str], w: World, batch: int = 1) -> dict[str, int]:
+    """Which rank computes each unique key: whole batches (``batch`` keys by position) dealt round-robin,
+    identical in every process whatever is cached."""
+    return {k: (i // batch) % w.size for i, k in enumerate(unique)}
+
+
+def deal(unique: list[str], missing: list[int], batch: int, w: World) -> tuple[list[list[int]], dict[str, int]]:
+    """(this process's batches to compute, as positions in ``unique``; the others' missing keys -> owner).
+
+    One process batches its missing items densely, as it always has. In a launch the batch
+    boundaries are those of a cold single-process run (``unique`` cut every ``batch`` keys) and whole
+    batches are dealt round-robin: every item of a cold run is computed with the same batch mates as
+    in one process, so batched models round the same way (byte-identical output)."""
+    if not w.parallel:
+        return [missing[i:i + batch] for i in range(0, len(missing), batch)], {}
+    mine: dict[int, list[int]] = {}
+    peers: dict[str, int] = {}
+    for n in missing:
+        b = n // batch
+        if b % w.size == w.rank:
+            mine.setdefault(b, []).append(n)
+        else:
+            peers[unique[n]] = b % w.size
+    return list(mine.values()), peers
+
+
+def batch_size(cache: StageCache, stage: str, unique: list[str], size: int | Callable[[], int], w: World) -> int:
+    """A per-item stage's batch size, evaluated only when something is missing. In a launch every process
+    must cut the same batches: a size measured per process (free GPU memory) may differ, so the first
+    process to measure records it in the index (an atomic add) and all use that one."""
+    if not callable(size):
+        return size
+    if not w.parallel:
+        return size()
+    key = f"_batch/{w.launch}/{stage}/{stable_hash(unique)}"
+    agreed = cache.index.get(key)
+    if agreed is None:
+        cache.index.add(key, int(size()))
+        agreed = cache.index.get(key)
+    return int(agreed)
 
 
 def wait_for(cache: StageCache, stage: str, owed: Mapping[str, int], w: World,

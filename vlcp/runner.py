@@ -115,52 +115,62 @@ def _peer_entry(cache: StageCache, stage: str, key: str) -> Entry:
     return entry
 
 
+@dataclass(frozen=True)
+class ItemOpts:
+    """How ``run_items`` runs, beyond what it computes."""
+    dry: bool = False  # plan only: compute nothing, missing entries stay None
+    retain: bool = True  # computed entries keep their tensors; False: read back from the blob when used
+
+
 def run_items(cache: StageCache, stage: str, keys: list[str],
               compute: Callable[[list[int]], Iterable[tuple[dict, dict]]], batch_size: int | Callable[[], int],
               model: Lazy | None = None, progress: bool | str = True,
-              dry: bool = False) -> tuple[list[Entry | None], StageReport]:
+              opts: ItemOpts = ItemOpts()) -> tuple[list[Entry | None], StageReport]:
     """Per-item stage: compute(indices) yields (meta, tensors) for each index, in order.
 
     Items with equal keys (duplicate images) are computed once. ``progress`` is False (no bar), True
-    (a bar named after the stage) or the bar's name. With ``dry``, nothing is computed:
-    missing entries stay None and the report counts what would be computed. In a multi-process
-    launch (``vlcp.parallel``) this process computes the missing items of its share only, then waits
-    for the others' and returns every entry; ``details.computed_by_peers`` counts the others' items.
+    (a bar named after the stage) or the bar's name. With ``opts.dry``, nothing is computed: missing
+    entries stay None and the report counts what would be computed. With ``opts.retain`` False the
+    computed entries do not keep their tensors (a latents stage over a million images must not hold
+    them all). In a multi-process launch (``vlcp.parallel``) this process computes the missing items
+    of its batches only (whole batches are dealt, so every item is computed in the batch it would
+    have in one process), then waits for the others' and returns every entry;
+    ``details.computed_by_peers`` counts the others' items.
     """
     from vlcp import parallel
 
     t0 = time.perf_counter()
     before = model.loaded if model else False
-    w = parallel.SINGLE if dry else parallel.world()
-    entries: list[Entry | None] = [None] * len(keys)
+    w = parallel.SINGLE if opts.dry else parallel.world()
     where: dict[str, list[int]] = {}
     for i, k in enumerate(keys):
         where.setdefault(k, []).append(i)
-    owner = parallel.owners(list(where), w) if w.parallel else {}
+    unique = list(where)
     if w.parallel:
         parallel.start_heartbeat(cache, w)
-    missing: list[str] = []
-    for k, idx in where.items():
-        e = cache.get(stage, k)
-        if e is None:
-            missing.append(k)
-        else:
-            for j in idx:
+    found = cache.get_many(stage, unique)
+    entries: list[Entry | None] = [None] * len(keys)
+    for k, e in zip(unique, found):
+        if e is not None:
+            for j in where[k]:
                 entries[j] = e
-    todo = [where[k][0] for k in missing if owner.get(k, 0) == w.rank]
-    if todo and not dry:
-        bs = batch_size() if callable(batch_size) else batch_size  # e.g. from free GPU memory: only when needed
-        for i, e in _compute(cache, stage, keys, todo, compute, bs, progress):
+    missing = [n for n, e in enumerate(found) if e is None]  # positions in ``unique``
+    batches: list[list[int]] = []
+    peers: dict[str, int] = {}
+    if missing and not opts.dry:
+        bs = parallel.batch_size(cache, stage, unique, batch_size, w)  # e.g. from GPU memory: only when needed
+        mine, peers = parallel.deal(unique, missing, bs, w)
+        batches = [[where[unique[n]][0] for n in b] for b in mine]
+        for i, e in _compute(cache, stage, keys, batches, compute, progress, opts.retain):
             for j in where[keys[i]]:
                 entries[j] = e
-    peers = {k: owner[k] for k in missing if owner.get(k, 0) != w.rank}
     if peers:
         parallel.wait_for(cache, stage, peers, w, progress)
         for k in peers:
             e = _peer_entry(cache, stage, k)
             for j in where[k]:
                 entries[j] = e
-    computed = len(todo)
+    computed = sum(len(b) for b in batches) if not opts.dry else len(missing)
     by_peers = sum(len(where[k]) for k in peers)
     rep = StageReport(stage, stable_hash(keys), computed == 0 and not peers, computed,
                       len(keys) - computed - by_peers, _was_loaded(model, before), round(time.perf_counter() - t0, 3))
@@ -169,16 +179,15 @@ def run_items(cache: StageCache, stage: str, keys: list[str],
     return entries, rep
 
 
-def _compute(cache: StageCache, stage: str, keys: list[str], todo: list[int], compute: Callable,
-             batch_size: int, progress: bool | str) -> Iterator[tuple[int, Entry]]:
-    """Compute ``todo`` (first indices of missing keys) in batches, storing every item at once."""
+def _compute(cache: StageCache, stage: str, keys: list[str], batches: list[list[int]], compute: Callable,
+             progress: bool | str, retain: bool) -> Iterator[tuple[int, Entry]]:
+    """Compute each batch (first indices of missing keys), storing every item at once."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(todo), desc=progress if isinstance(progress, str) else stage, unit="img",
-               disable=progress is False, leave=False)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
+    bar = tqdm(total=sum(len(b) for b in batches), desc=progress if isinstance(progress, str) else stage,
+               unit="img", disable=progress is False, leave=False)
+    for batch in batches:
         for i, (meta, tensors) in zip(batch, compute(batch)):
-            yield i, cache.put(stage, keys[i], meta, tensors)
+            yield i, cache.put(stage, keys[i], meta, tensors, retain=retain)
         bar.update(len(batch))
     bar.close()

@@ -51,7 +51,9 @@ def images(run: Run, step: Step) -> None:
     ok = [e is None or e.meta["ok"] for e in entries]  # a dry run assumes unchecked images are fine
     skipped = [{"source": s.source, "error": e.meta["error"]} for s, e, k in zip(ds.samples, entries, ok) if not k]
     run.st.samples = [s for s, k in zip(ds.samples, ok) if k]
-    run.st.by_class = [[i for i, s in enumerate(run.st.samples) if s.class_idx == c] for c in range(len(ds.classes))]
+    run.st.by_class = [[] for _ in ds.classes]  # one pass: a scan per class is quadratic at 1000 classes
+    for i, s in enumerate(run.st.samples):
+        run.st.by_class[s.class_idx].append(i)
     rep.details = {**rep.details, "skipped": len(skipped)}
     run.manifest["skipped_images"] = skipped
     if skipped:
@@ -140,11 +142,12 @@ def latents(run: Run, step: Step) -> None:
                                       p.crop)
         return (({}, {"latent": zi}) for zi in z)
 
-    st.lat_entries, _ = step.items(st.lat_keys, compute, p.latent_batch_size, "vae")
+    # not retained: the stages that use latents read them back one class at a time (Entry.read)
+    st.lat_entries, _ = step.items(st.lat_keys, compute, p.latent_batch_size, "vae", retain=False)
 
 
 def _latents(run: Run, rows: list[int]) -> np.ndarray:
-    return np.stack([run.st.lat_entries[i].tensors["latent"] for i in rows])
+    return np.stack([run.st.lat_entries[i].read()["latent"] for i in rows])
 
 
 # 4. outliers ----------------------------------------------------------------------------------------
@@ -158,8 +161,8 @@ def outliers(run: Run, step: Step) -> None:
                                    for c, f in enumerate(run.folders)}, n_neighbors=outliers_mod.N_NEIGHBORS,
                           **ms.key_part(run, p.object_masks))
     entry, rep = step.whole(st.out_key, lambda: outliers_mod.per_class(  # foreground-weighted with --object-masks
-        {f: ms.features(run, st.by_class[c], c, p.object_masks) for c, f in enumerate(run.folders)},
-        p.contamination, p.ipc))
+        ((f, ms.features(run, st.by_class[c], c, p.object_masks)) for c, f in enumerate(run.folders)),
+        p.contamination, p.ipc))  # a generator: one class's latents in memory at a time
     rep.details = {**rep.details, "removed_per_class": {f: m["removed"] for f, m in entry.meta.items()}}
     run.manifest["outliers"] = entry.meta
     for f, m in entry.meta.items():
