@@ -106,7 +106,14 @@ EQUIVALENT: dict[str, str] = {
     "vlcp.cache.x_file_digest__mutmut_8": "f.read(None) reads the rest at once: same digest, only more memory",
     "vlcp.cache.xǁStageCacheǁ__init____mutmut_23": "any threshold above the largest record keeps records in SQLite",
     "vlcp.cache.xǁStageCacheǁ__init____mutmut_24": "any threshold above the largest record keeps records in SQLite",
-    "vlcp.cache.xǁStageCacheǁ_drop__mutmut_20": _EXISTS,
+    "vlcp.cache.xǁStageCacheǁ_drop__mutmut_31": _EXISTS,
+    **{f"vlcp.cache.xǁStageCacheǁ_records__mutmut_{i}": "SQLite reads keywords and column names "
+       "case-insensitively" for i in (37, 38)},
+    **{f"vlcp.cache.xǁStageCacheǁ_records__mutmut_{i}": "index records are dicts far below disk_min_file_size "
+       "(1 GiB): diskcache keeps them pickled in the row, where Disk.fetch reads neither filename nor read"
+       for i in (42, 44, 49)},
+    "vlcp.cache.xǁStageCacheǁget_many__mutmut_1": "501 instead of 500 keys a query: the same records (502 SQL "
+                                                   "parameters stay below SQLite's oldest limit, 999)",
     "vlcp.cache.xǁStageCacheǁ_entry__mutmut_18": "Entry(meta, None) without a loader is Entry(meta, {})",
     "vlcp.cache.xǁStageCacheǁ_entry__mutmut_20": "Entry(meta) without a loader is Entry(meta, {})",
     "vlcp.cache.xǁStageCacheǁclear__mutmut_9": _SPLIT0,
@@ -114,13 +121,8 @@ EQUIVALENT: dict[str, str] = {
     "vlcp.cache.xǁStageCacheǁclear__mutmut_19": _EXISTS,
     "vlcp.cache.xǁStageCacheǁclear__mutmut_37": "no index record is named models/..., so removed is 0 there",
     "vlcp.cache.xǁStageCacheǁclear__mutmut_40": "glob() of a missing folder yields nothing: 0 either way",
-    "vlcp.cache.xǁStageCacheǁput__mutmut_3": _SORTED,
-    "vlcp.cache.xǁStageCacheǁput__mutmut_5": _SORTED,
-    "vlcp.cache.xǁStageCacheǁput__mutmut_6": _SORTED,
-    "vlcp.cache.xǁStageCacheǁput__mutmut_13": _UNUSED,
-    "vlcp.cache.xǁStageCacheǁput__mutmut_14": _UNUSED,
-    "vlcp.cache.xǁStageCacheǁput__mutmut_17": _UNUSED,
-    "vlcp.cache.xǁStageCacheǁput__mutmut_18": _UNUSED,
+    **{f"vlcp.cache.xǁStageCacheǁput__mutmut_{i}": _SORTED for i in (4, 6, 7)},
+    **{f"vlcp.cache.xǁStageCacheǁput__mutmut_{i}": _UNUSED for i in (14, 15, 18, 19)},
     "vlcp.cache.xǁStageCacheǁstats__mutmut_6": _SPLIT0,
     "vlcp.cache.xǁStageCacheǁstats__mutmut_9": _SPLIT0,
     "vlcp.cache.xǁStageCacheǁstats__mutmut_7": "rsplit: artefact keys hold no '/', and a memo's prefix still "

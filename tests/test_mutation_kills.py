@@ -121,6 +121,14 @@ def test_lof_per_class_masks_and_counts():
     assert tensors["mask/b"].tolist() == [1, 1]
 
 
+def test_lof_per_class_takes_a_generator_of_classes():
+    x = np.vstack([np.random.default_rng(0).normal(0, 0.1, (20, 2)), [[1.5, 0], [0, 3], [-6, 0], [0, -12]]])
+    meta, tensors = outliers.per_class(((c, v) for c, v in (("b", x[:2]), ("a", x))), 4 / 24, min_keep=1)
+    assert meta == {"b": {"images": 2, "removed": 0, "restored": 0}, "a": {"images": 24, "removed": 4, "restored": 0}}
+    assert list(tensors) == ["mask/b", "mask/a"]
+    assert np.flatnonzero(tensors["mask/a"] == 0).tolist() == [20, 21, 22, 23]
+
+
 def test_class_clusters_maps_members_to_dataset_rows():
     x = np.array([[0.0], [0.25], [10.0], [10.1], [0.1], [10.5]])  # centres 0.1167 and 10.2
     rows = [7, 3, 9, 4, 5, 8]
@@ -266,3 +274,78 @@ def test_tested_epochs_edges():
     # RDED rule, 0-based i: (i % 4 == 3 or i == 19) and i > 0.75 * 20 = 15: only i = 19 (15 is not > 15)
     r = Protocol(name="r", model="x", epochs=20, batch_size=1, test_every=4, best_after=0.75)
     assert tested_epochs(r) == [20]
+
+
+# -- cache: the batched lookup and blob paths -------------------------------------------------------
+
+
+def _counted_gets(c, monkeypatch) -> list:
+    """The keys ``c.index.get`` is asked for from now on."""
+    calls, real = [], c.index.get
+    monkeypatch.setattr(c.index, "get", lambda key, *a, **kw: calls.append(key) or real(key, *a, **kw))
+    return calls
+
+
+def test_get_many_reads_diskcache_5s_table_at_once_and_other_versions_key_by_key(tmp_path, monkeypatch):
+    from vlcp.cache import StageCache
+
+    c = StageCache(tmp_path)
+    for k in "ab":
+        c.put("latents", k, {"k": k}, {"latent": np.full(2, ord(k), np.float32)})
+    calls = _counted_gets(c, monkeypatch)
+    assert [e and e.meta for e in c.get_many("latents", ["b", "zz", "a"])] == [{"k": "b"}, None, {"k": "a"}]
+    assert calls == []  # diskcache 5 (constraints.txt): one SQL query, no get per key
+    monkeypatch.setattr("vlcp.cache.diskcache_major", lambda: 6)
+    assert [e and e.meta for e in c.get_many("latents", ["b", "zz", "a"])] == [{"k": "b"}, None, {"k": "a"}]
+    assert calls == ["latents/b", "latents/zz", "latents/a"]
+
+
+@pytest.mark.parametrize("kept", ["_sql", "_disk"])
+def test_get_many_without_diskcache_internals_gets_key_by_key(tmp_path, kept):
+    from vlcp.cache import StageCache
+
+    c = StageCache(tmp_path)
+    c.put("latents", "a", {"k": "a"}, {"latent": np.zeros(2, np.float32)})
+
+    class Index:  # an index with get and only one of diskcache's two internals
+        pass
+
+    index = Index()
+    index.get, index.__dict__[kept] = c.index.get, getattr(c.index, kept)
+    c.index = index
+    assert [e and e.meta for e in c.get_many("latents", ["zz", "a"])] == [None, {"k": "a"}]
+
+
+def test_get_many_drops_an_unreadable_record_with_a_warning(tmp_path, caplog):
+    import logging
+
+    from vlcp.cache import StageCache
+
+    c = StageCache(tmp_path)
+    c.put("latents", "a", {"k": "a"})
+    c.index["latents/b"] = {"meta": "{}"}  # no meta_sha
+    with caplog.at_level(logging.WARNING, logger="vlcp"):
+        got = c.get_many("latents", ["b", "a"])
+    assert got[0] is None and got[1].meta == {"k": "a"} and c.corrupt == 1
+    assert "latents/b" not in c.index and "latents/a" in c.index
+    want = "cache entry latents/b is corrupt (unreadable index record: KeyError('meta_sha')); recomputing it"
+    assert want in caplog.text
+
+
+def test_an_entry_put_without_retaining_its_tensors_keeps_its_meta(tmp_path):
+    from vlcp.cache import StageCache
+
+    c = StageCache(tmp_path)
+    e = c.put("latents", "k", {"m": 1}, {"latent": np.arange(3, dtype=np.float32)}, retain=False)
+    assert e.meta == {"m": 1} and not e.loaded and e.read()["latent"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_blob_path_is_where_put_wrote_the_blob(tmp_path):
+    from vlcp.cache import StageCache
+
+    c = StageCache(tmp_path)
+    c.put("latents", "k", {}, {"latent": np.zeros(2, np.float32)})
+    name = c.index["latents/k"]["blob"]
+    (blob,) = (tmp_path / "blobs").rglob("*.safetensors")
+    assert c._blob_path("latents", name) == blob and blob.relative_to(tmp_path).parts == ("blobs", "latents",
+                                                                                          name[:2], name)
