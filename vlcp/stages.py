@@ -301,9 +301,6 @@ def finetune(run: Run, step: Step) -> None:
     run.writers.append(lambda tmp: ft.loss_plot(losses, tmp / "finetune_loss.png", tmp / "finetune_loss.csv"))
 
 
-def finetuned_pipe(run: Run):
-    """The img2img pipeline with the fine-tuned weights (already in place if trained in this run)."""
-    from vlcp import finetune as ft
 def _train_together(run: Run, key: str, fp, compute):
     """In a multi-process launch with the weights not cached yet, every process joins one data-parallel
     training (``vlcp/ddp.py``) instead of waiting for rank 0; returns what rank 0 then stores (a
@@ -326,6 +323,9 @@ def _train_together(run: Run, key: str, fp, compute):
     return lambda: result
 
 
+def finetuned_pipe(run: Run):
+    """The img2img pipeline with the fine-tuned weights (already in place if trained in this run)."""
+    from vlcp import finetune as ft
 
     pipe = run.models["pipe"]()
     st = run.st
