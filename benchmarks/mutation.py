@@ -173,7 +173,7 @@ def report(modules: list[str]) -> list[str]:
     st = statuses()
     rows = ["| module | mutants | killed | survived | equivalent | no test / timeout | score |",
             "|---|---|---|---|---|---|---|"]
-    survivors = []
+    survivors, stale = [], []
     for m in modules:
         names = [n for n in st if any(fnmatch.fnmatchcase(n, g) for g in TARGETS[m])]
         if not names:
@@ -186,7 +186,12 @@ def report(modules: list[str]) -> list[str]:
         rows.append(f"| {m} | {len(names)} | {killed} | {len(alive) - other} | {len(equiv)} | {other} | "
                     f"{100 * killed / max(real, 1):.1f} % |")
         survivors += [f"{n}: {st[n]}" for n in sorted(alive)]
-    return rows + ([""] + ["not killed and not judged equivalent:"] + survivors if survivors else [])
+        # numbers shift when a module changes: an entry naming a killed or vanished mutant is stale
+        stale += sorted(n for n in EQUIVALENT if any(fnmatch.fnmatchcase(n, g) for g in TARGETS[m])
+                        and st.get(n, "missing") in ("killed", "missing"))
+    return (rows + ([""] + ["not killed and not judged equivalent:"] + survivors if survivors else [])
+            + ([""] + ["stale EQUIVALENT entries (killed or no such mutant): re-read them with mutmut show"]
+               + stale if stale else []))
 
 
 def main() -> None:
