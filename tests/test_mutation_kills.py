@@ -1,4 +1,4 @@
-"""Tests written to kill surviving mutants (benchmarks/mutation.sh): exact outputs on hand-made inputs."""
+"""Tests written to kill surviving mutants (benchmarks/mutation.py): exact outputs on hand-made inputs."""
 import warnings
 
 import numpy as np
