@@ -15,8 +15,9 @@ Peak RSS is the largest resident set of the process tree (``wait4``), start-up a
 ``--cluster-memory`` measures per-class streaming instead (issue 12 item 1): after a cold ``--until
 latents`` at ``--resolution`` (128 px gives the tiny VAE 4x64x64 latents, 64 KiB each like SD v1.5 at
 512 px), a fresh process runs the cached stages up to the latents, then the outliers and clusters
-stages alone, and reports its resident set before them and its peak during them (VmHWM, reset through
-``/proc/self/clear_refs`` just before): what the clustering stages add, start-up excluded.
+stages alone (their entries cleared first, so both compute), and reports its resident set before them
+and its peak during each (VmHWM, reset through ``/proc/self/clear_refs`` just before each; sklearn is
+imported and warmed up on data of the latents' size before): what the clustering stages add.
 """
 import argparse
 import json
@@ -116,15 +117,16 @@ def measure_clusters(cache_dir: str, data: str, resolution: int, ipc: int) -> di
     LocalOutlierFactor(n_neighbors=5).fit_predict(warm)
     KMeans(n_clusters=2, random_state=0, n_init=10).fit(warm)
     gc.collect()
-    before = _vm("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
+    out = {"rss_before_mib": _vm("VmRSS") / 1024, "images": len(run.st.samples), "latent_kib": dim * 4 / 1024}
+    reads = cache.blob_reads
     t0 = time.perf_counter()
     for name in ("outliers", "clusters"):
         stage = STAGES[STAGE_NAMES.index(name)]
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
         stage.run(run, Step(run, stage))
-    return {"rss_before_mib": before / 1024, "peak_mib": _vm("VmHWM") / 1024, "seconds": time.perf_counter() - t0,
-            "images": len(run.st.samples), "blob_reads": cache.blob_reads - 1,
-            "latent_kib": cache.get("latents", run.st.lat_keys[0]).tensors["latent"].nbytes / 1024}
+        out[f"{name}_peak_mib"] = _vm("VmHWM") / 1024
+    return {**out, "seconds": time.perf_counter() - t0, "blob_reads": cache.blob_reads - reads,
+            "rss_after_mib": _vm("VmRSS") / 1024}
 
 
 def cluster_memory(a, env: dict, tmp: Path, models: Path, data: Path) -> None:
@@ -139,10 +141,12 @@ def cluster_memory(a, env: dict, tmp: Path, models: Path, data: Path) -> None:
     proc = subprocess.run([sys.executable, __file__, "--_measure", str(cache), str(data), str(a.resolution),
                            str(a.ipc)], env=env, capture_output=True, text=True, check=True)
     m = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = m["rss_before_mib"]
     print(f"{a.classes} classes x {a.per_class} images ({m['images']}), latents of {m['latent_kib']:.0f} KiB, "
-          f"IPC {a.ipc}: outliers + clusters {m['seconds']:.1f} s, RSS {m['rss_before_mib']:.0f} MiB before, "
-          f"peak {m['peak_mib']:.0f} MiB during (+{m['peak_mib'] - m['rss_before_mib']:.0f} MiB), "
-          f"{m['blob_reads']} blob reads")
+          f"IPC {a.ipc}: outliers + clusters {m['seconds']:.1f} s, {m['blob_reads']} blob reads; RSS {base:.0f} MiB "
+          f"before, peak during outliers {m['outliers_peak_mib']:.0f} (+{m['outliers_peak_mib'] - base:.0f}) MiB, "
+          f"during clusters {m['clusters_peak_mib']:.0f} (+{m['clusters_peak_mib'] - base:.0f}) MiB, "
+          f"after {m['rss_after_mib']:.0f} MiB")
 
 
 def main():
