@@ -144,7 +144,7 @@ def test_kmeans_follows_the_seed():
     from sklearn.cluster import KMeans
 
     seen = set()
-    for seed in range(4):
+    for seed in range(8):  # 4 seeds found one rotation with another scikit-learn build (a GPU machine's image)
         got, labels, dup = clusters.kmeans(CIRCLE, 3, seed=seed)
         ref = KMeans(n_clusters=3, random_state=seed, n_init=10).fit(CIRCLE.reshape(12, 2))
         assert np.allclose(got.reshape(3, 2), ref.cluster_centers_, atol=1e-6) and labels.tolist() == ref.labels_.tolist()

@@ -119,7 +119,8 @@ def read_png(p: Path) -> np.ndarray:
 
 
 @pytest.mark.e2e
-def test_select_end_to_end_and_a_rerun_computes_no_embedding(vlcp, clip_cache, tmp_path):
+def test_select_end_to_end_and_a_rerun_computes_no_embedding(vlcp, clip_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLCP_DEVICE", "cpu")  # compared below with a CPU fp32 embedding (CUDA runs CLIP in fp16)
     pool = tmp_path / "pool"
     arrays = make_pool(pool, {"0": 5, "handwritten digit 1": 5, "2": 5})  # a folder may use the class name
     out = tmp_path / "out"
@@ -237,9 +238,10 @@ def test_select_skips_unreadable_images_and_lists_them(vlcp, clip_cache, tmp_pat
 
 
 @pytest.mark.e2e
-def test_select_with_real_image_centroids_as_anchors(vlcp, clip_cache, tmp_path):
+def test_select_with_real_image_centroids_as_anchors(vlcp, clip_cache, tmp_path, monkeypatch):
     from vlcp.datasets import load_dataset
 
+    monkeypatch.setenv("VLCP_DEVICE", "cpu")  # compared below with CPU fp32 embeddings (CUDA runs CLIP in fp16)
     pool = tmp_path / "pool"
     make_pool(pool, {"3": 4, "7": 4})
     args = ("select", pool, "--data", "digits", "--ipc", 2, "--tiny", "--anchor", "centroid", "--max-per-class", 3)

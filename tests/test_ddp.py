@@ -113,7 +113,7 @@ def test_torchrun_distill_fine_tunes_on_both_processes(tmp_path, cache_dir, vlcp
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "VLCP_LAUNCH_ID"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "vlcp", "--cache-dir", str(cache_dir), "--data-dir", str(tmp_path / "data"), "-q",
+           str(_free_port()), "-m", "vlcp", "--device", "cpu", "--cache-dir", str(cache_dir), "--data-dir", str(tmp_path / "data"), "-q",
            "distill", *run, "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
