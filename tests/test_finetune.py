@@ -53,6 +53,21 @@ def test_loss_decreases_and_weights_change_the_output(tiny_models_dir, tmp_path,
     assert np.array_equal(after, generate(pipe, lat[:1], **gen))  # reloaded weights = trained weights
 
 
+def test_latents_read_per_micro_batch_train_the_same_weights(tiny_models_dir, tmp_path, tiny_latents):
+    """finetune.Rows (what the stage passes: latents read from the cache a micro-batch at a time) gives
+    the bytes the stacked array gives, and reads only the rows each micro-batch asks for."""
+    lat, caps = tiny_latents
+    p = finetune.FinetuneParams(epochs=1, batch_size=8, lr=1e-3, accumulation=1, ema=False)
+    stacked, _ = finetune.train(_pipe(tiny_models_dir, tmp_path), lat, caps, p, StageCache(tmp_path / "a"), "k",
+                                progress=False)
+    asked = []
+    rows = finetune.Rows(lambda i: asked.append(i) or lat[i], len(lat))
+    lazy, _ = finetune.train(_pipe(tiny_models_dir, tmp_path), rows, caps, p, StageCache(tmp_path / "b"), "k",
+                             progress=False)
+    assert stacked.keys() == lazy.keys() and all(np.array_equal(stacked[k], lazy[k]) for k in stacked)
+    assert sorted(asked) == list(range(24))  # one epoch: each latent read once, in its micro-batch
+
+
 def test_lora_adapter_is_small_and_reloads(tiny_models_dir, tmp_path, tiny_latents):
     lat, caps = tiny_latents
     pipe = _pipe(tiny_models_dir, tmp_path)

@@ -146,10 +146,6 @@ def latents(run: Run, step: Step) -> None:
     st.lat_entries, _ = step.items(st.lat_keys, compute, p.latent_batch_size, "vae", retain=False)
 
 
-def _latents(run: Run, rows: list[int]) -> np.ndarray:
-    return np.stack([run.st.lat_entries[i].read()["latent"] for i in rows])
-
-
 # 4. outliers ----------------------------------------------------------------------------------------
 def outliers(run: Run, step: Step) -> None:
     """LOF per class; a class keeps at least IPC images (the least outlying outliers come back)."""
@@ -286,7 +282,8 @@ def finetune(run: Run, step: Step) -> None:
         st.trained_now = True
         full_fp32 = p.finetune_method == "full" and models.half_precision(models.torch_device(p.device))
         master = models.load_unet(run.refs.diffusion, p.device) if full_fp32 else None  # fp32 master weights
-        weights, meta = ft.train(run.models["pipe"](), _latents(run, list(range(len(st.samples)))), texts,
+        rows = ft.Rows(lambda i: st.lat_entries[i].read()["latent"], len(st.samples))  # read per micro-batch
+        weights, meta = ft.train(run.models["pipe"](), rows, texts,
                                  fp, run.cache, st.ft_key, run.cfg.progress, master_unet=master)
         return meta, weights
 
