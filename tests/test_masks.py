@@ -10,6 +10,7 @@ from PIL import Image
 
 from tests.conftest import read_manifest
 from vlcp import mask_stages as ms
+from vlcp.cache import Entry
 from vlcp import refine, segment
 from vlcp.clusters import class_clusters
 
@@ -107,8 +108,8 @@ def test_weighting_multiplies_every_channel_by_the_mask():
 
 
 def _fake_run(z: np.ndarray, masks: np.ndarray, fallback=()):
-    st = SimpleNamespace(lat_entries=[SimpleNamespace(tensors={"latent": zi}) for zi in z],
-                         mask_entries=[SimpleNamespace(tensors={"mask": mi}) for mi in masks],
+    st = SimpleNamespace(lat_entries=[Entry({}, {"latent": zi}) for zi in z],  # read() as the stage's entries
+                         mask_entries=[Entry({}, {"mask": mi}) for mi in masks],
                          mask_fallback=set(fallback))
     return SimpleNamespace(st=st)
 

@@ -249,6 +249,29 @@ class StageCache:
             retain: bool = True) -> Entry:
         """Store an entry; the returned entry keeps ``tensors`` unless ``retain`` is False (then it reads
         them back from the blob when used: a stage computing a million latents must not hold them)."""
+        return self.put_many(stage, [(key, meta, tensors)], retain)[0]
+
+    def put_many(self, stage: str, items: list[tuple[str, dict, dict[str, np.ndarray] | None]],
+                 retain: bool = True) -> list[Entry]:
+        """Store a batch of (key, meta, tensors): every blob first, then the records in one index
+        transaction (one SQLite commit per batch, not per item: processes sharing the index wait less)."""
+        recs = [self._record(stage, key, meta, tensors) for key, meta, tensors in items]
+        if len(recs) == 1:
+            self.index.set(f"{stage}/{items[0][0]}", recs[0])
+        else:
+            with self.index.transact():
+                for (key, _, _), rec in zip(items, recs):
+                    self.index.set(f"{stage}/{key}", rec)
+        out = []
+        for (key, meta, tensors), rec in zip(items, recs):
+            if tensors and not retain:
+                out.append(Entry(meta, load=partial(self._read_blob, stage, key, rec["blob"], rec["blob_sha"])))
+            else:
+                out.append(Entry(meta, dict(tensors or {})))
+        return out
+
+    def _record(self, stage: str, key: str, meta: dict, tensors: dict[str, np.ndarray] | None) -> dict[str, Any]:
+        """The index record of an entry, its blob (if any) already written atomically."""
         meta_text = json.dumps(meta, sort_keys=True)
         rec: dict[str, Any] = {"meta": meta_text, "meta_sha": hashlib.sha256(meta_text.encode()).hexdigest(),
                                "stage": stage, "bytes": len(meta_text), "created": time.time()}
@@ -258,13 +281,9 @@ class StageCache:
             data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
             sha = hashlib.sha256(data).hexdigest()
             name = f"{key}-{sha[:16]}.safetensors"  # immutable: a concurrent writer gets its own file
-            path = self._blob_str(stage, name)
-            atomic_write_bytes(Path(path), data)
+            atomic_write_bytes(Path(self._blob_str(stage, name)), data)
             rec.update(blob=name, blob_sha=sha, bytes=rec["bytes"] + len(data))
-        self.index.set(f"{stage}/{key}", rec)
-        if tensors and not retain:
-            return Entry(meta, load=partial(self._read_blob, stage, key, name, sha))
-        return Entry(meta, dict(tensors or {}))
+        return rec
 
     # -- housekeeping ------------------------------------------------------------------------
     def stats(self) -> dict[str, dict[str, int]]:

@@ -84,14 +84,15 @@ def masks(run: Run, step: Step) -> None:
         got = segment.masks_for(model, processor, views, [texts[i] for i in idx], size, p.mask_batch_size)
         return (({"foreground": float(m.mean())}, {"mask": m}) for m in got)
 
-    st.mask_entries, _ = step.items(st.mask_keys, compute, p.mask_batch_size, "segmenter")
+    st.mask_entries, _ = step.items(st.mask_keys, compute, p.mask_batch_size, "segmenter",
+                                    retain=False)  # 16 KiB each: read back one class at a time
     run.need("outliers", st.mask_entries)
     st.mask_fallback = set()
     classes = {}
     for c, f in enumerate(run.folders):
         rows = st.by_class[c]
         fg = [st.mask_entries[i].meta["foreground"] for i in rows]
-        empty = all(is_empty(st.mask_entries[i].tensors["mask"]) for i in rows)
+        empty = all(is_empty(st.mask_entries[i].read()["mask"]) for i in rows)
         if empty:
             st.mask_fallback.add(c)
             run.warn(f"class {f}: the object mask is empty for every image (prompt {texts[rows[0]]!r}); its "
@@ -116,7 +117,7 @@ def features(run: Run, rows: list[int], c: int, on: bool) -> np.ndarray:
     z = np.stack([run.st.lat_entries[i].read()["latent"] for i in rows])  # read, not kept: one class at a time
     if not on or c in run.st.mask_fallback:
         return z
-    return weighted(z, np.stack([run.st.mask_entries[i].tensors["mask"] for i in rows]))
+    return weighted(z, np.stack([run.st.mask_entries[i].read()["mask"] for i in rows]))
 
 
 def unmasked_centres(run: Run, members: list[list[int]]) -> np.ndarray:

@@ -187,7 +187,8 @@ def _compute(cache: StageCache, stage: str, keys: list[str], batches: list[list[
     bar = tqdm(total=sum(len(b) for b in batches), desc=progress if isinstance(progress, str) else stage,
                unit="img", disable=progress is False, leave=False)
     for batch in batches:
-        for i, (meta, tensors) in zip(batch, compute(batch)):
-            yield i, cache.put(stage, keys[i], meta, tensors, retain=retain)
+        done = [(i, meta, tensors) for i, (meta, tensors) in zip(batch, compute(batch))]
+        entries = cache.put_many(stage, [(keys[i], meta, tensors) for i, meta, tensors in done], retain=retain)
+        yield from ((i, e) for (i, _, _), e in zip(done, entries))  # stored together: one index commit
         bar.update(len(batch))
     bar.close()
