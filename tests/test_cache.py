@@ -485,6 +485,31 @@ def test_read_returns_tensors_without_keeping_them(tmp_path):
     assert kept.loaded and kept.read()["latent"] is not None and c.blob_reads == 3
 
 
+def test_put_many_stores_a_batch_as_put_stores_each_item(tmp_path, monkeypatch):
+    """One index transaction for the batch's records (blobs written before it), the same records,
+    entries and laziness as one put per item."""
+    c = StageCache(tmp_path / "many")
+    one = StageCache(tmp_path / "one")
+    items = [("a", {"n": 1}, {"latent": LATENT}), ("b", {"n": 2}, None), ("c", {"n": 3}, {"latent": LATENT * 2})]
+    opened = []
+    real = c.index.transact
+    monkeypatch.setattr(c.index, "transact", lambda *a, **k: opened.append(1) or real(*a, **k))
+    got = c.put_many("latents", items, retain=False)
+    assert opened == [1]  # one transaction for three records
+    for (key, meta, tensors), e in zip(items, got):
+        ref = one.put("latents", key, meta, tensors, retain=False)
+        assert e.meta == ref.meta == meta and e.loaded == ref.loaded == (tensors is None)  # nothing to read back
+        back = c.get("latents", key)
+        assert back.meta == meta and c.has("latents", key)
+        if tensors is None:
+            assert back.tensors == {}
+        else:
+            np.testing.assert_array_equal(back.tensors["latent"], tensors["latent"])
+            np.testing.assert_array_equal(e.read()["latent"], tensors["latent"])
+    kept = c.put_many("latents", [("d", {}, {"latent": LATENT})])
+    assert kept[0].loaded and c.put_many("latents", []) == []
+
+
 def test_read_of_a_corrupt_blob_raises_and_drops_the_record(tmp_path):
     c = StageCache(tmp_path)
     e = c.put("latents", "k", {}, {"latent": LATENT}, retain=False)
