@@ -121,8 +121,8 @@ EQUIVALENT: dict[str, str] = {
     "vlcp.cache.xǁStageCacheǁclear__mutmut_19": _EXISTS,
     "vlcp.cache.xǁStageCacheǁclear__mutmut_37": "no index record is named models/..., so removed is 0 there",
     "vlcp.cache.xǁStageCacheǁclear__mutmut_40": "glob() of a missing folder yields nothing: 0 either way",
-    **{f"vlcp.cache.xǁStageCacheǁput__mutmut_{i}": _SORTED for i in (4, 6, 7)},
-    **{f"vlcp.cache.xǁStageCacheǁput__mutmut_{i}": _UNUSED for i in (14, 15, 18, 19)},
+    **{f"vlcp.cache.xǁStageCacheǁ_record__mutmut_{i}": _SORTED for i in (3, 5, 6)},
+    **{f"vlcp.cache.xǁStageCacheǁ_record__mutmut_{i}": _UNUSED for i in (13, 14, 17, 18)},
     "vlcp.cache.xǁStageCacheǁstats__mutmut_6": _SPLIT0,
     "vlcp.cache.xǁStageCacheǁstats__mutmut_9": _SPLIT0,
     "vlcp.cache.xǁStageCacheǁstats__mutmut_7": "rsplit: artefact keys hold no '/', and a memo's prefix still "
