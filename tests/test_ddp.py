@@ -26,8 +26,11 @@ pipe = load_img2img(resolve(f"{models}/{TINY_SD}", StageCache(f"{out}/r{rank}"))
 rng = np.random.default_rng(0)
 lat = rng.normal(size=(11, 4, 16, 16)).astype(np.float32)
 caps = [f"digit {i % 10} with a loop" for i in range(11)]
-shard = ddp.join(rank, size, False) if size > 1 else ddp.ALONE
-p = finetune.FinetuneParams(epochs=2, batch_size=5, lr=1e-3, accumulation=2, ema=False, shard=shard)
+shard = ddp.join(rank, size, "cpu") if size > 1 else ddp.ALONE
+p = finetune.FinetuneParams(epochs=2, batch_size=5, lr=1e-3, accumulation=2, ema=False, shard=shard,
+                            method="lora" if sys.argv[5] == "lora" else "full", lora_rank=2)
+if rank == 1:
+    torch.rand(7)  # a different RNG history in one process: the adapter's init must not depend on it
 if sys.argv[5] == "grad":  # the summed gradient of micro-batch 0, before any step
     s = finetune._setup(pipe, p, None)
     finetune._micro_step(s, lat, caps, p, 0, 1.0)
@@ -124,3 +127,17 @@ def test_torchrun_distill_fine_tunes_on_both_processes(tmp_path, cache_dir, vlcp
     res = vlcp("distill", *run, "--out", tmp_path / "again")
     assert res.exit_code == 0, res.output
     assert read_manifest(tmp_path / "again")["stages"]["finetune"]["items_computed"] == 0
+
+
+def test_two_processes_train_one_lora_adapter(tiny_models_dir, tmp_path):
+    """LoRA: the adapter's random init is seeded and broadcast from rank 0, so the processes (whose RNG
+    histories differ) train one adapter, the one a single process trains."""
+    from safetensors.numpy import load_file
+
+    _train(tiny_models_dir, tmp_path, 1, "lora")
+    _train(tiny_models_dir, tmp_path, 2, "lora")
+    one, a, b = (load_file(tmp_path / f"w{s}-{r}.safetensors") for s, r in ((1, 0), (2, 0), (2, 1)))
+    assert one.keys() == a.keys() and any("lora" in k for k in one)
+    for k in one:
+        assert np.array_equal(a[k], b[k]), k
+        np.testing.assert_allclose(a[k], one[k], rtol=0, atol=5e-5, err_msg=k)

@@ -118,6 +118,21 @@ def test_a_measured_batch_size_is_agreed_once_per_launch(tmp_path, ranked):
     assert parallel.batch_size(c, "captions", ["a", "b"], 4, w0) == 4 and asked == [3, 5, 7]
 
 
+def test_agreements_are_removed_once_every_process_reported(tmp_path, ranked):
+    """A later launch with the same id (fixed VLCP_LAUNCH_ID, static multi-node rendezvous) must measure
+    afresh: rank 0 drops the launch's agreements after gathering the reports."""
+    ranked(0, 2)
+    c = StageCache(tmp_path)
+    w0 = parallel.world()
+    assert parallel.agree(c, "finetune/K", lambda: 1, w0) == 1
+    assert parallel.agree(c, "finetune/K", lambda: 0, World(1, 2, 0, w0.launch)) == 1  # the first value wins
+    assert c.index.get(f"_agree/{w0.launch}/finetune/K") == 1
+    c.index.set(f"_report/{w0.launch}/1", {"rank": 1, "world_size": 2, "stages": {}})
+    reports = parallel.gather_reports(c, w0, {})
+    assert sorted(reports) == [0, 1] and c.index.get(f"_agree/{w0.launch}/finetune/K") is None
+    assert parallel.agree(c, "finetune/K", lambda: 0, w0) == 0
+
+
 # -- run_items / run_stage under a launch -------------------------------------------------------------
 def test_one_process_is_unchanged(tmp_path, ranked):
     c = StageCache(tmp_path)

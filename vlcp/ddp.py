@@ -42,8 +42,9 @@ class Shard:
 ALONE = Shard()
 
 
-def join(rank: int, size: int, cuda: bool) -> Shard:
-    """Join the launch's process group (once per process); every process must call it."""
+def join(rank: int, size: int, device: str) -> Shard:
+    """Join the launch's process group (once per process); every process must call it. On CUDA the
+    process's own GPU becomes the current device first: NCCL (and ``sum_value``'s tensor) use it."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -53,9 +54,27 @@ def join(rank: int, size: int, cuda: bool) -> Shard:
 
                 raise ParallelError(f"data-parallel fine-tuning needs {name} in the environment (torchrun and "
                                     f"accelerate launch set it)")
+        cuda = device.startswith("cuda")
+        if cuda:
+            import torch
+
+            torch.cuda.set_device(torch.device(device))
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=size,
                                 timeout=datetime.timedelta(seconds=JOIN_TIMEOUT_S))
     return Shard(rank, size)
+
+
+def same_start(params: list, shard: Shard) -> None:
+    """Every process starts from rank 0's trainable weights (a LoRA adapter's random init included), so
+    the promise "same steps, same weights" does not rest on every process's RNG history."""
+    if not shard.parallel:
+        return
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for q in params:
+            dist.broadcast(q.data, src=0)
 
 
 def sum_gradients(params: list, shard: Shard) -> None:

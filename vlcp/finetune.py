@@ -90,10 +90,8 @@ class FinetuneParams:
 class Rows:
     """Training latents read a micro-batch at a time (``read(i)``: latent i), so fine-tuning on ImageNet
     (1.28 M latents, ~84 GB at 512 px) never holds them all: ``rows[idx]`` stacks only the rows asked for."""
-    ndim = 4
-
-    def __init__(self, read, n: int):
-        self.read, self.n = read, n
+    def __init__(self, read, n: int, ndim: int = 4):
+        self.read, self.n, self.ndim = read, n, ndim  # ndim 5: (N, 2, C, H, W) encoded flip pairs
 
     def __len__(self) -> int:
         return self.n
@@ -196,7 +194,9 @@ def _setup(pipe, p: FinetuneParams, master_unet) -> _State:
     pipe.text_encoder.requires_grad_(False)
     unet.requires_grad_(p.method == "full")
     if p.method == "lora":
-        add_lora(unet, p.lora_rank)
+        with torch.random.fork_rng(devices=[device] if cuda else []):
+            torch.manual_seed(p.seed)  # the adapter's random init follows --seed, not the RNG's history
+            add_lora(unet, p.lora_rank)
         if unet.dtype != torch.float32:
             from diffusers.training_utils import cast_training_params
 
@@ -206,6 +206,7 @@ def _setup(pipe, p: FinetuneParams, master_unet) -> _State:
     if p.uses_gradient_checkpointing(device.type):
         unet.enable_gradient_checkpointing()
     params = [q for q in unet.parameters() if q.requires_grad]
+    ddp.same_start(params, p.shard)  # before the EMA copies them
     opt = torch.optim.AdamW(params, lr=p.learning_rate(), weight_decay=1e-2)
     scaler = torch.amp.GradScaler(device.type, enabled=cuda)
     ema = EMA(params, p.ema_decay) if p.ema else None

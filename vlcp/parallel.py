@@ -171,12 +171,22 @@ def batch_size(cache: StageCache, stage: str, unique: list[str], size: int | Cal
     process to measure records it in the index (an atomic add) and all use that one."""
     if not callable(size):
         return size
+    return agree(cache, f"batch/{stage}/{stable_hash(unique)}", size, w)
+
+
+_AGREED: set[str] = set()  # index keys of this process's agreements, removed by rank 0 at the end
+
+
+def agree(cache: StageCache, topic: str, value: Callable[[], int], w: World) -> int:
+    """One integer for every process of a launch: the first process to evaluate ``value`` records it in
+    the index (an atomic add) and all use that one. One process: ``value()``."""
     if not w.parallel:
-        return size()
-    key = f"_batch/{w.launch}/{stage}/{stable_hash(unique)}"
+        return int(value())
+    key = f"_agree/{w.launch}/{topic}"
+    _AGREED.add(key)
     agreed = cache.index.get(key)
     if agreed is None:
-        cache.index.add(key, int(size()))
+        cache.index.add(key, int(value()))
         agreed = cache.index.get(key)
     return int(agreed)
 
@@ -242,6 +252,9 @@ def gather_reports(cache: StageCache, w: World, stages: dict) -> dict[int, dict]
     out = {0: record}
     for r in range(1, w.size):
         out[r] = cache.index.pop(f"_report/{w.launch}/{r}")
+    for key in _AGREED:  # every process is done: a later launch with the same id must measure afresh
+        cache.index.pop(key, None)
+    _AGREED.clear()
     return out
 
 

@@ -307,10 +307,14 @@ def _train_together(run: Run, key: str, fp, compute):
     from vlcp import ddp, models, parallel
 
     w = parallel.world()
-    if not w.parallel or run.dry or run.cache.get("finetune", key) is not None:
+    if not w.parallel or run.dry:
+        return None
+    # one decision for all: a process must not join a training the others skip (the weights could land
+    # in the shared cache between two processes' checks)
+    if not parallel.agree(run.cache, f"finetune/{key}", lambda: int(run.cache.get("finetune", key) is None), w):
         return None
     run.models["pipe"]()  # every process on its own device (parallel.local_device) before joining
-    shard = ddp.join(w.rank, w.size, models.torch_device(run.cfg.device).startswith("cuda"))
+    shard = ddp.join(w.rank, w.size, models.torch_device(run.cfg.device))
     try:
         result = compute(replace(fp, shard=shard))
     except BaseException:
