@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import numpy as np
+
 from vlcp import __version__
 
 
@@ -31,6 +33,26 @@ def test_distill_help_lists_stages_and_defaults(vlcp):
 def test_missing_required_options_exit_2(vlcp):
     r = vlcp("distill", "--data", "digits")
     assert r.exit_code == 2 and "Missing option '--ipc'" in r.output
+
+
+def test_cache_clear_of_a_stage_with_shared_items_says_where_they_are(vlcp, cache_dir):
+    """candidate_scores keeps its items under detector_scores (one key per image, whichever stage asks);
+    caption_match under the CLIP stages; stages of other commands (matching_masks) are accepted too."""
+    from vlcp.cache import StageCache
+
+    c = StageCache(cache_dir)
+    for i in range(3):
+        c.put("detector_scores", f"d{i}", {"pred": 0})
+    c.put("clip_image", "i", {}, {"embedding": np.zeros(2, np.float32)})
+    c.put("matching_masks", "m", {})
+    out = vlcp("cache", "clear", "--stage", "candidate_scores").output.strip()
+    assert out == ("removed 3 entries of stage detector_scores (where candidate_scores keeps its items, shared "
+                   "with other stages)")
+    assert not c.has("detector_scores", "d0") and c.has("clip_image", "i")
+    assert vlcp("cache", "clear", "--stage", "caption_match").output.splitlines() == [
+        "removed 1 entry of stage clip_image (where caption_match keeps its items, shared with other stages)",
+        "removed 0 entries of stage clip_text (where caption_match keeps its items, shared with other stages)"]
+    assert vlcp("cache", "clear", "--stage", "matching_masks").output.strip() == "removed 1 entry of stage matching_masks"
 
 
 def test_datasets_command(vlcp, tmp_path):

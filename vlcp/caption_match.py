@@ -117,7 +117,7 @@ def image_stages() -> list[Stage]:
                   "its class prompt); under `--min-caption-match` it is defective (vlcp's reading of the "
                   "multi-modal paper)", "image", selects=("clip_prompt",), unkeyed=("clip_batch_size",),
                   inputs="image content hash, text, CLIP id@commit (the post-sampling CLIP caches)",
-                  models=("clip",), enabled_by="min_caption_match")]
+                  models=("clip",), enabled_by="min_caption_match", stored_as=("clip_image", "clip_text"))]
 
 
 def candidate_stages() -> list[Stage]:
@@ -127,4 +127,4 @@ def candidate_stages() -> list[Stage]:
     return [Stage("candidate_caption_match", candidate_caption_match, 1, "CLIP cosine of every refinement "
                   "candidate with its prompt; under `--min-caption-match` it is not valid", "image",
                   unkeyed=("clip_batch_size",), inputs="image content hash, text, CLIP id@commit",
-                  models=("clip",), enabled_by="min_caption_match")]
+                  models=("clip",), enabled_by="min_caption_match", stored_as=("clip_image", "clip_text"))]

@@ -735,13 +735,21 @@ def cache_info(obj: Ctx, as_json):
 
 @cache.command("clear")
 @click.option("--stage", type=StageChoice(("detector_checkpoint", "finetune_checkpoint", "teacher", "baseline_features",
-                                           "matching", "matching_checkpoint", "matching_real", "models")),
-              help="Only this stage (default: everything).")
+                                           "matching", "matching_checkpoint", "matching_real", "matching_masks",
+                                           "models")),
+              help="Only this stage (default: everything). A stage whose items are shared with other stages "
+                   "(e.g. candidate_scores: detector_scores) clears the shared items, and says so.")
 @click.pass_obj
 def cache_clear(obj: Ctx, stage):
     """Remove cached artefacts (all, or one stage's)."""
-    n = obj.cache().clear(stage)
-    click.echo(f"removed {n} entr{'y' if n == 1 else 'ies'}" + (f" of stage {stage}" if stage else ""))
+    from vlcp.stages import STAGE_NAMES, STAGES
+
+    stored = STAGES[STAGE_NAMES.index(stage)].stored_as if stage in STAGE_NAMES else ()
+    cache = obj.cache()
+    for name in stored or (stage,):
+        n = cache.clear(name)
+        shared = f" (where {stage} keeps its items, shared with other stages)" if stored else ""
+        click.echo(f"removed {n} entr{'y' if n == 1 else 'ies'}" + (f" of stage {name}{shared}" if name else ""))
 
 
 @cache.command("merge")

@@ -219,7 +219,8 @@ def _foreground_stage(name: str, run, what: str, enabled_by: str = "refine_foreg
 
     return Stage(name, run, FOREGROUND_VERSION, what, "image", selects=("mask_prompt",),
                  unkeyed=("mask_batch_size",), inputs="image content hash, prompt, segmenter id@commit",
-                 models=("segmenter",), enabled_by=enabled_by)
+                 models=("segmenter",), enabled_by=enabled_by,
+                 stored_as=() if name == "foreground" else ("foreground",))
 
 
 def foreground_stages() -> list[Stage]:

@@ -249,7 +249,7 @@ POOL_STAGES = [
           "`--min-foreground` / `--min-caption-match`), before any new candidate is generated", "image",
           selects=("refine_beta", "min_foreground", "min_caption_match"),
           inputs="detector key, image content hash (the `detector_scores` keys)", models=("detector",),
-          enabled_by="sas_refine"),
+          enabled_by="sas_refine", stored_as=("detector_scores",)),
 ]
 
 STAGES = [
@@ -269,7 +269,8 @@ STAGES = [
           enabled_by="refine"),
     Stage("candidate_scores", candidate_scores, refine.SCORES_VERSION, "the detector's verdict on every "
           "candidate", "image", inputs="detector key, image content hash", models=("detector",),
-          enabled_by="refine"),
+          enabled_by="refine",
+          stored_as=("detector_scores",)),
     Stage("refinement", refinement, refine.VERSION, "the selection: valid pool, top-k, least similar to the "
           "accepted images", params=("refine_beta", "refine_top_k", "min_foreground", "min_caption_match"),
           inputs="detector key, synthesis keys, candidate keys (and foreground / caption-match keys with "

@@ -179,7 +179,7 @@ STAGES = [
     Stage("pool", pool, 1, "`--pool-multiplier` - 1 more images per prototype (seeds from the image's seed "
           "and the candidate index), shared with refinement candidates", "image", selects=("pool_multiplier",),
           unkeyed=("synthesis_batch_size",), inputs="the synthesis key of each candidate", models=("pipe", "synth"),
-          enabled_by="sas"),
+          enabled_by="sas", stored_as=("candidates",)),
     Stage("clip_image", clip_image, 1, "CLIP embedding of every pool image", "image", unkeyed=("clip_batch_size",),
           inputs="image content hash, CLIP id@commit", models=("clip",), enabled_by="sas"),
     ms._foreground_stage("pool_foreground", pool_foreground, "foreground fraction of every pool image; post-"

@@ -38,6 +38,7 @@ class Stage:
     inputs: str = ""  # what else the key holds (for the README)
     models: tuple[str, ...] = ()  # models it uses (released after the last stage that does)
     enabled_by: str | None = None  # config flag that turns it on
+    stored_as: tuple[str, ...] = ()  # cache stage(s) its items live under when shared with others (default: name)
 
 
 # 1. images ------------------------------------------------------------------------------------------
