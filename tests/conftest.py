@@ -28,6 +28,23 @@ def cache_dir(tmp_path, tiny_models_dir) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def clipseg_dir(tmp_path_factory) -> Path:
+    """The tiny CLIPSeg (object masks), built once per session."""
+    from vlcp import segment
+
+    return segment.tiny_clipseg(tmp_path_factory.mktemp("clipseg") / "models")
+
+
+@pytest.fixture
+def seg_cache(cache_dir, clipseg_dir) -> Path:
+    """The test cache with the tiny CLIPSeg already built (copied, not rebuilt)."""
+    from vlcp import segment
+
+    shutil.copytree(clipseg_dir, cache_dir / "models" / segment.TINY_CLIPSEG)
+    return cache_dir
+
+
 @pytest.fixture
 def vlcp(cache_dir, tmp_path):
     """Run the CLI in-process: vlcp("distill", ...) -> click Result (exit code, output)."""

@@ -1,7 +1,6 @@
 """Object masks (vlcp's reading of the multi-modal paper's abstract): CLIPSeg plumbing, foreground-weighted
 prototypes, the --min-foreground criterion, reruns and bad input."""
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,8 +9,8 @@ from PIL import Image
 
 from tests.conftest import read_manifest
 from vlcp import mask_stages as ms
-from vlcp.cache import Entry
 from vlcp import refine, segment
+from vlcp.cache import Entry
 from vlcp.clusters import class_clusters
 
 ARGS = ["distill", "--data", "digits", "--tiny", "--classes", "0,1", "--max-per-class", "8", "--ipc", "1",
@@ -20,22 +19,10 @@ REFINE = ["--refine", "--detector-epochs", "1", "--refine-candidates", "2", "--r
 
 
 @pytest.fixture(scope="module")
-def clipseg_dir(tmp_path_factory) -> Path:
-    return segment.tiny_clipseg(tmp_path_factory.mktemp("clipseg") / "models")
-
-
-@pytest.fixture(scope="module")
 def clipseg(clipseg_dir):
     from vlcp.models import ModelRef
 
     return segment.load_segmenter(ModelRef(str(clipseg_dir), str(clipseg_dir), "local:test", None, True), "cpu")
-
-
-@pytest.fixture
-def mask_cache(cache_dir, clipseg_dir) -> Path:
-    """The test cache with the tiny CLIPSeg already built (copied, not rebuilt)."""
-    shutil.copytree(clipseg_dir, cache_dir / "models" / segment.TINY_CLIPSEG)
-    return cache_dir
 
 
 def _square(side: int = 40, box=(10, 30)) -> np.ndarray:
@@ -157,10 +144,10 @@ def test_images_under_min_foreground_are_defective_and_such_candidates_not_valid
 
 # -- end to end ----------------------------------------------------------------------------------------
 @pytest.mark.e2e
-def test_object_masks_and_min_foreground_end_to_end_and_reruns(vlcp, mask_cache, tmp_path):
+def test_object_masks_and_min_foreground_end_to_end_and_reruns(vlcp, seg_cache, tmp_path):
     from vlcp.cache import StageCache
 
-    _run(vlcp, mask_cache, *ARGS, "--object-masks", *REFINE, "--min-foreground", "0.1", "--out", tmp_path / "a")
+    _run(vlcp, seg_cache, *ARGS, "--object-masks", *REFINE, "--min-foreground", "0.1", "--out", tmp_path / "a")
     m = read_manifest(tmp_path / "a")
     s = m["stages"]
     assert s["masks"]["items_computed"] == 16 and s["masks"]["model_loaded"]
@@ -175,7 +162,7 @@ def test_object_masks_and_min_foreground_end_to_end_and_reruns(vlcp, mask_cache,
     fc = m["foreground_check"]
     assert fc["min_foreground"] == 0.1 and sorted(fc["per_class"]) == ["0", "1"]
     # a mask is stored per image at the latent resolution (the shape of the image's latent)
-    cache = StageCache(mask_cache)
+    cache = StageCache(seg_cache)
     masks = [cache.get("masks", k).tensors["mask"] for k in _keys(cache, "masks")]
     latent = cache.get("latents", _keys(cache, "latents")[0])
     assert len(masks) == 16 and {mk.shape for mk in masks} == {latent.tensors["latent"].shape[1:]}
@@ -184,15 +171,15 @@ def test_object_masks_and_min_foreground_end_to_end_and_reruns(vlcp, mask_cache,
     cache.close()
 
     # --min-foreground rescores nothing (--refine-beta 1.0: every image is defective either way)
-    _run(vlcp, mask_cache, *ARGS, "--object-masks", *REFINE, "--min-foreground", "0.9", "--out", tmp_path / "b")
+    _run(vlcp, seg_cache, *ARGS, "--object-masks", *REFINE, "--min-foreground", "0.9", "--out", tmp_path / "b")
     assert _computed(read_manifest(tmp_path / "b")) == ["refinement"]
     # toggling --object-masks recomputes outliers onward; captions, latents and masks are reused
-    _run(vlcp, mask_cache, *ARGS, *REFINE, "--min-foreground", "0.1", "--out", tmp_path / "c")
+    _run(vlcp, seg_cache, *ARGS, *REFINE, "--min-foreground", "0.1", "--out", tmp_path / "c")
     m = read_manifest(tmp_path / "c")
     assert "masks" not in m["stages"] and "object_masks" not in m
     assert _computed(m)[:2] == ["outliers", "clusters"]
     assert not {"images", "captions", "latents"} & set(_computed(m))
-    _run(vlcp, mask_cache, *ARGS, "--object-masks", *REFINE, "--min-foreground", "0.1", "--out", tmp_path / "d")
+    _run(vlcp, seg_cache, *ARGS, "--object-masks", *REFINE, "--min-foreground", "0.1", "--out", tmp_path / "d")
     assert _computed(read_manifest(tmp_path / "d")) == []
 
 
@@ -201,7 +188,7 @@ def _keys(cache, stage: str) -> list[str]:
 
 
 @pytest.mark.e2e
-def test_a_class_whose_masks_are_all_empty_falls_back_to_unmasked_latents(vlcp, mask_cache, tmp_path, monkeypatch):
+def test_a_class_whose_masks_are_all_empty_falls_back_to_unmasked_latents(vlcp, seg_cache, tmp_path, monkeypatch):
     real = segment.masks_for
 
     def no_zero(model, processor, images, prompts, size, batch_size=16):
@@ -209,7 +196,7 @@ def test_a_class_whose_masks_are_all_empty_falls_back_to_unmasked_latents(vlcp, 
         return np.stack([np.zeros_like(g) if p.endswith("0") else g for g, p in zip(got, prompts)])
 
     monkeypatch.setattr(segment, "masks_for", no_zero)
-    r = _run(vlcp, mask_cache, *ARGS, "--object-masks", "--until", "clusters", "--out", tmp_path / "o")
+    r = _run(vlcp, seg_cache, *ARGS, "--object-masks", "--until", "clusters", "--out", tmp_path / "o")
     assert "class 0: the object mask is empty for every image" in r.output
     classes = read_manifest(tmp_path / "o")["object_masks"]["classes"]
     assert classes["0"]["fallback_unmasked"] and classes["0"]["mean_foreground"] == 0.0
@@ -218,10 +205,10 @@ def test_a_class_whose_masks_are_all_empty_falls_back_to_unmasked_latents(vlcp, 
 
 
 @pytest.mark.e2e
-def test_a_mask_prompt_recomputes_the_masks_and_what_follows_not_the_captions(vlcp, mask_cache, tmp_path):
+def test_a_mask_prompt_recomputes_the_masks_and_what_follows_not_the_captions(vlcp, seg_cache, tmp_path):
     until = [*ARGS, "--object-masks", "--until", "clusters"]
-    _run(vlcp, mask_cache, *until, "--out", tmp_path / "a")
-    _run(vlcp, mask_cache, *until, "--mask-prompt", "a digit", "--out", tmp_path / "b")
+    _run(vlcp, seg_cache, *until, "--out", tmp_path / "a")
+    _run(vlcp, seg_cache, *until, "--mask-prompt", "a digit", "--out", tmp_path / "b")
     m = read_manifest(tmp_path / "b")
     assert _computed(m) == ["masks", "outliers", "clusters"] and m["stages"]["masks"]["items_computed"] == 16
     assert {c["prompt"] for c in m["object_masks"]["classes"].values()} == {"a digit"}

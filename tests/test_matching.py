@@ -255,24 +255,6 @@ def test_caption_loss_run_with_tiny_clip(vlcp, tmp_path):
 
 
 # -- clipseg masks (vlcp's reading of the abstract) -------------------------------------------------
-@pytest.fixture(scope="module")
-def clipseg_dir(tmp_path_factory) -> Path:
-    from vlcp import segment
-
-    return segment.tiny_clipseg(tmp_path_factory.mktemp("clipseg") / "models")
-
-
-@pytest.fixture
-def seg_cache(cache_dir, clipseg_dir) -> Path:
-    """The test cache with the tiny CLIPSeg already built (copied, not rebuilt)."""
-    import shutil
-
-    from vlcp import segment
-
-    shutil.copytree(clipseg_dir, cache_dir / "models" / segment.TINY_CLIPSEG)
-    return cache_dir
-
-
 def test_soft_mask_blends_towards_the_background_level():
     x = np.full((1, 1, 3, 3), 10, np.uint8)  # border median 10 = background level b
     x[0, 0, 1, 1] = 200
