@@ -78,6 +78,13 @@ def detector_scores(run: Run, step: Step) -> None:
     run.st.scores = score(run, step, run.st.images)
 
 
+def lacking(p, foreground, caption_match) -> set[int]:
+    """Indices under --min-foreground or --min-caption-match (none for a criterion that is unset)."""
+    from vlcp import mask_stages as ms
+
+    return ms.below(foreground, p.min_foreground) | ms.below(caption_match, p.min_caption_match)
+
+
 def defective(scores: list[dict], targets: list[int], beta: float, lacking: set[int]) -> list[int]:
     """Indices of defective images: p(target) <= beta or a wrong label (refine.is_defective), or in ``lacking``
     (foreground under --min-foreground, caption match under --min-caption-match)."""
@@ -90,21 +97,17 @@ def pool_replacements(run: Run, step: Step) -> None:
     prototype that is not defective by the same rule (sas.pool_walk; no candidate used twice), before any
     new candidate is generated. Every candidate the walk may reach is scored at once (one batch, cached
     per image content with the detector_scores key, so an image is scored once whichever stage asks)."""
-    from vlcp import mask_stages as ms
     from vlcp import sas
 
     p, st = step.p, run.st
     targets = [c for c, _ in st.items]
-    lacking = ms.below(st.foreground, p.min_foreground) | ms.below(st.caption_match, p.min_caption_match)
-    bad_slots = defective(st.scores, targets, p.refine_beta, lacking)
+    bad_slots = defective(st.scores, targets, p.refine_beta, lacking(p, st.foreground, st.caption_match))
     ranks = sas.PoolRanks.of_records(st.pool_records)
     reach = sorted({k for i in bad_slots for k in ranks.reachable(st.slot_pool[i])})
     scores = dict(zip(reach, score(run, step, [st.pool_images[k] for k in reach])))
-    pool_fg = st.pool_foreground if p.min_foreground else []
-    low = ms.below(list(pool_fg), p.min_foreground) | ms.below(list(st.pool_match), p.min_caption_match)
-    label = {k: int(ranks.labels[k]) for k in reach}
-    bad = {k for k in reach if k in low or refine.is_defective(scores[k]["pred"], scores[k]["probs"][label[k]],
-                                                               label[k], p.refine_beta)}
+    low = lacking(p, st.pool_foreground if p.min_foreground else [], st.pool_match)
+    bad = {reach[j] for j in defective([scores[k] for k in reach], [int(ranks.labels[k]) for k in reach],
+                                       p.refine_beta, {j for j, k in enumerate(reach) if k in low})}
     walk = sas.pool_walk(ranks, [st.slot_pool[i] for i in bad_slots], bad)
     st.pool_swaps = {}
     for i, (k, visited) in zip(bad_slots, walk):
@@ -139,11 +142,9 @@ def candidates(run: Run, step: Step) -> None:
     --min-foreground (--min-caption-match), an image whose foreground fraction (CLIP cosine with its prompt)
     is under it is defective too. After post-sampling, a candidate index whose image is in the pool is
     skipped: the pool was judged already (pool_replacements), so every candidate is a new image."""
-    from vlcp import mask_stages as ms
-
     p, st = step.p, run.st
-    lacking = ms.below(st.foreground, p.min_foreground) | ms.below(st.caption_match, p.min_caption_match)
-    st.defective = defective(st.scores, [c for c, _ in st.items], p.refine_beta, lacking)
+    st.defective = defective(st.scores, [c for c, _ in st.items], p.refine_beta,
+                             lacking(p, st.foreground, st.caption_match))
     pool = set(st.pool_keys)
     st.cand, st.cand_keys, seeds = [], [], []
     for i in st.defective:
@@ -183,11 +184,10 @@ def refinement(run: Run, step: Step) -> None:
     p, st = step.p, run.st
     folders = run.folders
     by_image: dict[int, list] = {}
-    weak = ms.below(st.cand_foreground, p.min_foreground) | ms.below(st.cand_caption_match, p.min_caption_match)
+    weak = lacking(p, st.cand_foreground, st.cand_caption_match)
     for (i, _), sc in zip(st.cand, ms.as_judged(st.cand_scores, weak)):
         by_image.setdefault(i, []).append(sc)
-    scores = ms.as_judged(st.scores, ms.below(st.foreground, p.min_foreground) |
-                          ms.below(st.caption_match, p.min_caption_match))
+    scores = ms.as_judged(st.scores, lacking(p, st.foreground, st.caption_match))
     extra = {"foreground": [st.fg_key, st.cand_fg_key]} if p.min_foreground else {}  # F = 0 judges nothing
     if p.min_caption_match:
         extra["caption_match"] = [st.match_key, st.cand_match_key]
