@@ -37,13 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
+from vlcp import captions
 from vlcp.evaluate import EvalError
 
 LABEL = ("caption concatenation [visual features ; CLIP text embedding of the image's caption]: vlcp's reading of "
          "the multi-modal paper's abstract (arXiv 2505.08605), not the authors' method")
 NOTE = "changes the test-time input (each test image's caption): not comparable to the headline"
-DEFAULT_PROMPT = ("Describe the physical appearance of the object in the image. "
-                  "Include details about its shape, posture, color, and any distinct features.")
+DEFAULT_PROMPT = captions.format_prompt(captions.PROMPT, "object")  # the distill prompt, the class left out
 CAPTION_STAGE = "captions"  # the distill captions stage's cache stage and key (see caption_key)
 
 
@@ -123,7 +123,6 @@ def folder_prompts(folder: Path | None) -> dict[str, str] | None:
 
 def caption_key(digest: str, class_name: str, fu: Fusion) -> str:
     """The key the distill captions stage gives this caption (``Step.key`` of stage ``captions``)."""
-    from vlcp import captions
     from vlcp.cache import stage_key
     from vlcp.distill import KEY_LAYOUT
 
@@ -135,7 +134,7 @@ def caption_key(digest: str, class_name: str, fu: Fusion) -> str:
 def captions_for(fu: Fusion, cache, samples: list, names: list[str], progress: bool | str = False
                  ) -> tuple[list[str], dict]:
     """Captions of every image (cached per image, shared with distill); (texts, computed/cached counts)."""
-    from vlcp import captions, models
+    from vlcp import models
     from vlcp.cache import file_digest
     from vlcp.runner import Lazy, run_items
 
