@@ -89,9 +89,11 @@ def _vm(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure_clusters(cache_dir: str, data: str, resolution: int, ipc: int) -> dict:
+def measure_clusters(cache_dir: str, data: str, resolution: int, ipc: int, synthesis: bool = False) -> dict:
     """In this process: the cached stages up to the latents, then outliers + clusters with the peak RSS reset
-    just before them. Returns MiB figures and seconds (printed as JSON by ``--_measure``)."""
+    just before them; with ``synthesis`` then text prototypes and prompts, synthesis (its images computed
+    afresh) and the output's writing, each with its own peak. Returns MiB figures and seconds (printed as
+    JSON by ``--_measure``)."""
     import gc
 
     from vlcp.cache import StageCache
@@ -100,7 +102,7 @@ def measure_clusters(cache_dir: str, data: str, resolution: int, ipc: int) -> di
     from vlcp.stages import STAGE_NAMES, STAGES
 
     cfg = DistillConfig(data=data, tiny=True, ipc=ipc, resolution=resolution, finetune=False, until="latents",
-                        out=Path(cache_dir).parent / "out-memory", progress=False)
+                        steps=2, out=Path(cache_dir).parent / "out-memory", progress=False)
     cache = StageCache(cache_dir)
     run = start(cfg, cache)
     _run_stages(run)
@@ -125,8 +127,40 @@ def measure_clusters(cache_dir: str, data: str, resolution: int, ipc: int) -> di
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
         stage.run(run, Step(run, stage))
         out[f"{name}_peak_mib"] = _vm("VmHWM") / 1024
-    return {**out, "seconds": time.perf_counter() - t0, "blob_reads": cache.blob_reads - reads,
-            "rss_after_mib": _vm("VmRSS") / 1024}
+    out = {**out, "seconds": time.perf_counter() - t0, "blob_reads": cache.blob_reads - reads,
+           "rss_after_mib": _vm("VmRSS") / 1024}
+    if synthesis:
+        out.update(measure_synthesis(run, cache))
+    return out
+
+
+def measure_synthesis(run, cache) -> dict:
+    """After the clusters: text prototypes and prompts, then synthesis and the output's files with the peak
+    RSS reset before each (the synthesis entries cleared first, so every image is computed)."""
+    import tempfile
+
+    from vlcp.distill import Step
+    from vlcp.stages import STAGE_NAMES, STAGES
+
+    cache.clear("synthesis")
+    for name in ("text_prototypes", "prompts"):
+        stage = STAGES[STAGE_NAMES.index(name)]
+        stage.run(run, Step(run, stage))
+    run.models["synth"]()  # the pipeline loaded before the window: what synthesis adds is images
+    out = {"rss_before_synthesis_mib": _vm("VmRSS") / 1024}
+    t0 = time.perf_counter()
+    for name in ("synthesis", "output"):
+        stage = STAGES[STAGE_NAMES.index(name)]
+        Path("/proc/self/clear_refs").write_text("5")
+        stage.run(run, Step(run, stage))
+        if name == "output":
+            with tempfile.TemporaryDirectory() as tmp:
+                for write in run.writers:
+                    write(Path(tmp))
+        out[f"{name}_peak_mib"] = _vm("VmHWM") / 1024
+    image = np.asarray(run.st.images[0])
+    return {**out, "synthesis_seconds": time.perf_counter() - t0, "synthetic_images": len(run.st.items),
+            "image_kib": image.nbytes / 1024}
 
 
 def cluster_memory(a, env: dict, tmp: Path, models: Path, data: Path) -> None:
@@ -139,7 +173,7 @@ def cluster_memory(a, env: dict, tmp: Path, models: Path, data: Path) -> None:
                   "latents", "--force", "--out", str(tmp / "out-latents")], env)
     print(f"cold --until latents at {a.resolution} px: {t:.1f} s, peak RSS {rss} MiB")
     proc = subprocess.run([sys.executable, __file__, "--_measure", str(cache), str(data), str(a.resolution),
-                           str(a.ipc)], env=env, capture_output=True, text=True, check=True)
+                           str(a.ipc), str(int(a.synthesis))], env=env, capture_output=True, text=True, check=True)
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     base = m["rss_before_mib"]
     print(f"{a.classes} classes x {a.per_class} images ({m['images']}), latents of {m['latent_kib']:.0f} KiB, "
@@ -147,11 +181,18 @@ def cluster_memory(a, env: dict, tmp: Path, models: Path, data: Path) -> None:
           f"before, peak during outliers {m['outliers_peak_mib']:.0f} (+{m['outliers_peak_mib'] - base:.0f}) MiB, "
           f"during clusters {m['clusters_peak_mib']:.0f} (+{m['clusters_peak_mib'] - base:.0f}) MiB, "
           f"after {m['rss_after_mib']:.0f} MiB")
+    if a.synthesis:
+        base = m["rss_before_synthesis_mib"]
+        print(f"synthesis of {m['synthetic_images']} images of {m['image_kib']:.0f} KiB: "
+              f"{m['synthesis_seconds']:.1f} s with the output; RSS {base:.0f} MiB before, peak during synthesis "
+              f"{m['synthesis_peak_mib']:.0f} (+{m['synthesis_peak_mib'] - base:.0f}) MiB, while writing the "
+              f"output {m['output_peak_mib']:.0f} (+{m['output_peak_mib'] - base:.0f}) MiB")
 
 
 def main():
-    if len(sys.argv) == 6 and sys.argv[1] == "--_measure":
-        print(json.dumps(measure_clusters(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))))
+    if len(sys.argv) == 7 and sys.argv[1] == "--_measure":
+        print(json.dumps(measure_clusters(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
+                                          bool(int(sys.argv[6])))))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--classes", type=int, default=1000)
@@ -162,6 +203,8 @@ def main():
     ap.add_argument("--cluster-memory", action="store_true", help="only the clustering stages' memory (see above)")
     ap.add_argument("--resolution", type=int, default=128, help="with --cluster-memory: the VAE's input size")
     ap.add_argument("--ipc", type=int, default=2, help="with --cluster-memory: clusters per class")
+    ap.add_argument("--synthesis", action="store_true", help="with --cluster-memory: then synthesis and the "
+                    "output's files too, each with its peak RSS (--steps 2, no fine-tuning)")
     a = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):

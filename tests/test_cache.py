@@ -340,7 +340,7 @@ def test_file_digest_and_stable_hash_of_paths(tmp_path):
 def test_atomic_write_goes_through_a_hidden_temp_file_beside_the_target(tmp_path, monkeypatch):
     import os
 
-    from vlcp.cache import atomic_write_bytes, atomic_write_text
+    from vlcp.cache import atomic_write_text
 
     moves, real = [], os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: moves.append((Path(a), Path(b))) or real(a, b))
@@ -567,6 +567,7 @@ def test_clustering_reads_one_class_at_a_time_and_keeps_no_latent(tmp_path, cach
 
     from vlcp import clusters as clusters_mod
     from vlcp import outliers as outliers_mod
+    from vlcp.arrays import array_hash
     from vlcp.config import DistillConfig
     from vlcp.distill import _run_stages, start
 
@@ -594,11 +595,13 @@ def test_clustering_reads_one_class_at_a_time_and_keeps_no_latent(tmp_path, cach
     assert n == 36 and inliers < n  # LOF removed some
     assert cache.blob_reads == n + inliers  # outliers read every latent once, clusters every inlier once
     assert not any(e.loaded for e in st.lat_entries) and live[0] == 0
+    assert not any(e.loaded for e in st.clusters.values())  # one entry per class, its centres not kept
     assert peak[0] == 9  # one class at a time (9 images per class), never two
     for c, f in enumerate(run.folders):
         x = np.stack([cache.get("latents", st.lat_keys[i]).tensors["latent"] for i in st.by_class[c]])
         mask, _ = outliers_mod.inlier_mask(x, 0.2, 2)
         assert st.inliers[c] == [st.by_class[c][j] for j in np.flatnonzero(mask)]
         centres, members, _ = clusters_mod.class_clusters(x[mask], st.inliers[c], 2, cfg.seed, False)
-        assert st.clusters.meta[f]["members"] == members
-        assert np.array_equal(st.clusters.tensors[f"centres/{f}"], centres)
+        assert st.clusters[f].meta["members"] == members
+        assert np.array_equal(st.clusters[f].read()["centres"], centres)
+        assert st.clusters[f].meta["hashes"]["centres"] == [array_hash(z) for z in centres]

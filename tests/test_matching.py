@@ -198,6 +198,8 @@ def test_bad_input_gives_one_line_errors(vlcp, tmp_path):
     assert r.exit_code == 1 and "unknown mask source 'foo'; available: threshold, clipseg" in r.output
     r = err("--method", "dm", "--ipc", "1", "--mask-prompt", "digit")
     assert r.exit_code == 2 and "--segmenter and --mask-prompt apply only with --masks clipseg" in r.output
+    r = err("--method", "dm", "--ipc", "1", "--masks", "clipseg", "--mask-prompt", " ")
+    assert r.exit_code == 2 and "--mask-prompt must not be empty (leave it out to segment the class name)" in r.output
     r = err("--method", "dm", "--ipc", "1", "--masks", "threshold", "--segmenter", "x/y")
     assert r.exit_code == 2 and "--segmenter and --mask-prompt apply only with --masks clipseg" in r.output
     r = err("--method", "dc", "--ipc", "3")

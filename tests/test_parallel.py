@@ -22,9 +22,9 @@ RUN = ["--data", "digits", "--tiny", "--classes", "0,1,2", "--max-per-class", "1
 # default batch sizes (images 64, captions 32 with --tiny, latents 16, synthesis 8): (items, batch) per stage
 BATCHED = ["--data", "digits", "--tiny", "--classes", "0,1,2,3,4", "--max-per-class", "10", "--ipc", "2",
            "--steps", "2", "--no-finetune"]
-BATCHES = {"images": (50, 64), "captions": (50, 32), "latents": (50, 16), "synthesis": (10, 8)}
-PER_ITEM = ("images", "captions", "latents", "synthesis")
-WHOLE = ("outliers", "clusters", "text_prototypes", "prompts")
+BATCHES = {"images": (50, 64), "captions": (50, 32), "latents": (50, 16), "clusters": (5, 1), "synthesis": (10, 8)}
+PER_ITEM = ("images", "captions", "latents", "clusters", "synthesis")  # clusters: one item per class
+WHOLE = ("outliers", "text_prototypes", "prompts")
 
 
 @pytest.fixture
@@ -307,7 +307,7 @@ def test_torchrun_two_processes(tmp_path, cache_dir, tiny_models_dir, vlcp):
     two = tmp_path / "two"
     ranks = [json.loads((two / "ranks" / f"{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and read_manifest(two)["parallel"] == {"world_size": 2}
-    assert [dealt(*BATCHES[s], 1) for s in PER_ITEM] == [0, 18, 18, 2]  # rank 1 works in 3 stages of 4
+    assert [dealt(*BATCHES[s], 1) for s in PER_ITEM] == [0, 18, 18, 2, 2]  # rank 1 works in 4 stages of 5
     for stage in PER_ITEM:
         total, batch = BATCHES[stage]
         done = [r["stages"][stage]["items_computed"] for r in ranks]

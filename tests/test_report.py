@@ -8,7 +8,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path

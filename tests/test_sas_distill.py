@@ -144,7 +144,7 @@ def test_refinement_after_sas_takes_the_next_ranked_pool_candidate_before_genera
     right, of an odd one wrong; new candidates are unsure. So the kept image of prototypes 0 and 2 takes its
     prototype's best-ranked unpicked candidate, those of 1 and 3 walk both of theirs and get new candidates."""
     from vlcp import refine, sas_stages
-    from vlcp.distill import array_hash
+    from vlcp.arrays import array_hash
 
     pool: dict[str, dict] = {}
     adopt = sas_stages._adopt

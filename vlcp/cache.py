@@ -263,7 +263,8 @@ class StageCache:
                 for (key, _, _), rec in zip(items, recs):
                     self.index.set(f"{stage}/{key}", rec)
         out = []
-        for (key, meta, tensors), rec in zip(items, recs):
+        for (key, _, tensors), rec in zip(items, recs):
+            meta = json.loads(rec["meta"])  # what a later hit returns (sorted keys, lists): cold = cached output
             if tensors and not retain:
                 out.append(Entry(meta, load=partial(self._read_blob, stage, key, rec["blob"], rec["blob_sha"])))
             else:

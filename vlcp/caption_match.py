@@ -11,6 +11,7 @@ candidate is a post-sampling score (``vlcp/sas_stages.py``, ``--sas-caption-weig
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,13 +30,14 @@ def cosines(images: np.ndarray, texts: np.ndarray) -> np.ndarray:
     return np.einsum("nd,nd->n", np.asarray(images, np.float64), np.asarray(texts, np.float64))
 
 
-def _embed(run: Run, step: Step, images: list[np.ndarray], texts: list[str]) -> tuple[np.ndarray, np.ndarray, str]:
+def _embed(run: Run, step: Step, images: Sequence[np.ndarray], texts: list[str]
+           ) -> tuple[np.ndarray, np.ndarray, str]:
     """(image embeddings, text embeddings, a hash of their keys), from the shared CLIP caches; one report."""
     from vlcp import clip
-    from vlcp.distill import array_hash
+    from vlcp.arrays import digests
 
     p, ref = step.p, run.refs.clip
-    img_keys = [clip.image_key(array_hash(im), ref.identity) for im in images]
+    img_keys = [clip.image_key(h, ref.identity) for h in digests(images)]
     uniq = sorted(set(texts))
     txt_keys = [clip.text_key(t, ref.identity) for t in uniq]
 
@@ -79,7 +81,7 @@ def caption_match(run: Run, step: Step) -> None:
     st = run.st
     classes = [c for c, _ in st.items]
     n = len(st.images)
-    img, txt, st.match_key = _embed(run, step, list(st.images) * 2, list(st.texts) + _class_texts(run, step, classes))
+    img, txt, st.match_key = _embed(run, step, st.images + st.images, list(st.texts) + _class_texts(run, step, classes))
     both = cosines(img, txt)
     st.caption_match, st.class_match = [float(v) for v in both[:n]], [float(v) for v in both[n:]]
     st.class_text_emb = txt[n:]  # per image: what a pool replacement's class match is measured against

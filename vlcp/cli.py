@@ -505,6 +505,8 @@ def _matching(obj: Ctx, method, ds, data, ipc, seed, match) -> tuple[dict, dict]
     seg = {k: match.pop(k) for k in ("segmenter", "mask_prompt")}
     if match["masks"] != "clipseg" and any(v is not None for v in seg.values()):
         raise click.UsageError("--segmenter and --mask-prompt apply only with --masks clipseg")
+    if seg["mask_prompt"] is not None and not seg["mask_prompt"].strip():  # as vlcp distill: never silently the name
+        raise click.UsageError("--mask-prompt must not be empty (leave it out to segment the class name)")
     if match["masks"] == "clipseg":
         from vlcp.masks import Segmenter
 

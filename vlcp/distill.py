@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from vlcp import __version__
+from vlcp.arrays import Arrays
 from vlcp.cache import StageCache, stable_hash, stage_key
 from vlcp.config import DistillConfig
 from vlcp.datasets import Dataset, Sample, load_dataset
@@ -53,7 +53,7 @@ class State:
     out_key: str = ""
     inliers: list[list[int]] = field(default_factory=list)
     cl_key: str = ""
-    clusters: Any = None  # Entry: meta = members per class, tensors = centres
+    clusters: dict = field(default_factory=dict)  # class folder -> Entry: meta = members, tensors = centres
     tp_key: str = ""
     text: dict = field(default_factory=dict)  # class folder -> records of Algorithm 2
     pr_key: str = ""
@@ -62,24 +62,24 @@ class State:
     ft_entry: Any = None
     trained_now: bool = False
     items: list[tuple[int, int]] = field(default_factory=list)  # (class, cluster) per synthetic image
-    syn_latents: list[np.ndarray] = field(default_factory=list)
+    syn_latents: Arrays = field(default_factory=Arrays)  # prototype latent per synthetic image (centre rows)
     texts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     syn_keys: list[str] = field(default_factory=list)
     synth_key: Callable[..., str] | None = None  # (latent, prompt, seed) -> key, shared by candidates
     synth_params: Any = None  # the synthesis stage's Params: what every synthesis key holds
-    images: list[np.ndarray] = field(default_factory=list)  # the synthetic set (after refinement)
+    images: Arrays = field(default_factory=Arrays)  # the synthetic set (after refinement), read when used
     detector: Any = None  # refine.Detector
     scores: list[dict] = field(default_factory=list)
     defective: list[int] = field(default_factory=list)
     cand: list[tuple[int, int]] = field(default_factory=list)  # (image, candidate index)
     n_candidates: int = 0
     cand_keys: list[str] = field(default_factory=list)
-    cand_images: list[np.ndarray] = field(default_factory=list)
+    cand_images: Arrays = field(default_factory=Arrays)
     cand_scores: list[dict] = field(default_factory=list)
-    replaced: dict[int, np.ndarray] = field(default_factory=dict)  # image -> its image before refinement
+    replaced: dict[int, Any] = field(default_factory=dict)  # image -> its arrays.Ref before refinement
     pool: list[tuple[int, int]] = field(default_factory=list)  # (synthetic image, candidate) per pool image
-    pool_images: list[np.ndarray] = field(default_factory=list)
+    pool_images: Arrays = field(default_factory=Arrays)
     pool_keys: list[str] = field(default_factory=list)
     pool_seeds: list[int] = field(default_factory=list)
     clip_keys: list[str] = field(default_factory=list)
@@ -282,14 +282,6 @@ def start(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> Run:
         "segmenter": Lazy(lambda: load_segmenter(refs.segmenter, cfg.device)),
     }
     return run
-
-
-def array_hash(a: np.ndarray) -> str:
-    """Content hash of an array (dtype and shape included): synthesis keys name their prototype by it."""
-    import hashlib
-
-    a = np.ascontiguousarray(a)
-    return hashlib.sha256(str((a.dtype.str, a.shape)).encode() + a.tobytes()).hexdigest()[:32]
 
 
 def memo_digest(cache: StageCache, path: str) -> str:

@@ -17,6 +17,7 @@ Not the authors' method (only the abstract is public; ``shared/papers/multimodal
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -131,9 +132,9 @@ def record_clusters(run: Run) -> None:
     om = run.manifest.get("object_masks")
     if om is None:
         return
-    for f, meta in run.st.clusters.meta.items():
+    for f, entry in run.st.clusters.items():
         om["classes"][f]["clusters"] = [round(float(np.mean([run.st.mask_entries[i].meta["foreground"]
-                                                             for i in m])), 4) for m in meta["members"]]
+                                                             for i in m])), 4) for m in entry.meta["members"]]
 
 
 # foreground of synthetic images ---------------------------------------------------------------------
@@ -146,16 +147,16 @@ def shared_key(stage: str, version: int, **inputs) -> str:
     return stage_key(stage, version, layout=KEY_LAYOUT, params={}, **inputs)
 
 
-def _foreground(run: Run, step: Step, images: list[np.ndarray], classes: list[int]) -> tuple[list[float], str]:
+def _foreground(run: Run, step: Step, images: Sequence[np.ndarray], classes: list[int]) -> tuple[list[float], str]:
     """(foreground fraction per image, a hash of the keys), cached per (image content, prompt, segmenter)."""
     from vlcp import segment
-    from vlcp.distill import array_hash
+    from vlcp.arrays import digests
 
     p = step.p
     seg = run.refs.segmenter.identity
     texts = [prompt_for(run.ds.classes[c].name, p.mask_prompt) for c in classes]
-    keys = [shared_key("foreground", FOREGROUND_VERSION, image=array_hash(im), prompt=t, segmenter=seg,
-                       size=FOREGROUND_SIZE) for im, t in zip(images, texts)]
+    keys = [shared_key("foreground", FOREGROUND_VERSION, image=h, prompt=t, segmenter=seg,
+                       size=FOREGROUND_SIZE) for h, t in zip(digests(images), texts)]
 
     def compute(idx):
         model, processor = run.models["segmenter"]()

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlcp.mask_stages import prompt_for
+
 SOURCES = ["threshold", "clipseg"]
 DEFAULT_MARGIN = 8
 MASKS_STAGE, MASKS_VERSION = "matching_masks", 1
@@ -94,7 +96,7 @@ class Segmenter:
 
     def key_parts(self, cache, names: list[str]) -> dict:
         """Identity of the masks for the result's key: segmenter id@commit and the prompt of every class."""
-        return {"segmenter": self.ref(cache).identity, "prompts": [self.prompt or n for n in names]}
+        return {"segmenter": self.ref(cache).identity, "prompts": [prompt_for(n, self.prompt) for n in names]}
 
 
 def clipseg_masks(x: np.ndarray, labels: np.ndarray, names: list[str], seg: Segmenter, cache, device: str,
@@ -107,7 +109,7 @@ def clipseg_masks(x: np.ndarray, labels: np.ndarray, names: list[str], seg: Segm
     from vlcp.runner import Lazy, run_items
 
     ref, size = seg.ref(cache), x.shape[2]
-    texts = [seg.prompt or names[int(c)] for c in labels]
+    texts = [prompt_for(names[int(c)], seg.prompt) for c in labels]
     keys = [stage_key(MASKS_STAGE, MASKS_VERSION, image=pixel_hash(im), prompt=t, segmenter=ref.identity, size=size)
             for im, t in zip(x, texts)]
     model = Lazy(lambda: segment.load_segmenter(ref, device))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,9 @@ def publish(out: Path, build) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_images(folder: Path, classes: list, images: dict[int, list[np.ndarray]], image_size: int | None) -> int:
-    """Write PNGs resized to image_size (None keeps the generated size); return how many."""
+def save_images(folder: Path, classes: list, images: dict[int, Sequence[np.ndarray]], image_size: int | None) -> int:
+    """Write PNGs resized to image_size (None keeps the generated size); return how many. ``images`` may be
+    ``vlcp.arrays.Arrays``: one image is read (and written) at a time."""
     from PIL import Image
 
     n = 0
@@ -68,7 +70,7 @@ def save_images(folder: Path, classes: list, images: dict[int, list[np.ndarray]]
     return n
 
 
-def contact_sheet(classes: list, images: dict[int, list[np.ndarray]], cell: int = 64, max_cols: int = 10):
+def contact_sheet(classes: list, images: dict[int, Sequence[np.ndarray]], cell: int = 64, max_cols: int = 10):
     """One row per class, labelled with its human name: a quick look at the whole distilled set."""
     from PIL import Image, ImageDraw
 
@@ -83,12 +85,13 @@ def contact_sheet(classes: list, images: dict[int, list[np.ndarray]], cell: int 
     return sheet
 
 
-def before_after_sheet(pairs: list, cell: int = 64):
-    """preview_refined.png: each replaced image next to its replacement, labelled with the class."""
+def before_after_sheet(pairs: Iterable[tuple[np.ndarray, np.ndarray, str]], n: int, cell: int = 64):
+    """preview_refined.png: each replaced image next to its replacement, labelled with the class (``n`` pairs,
+    which may come from a generator: one pair in memory at a time)."""
     from PIL import Image, ImageDraw
 
     label_w = 160
-    sheet = Image.new("RGB", (label_w + 2 * cell + 20, max(1, len(pairs)) * cell), "white")
+    sheet = Image.new("RGB", (label_w + 2 * cell + 20, max(1, n) * cell), "white")
     draw = ImageDraw.Draw(sheet)
     for r, (before, after, name) in enumerate(pairs):
         draw.text((4, r * cell + cell // 2 - 6), name[:26], fill="black")

@@ -10,11 +10,13 @@ pool image.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vlcp import refine
+from vlcp.arrays import Arrays
 from vlcp.cache import stable_hash
 from vlcp.runner import Lazy
 from vlcp.stages import Stage, generate
@@ -55,15 +57,14 @@ def _device(run: Run) -> str:
     return models.torch_device(run.cfg.device)
 
 
-def score(run: Run, step: Step, images: list[np.ndarray]) -> list[dict]:
+def score(run: Run, step: Step, images: Sequence[np.ndarray]) -> list[dict]:
     """Detector verdicts per image (label, probabilities, penultimate features), cached per image content."""
-    from vlcp.distill import array_hash
+    from vlcp.arrays import digests
 
     from vlcp.mask_stages import shared_key
 
     det = run.st.detector
-    keys = [shared_key("detector_scores", refine.SCORES_VERSION, detector=det.key, image=array_hash(im))
-            for im in images]
+    keys = [shared_key("detector_scores", refine.SCORES_VERSION, detector=det.key, image=h) for h in digests(images)]
 
     def compute(idx):
         res = refine.scores_of(run.models["detector"](), [images[i] for i in idx], det.protocol, det.device())
@@ -104,7 +105,7 @@ def pool_replacements(run: Run, step: Step) -> None:
     bad_slots = defective(st.scores, targets, p.refine_beta, lacking(p, st.foreground, st.caption_match))
     ranks = sas.PoolRanks.of_records(st.pool_records)
     reach = sorted({k for i in bad_slots for k in ranks.reachable(st.slot_pool[i])})
-    scores = dict(zip(reach, score(run, step, [st.pool_images[k] for k in reach])))
+    scores = dict(zip(reach, score(run, step, st.pool_images.pick(reach))))
     low = lacking(p, st.pool_foreground if p.min_foreground else [], st.pool_match)
     bad = {reach[j] for j in defective([scores[k] for k in reach], [int(ranks.labels[k]) for k in reach],
                                        p.refine_beta, {j for j, k in enumerate(reach) if k in low})}
@@ -127,8 +128,9 @@ def _swap(run: Run, i: int, k: int, sc: dict, min_foreground) -> None:
     from vlcp.caption_match import cosines
 
     st = run.st
-    st.replaced.setdefault(i, st.images[i])
-    st.images[i], st.seeds[i], st.syn_keys[i], st.scores[i] = st.pool_images[k], st.pool_seeds[k], st.pool_keys[k], sc
+    st.replaced.setdefault(i, st.images.refs[i])
+    st.images.refs[i], st.seeds[i], st.syn_keys[i], st.scores[i] = (st.pool_images.refs[k], st.pool_seeds[k],
+                                                                     st.pool_keys[k], sc)
     st.slot_pool[i] = k
     if min_foreground:
         st.foreground[i] = st.pool_foreground[k]
@@ -151,14 +153,14 @@ def candidates(run: Run, step: Step) -> None:
         j = n = 0
         while n < p.refine_candidates:
             seed = refine.candidate_seed(st.seeds[i], j)
-            key = st.synth_key(st.syn_latents[i], st.texts[i], seed)
+            key = st.synth_key(st.syn_latents.digest(i), st.texts[i], seed)
             if key not in pool:
                 st.cand.append((i, j))
                 st.cand_keys.append(key)
                 seeds.append(seed)
                 n += 1
             j += 1
-    lat = [st.syn_latents[i] for i, _ in st.cand]
+    lat = st.syn_latents.pick(i for i, _ in st.cand)
     texts = [st.texts[i] for i, _ in st.cand]
 
     def compute(idx):
@@ -166,9 +168,9 @@ def candidates(run: Run, step: Step) -> None:
             yield {**meta, "of": st.cand[k][0], "candidate": st.cand[k][1]}, tensors
 
     st.n_candidates = p.refine_candidates
-    entries, _ = step.items(st.cand_keys, compute, p.synthesis_batch_size, "synth")
+    entries, _ = step.items(st.cand_keys, compute, p.synthesis_batch_size, "synth", retain=False)
     run.need("candidate_scores", entries)
-    st.cand_images = [e.tensors["image"] for e in entries]
+    st.cand_images = Arrays.stored(entries, "image")
 
 
 def candidate_scores(run: Run, step: Step) -> None:
@@ -206,10 +208,10 @@ def refinement(run: Run, step: Step) -> None:
     first: dict[int, int] = {}
     for k, (i, _) in enumerate(st.cand):
         first.setdefault(i, k)
-    images = list(st.images)
+    images = st.images[:]  # a new list of references: nothing read
     for i, d in summary["replacements"].items():
-        st.replaced.setdefault(i, images[i])
-        images[i] = st.cand_images[first[i] + d["candidate"]]
+        st.replaced.setdefault(i, images.refs[i])
+        images.refs[i] = st.cand_images.refs[first[i] + d["candidate"]]
         d["class"], d["cluster"], d["source"] = folders[st.items[i][0]], st.items[i][1], "generated"
     st.images = images
     summary.update(beta=p.refine_beta, top_k=p.refine_top_k, candidates=st.n_candidates,

@@ -25,7 +25,6 @@ Numpy only and vectorised across classes (pools are padded into [C, M] arrays): 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np

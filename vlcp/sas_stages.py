@@ -21,6 +21,7 @@ import numpy as np
 
 from vlcp import mask_stages as ms
 from vlcp import refine
+from vlcp.arrays import Arrays
 from vlcp.cache import stable_hash
 from vlcp.stages import Stage, generate
 
@@ -35,19 +36,19 @@ def pool(run: Run, step: Step) -> None:
     if m == 1:
         run.warn("--pool-multiplier 1: the pool is the synthetic set itself, so the selection keeps it as is")
     extra = [(i, k) for i in range(len(st.items)) for k in range(1, m)]
-    lat = [st.syn_latents[i] for i, _ in extra]
+    lat = st.syn_latents.pick(i for i, _ in extra)
     texts = [st.texts[i] for i, _ in extra]
     seeds = [refine.candidate_seed(st.seeds[i], k) for i, k in extra]
-    keys = [st.synth_key(z, t, s) for z, t, s in zip(lat, texts, seeds)]
+    keys = [st.synth_key(z, t, s) for z, t, s in zip(lat.digests(), texts, seeds)]
 
     def compute(idx):
         for j, (meta, tensors) in zip(idx, generate(run, idx, lat, texts, seeds)):
             yield {**meta, "of": extra[j][0], "candidate": extra[j][1]}, tensors
 
-    entries, _ = step.items(keys, compute, p.synthesis_batch_size, "synth", cache_stage="candidates")
+    entries, _ = step.items(keys, compute, p.synthesis_batch_size, "synth", cache_stage="candidates", retain=False)
     run.need("clip_image", entries)
     st.pool = [(i, 0) for i in range(len(st.items))] + extra  # (synthetic image, candidate index)
-    st.pool_images = list(st.images) + [e.tensors["image"] for e in entries]
+    st.pool_images = st.images + Arrays.stored(entries, "image")
     st.pool_keys = list(st.syn_keys) + keys
     st.pool_seeds = list(st.seeds) + seeds
 
@@ -55,10 +56,9 @@ def pool(run: Run, step: Step) -> None:
 def clip_image(run: Run, step: Step) -> None:
     """CLIP embedding of every pool image, cached per (image content, CLIP) like `vlcp select`'s."""
     from vlcp import clip
-    from vlcp.distill import array_hash
 
     p, st, ref = step.p, run.st, run.refs.clip
-    keys = [clip.image_key(array_hash(im), ref.identity) for im in st.pool_images]
+    keys = [clip.image_key(h, ref.identity) for h in st.pool_images.digests()]
 
     def compute(idx):
         model, processor = run.models["clip"]()
@@ -151,11 +151,11 @@ def _adopt(run: Run, picked: dict[int, list[int]]) -> None:
     src = [st.pool[k][0] for k in order]
     st.items = [(c, j) for c in range(len(run.folders)) for j in range(len(picked.get(c, [])))]
     st.slot_pool = order  # per kept image: its pool index (pool_replacements walks on from it)
-    st.syn_latents = [st.syn_latents[i] for i in src]
+    st.syn_latents = st.syn_latents.pick(src)
     st.texts = [st.texts[i] for i in src]
     st.seeds = [st.pool_seeds[k] for k in order]
     st.syn_keys = [st.pool_keys[k] for k in order]
-    st.images = [st.pool_images[k] for k in order]
+    st.images = st.pool_images.pick(order)
 
 
 def _records(run: Run, records: list[dict], picked: dict[int, list[int]]) -> dict:

@@ -31,7 +31,7 @@ class Stage:
     run: Callable[["Run", "Step"], None]
     version: int
     what: str  # for the README table
-    per: str = "run"  # "image" (cached per item) or "run" (one artefact)
+    per: str = "run"  # "image" (cached per item), "class" (per class) or "run" (one artefact)
     params: tuple[str, ...] = ()  # config fields in the key, by value
     selects: tuple[str, ...] = ()  # config fields that choose which items exist
     unkeyed: tuple[str, ...] = ()  # config fields that cannot change a result
@@ -69,6 +69,7 @@ def images(run: Run, step: Step) -> None:
 def captions(run: Run, step: Step) -> None:
     """LLaVA descriptions with the paper's prompt, greedy decoding, per image; or the authors' captions
     (``--captions-from``), keyed by the file's hash instead of the captioner."""
+    from vlcp import models
     from vlcp.distill import DistillError
 
     p, st = step.p, run.st
@@ -94,15 +95,9 @@ def captions(run: Run, step: Step) -> None:
             yield {"caption": text}, None
 
     # unset: from GPU memory, asked only when captions are computed (a cached run imports no torch)
-    batch = p.caption_batch_size or (lambda: _auto_caption_batch(p.device))
+    batch = p.caption_batch_size or (lambda: models.auto_caption_batch(p.device))
     entries, _ = step.items(st.cap_keys, compute, batch, "captioner")
     st.captions = [e.meta["caption"] if e else None for e in entries]
-
-
-def _auto_caption_batch(device: str) -> int:
-    from vlcp import models
-
-    return models.auto_caption_batch(device)
 
 
 def _imported_captions(run: Run, path: str | None, missing_policy: str) -> tuple[dict[int, str], str | None]:
@@ -172,31 +167,36 @@ def outliers(run: Run, step: Step) -> None:
 
 # 5. clusters ----------------------------------------------------------------------------------------
 def clusters(run: Run, step: Step) -> None:
-    """K-Means per class (k = IPC, n_init 10, --seed); the centres are the image prototypes."""
+    """K-Means per class (k = IPC, n_init 10, --seed); the centres are the image prototypes. One entry per
+    class, not kept in memory: the peak is one class's latents whatever the number of classes."""
     from vlcp import mask_stages as ms
+    from vlcp.arrays import array_hash
     from vlcp.distill import DistillError
 
     p, st = step.p, run.st
-    st.cl_key = step.key(outliers=st.out_key)
+    keys = [step.key(outliers=st.out_key, folder=f) for f in run.folders]
+    st.cl_key = stable_hash(keys)
 
-    def compute():
-        meta, tensors = {}, {}
-        for c, f in enumerate(run.folders):
-            rows = st.inliers[c]
+    def compute(idx):
+        for c in idx:
+            f, rows = run.folders[c], st.inliers[c]
             try:
                 centres, members, dup = clusters_mod.class_clusters(ms.features(run, rows, c, p.object_masks), rows,
                                                                     p.ipc, p.seed, p.allow_duplicates)
             except clusters_mod.TooFewImages:
                 raise DistillError(f"class {f!r} ({run.ds.classes[c].name}) has {len(rows)} usable images, fewer "
                                    f"than --ipc {p.ipc}; lower --ipc or pass --allow-duplicates") from None
-            tensors[f"centres/{f}"] = ms.unmasked_centres(run, members) if p.object_masks else centres
-            meta[f] = {"members": members, "sizes": [len(m) for m in members], "duplicated": dup}
-        return meta, tensors
+            if p.object_masks:
+                centres = ms.unmasked_centres(run, members)
+            yield ({"members": members, "sizes": [len(m) for m in members], "duplicated": dup,
+                    "hashes": {"centres": [array_hash(z) for z in centres]}}, {"centres": centres})
 
-    st.clusters, _ = step.whole(st.cl_key, compute)
+    entries, _ = step.items(keys, compute, 1, retain=False)
+    run.need("text_prototypes", entries)
+    st.clusters = dict(zip(run.folders, entries))
     ms.record_clusters(run)
-    for f, m in st.clusters.meta.items():
-        if m["duplicated"]:
+    for f, e in st.clusters.items():
+        if e.meta["duplicated"]:
             run.warn(f"class {f}: fewer images than --ipc; prototypes repeat (--allow-duplicates)")
 
 
@@ -216,7 +216,7 @@ def text_prototypes(run: Run, step: Step) -> None:
         for c, f in enumerate(run.folders):
             rows = st.inliers[c]
             pos = {g: j for j, g in enumerate(rows)}
-            members = [[pos[g] for g in m] for m in st.clusters.meta[f]["members"]]
+            members = [[pos[g] for g in m] for m in st.clusters[f].meta["members"]]
             recs = tp.class_prototypes([st.captions[g] for g in rows], members, run.ds.classes[c].name, p.beta,
                                        p.top_k, clean_captions=p.clean_captions)
             for r, m in zip(recs, members):
@@ -338,35 +338,40 @@ def finetuned_pipe(run: Run):
 
 # 9. synthesis ---------------------------------------------------------------------------------------
 def synthesis(run: Run, step: Step) -> None:
-    """img2img from each prototype latent with its prompt, per image (one seed per image)."""
+    """img2img from each prototype latent with its prompt, per image (one seed per image). Neither the
+    centres nor the images stay in memory (``vlcp.arrays``): they are read from the cache when used."""
     from vlcp import synthesis as syn
-    from vlcp.distill import array_hash
+    from vlcp.arrays import Arrays
 
     p, st = step.p, run.st
     st.items = [(c, j) for c in range(len(run.folders)) for j in range(p.ipc)]
-    st.syn_latents = [st.clusters.tensors[f"centres/{run.folders[c]}"][j] for c, j in st.items]
+    st.syn_latents = Arrays.rows(((st.clusters[run.folders[c]], j) for c, j in st.items), "centres")
     st.texts = [st.prompts[run.folders[c]][j] for c, j in st.items]
     st.seeds = [syn.image_seed(p.seed, run.folders[c], j) for c, j in st.items]
     model = run.refs.diffusion.identity
     st.synth_params = p
-    st.synth_key = lambda z, prompt, seed: step.key(latent=array_hash(z), prompt=prompt, image_seed=seed,
-                                                    finetune=st.ft_key, model=model)
-    st.syn_keys = [st.synth_key(z, t, s) for z, t, s in zip(st.syn_latents, st.texts, st.seeds)]
+    st.synth_key = lambda latent, prompt, seed: step.key(latent=latent, prompt=prompt, image_seed=seed,
+                                                         finetune=st.ft_key, model=model)
+    st.syn_keys = [st.synth_key(z, t, s) for z, t, s in zip(st.syn_latents.digests(), st.texts, st.seeds)]
     entries, _ = step.items(st.syn_keys, lambda idx: generate(run, idx, st.syn_latents, st.texts, st.seeds),
-                            p.synthesis_batch_size, "synth")
+                            p.synthesis_batch_size, "synth", retain=False)
     run.need("output", entries)
-    st.images = [e.tensors["image"] for e in entries]
+    st.images = Arrays.stored(entries, "image")
 
 
-def generate(run: Run, idx: list[int], lat: list[np.ndarray], texts: list[str], seeds: list[int]):
-    """(meta, tensors) per generated image: shared by synthesis and refinement candidates."""
+def generate(run: Run, idx: list[int], lat, texts: list[str], seeds: list[int]):
+    """(meta, tensors) per generated image: shared by synthesis and refinement candidates. The meta
+    records the image's content hash (``vlcp.arrays``): the stages that key images by content need not
+    read it."""
     from vlcp import synthesis as syn
+    from vlcp.arrays import array_hash
 
     p = run.st.synth_params  # the synthesis stage's keyed parameters: every key of these images holds them
     imgs = syn.sample(run.models["synth"](), np.stack([lat[i] for i in idx]), [texts[i] for i in idx],
                       [seeds[i] for i in idx], syn.Sampling(p.negative_prompt, p.strength, p.guidance_scale, p.steps,
                                                             p.long_prompts))
-    return (({"prompt": texts[i], "seed": seeds[i]}, {"image": im}) for i, im in zip(idx, imgs))
+    return (({"prompt": texts[i], "seed": seeds[i], "hashes": {"image": array_hash(im)}}, {"image": im})
+            for i, im in zip(idx, imgs))
 
 
 SYNTHESIS_PARAMS = ("negative_prompt", "strength", "guidance_scale", "steps", "long_prompts", "seed")
@@ -379,16 +384,18 @@ def output(run: Run, step: Step) -> None:
     from vlcp.runner import StageReport
 
     p, st, classes = step.p, run.st, run.ds.classes
-    images: dict[int, list[np.ndarray]] = {}
-    for (c, _), im in zip(st.items, st.images):
-        images.setdefault(c, []).append(im)
-    pairs = [(st.replaced[i], st.images[i], classes[st.items[i][0]].name) for i in sorted(st.replaced)]
+    images: dict[int, list[int]] = {}  # class -> indices into st.images: each image is read when written
+    for i, (c, _) in enumerate(st.items):
+        images.setdefault(c, []).append(i)
+    by_class = {c: st.images.pick(idx) for c, idx in images.items()}
+    replaced = sorted(st.replaced)
+    pairs = ((st.replaced[i].get(), st.images[i], classes[st.items[i][0]].name) for i in replaced)
 
     def write(tmp):
-        out.save_images(tmp, classes, images, p.image_size)
-        out.contact_sheet(classes, images).save(tmp / "preview.png")
-        if pairs:
-            out.before_after_sheet(pairs).save(tmp / "preview_refined.png")
+        out.save_images(tmp, classes, by_class, p.image_size)
+        out.contact_sheet(classes, by_class).save(tmp / "preview.png")
+        if replaced:
+            out.before_after_sheet(pairs, len(replaced)).save(tmp / "preview_refined.png")
 
     run.writers.append(write)
     run.reports.append(StageReport("output", step.key(images=st.syn_keys), False, len(st.items), 0, False, 0.0))
@@ -420,8 +427,8 @@ def _stages() -> list[Stage]:
               params=("contamination", "ipc", "object_masks"), inputs="latent keys per class (and mask keys "
               "with `--object-masks`)"),
         Stage("clusters", clusters, clusters_mod.VERSION, "K-Means per class (`k = IPC`, `n_init=10`, `--seed`); "
-              "centres = image prototypes", params=("ipc", "seed", "allow_duplicates", "object_masks"),
-              inputs="outliers key"),
+              "centres = image prototypes", "class", params=("ipc", "seed", "allow_duplicates", "object_masks"),
+              inputs="outliers key, class folder"),
         Stage("text_prototypes", text_prototypes, 2, "Algorithm 2: non-representative words N (Eq. 2), top-k "
               "words R_w (Eq. 3), best caption (Eq. 4-5)", params=("beta", "top_k", "clean_captions"),
               inputs="clusters key, caption keys and files of the inliers, class names"),
@@ -464,7 +471,7 @@ def markdown_table() -> str:
     for s in STAGES:
         flags = [f"`--{n.replace('_', '-')}`" for n in s.params]
         key = ", ".join(flags + ([s.inputs] if s.inputs else [])) or "-"
-        per = {"image": "item", "run": "run"}[s.per]
+        per = {"image": "item", "class": "class", "run": "run"}[s.per]
         rows.append(f"| `{s.name}` | {s.what} | {per} | {key} | "
                     f"{_flag(s.enabled_by) if s.enabled_by else 'always'} |")
     return "\n".join(rows) + "\n"
