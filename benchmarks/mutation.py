@@ -30,6 +30,7 @@ TARGETS: dict[str, list[str]] = {
     "outliers": ["vlcp.outliers.*"],
     "clusters": ["vlcp.clusters.*"],
     "cache": ["vlcp.cache.*"],
+    "arrays": ["vlcp.arrays.*"],
     "refine (selection)": [f"vlcp.refine.x_{f}__mutmut_*" for f in
                            ("default_beta", "is_defective", "candidate_seed", "_cos", "choose", "select", "_mean")],
     "evaluate (protocol, schedule)": [f"vlcp.evaluate.x_{f}__mutmut_*" for f in

@@ -17,7 +17,10 @@ latents`` at ``--resolution`` (128 px gives the tiny VAE 4x64x64 latents, 64 KiB
 512 px), a fresh process runs the cached stages up to the latents, then the outliers and clusters
 stages alone (their entries cleared first, so both compute), and reports its resident set before them
 and its peak during each (VmHWM, reset through ``/proc/self/clear_refs`` just before each; sklearn is
-imported and warmed up on data of the latents' size before): what the clustering stages add.
+imported and warmed up on data of the latents' size before): what the clustering stages add. With
+``--synthesis PX`` it goes on through text prototypes, prompts, synthesis and the output's files, the
+diffusion call replaced by seeded random PX x PX images: the RSS after synthesis is what the run keeps of
+its synthetic images (``vlcp/arrays.py``: references, not pixels).
 """
 import argparse
 import json
@@ -89,11 +92,11 @@ def _vm(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure_clusters(cache_dir: str, data: str, resolution: int, ipc: int, synthesis: bool = False) -> dict:
+def measure_clusters(cache_dir: str, data: str, resolution: int, ipc: int, synthesis_px: int = 0) -> dict:
     """In this process: the cached stages up to the latents, then outliers + clusters with the peak RSS reset
-    just before them; with ``synthesis`` then text prototypes and prompts, synthesis (its images computed
-    afresh) and the output's writing, each with its own peak. Returns MiB figures and seconds (printed as
-    JSON by ``--_measure``)."""
+    just before them; with ``synthesis_px`` then text prototypes and prompts, synthesis (stub images of that
+    size, computed afresh) and the output's writing. Returns MiB figures and seconds (printed as JSON by
+    ``--_measure``)."""
     import gc
 
     from vlcp.cache import StageCache
@@ -129,19 +132,25 @@ def measure_clusters(cache_dir: str, data: str, resolution: int, ipc: int, synth
         out[f"{name}_peak_mib"] = _vm("VmHWM") / 1024
     out = {**out, "seconds": time.perf_counter() - t0, "blob_reads": cache.blob_reads - reads,
            "rss_after_mib": _vm("VmRSS") / 1024}
-    if synthesis:
-        out.update(measure_synthesis(run, cache))
+    if synthesis_px:
+        out.update(measure_synthesis(run, cache, synthesis_px))
     return out
 
 
-def measure_synthesis(run, cache) -> dict:
+def measure_synthesis(run, cache, px: int) -> dict:
     """After the clusters: text prototypes and prompts, then synthesis and the output's files with the peak
-    RSS reset before each (the synthesis entries cleared first, so every image is computed)."""
+    RSS reset before each and the RSS after synthesis (what the run holds), the synthesis entries cleared
+    first. The diffusion call is replaced by seeded random ``px`` x ``px`` images (SD v1.5 makes 512 px): what
+    is measured is what the run keeps of its images, not the UNet's activations (the tiny UNet would take
+    ~0.4 s an image here)."""
     import tempfile
 
+    from vlcp import synthesis
     from vlcp.distill import Step
     from vlcp.stages import STAGE_NAMES, STAGES
 
+    synthesis.sample = lambda pipe, lat, prompts, seeds, s: np.stack(
+        [np.random.default_rng(seed).integers(0, 256, (px, px, 3), np.uint8) for seed in seeds])
     cache.clear("synthesis")
     for name in ("text_prototypes", "prompts"):
         stage = STAGES[STAGE_NAMES.index(name)]
@@ -158,7 +167,10 @@ def measure_synthesis(run, cache) -> dict:
                 for write in run.writers:
                     write(Path(tmp))
         out[f"{name}_peak_mib"] = _vm("VmHWM") / 1024
+        if name == "synthesis":
+            out["rss_after_synthesis_mib"] = _vm("VmRSS") / 1024
     image = np.asarray(run.st.images[0])
+    cache.clear("synthesis")  # stub images under real synthesis keys: never left for a real run to reuse
     return {**out, "synthesis_seconds": time.perf_counter() - t0, "synthetic_images": len(run.st.items),
             "image_kib": image.nbytes / 1024}
 
@@ -173,7 +185,7 @@ def cluster_memory(a, env: dict, tmp: Path, models: Path, data: Path) -> None:
                   "latents", "--force", "--out", str(tmp / "out-latents")], env)
     print(f"cold --until latents at {a.resolution} px: {t:.1f} s, peak RSS {rss} MiB")
     proc = subprocess.run([sys.executable, __file__, "--_measure", str(cache), str(data), str(a.resolution),
-                           str(a.ipc), str(int(a.synthesis))], env=env, capture_output=True, text=True, check=True)
+                           str(a.ipc), str(a.synthesis)], env=env, capture_output=True, text=True, check=True)
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     base = m["rss_before_mib"]
     print(f"{a.classes} classes x {a.per_class} images ({m['images']}), latents of {m['latent_kib']:.0f} KiB, "
@@ -183,16 +195,17 @@ def cluster_memory(a, env: dict, tmp: Path, models: Path, data: Path) -> None:
           f"after {m['rss_after_mib']:.0f} MiB")
     if a.synthesis:
         base = m["rss_before_synthesis_mib"]
-        print(f"synthesis of {m['synthetic_images']} images of {m['image_kib']:.0f} KiB: "
+        print(f"synthesis of {m['synthetic_images']} stub images of {m['image_kib']:.0f} KiB: "
               f"{m['synthesis_seconds']:.1f} s with the output; RSS {base:.0f} MiB before, peak during synthesis "
-              f"{m['synthesis_peak_mib']:.0f} (+{m['synthesis_peak_mib'] - base:.0f}) MiB, while writing the "
-              f"output {m['output_peak_mib']:.0f} (+{m['output_peak_mib'] - base:.0f}) MiB")
+              f"{m['synthesis_peak_mib']:.0f} (+{m['synthesis_peak_mib'] - base:.0f}) MiB, after it "
+              f"{m['rss_after_synthesis_mib']:.0f} (+{m['rss_after_synthesis_mib'] - base:.0f}) MiB, while writing "
+              f"the output {m['output_peak_mib']:.0f} (+{m['output_peak_mib'] - base:.0f}) MiB")
 
 
 def main():
     if len(sys.argv) == 7 and sys.argv[1] == "--_measure":
         print(json.dumps(measure_clusters(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
-                                          bool(int(sys.argv[6])))))
+                                          int(sys.argv[6]))))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--classes", type=int, default=1000)
@@ -203,8 +216,8 @@ def main():
     ap.add_argument("--cluster-memory", action="store_true", help="only the clustering stages' memory (see above)")
     ap.add_argument("--resolution", type=int, default=128, help="with --cluster-memory: the VAE's input size")
     ap.add_argument("--ipc", type=int, default=2, help="with --cluster-memory: clusters per class")
-    ap.add_argument("--synthesis", action="store_true", help="with --cluster-memory: then synthesis and the "
-                    "output's files too, each with its peak RSS (--steps 2, no fine-tuning)")
+    ap.add_argument("--synthesis", type=int, default=0, metavar="PX", help="with --cluster-memory: then "
+                    "synthesis (random PX x PX stub images instead of the diffusion call) and the output's files")
     a = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):

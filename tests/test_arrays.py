@@ -19,7 +19,7 @@ def stored(tmp_path):
         cache.put("synthesis", f"k{i}", meta, {"image": im})
     cache.put("clusters", "c", {"hashes": {"centres": [array_hash(z) for z in centres]}}, {"centres": centres})
     cache = StageCache(tmp_path / "c")  # a new process: nothing in memory
-    arrays._last[:] = [None, None]
+    arrays.forget()
     return cache, ims, centres
 
 
@@ -73,6 +73,31 @@ def test_pick_add_slice_and_swap_move_references_not_arrays(stored):
     assert cache.blob_reads == 0 and len(both) == 4 and isinstance(copy, Arrays)
     assert picked.refs == [b.refs[0], a.refs[0]] and a.refs[0] is not copy.refs[0]
     assert np.array_equal(picked[1], ims[0]) and np.array_equal(copy[0], b[0]) and np.array_equal(a[0], ims[0])
+
+
+def test_a_hash_of_the_wrong_kind_is_not_trusted_and_a_computed_one_is_kept(stored):
+    """A row reference on an entry that recorded one hash (or a whole reference on per-row hashes) reads and
+    hashes instead of returning a character of it; an entry without hashes (cached before they were
+    recorded) is read once, not once per stage that asks."""
+    cache, ims, centres = stored
+    img, rows = cache.get("synthesis", "k0"), cache.get("clusters", "c")
+    assert Ref(img, "image", 1).digest() == array_hash(ims[0][1]) and cache.blob_reads == 1
+    assert Ref(rows, "centres").digest() == array_hash(centres) and cache.blob_reads == 2
+    old = Arrays.stored([cache.get("synthesis", "k2")], "image")
+    assert old.digest(0) == array_hash(ims[2]) and cache.blob_reads == 3
+    Ref(img, "image").get()  # another blob read in between (the one-blob memo now holds k0)
+    assert (old + old).digests() == [array_hash(ims[2])] * 2 and cache.blob_reads == 4  # k2 not read again
+
+
+def test_forget_drops_the_blob_kept_for_consecutive_rows(stored):
+    cache, _, centres = stored
+    e = cache.get("clusters", "c")
+    rows = Arrays.rows([(e, 0), (e, 1)], "centres")
+    rows[0], rows[1]
+    assert cache.blob_reads == 1
+    arrays.forget()
+    assert arrays._last[0] == (None, None)
+    assert np.array_equal(rows[1], centres[1]) and cache.blob_reads == 2
 
 
 def test_a_held_reference_is_its_value():

@@ -41,6 +41,18 @@ def test_put_get_roundtrip_json_and_tensors(tmp_path):
     assert not list(tmp_path.rglob(".tmp-*"))  # atomic writes leave no temp files
 
 
+def test_a_fresh_put_returns_the_meta_a_later_hit_returns(tmp_path):
+    """Cold and cached runs write the same manifest: the entry a put returns has the hit's meta (keys
+    sorted, tuples as lists), not the object the stage built."""
+    c = StageCache(tmp_path)
+    meta = {"b": (1, 2), "a": {"z": 1, "y": [0.5]}}
+    put = c.put("outliers", "k", meta)
+    hit = StageCache(tmp_path).get("outliers", "k")
+    assert put.meta == hit.meta == {"a": {"y": [0.5], "z": 1}, "b": [1, 2]}
+    assert list(put.meta) == list(hit.meta) == ["a", "b"] and list(put.meta["a"]) == ["y", "z"]
+    assert meta == {"b": (1, 2), "a": {"z": 1, "y": [0.5]}}  # the caller's object is untouched
+
+
 def test_corrupt_blob_is_detected_logged_and_recomputed(tmp_path, caplog):
     c = StageCache(tmp_path)
     c.put("latents", "k1", {}, {"latent": np.ones(100, np.float32)})

@@ -174,6 +174,25 @@ def test_a_latent_found_corrupt_when_read_is_recomputed(vlcp, tmp_path):
     assert m["stages"]["outliers"]["items_computed"] == 1
 
 
+def test_a_synthetic_image_found_corrupt_when_written_is_recomputed(vlcp, tmp_path):
+    """A cached rerun reads no synthetic image until the output writes it (keys come from the recorded
+    hashes): a flipped bit found there restarts the run, which recomputes that one image (exit 0, one
+    corrupt entry counted, every PNG written)."""
+    args = ["distill", "--data", "digits", "--tiny", "--classes", "0,1", "--max-per-class", "6", "--ipc", "2",
+            "--steps", "2", "--no-finetune"]
+    assert vlcp(*args, "--out", tmp_path / "a").exit_code == 0
+    blob = sorted(b for b in (tmp_path / "cache" / "blobs" / "synthesis").rglob("*") if b.is_file())[0]
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 0x01  # inside the pixels: same length, only the checksum can tell
+    blob.write_bytes(bytes(data))
+    r = vlcp(*args, "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    m = read_manifest(tmp_path / "b")
+    assert m["stages"]["synthesis"]["items_computed"] == 1 and m["cache_corrupt_entries_recomputed"] == 1
+    assert sorted(p.name for p in (tmp_path / "b").rglob("*.png")) == ["0000.png", "0000.png", "0001.png",
+                                                                        "0001.png", "preview.png"]
+
+
 def test_lof_restores_images_and_kmeans_follows_the_seed_through_distill(vlcp, tmp_path):
     """5-image classes at contamination 0.5 with IPC 4: LOF removes more than one, the least outlying come
     back until 4 remain, with a warning; two seeds give two different sets of prototypes (issue 17 item 5,

@@ -10,7 +10,7 @@ producer recorded it (``hashes``), so a fully cached rerun reads no image or cen
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,17 +25,24 @@ def array_hash(a: np.ndarray) -> str:
     return hashlib.sha256(str((a.dtype.str, a.shape)).encode() + a.tobytes()).hexdigest()[:32]
 
 
-_last: list = [None, None]  # (entry, its tensors): consecutive rows of one entry read its blob once
+_last: list = [(None, None)]  # (entry, its tensors): consecutive rows of one entry read its blob once
 
 
 def _tensors(entry) -> dict[str, np.ndarray]:
     if entry.loaded:
         return entry.tensors
-    if _last[0] is not entry:
-        _last[0], _last[1] = None, None  # never two blobs in memory at once
-        _last[1] = entry.read()
-        _last[0] = entry
-    return _last[1]
+    held, tensors = _last[0]  # one tuple: read and replaced whole, never half of another pair
+    if held is entry:
+        return tensors
+    _last[0] = (None, None)  # never two blobs in memory at once
+    tensors = entry.read()
+    _last[0] = (entry, tensors)
+    return tensors
+
+
+def forget() -> None:
+    """Drop the blob kept for consecutive reads (at the end of a run: it would outlive its cache)."""
+    _last[0] = (None, None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,6 +53,7 @@ class Ref:
     name: str = ""
     row: int | None = None
     value: np.ndarray | None = None
+    _hash: list = field(default_factory=list, repr=False)  # a digest computed from a read, kept
 
     def get(self) -> np.ndarray:
         if self.value is not None:
@@ -54,12 +62,17 @@ class Ref:
         return t if self.row is None else t[self.row]
 
     def digest(self) -> str:
-        """``array_hash`` of the array: recorded by its producer, or computed from a read."""
+        """``array_hash`` of the array: recorded by its producer (one hash for a whole tensor, a list for
+        rows), or computed from one read and kept (entries cached before hashes were recorded)."""
         if self.value is None:
             h = self.entry.meta.get("hashes", {}).get(self.name)
-            if h is not None:
-                return h if self.row is None else h[self.row]
-        return array_hash(self.get())
+            if self.row is None and isinstance(h, str):
+                return h
+            if self.row is not None and isinstance(h, list) and self.row < len(h):
+                return h[self.row]
+        if not self._hash:
+            self._hash.append(array_hash(self.get()))
+        return self._hash[0]
 
 
 class Arrays(Sequence):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-VERSION = 2  # 2: one cache entry per class (centres + their content hashes), was one for all
+VERSION = 1
 
 
 class TooFewImages(Exception):

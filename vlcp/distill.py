@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-
 from vlcp import __version__
 from vlcp.arrays import Arrays
 from vlcp.cache import StageCache, stable_hash, stage_key
@@ -188,23 +187,30 @@ class Step:
 
 def distill(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> dict:
     """Run (or plan) the enabled stages up to ``cfg.until``; return the manifest (written to OUT unless dry)."""
+    from vlcp import arrays, parallel
     from vlcp.cache import CorruptEntry
 
     t_start = time.perf_counter()
-    for attempt in range(3):  # a blob found corrupt when first read is dropped; the rerun recomputes it
-        run = start(cfg, cache, dry_run)
-        try:
-            _run_stages(run)
-            break
-        except CorruptEntry as exc:
-            if attempt == 2:
-                raise DistillError(str(exc)) from None
-            log.warning("%s: recomputing it", exc)
-    run.manifest["stages"] = {r.name: r.manifest() for r in run.reports}
-    run.manifest["seconds"] = round(time.perf_counter() - t_start, 3)
-    run.manifest["cache_corrupt_entries_recomputed"] = cache.corrupt
-    if not dry_run:
-        publish(run)
+    alone = not parallel.world().parallel
+    try:
+        for attempt in range(3):  # a blob found corrupt when first read is dropped; the rerun recomputes it
+            run = start(cfg, cache, dry_run)
+            try:
+                _run_stages(run)
+                run.manifest["stages"] = {r.name: r.manifest() for r in run.reports}
+                run.manifest["seconds"] = round(time.perf_counter() - t_start, 3)
+                run.manifest["cache_corrupt_entries_recomputed"] = cache.corrupt
+                if alone and not dry_run:
+                    publish(run)  # the first read of the synthetic images: a corrupt one is recomputed too
+                break
+            except CorruptEntry as exc:
+                if attempt == 2:
+                    raise DistillError(str(exc)) from None
+                log.warning("%s: recomputing it", exc)
+        if not alone and not dry_run:
+            publish(run)  # after the other processes have ended: a corrupt image here needs a rerun
+    finally:
+        arrays.forget()
     return run.manifest
 
 

@@ -52,9 +52,10 @@ def publish(out: Path, build) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_images(folder: Path, classes: list, images: dict[int, Sequence[np.ndarray]], image_size: int | None) -> int:
+def save_images(folder: Path, classes: list, images: dict[int, Sequence[np.ndarray]], image_size: int | None,
+                sheet: "ContactSheet | None" = None) -> int:
     """Write PNGs resized to image_size (None keeps the generated size); return how many. ``images`` may be
-    ``vlcp.arrays.Arrays``: one image is read (and written) at a time."""
+    ``vlcp.arrays.Arrays``: one image is read (and written) at a time, and put on ``sheet`` while it is."""
     from PIL import Image
 
     n = 0
@@ -62,6 +63,8 @@ def save_images(folder: Path, classes: list, images: dict[int, Sequence[np.ndarr
         d = folder / cls.folder
         d.mkdir(parents=True, exist_ok=True)
         for j, arr in enumerate(images.get(ci, [])):
+            if sheet is not None:
+                sheet.add(ci, j, arr)
             im = Image.fromarray(arr)
             if image_size and im.size != (image_size, image_size):
                 im = im.resize((image_size, image_size), Image.LANCZOS)
@@ -70,19 +73,36 @@ def save_images(folder: Path, classes: list, images: dict[int, Sequence[np.ndarr
     return n
 
 
-def contact_sheet(classes: list, images: dict[int, Sequence[np.ndarray]], cell: int = 64, max_cols: int = 10):
-    """One row per class, labelled with its human name: a quick look at the whole distilled set."""
-    from PIL import Image, ImageDraw
+class ContactSheet:
+    """preview.png: one row per class, labelled with its human name, its first ``max_cols`` images; filled
+    image by image (``add``), so the output reads each synthetic image once for its PNG and the sheet."""
+    LABEL_W = 160
 
-    label_w = 160
-    cols = min(max_cols, max((len(v) for v in images.values()), default=1))
-    sheet = Image.new("RGB", (label_w + cols * cell, max(1, len(classes)) * cell), "white")
-    draw = ImageDraw.Draw(sheet)
-    for ci, cls in enumerate(classes):
-        draw.text((4, ci * cell + cell // 2 - 6), f"{cls.folder}: {cls.name}"[:26], fill="black")
-        for j, arr in enumerate(images.get(ci, [])[:cols]):
-            sheet.paste(Image.fromarray(arr).resize((cell, cell), Image.BICUBIC), (label_w + j * cell, ci * cell))
-    return sheet
+    def __init__(self, classes: list, per_class: int, cell: int = 64, max_cols: int = 10):
+        from PIL import Image, ImageDraw
+
+        self.cols, self.cell = min(max_cols, max(per_class, 1)), cell
+        self.image = Image.new("RGB", (self.LABEL_W + self.cols * cell, max(1, len(classes)) * cell), "white")
+        draw = ImageDraw.Draw(self.image)
+        for ci, cls in enumerate(classes):
+            draw.text((4, ci * cell + cell // 2 - 6), f"{cls.folder}: {cls.name}"[:26], fill="black")
+
+    def add(self, ci: int, j: int, arr: np.ndarray) -> None:
+        from PIL import Image
+
+        if j < self.cols:
+            cell = self.cell
+            self.image.paste(Image.fromarray(arr).resize((cell, cell), Image.BICUBIC),
+                             (self.LABEL_W + j * cell, ci * cell))
+
+
+def contact_sheet(classes: list, images: dict[int, Sequence[np.ndarray]], cell: int = 64, max_cols: int = 10):
+    """The contact sheet of images already written (``vlcp select``)."""
+    sheet = ContactSheet(classes, max((len(v) for v in images.values()), default=1), cell, max_cols)
+    for ci in range(len(classes)):
+        for j, arr in enumerate(images.get(ci, [])[:sheet.cols]):
+            sheet.add(ci, j, arr)
+    return sheet.image
 
 
 def before_after_sheet(pairs: Iterable[tuple[np.ndarray, np.ndarray, str]], n: int, cell: int = 64):

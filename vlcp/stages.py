@@ -175,7 +175,7 @@ def clusters(run: Run, step: Step) -> None:
 
     p, st = step.p, run.st
     keys = [step.key(outliers=st.out_key, folder=f) for f in run.folders]
-    st.cl_key = stable_hash(keys)
+    st.cl_key = step.key(outliers=st.out_key)  # all classes' clusters (what text prototypes are keyed by)
 
     def compute(idx):
         for c in idx:
@@ -392,8 +392,9 @@ def output(run: Run, step: Step) -> None:
     pairs = ((st.replaced[i].get(), st.images[i], classes[st.items[i][0]].name) for i in replaced)
 
     def write(tmp):
-        out.save_images(tmp, classes, by_class, p.image_size)
-        out.contact_sheet(classes, by_class).save(tmp / "preview.png")
+        sheet = out.ContactSheet(classes, max((len(v) for v in by_class.values()), default=1))
+        out.save_images(tmp, classes, by_class, p.image_size, sheet)  # each image read once, for both
+        sheet.image.save(tmp / "preview.png")
         if replaced:
             out.before_after_sheet(pairs, len(replaced)).save(tmp / "preview_refined.png")
 
