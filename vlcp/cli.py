@@ -88,6 +88,13 @@ def _default(name: str):
     return default(name)
 
 
+def _choice(name: str) -> click.Choice:
+    """The allowed values of a distill option, from config.CHOICES (what validate checks)."""
+    from vlcp.config import CHOICES
+
+    return click.Choice(CHOICES[name])
+
+
 def _options(*decorators):
     """Several click options as one decorator (shared by commands that take the same options)."""
     def apply(f):
@@ -106,7 +113,7 @@ refine_options = _options(
                                                     "[default: 0.9 ImageNette/ImageWoof, 0.7 CIFAR-10, 0.9 others]"),
     click.option("--detector", help="Detector: a safetensors file of --detector-arch weights, or a torchvision "
                                     "ResNet name with local ImageNet weights (ImageNet subsets). [default: train one]"),
-    click.option("--detector-arch", type=click.Choice(["resnet18", "resnet18-modified"]),
+    click.option("--detector-arch", type=_choice("detector_arch"),
                  help="[default: resnet18-modified for <= 32 px data, resnet18 otherwise]"),
     click.option("--detector-epochs", type=click.IntRange(min=1), default=_default("detector_epochs"),
                  show_default=True),
@@ -137,12 +144,12 @@ refine_options = _options(
 @click.option("--captions-from", type=click.Path(exists=True, dir_okay=False),
               help="Use these captions (the reference .jsonl: {\"file_name\": \"<class>/<file>\", \"text\": ...}, "
                    "'MM' read as '_'), e.g. the VLCP authors' LLaVA captions, instead of running the captioner.")
-@click.option("--missing-captions", type=click.Choice(["error", "caption"]), default=_default("missing_captions"),
+@click.option("--missing-captions", type=_choice("missing_captions"), default=_default("missing_captions"),
               show_default=True, help="Images the --captions-from file lacks: stop, or caption them.")
 @click.option("--clean-captions/--no-clean-captions", default=_default("clean_captions"), show_default=True,
               help="Remove '\"' and \"'s\" from captions before Algorithm 2 and fine-tuning, as the reference code.")
 @click.option("--resolution", type=click.IntRange(min=8), help="Pixel size fed to the VAE. [default: the model's]")
-@click.option("--crop", type=click.Choice(["none", "center"]), default=_default("crop"), show_default=True,
+@click.option("--crop", type=_choice("crop"), default=_default("crop"), show_default=True,
               help="none: resize to a square as the reference code; center: resize short side + centre crop.")
 @click.option("--latent-batch-size", type=click.IntRange(min=1), default=_default("latent_batch_size"),
               show_default=True)
@@ -156,20 +163,20 @@ refine_options = _options(
 @click.option("--steps", type=click.IntRange(min=1), default=_default("steps"), show_default=True,
               help="Denoising steps.")
 @click.option("--negative-prompt", default=_default("negative_prompt"), show_default=True)
-@click.option("--long-prompts", type=click.Choice(["reference", "chunked"]), default=_default("long_prompts"),
+@click.option("--long-prompts", type=_choice("long_prompts"), default=_default("long_prompts"),
               show_default=True, help="Prompts over 77 tokens: reference (the whole prompt cut into 77-token "
                                       "windows, as the VLCP code) or chunked (75-token chunks, each with BOS/EOS).")
 @click.option("--synthesis-batch-size", type=click.IntRange(min=1), default=_default("synthesis_batch_size"),
               show_default=True)
 @click.option("--image-size", type=click.IntRange(min=1), help="Side of saved images. [default: per dataset]")
-@click.option("--text-strategy", type=click.Choice(["dcs", "label", "label+keywords", "llm"]),
+@click.option("--text-strategy", type=_choice("text_strategy"),
               default=_default("text_strategy"), show_default=True,
               help="Prompt: closest-sample description (Alg. 2), class name, name + keywords, "
                    "or an LLM sentence from the keywords.")
 @click.option("--text-llm", help="Causal LM for --text-strategy llm (hub id or dir). [default with --tiny: a tiny one]")
 @click.option("--finetune/--no-finetune", default=_default("finetune"), show_default=True,
               help="Fine-tune the diffusion model on (image, caption) pairs first (Algorithm 1, step 3).")
-@click.option("--finetune-method", type=click.Choice(["full", "lora"]), default=_default("finetune_method"),
+@click.option("--finetune-method", type=_choice("finetune_method"), default=_default("finetune_method"),
               show_default=True)
 @click.option("--finetune-epochs", type=click.IntRange(min=1), help="[default: 8 as the paper; 1 with --tiny]")
 @click.option("--finetune-batch-size", type=click.IntRange(min=1), default=_default("finetune_batch_size"),
@@ -192,7 +199,7 @@ refine_options = _options(
               help="Random horizontal flips of the training latents (the reference's --random_flip).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Trade compute for UNet memory while fine-tuning. [default: on with CUDA, off on CPU]")
-@click.option("--post-sample", type=click.Choice(["none", "sas"]), default=_default("post_sample"), show_default=True,
+@click.option("--post-sample", type=_choice("post_sample"), default=_default("post_sample"), show_default=True,
               help="sas: generate a pool of --pool-multiplier images per prototype and keep IPC per class by CLIP "
                    "relevance, margin and diversity (vlcp's formulation of SAS, arXiv 2605.18012, from its "
                    "abstract; not the authors' method). With --refine, a defective kept image first takes the "
@@ -208,10 +215,10 @@ refine_options = _options(
               help="sas: quality = alpha z(relevance) + (1 - alpha) z(margin).")
 @click.option("--sas-lambda", type=float, default=_default("sas_lambda"), show_default=True,
               help="sas stage 2: lambda z(quality) + (1 - lambda) diversity.")
-@click.option("--select", type=click.Choice(["sas", "relevance", "random"]), default=_default("select"),
+@click.option("--select", type=_choice("select"), default=_default("select"),
               show_default=True, help="sas: the selection, its one-score ablation, or the random-from-pool control.")
 @click.option("--sas-per-prototype", is_flag=True, help="sas: the best image of every prototype first (coverage).")
-@click.option("--sas-anchor", type=click.Choice(["prompt", "prototype", "centroid"]), default=_default("sas_anchor"),
+@click.option("--sas-anchor", type=_choice("sas_anchor"), default=_default("sas_anchor"),
               show_default=True, help="sas relevance anchor: class prompt, the image's own prompt, or the real "
                                       "images' CLIP centroid.")
 @click.option("--sas-caption-weight", type=float, default=_default("sas_caption_weight"), show_default=True,

@@ -119,20 +119,15 @@ class DistillConfig:
         _positive("--finetune-lr", self.finetune_lr)
         _in_range("--finetune-ema-decay", self.finetune_ema_decay, 0, 1)
         _positive("--finetune-max-grad-norm", self.finetune_max_grad_norm)
-        _choice("--crop", self.crop, ("none", "center"))
-        _choice("--finetune-method", self.finetune_method, ("full", "lora"))
-        _choice("--text-strategy", self.text_strategy, ("dcs", "label", "label+keywords", "llm"))
-        _choice("--long-prompts", self.long_prompts, ("reference", "chunked"))
-        _choice("--post-sample", self.post_sample, ("none", "sas"))
-        _choice("--select", self.select, ("sas", "relevance", "random"))
-        _choice("--sas-anchor", self.sas_anchor, ("prompt", "prototype", "centroid"))
+        for name, allowed in CHOICES.items():
+            if name != "detector_arch" or self.detector_arch is not None:  # None: chosen from the image size
+                _choice("--" + name.replace("_", "-"), getattr(self, name), allowed)
         _in_range("--sas-keep", self.sas_keep, 0, 1, low_open=True)
         _in_range("--sas-alpha", self.sas_alpha, 0, 1)
         _in_range("--sas-lambda", self.sas_lambda, 0, 1)
         _in_range("--sas-caption-weight", self.sas_caption_weight, 0, 1)
         if "{name}" not in self.clip_prompt:
             raise ConfigError("--clip-prompt", f"must contain {{name}}, got {self.clip_prompt!r}")
-        _choice("--missing-captions", self.missing_captions, ("error", "caption"))
         _check_masks(self)
         if self.captions_from is not None and not Path(self.captions_from).is_file():
             raise ConfigError("--captions-from", f"{self.captions_from} is not a file")
@@ -221,6 +216,20 @@ def _in_range(param: str, value, low, high, low_open: bool = False) -> None:
         return
     if value < low or value > high or (low_open and value == low):
         raise ConfigError(param, f"must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+
+
+# the allowed values of every option that is a choice: config.validate checks them, cli.py offers them
+CHOICES: dict[str, tuple[str, ...]] = {
+    "missing_captions": ("error", "caption"),
+    "crop": ("none", "center"),
+    "long_prompts": ("reference", "chunked"),
+    "text_strategy": ("dcs", "label", "label+keywords", "llm"),
+    "finetune_method": ("full", "lora"),
+    "post_sample": ("none", "sas"),
+    "select": ("sas", "relevance", "random"),
+    "sas_anchor": ("prompt", "prototype", "centroid"),
+    "detector_arch": ("resnet18", "resnet18-modified"),
+}
 
 
 def _choice(param: str, value, choices) -> None:
