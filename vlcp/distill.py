@@ -177,9 +177,10 @@ class Step:
               cache_stage: str | None = None, retain: bool = True):
         """A per-item stage (``run_items``); ``retain=False`` when the computed tensors must not stay in
         memory (latents: read back one class at a time by the stages that use them)."""
+        opts = ItemOpts(self.run.dry, retain, "class" if self.stage.per == "class" else "img")
         entries, rep = run_items(self.run.cache, cache_stage or self.stage.name, keys, compute, batch_size,
                                  self.run.models.get(model) if model else None,
-                                 self.run.cfg.progress and self.stage.name, ItemOpts(self.run.dry, retain))
+                                 self.run.cfg.progress and self.stage.name, opts)
         rep.name = self.stage.name
         self.run.reports.append(rep)
         return entries, rep

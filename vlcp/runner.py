@@ -120,6 +120,7 @@ class ItemOpts:
     """How ``run_items`` runs, beyond what it computes."""
     dry: bool = False  # plan only: compute nothing, missing entries stay None
     retain: bool = True  # computed entries keep their tensors; False: read back from the blob when used
+    unit: str = "img"  # what the progress bar counts ("class" for a stage with one item per class)
 
 
 def run_items(cache: StageCache, stage: str, keys: list[str],
@@ -161,7 +162,7 @@ def run_items(cache: StageCache, stage: str, keys: list[str],
         bs = parallel.batch_size(cache, stage, unique, batch_size, w)  # e.g. from GPU memory: only when needed
         mine, peers = parallel.deal(unique, missing, bs, w)
         batches = [[where[unique[n]][0] for n in b] for b in mine]
-        for i, e in _compute(cache, stage, keys, batches, compute, progress, opts.retain):
+        for i, e in _compute(cache, stage, keys, batches, compute, progress, opts):
             for j in where[keys[i]]:
                 entries[j] = e
     if peers:
@@ -180,15 +181,15 @@ def run_items(cache: StageCache, stage: str, keys: list[str],
 
 
 def _compute(cache: StageCache, stage: str, keys: list[str], batches: list[list[int]], compute: Callable,
-             progress: bool | str, retain: bool) -> Iterator[tuple[int, Entry]]:
+             progress: bool | str, opts: ItemOpts) -> Iterator[tuple[int, Entry]]:
     """Compute each batch (first indices of missing keys), storing every item at once."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(len(b) for b in batches), desc=progress if isinstance(progress, str) else stage,
-               unit="img", disable=progress is False, leave=False)
+               unit=opts.unit, disable=progress is False, leave=False)
     for batch in batches:
         done = [(i, meta, tensors) for i, (meta, tensors) in zip(batch, compute(batch))]
-        entries = cache.put_many(stage, [(keys[i], meta, tensors) for i, meta, tensors in done], retain=retain)
+        entries = cache.put_many(stage, [(keys[i], meta, tensors) for i, meta, tensors in done], retain=opts.retain)
         yield from ((i, e) for (i, _, _), e in zip(done, entries))  # stored together: one index commit
         bar.update(len(batch))
     bar.close()
