@@ -1,7 +1,9 @@
 """Cache semantics: keys, hits and misses, per-item reuse, corruption, concurrent writers."""
 import hashlib
+import json
 import logging
 import multiprocessing as mp
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -617,3 +619,64 @@ def test_clustering_reads_one_class_at_a_time_and_keeps_no_latent(tmp_path, cach
         assert st.clusters[f].meta["members"] == members
         assert np.array_equal(st.clusters[f].read()["centres"], centres)
         assert st.clusters[f].meta["hashes"]["centres"] == [array_hash(z) for z in centres]
+
+
+def _row(c: StageCache, k: str):
+    return c.index._sql("SELECT mode, value FROM Cache WHERE key = ?", (k,)).fetchone()
+
+
+def _set_row(c: StageCache, k: str, mode: int, value: bytes) -> None:
+    import sqlite3
+
+    c.index._sql("UPDATE Cache SET mode = ?, value = ? WHERE key = ?", (mode, sqlite3.Binary(value), k))
+
+
+class _RunsCode:
+    """What a pickle from elsewhere could hold: unpickling it would create a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_index_records_are_json_not_pickles(tmp_path):
+    c = StageCache(tmp_path)
+    c.put("latents", "k1", {"note": "x"}, {"latent": LATENT})
+    c.index.set("_memo/n/k", 5)
+    mode, value = _row(c, "latents/k1")
+    rec = json.loads(bytes(value))  # the whole record is JSON text
+    assert rec["meta"] == '{"note": "x"}' and rec["blob"].startswith("k1-") and bytes(value)[:1] == b"{"
+    assert _row(c, "_memo/n/k") == (1, 5)  # numbers (and strings) stay raw, as diskcache stores them
+
+
+def test_a_pickle_in_the_index_is_never_run_and_is_dropped(tmp_path, caplog):
+    c = StageCache(tmp_path)
+    for k in ("a", "b"):
+        c.put("latents", k, {"k": k}, {"latent": LATENT})
+    marker = tmp_path / "ran"
+    evil = pickle.dumps({"meta": _RunsCode(marker)}, protocol=5)
+    mode, _ = _row(c, "latents/a")
+    _set_row(c, "latents/a", mode, evil)
+    _set_row(c, "latents/b", mode, evil)
+    c = StageCache(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="vlcp"):
+        assert c.get("latents", "a") is None
+        assert c.get_many("latents", ["b"]) == [None]
+    assert not marker.exists() and c.corrupt == 2 and "refusing" in caplog.text
+    assert not c.has("latents", "a") and not c.has("latents", "b")  # dropped: the stage recomputes them
+    c.put("latents", "a", {"k": "a"}, {"latent": LATENT})
+    assert c.get("latents", "a").meta == {"k": "a"}
+
+
+def test_records_pickled_by_earlier_versions_are_still_read(tmp_path):
+    """Caches written before the index was JSON hold pickled dicts: read as plain data, nothing recomputed."""
+    c = StageCache(tmp_path)
+    c.put("latents", "k1", {"note": "x", "n": [1, 2]}, {"latent": LATENT})
+    mode, value = _row(c, "latents/k1")
+    _set_row(c, "latents/k1", mode, pickle.dumps(json.loads(bytes(value)), protocol=5))
+    c = StageCache(tmp_path)
+    e = c.get("latents", "k1")
+    assert e.meta == {"note": "x", "n": [1, 2]} and np.array_equal(e.tensors["latent"], LATENT) and c.corrupt == 0
+    assert c.stats()["latents"]["entries"] == 1 and c.clear("latents") == 1

@@ -15,6 +15,10 @@ raises ``CorruptEntry`` after its index record was dropped, so rerunning the sta
 ``get(..., verify=True)`` reads eagerly and returns None instead.
 
 Tensors are numpy arrays here (``safetensors.numpy``): reading the cache never imports torch.
+
+The index holds no pickles (``_json_disk``): its records are JSON, and reading it never runs code, even
+from a cache directory someone else wrote. Records of caches written by earlier versions (pickled
+dicts) stay readable through a loader that builds plain data only and refuses everything else.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -117,7 +122,7 @@ class StageCache:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         # Tens of thousands of small records: keep them all in SQLite, never as loose files.
-        self.index = diskcache.Cache(str(self.root / INDEX_DIR), disk_min_file_size=1 << 30,
+        self.index = diskcache.Cache(str(self.root / INDEX_DIR), disk=_json_disk(), disk_min_file_size=1 << 30,
                                      size_limit=1 << 62, cull_limit=0, eviction_policy="none")
         self.corrupt = 0
         self.blob_reads = 0  # blobs read from disk by this process (a cached rerun should read none)
@@ -141,7 +146,7 @@ class StageCache:
         The blob is not read here (only its size is checked): ``Entry.tensors`` reads it on first
         access. With ``verify`` the blob is read and checked now, and a corrupt one gives None.
         """
-        rec = self.index.get(f"{stage}/{key}")
+        rec = self._index_get(stage, key)
         if rec is None:
             return None
         try:
@@ -197,7 +202,22 @@ class StageCache:
                 out[db_key[len(prefix):]] = disk.fetch(mode, filename, value, False)
             except OSError:  # removed meanwhile: missing
                 pass
+            except ValueError as exc:  # not a record vlcp writes (e.g. a pickle of an object): never decoded
+                self._unreadable(stage, db_key[len(prefix):], exc)
         return out
+
+    def _index_get(self, stage: str, key: str) -> Any:
+        """The index value of ``stage/key``, or None when missing or unreadable (then dropped)."""
+        try:
+            return self.index.get(f"{stage}/{key}")
+        except ValueError as exc:
+            self._unreadable(stage, key, exc)
+            return None
+
+    def _unreadable(self, stage: str, key: str, exc: Exception) -> None:
+        log.warning("cache entry %s/%s is corrupt (%s); recomputing it", stage, key[:12], exc)
+        self.corrupt += 1
+        self.index.delete(f"{stage}/{key}")  # delete, unlike pop, does not decode the value
 
     def _entry(self, stage: str, key: str, rec: dict) -> Entry:
         meta_text = rec["meta"]
@@ -241,9 +261,9 @@ class StageCache:
         log.warning("cache entry %s/%s is corrupt (%s); recomputing it", stage, key[:12], reason)
         self.corrupt += 1
         k = f"{stage}/{key}"
-        cur = self.index.get(k)
+        cur = self._index_get(stage, key)
         if cur is not None and (cur == rec if blob is None else isinstance(cur, dict) and cur.get("blob") == blob):
-            self.index.pop(k, None)
+            self.index.delete(k)
 
     def put(self, stage: str, key: str, meta: dict, tensors: dict[str, np.ndarray] | None = None,
             retain: bool = True) -> Entry:
@@ -293,7 +313,7 @@ class StageCache:
             stage = k.split("/", 1)[0]
             if stage.startswith("_"):  # memoised helper values, not artefacts
                 continue
-            rec = self.index.get(k)
+            rec = self._index_get(stage, k.split("/", 1)[1])
             if rec is None:
                 continue
             s = out.setdefault(stage, {"entries": 0, "bytes": 0})
@@ -310,7 +330,7 @@ class StageCache:
         removed = 0
         for k in list(self.index.iterkeys()):
             if stage is None or k.split("/", 1)[0] == stage:
-                removed += self.index.pop(k, None) is not None
+                removed += self.index.delete(k)
         if stage is None:
             shutil.rmtree(self.root / BLOB_DIR, ignore_errors=True)
             shutil.rmtree(self.root / MODELS_DIR, ignore_errors=True)
@@ -332,6 +352,57 @@ class StageCache:
 
     def close(self) -> None:
         self.index.close()
+
+
+class _PlainData(pickle.Unpickler):
+    """Reads the pickled records of earlier vlcp versions (dicts, lists, strings, numbers): every global a
+    pickle names is refused, so no object is built and no code runs (the Python docs' "restricting
+    globals"); anything else in the index is not vlcp's and is dropped as unreadable."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: the index holds plain data only")
+
+
+def _plain(data: bytes) -> Any:
+    """An index value: JSON (what vlcp writes), or a legacy pickle of plain data. ValueError otherwise."""
+    import io
+
+    if data[:1] != b"\x80":  # every pickle vlcp wrote (protocol >= 2) starts with PROTO
+        return json.loads(data)
+    try:
+        return _PlainData(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, IndexError, KeyError) as exc:
+        raise ValueError(f"unreadable index value: {exc}") from None
+
+
+def _json_disk():
+    """diskcache's value codec with JSON instead of pickle: str, bytes, int and float are stored raw as
+    diskcache does; any other value (our records: dicts) as JSON text in the slot diskcache keeps for
+    pickles; a key or value that only a pickle could hold raises ValueError instead of being unpickled."""
+    import sqlite3
+
+    import diskcache
+    from diskcache.core import MODE_PICKLE, UNKNOWN
+
+    class JsonDisk(diskcache.Disk):
+        def store(self, value, read, key=UNKNOWN):
+            if read or type(value) in (str, bytes, int, float):
+                return super().store(value, read, key)
+            return 0, MODE_PICKLE, None, sqlite3.Binary(json.dumps(value, sort_keys=True).encode())
+
+        def fetch(self, mode, filename, value, read):
+            if mode != MODE_PICKLE:
+                return super().fetch(mode, filename, value, read)
+            if value is None:
+                raise ValueError("index value in a separate file: not written by vlcp")
+            return _plain(bytes(value))
+
+        def get(self, key, raw):
+            if not raw:
+                raise ValueError("pickled index key: not written by vlcp")
+            return super().get(key, raw)
+
+    return JsonDisk
 
 
 def diskcache_major() -> int:

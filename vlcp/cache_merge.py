@@ -44,10 +44,10 @@ def merge(dst: StageCache, src_dir: str | Path) -> MergeReport:
             if k in dst.index:
                 rep.present += 1
                 continue
-            rec = src.index.get(k)
+            stage, key = k.split("/", 1)
+            rec = src._index_get(stage, key)  # an unreadable record is dropped there, not copied
             if rec is None:
                 continue
-            stage = k.split("/", 1)[0]
             if rec.get("blob"):
                 data = _blob(src, stage, rec)
                 if data is None:
