@@ -46,7 +46,8 @@ _SPLIT0 = "[0] of split('/', n) is the same for any maxsplit >= 1 or none"
 _EPS = "the epsilon only guards a zero norm; +-1e-12 changes results by 1e-12 relative at most"
 _UNUSED = "informational record field (stage / created) that nothing reads"
 _BYTES = "every record has a 'bytes' field; the default is never used"
-_EXISTS = "the key came from iterkeys / was just compared, so pop() without a default never misses"
+_RAW = ("super()'s read, key and filename only matter for values diskcache writes to files; the index keeps "
+        "every value in SQLite (1 GiB threshold), and None/False/UNKNOWN for them give the same raw row")
 _CLASSES = "default class count 10 vs 11: only 100 and 1000 classes change anything"
 _DEFAULT = "the argument dropped equals the Protocol dataclass default"
 _SLOW_STARTS = ("the caption starts are then always computed caption by caption (the path for captions "
@@ -104,9 +105,11 @@ EQUIVALENT: dict[str, str] = {
     "vlcp.cache.x_atomic_write_bytes__mutmut_28": "the temp file always exists when the except branch unlinks it",
     "vlcp.cache.x_atomic_write_bytes__mutmut_30": "the temp file always exists when the except branch unlinks it",
     "vlcp.cache.x_file_digest__mutmut_8": "f.read(None) reads the rest at once: same digest, only more memory",
-    "vlcp.cache.xǁStageCacheǁ__init____mutmut_23": "any threshold above the largest record keeps records in SQLite",
-    "vlcp.cache.xǁStageCacheǁ__init____mutmut_24": "any threshold above the largest record keeps records in SQLite",
-    "vlcp.cache.xǁStageCacheǁ_drop__mutmut_31": _EXISTS,
+    "vlcp.cache.xǁStageCacheǁ__init____mutmut_25": "any threshold above the largest record keeps records in SQLite",
+    "vlcp.cache.xǁStageCacheǁ__init____mutmut_26": "any threshold above the largest record keeps records in SQLite",
+    "vlcp.cache.x__json_disk__mutmut_10": "the size diskcache records only counts toward its size limit, disabled "
+                                          "here (eviction none)",
+    **{f"vlcp.cache.x__json_disk__mutmut_{i}": _RAW for i in (5, 6, 8, 9, 15, 17)},
     **{f"vlcp.cache.xǁStageCacheǁ_records__mutmut_{i}": "SQLite reads keywords and column names "
        "case-insensitively" for i in (37, 38)},
     **{f"vlcp.cache.xǁStageCacheǁ_records__mutmut_{i}": "index records are dicts far below disk_min_file_size "
@@ -118,19 +121,16 @@ EQUIVALENT: dict[str, str] = {
     "vlcp.cache.xǁStageCacheǁ_entry__mutmut_20": "Entry(meta) without a loader is Entry(meta, {})",
     "vlcp.cache.xǁStageCacheǁclear__mutmut_9": _SPLIT0,
     "vlcp.cache.xǁStageCacheǁclear__mutmut_12": _SPLIT0,
-    "vlcp.cache.xǁStageCacheǁclear__mutmut_19": _EXISTS,
-    "vlcp.cache.xǁStageCacheǁclear__mutmut_37": "no index record is named models/..., so removed is 0 there",
-    "vlcp.cache.xǁStageCacheǁclear__mutmut_40": "glob() of a missing folder yields nothing: 0 either way",
+    "vlcp.cache.xǁStageCacheǁclear__mutmut_34": "no index record is named models/..., so removed is 0 there",
+    "vlcp.cache.xǁStageCacheǁclear__mutmut_37": "glob() of a missing folder yields nothing: 0 either way",
     **{f"vlcp.cache.xǁStageCacheǁ_record__mutmut_{i}": _UNUSED for i in (13, 14, 17, 18)},
     "vlcp.cache.xǁStageCacheǁstats__mutmut_6": _SPLIT0,
     "vlcp.cache.xǁStageCacheǁstats__mutmut_9": _SPLIT0,
     "vlcp.cache.xǁStageCacheǁstats__mutmut_7": "rsplit: artefact keys hold no '/', and a memo's prefix still "
                                                "starts with '_'",
-    "vlcp.cache.xǁStageCacheǁstats__mutmut_17": "a record vanishes between iterkeys and get only under a concurrent "
-                                                "clear; break vs continue then only changes a racing report",
-    "vlcp.cache.xǁStageCacheǁstats__mutmut_40": _BYTES,
-    "vlcp.cache.xǁStageCacheǁstats__mutmut_42": _BYTES,
-    "vlcp.cache.xǁStageCacheǁstats__mutmut_45": _BYTES,
+    **{f"vlcp.cache.xǁStageCacheǁstats__mutmut_{i}": "an artefact key is a hex digest after 'stage/': [1] is "
+       "the same for any maxsplit, or rsplit" for i in (22, 23, 25)},
+    **{f"vlcp.cache.xǁStageCacheǁstats__mutmut_{i}": _BYTES for i in (51, 53, 56)},
     "vlcp.refine.x__cos__mutmut_8": _EPS,
     "vlcp.refine.x__cos__mutmut_13": _EPS,
     "vlcp.evaluate.x_minimax_epochs__mutmut_1": _CLASSES,

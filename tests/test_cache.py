@@ -638,7 +638,7 @@ class _RunsCode:
         self.path = str(path)
 
     def __reduce__(self):
-        return (Path.touch, (Path(self.path),))
+        return (exec, (f"open({self.path!r}, 'w').close()",))
 
 
 def test_index_records_are_json_not_pickles(tmp_path):
@@ -652,22 +652,52 @@ def test_index_records_are_json_not_pickles(tmp_path):
 
 
 def test_a_pickle_in_the_index_is_never_run_and_is_dropped(tmp_path, caplog):
-    c = StageCache(tmp_path)
-    for k in ("a", "b"):
-        c.put("latents", k, {"k": k}, {"latent": LATENT})
+    """A tampered index (a pickle that would create a file when unpickled): no code runs; stats, get and
+    get_many each drop such a row with a warning naming it, and the stage can store the item again."""
     marker = tmp_path / "ran"
     evil = pickle.dumps({"meta": _RunsCode(marker)}, protocol=5)
-    mode, _ = _row(c, "latents/a")
-    _set_row(c, "latents/a", mode, evil)
-    _set_row(c, "latents/b", mode, evil)
-    c = StageCache(tmp_path)
+
+    def poisoned(*keys):
+        c = StageCache(tmp_path)
+        for k in keys:
+            c.put("latents", k, {"k": k}, {"latent": LATENT})
+            _set_row(c, f"latents/{k}", _row(c, f"latents/{k}")[0], evil)
+        return StageCache(tmp_path)
+
+    def warned(c, key):
+        return caplog.records[-1].getMessage() == (
+            f"cache entry latents/{key[:12]} is corrupt (unreadable index value: refusing builtins.exec: "
+            "the index holds plain data only); recomputing it")
+
+    a, b, d = "a" * 20, "b" * 20, "d" * 20
     with caplog.at_level(logging.WARNING, logger="vlcp"):
-        assert c.get("latents", "a") is None
-        assert c.get_many("latents", ["b"]) == [None]
-    assert not marker.exists() and c.corrupt == 2 and "refusing" in caplog.text
-    assert not c.has("latents", "a") and not c.has("latents", "b")  # dropped: the stage recomputes them
-    c.put("latents", "a", {"k": "a"}, {"latent": LATENT})
-    assert c.get("latents", "a").meta == {"k": "a"}
+        c = StageCache(tmp_path)
+        c.put("latents", "c" * 20, {"k": "c"}, {"latent": LATENT})
+        c = poisoned(a, "e" * 20)
+        assert c.stats()["latents"]["entries"] == 1 and warned(c, "e" * 20)  # the rows after them still count
+        assert c.corrupt == 2
+        c = poisoned(b)
+        assert c.get("latents", b) is None and warned(c, b) and c.corrupt == 1
+        c = poisoned(d)
+        assert c.get_many("latents", [d, "c" * 20])[0] is None and warned(c, d) and c.corrupt == 1
+    assert not marker.exists() and not any(c.has("latents", k) for k in (a, b, d))
+    assert c.get("latents", "c" * 20).meta == {"k": "c"}
+    c.put("latents", a, {"k": a}, {"latent": LATENT})
+    assert c.get("latents", a).meta == {"k": a}
+
+
+def test_index_rows_vlcp_never_writes_are_refused_with_the_reason(tmp_path, caplog):
+    c = StageCache(tmp_path)
+    c.put("latents", "k" * 20, {}, {"latent": LATENT})
+    c.index._sql("UPDATE Cache SET mode = 4, filename = 'x', value = NULL")  # a value kept in a file
+    with caplog.at_level(logging.WARNING, logger="vlcp"):
+        assert c.get("latents", "k" * 20) is None
+    assert caplog.records[-1].getMessage() == (f"cache entry latents/{'k' * 12} is corrupt (index value in a "
+                                               "separate file: not written by vlcp); recomputing it")
+    c.put("latents", "k" * 20, {}, {"latent": LATENT})
+    c.index._sql("UPDATE Cache SET raw = 0")  # a pickled key
+    with pytest.raises(ValueError, match="^pickled index key: not written by vlcp$"):
+        list(c.index.iterkeys())
 
 
 def test_records_pickled_by_earlier_versions_are_still_read(tmp_path):

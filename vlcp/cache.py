@@ -388,7 +388,7 @@ def _json_disk():
         def store(self, value, read, key=UNKNOWN):
             if read or type(value) in (str, bytes, int, float):
                 return super().store(value, read, key)
-            return 0, MODE_PICKLE, None, sqlite3.Binary(json.dumps(value, sort_keys=True).encode())
+            return 0, MODE_PICKLE, None, sqlite3.Binary(json.dumps(value).encode())
 
         def fetch(self, mode, filename, value, read):
             if mode != MODE_PICKLE:
