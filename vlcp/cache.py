@@ -215,9 +215,12 @@ class StageCache:
             return None
 
     def _unreadable(self, stage: str, key: str, exc: Exception) -> None:
-        log.warning("cache entry %s/%s is corrupt (%s); recomputing it", stage, key[:12], exc)
-        self.corrupt += 1
+        self._count_corrupt(stage, key, exc)
         self.index.delete(f"{stage}/{key}")  # delete, unlike pop, does not decode the value
+
+    def _count_corrupt(self, stage: str, key: str, reason) -> None:
+        log.warning("cache entry %s/%s is corrupt (%s); recomputing it", stage, key[:12], reason)
+        self.corrupt += 1
 
     def _entry(self, stage: str, key: str, rec: dict) -> Entry:
         meta_text = rec["meta"]
@@ -258,8 +261,7 @@ class StageCache:
     def _drop(self, stage: str, key: str, rec: dict | None, reason: str, blob: str | None = None) -> None:
         """Warn, count, and remove the index record, unless a writer has replaced it meanwhile (the record
         is no longer ``rec``, or no longer names ``blob``: blob names carry their checksum)."""
-        log.warning("cache entry %s/%s is corrupt (%s); recomputing it", stage, key[:12], reason)
-        self.corrupt += 1
+        self._count_corrupt(stage, key, reason)
         k = f"{stage}/{key}"
         cur = self._index_get(stage, key)
         if cur is not None and (cur == rec if blob is None else isinstance(cur, dict) and cur.get("blob") == blob):
