@@ -14,7 +14,7 @@ ENV VLCP_CACHE_DIR=/cache \
 WORKDIR /opt/vlcp
 COPY constraints.txt ./
 RUN pip install --no-cache-dir -c constraints.txt torch==2.14.1 torchvision==0.29.1
-COPY setup.cfg pyproject.toml README.md vlcp.py ./
+COPY setup.cfg pyproject.toml README.md ./
 COPY vlcp ./vlcp
 RUN pip install --no-cache-dir -c constraints.txt .
 

@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from vlcp.cache import StageCache, stage_key
-from vlcp.runner import run_items
+from vlcp.store.cache import StageCache, stage_key
+from vlcp.store.runner import run_items
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ equivalent). mutmut copies the project into ``mutants/`` (git-ignored) and never
     nice -n 10 python benchmarks/mutation.py                 # everything, from scratch
     nice -n 10 python benchmarks/mutation.py outliers refine # some modules
     python benchmarks/mutation.py --report                   # table of the last run, no run
-    mutmut show vlcp.outliers.x_inlier_mask__mutmut_7        # what one mutant changed
+    mutmut show vlcp.method.outliers.x_inlier_mask__mutmut_7        # what one mutant changed
 """
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # module -> mutant-name globs (mutmut names functions x_<name>, methods xǁ<Class>ǁ<name>)
 TARGETS: dict[str, list[str]] = {
-    "text_prototypes": ["vlcp.text_prototypes.*"],
-    "outliers": ["vlcp.outliers.*"],
-    "clusters": ["vlcp.clusters.*"],
-    "cache": ["vlcp.cache.*"],
-    "arrays": ["vlcp.arrays.*"],
-    "refine (selection)": [f"vlcp.refine.x_{f}__mutmut_*" for f in
+    "text_prototypes": ["vlcp.method.text_prototypes.*"],
+    "outliers": ["vlcp.method.outliers.*"],
+    "clusters": ["vlcp.method.clusters.*"],
+    "cache": ["vlcp.store.cache.*"],
+    "arrays": ["vlcp.store.arrays.*"],
+    "refine (selection)": [f"vlcp.method.refine.x_{f}__mutmut_*" for f in
                            ("default_beta", "is_defective", "candidate_seed", "_cos", "choose", "select", "_mean")],
-    "evaluate (protocol, schedule)": [f"vlcp.evaluate.x_{f}__mutmut_*" for f in
+    "evaluate (protocol, schedule)": [f"vlcp.evaluation.evaluate.x_{f}__mutmut_*" for f in
                                       ("default_protocol", "minimax_epochs", "rded_batch_size", "_minimax", "_dc",
                                        "_rded", "make_protocol", "tested_epochs", "lr_factor")],
 }
@@ -56,95 +56,95 @@ _WHOLE = "the word ids as float64 are whole numbers < 2**53, cast to the index t
 
 # Mutants that cannot change behaviour, with the reason (checked by reading ``mutmut show NAME``).
 EQUIVALENT: dict[str, str] = {
-    **{f"vlcp.text_prototypes.x__binary_matrix__mutmut_{i}": "int64 caption x word pairs where int32 would do: "
+    **{f"vlcp.method.text_prototypes.x__binary_matrix__mutmut_{i}": "int64 caption x word pairs where int32 would do: "
        "scipy stores index arrays that fit as int32 itself, same matrix (int32 only saves that conversion)"
        for i in (2, 6)},
-    **{f"vlcp.text_prototypes.x__binary_matrix__mutmut_{i}": "np.arange(n + 1) without dtype is int64: the row "
+    **{f"vlcp.method.text_prototypes.x__binary_matrix__mutmut_{i}": "np.arange(n + 1) without dtype is int64: the row "
        "bounds cannot overflow, the same indptr is cast to the index type" for i in (26, 28)},
-    **{f"vlcp.text_prototypes.x__binary_matrix__mutmut_{i}": "shape inferred: len(indptr) - 1 rows, largest "
+    **{f"vlcp.method.text_prototypes.x__binary_matrix__mutmut_{i}": "shape inferred: len(indptr) - 1 rows, largest "
        "column + 1 columns, and every vocabulary word occurs in some caption" for i in (33, 35)},
-    "vlcp.text_prototypes.x__class_bytes__mutmut_13": '"UTF-8" and "utf-8" name the same codec',
-    **{f"vlcp.text_prototypes.x__class_bytes__mutmut_{i}": _SLOW_STARTS for i in (17, 26)},
-    "vlcp.text_prototypes.x__class_bytes__mutmut_29": "caption starts at NUL - 1 instead of NUL + 1: no token "
+    "vlcp.method.text_prototypes.x__class_bytes__mutmut_13": '"UTF-8" and "utf-8" name the same codec',
+    **{f"vlcp.method.text_prototypes.x__class_bytes__mutmut_{i}": _SLOW_STARTS for i in (17, 26)},
+    "vlcp.method.text_prototypes.x__class_bytes__mutmut_29": "caption starts at NUL - 1 instead of NUL + 1: no token "
                                                       "starts on a NUL or on the byte before it (tokens have >= 2 "
                                                       "letters), so searchsorted counts the same tokens",
-    **{f"vlcp.text_prototypes.x__membership__mutmut_{i}": "the empty column array only serves members == [], "
+    **{f"vlcp.method.text_prototypes.x__membership__mutmut_{i}": "the empty column array only serves members == [], "
        "whose matrix has no rows either way (a float or stray index past indptr[-1] is never read)"
        for i in (6, 8, 9)},
-    "vlcp.text_prototypes.x__non_representative__mutmut_21": "with an empty vocabulary the frequency test gives "
+    "vlcp.method.text_prototypes.x__non_representative__mutmut_21": "with an empty vocabulary the frequency test gives "
                                                              "an empty boolean array, as stop is",
-    **{f"vlcp.text_prototypes.x__pack__mutmut_{i}": "any sort by length gives the same keys: each is computed for "
+    **{f"vlcp.method.text_prototypes.x__pack__mutmut_{i}": "any sort by length gives the same keys: each is computed for "
        "its own token and scattered back" for i in (3, 5, 7, 9)},
-    "vlcp.text_prototypes.x__pack__mutmut_17": 'side="left" is searchsorted\'s default',
-    **{f"vlcp.text_prototypes.x__token_runs__mutmut_{i}": "a float letter array holds the same 0/1 edges as a "
+    "vlcp.method.text_prototypes.x__pack__mutmut_17": 'side="left" is searchsorted\'s default',
+    **{f"vlcp.method.text_prototypes.x__token_runs__mutmut_{i}": "a float letter array holds the same 0/1 edges as a "
        "boolean one" for i in (8, 10)},
-    "vlcp.text_prototypes.x__top_words__mutmut_25": "max(freq, 1) vs max(freq, 0) differs only when all "
+    "vlcp.method.text_prototypes.x__top_words__mutmut_25": "max(freq, 1) vs max(freq, 0) differs only when all "
                                                     "frequencies are 0: a common offset, the same smallest keys",
-    **{f"vlcp.text_prototypes.x__top_words__mutmut_{i}": "axis=1 is the default axis -1 of the 2-D frequencies"
+    **{f"vlcp.method.text_prototypes.x__top_words__mutmut_{i}": "axis=1 is the default axis -1 of the 2-D frequencies"
        for i in (32, 38)},
-    **{f"vlcp.text_prototypes.x__unpack__mutmut_{i}": "np.arange without dtype is int64 already" for i in (7, 11)},
-    "vlcp.text_prototypes.x__word_ids__mutmut_2": "12-letter words then take the Python-string path, which gives "
+    **{f"vlcp.method.text_prototypes.x__unpack__mutmut_{i}": "np.arange without dtype is int64 already" for i in (7, 11)},
+    "vlcp.method.text_prototypes.x__word_ids__mutmut_2": "12-letter words then take the Python-string path, which gives "
                                                   "the same sorted vocabulary and ids (only slower)",
-    "vlcp.text_prototypes.x__word_ids__mutmut_34": '"ASCII" and "ascii" name the same codec',
-    **{f"vlcp.text_prototypes.x__word_ids__mutmut_{i}": _WHOLE for i in (55, 57)},
-    **{f"vlcp.text_prototypes.x__word_ids__mutmut_{i}": "np.array of Python ints is int64 without the dtype"
+    "vlcp.method.text_prototypes.x__word_ids__mutmut_34": '"ASCII" and "ascii" name the same codec',
+    **{f"vlcp.method.text_prototypes.x__word_ids__mutmut_{i}": _WHOLE for i in (55, 57)},
+    **{f"vlcp.method.text_prototypes.x__word_ids__mutmut_{i}": "np.array of Python ints is int64 without the dtype"
        for i in (60, 62)},
-    **{f"vlcp.text_prototypes.x_class_prototypes__mutmut_{i}": "np.asarray of Python ints is int64 without the "
+    **{f"vlcp.method.text_prototypes.x_class_prototypes__mutmut_{i}": "np.asarray of Python ints is int64 without the "
        "dtype; an empty cluster's float array is never indexed" for i in (41, 43)},
-    "vlcp.text_prototypes.x_class_prototypes__mutmut_83": _ZERO_SCORE,
-    "vlcp.text_prototypes.x_class_prototypes__mutmut_84": _ZERO_SCORE,
-    "vlcp.outliers.x_inlier_mask__mutmut_1": "min_keep default 1 vs 0: LOF (contamination <= 0.5) never removes all",
-    "vlcp.outliers.x_inlier_mask__mutmut_31": _RESHAPE,
-    "vlcp.outliers.x_inlier_mask__mutmut_36": "mask.sum() == min_keep enters the loop, which breaks at once",
-    "vlcp.outliers.x_inlier_mask__mutmut_44": _STABLE,
-    "vlcp.clusters.x_kmeans__mutmut_4": "astype(None) is astype(float64)",
-    "vlcp.clusters.x_kmeans__mutmut_10": _RESHAPE,
-    "vlcp.clusters.x_members_by_distance__mutmut_7": _RESHAPE,
-    "vlcp.clusters.x_members_by_distance__mutmut_13": _RESHAPE,
-    "vlcp.clusters.x_members_by_distance__mutmut_33": _STABLE,
-    "vlcp.cache.x_atomic_write_bytes__mutmut_28": "the temp file always exists when the except branch unlinks it",
-    "vlcp.cache.x_atomic_write_bytes__mutmut_30": "the temp file always exists when the except branch unlinks it",
-    "vlcp.cache.x_file_digest__mutmut_8": "f.read(None) reads the rest at once: same digest, only more memory",
-    "vlcp.cache.xǁStageCacheǁ__init____mutmut_25": "any threshold above the largest record keeps records in SQLite",
-    "vlcp.cache.xǁStageCacheǁ__init____mutmut_26": "any threshold above the largest record keeps records in SQLite",
-    "vlcp.cache.x__json_disk__mutmut_10": "the size diskcache records only counts toward its size limit, disabled "
+    "vlcp.method.text_prototypes.x_class_prototypes__mutmut_83": _ZERO_SCORE,
+    "vlcp.method.text_prototypes.x_class_prototypes__mutmut_84": _ZERO_SCORE,
+    "vlcp.method.outliers.x_inlier_mask__mutmut_1": "min_keep default 1 vs 0: LOF (contamination <= 0.5) never removes all",
+    "vlcp.method.outliers.x_inlier_mask__mutmut_31": _RESHAPE,
+    "vlcp.method.outliers.x_inlier_mask__mutmut_36": "mask.sum() == min_keep enters the loop, which breaks at once",
+    "vlcp.method.outliers.x_inlier_mask__mutmut_44": _STABLE,
+    "vlcp.method.clusters.x_kmeans__mutmut_4": "astype(None) is astype(float64)",
+    "vlcp.method.clusters.x_kmeans__mutmut_10": _RESHAPE,
+    "vlcp.method.clusters.x_members_by_distance__mutmut_7": _RESHAPE,
+    "vlcp.method.clusters.x_members_by_distance__mutmut_13": _RESHAPE,
+    "vlcp.method.clusters.x_members_by_distance__mutmut_33": _STABLE,
+    "vlcp.store.cache.x_atomic_write_bytes__mutmut_28": "the temp file always exists when the except branch unlinks it",
+    "vlcp.store.cache.x_atomic_write_bytes__mutmut_30": "the temp file always exists when the except branch unlinks it",
+    "vlcp.store.cache.x_file_digest__mutmut_8": "f.read(None) reads the rest at once: same digest, only more memory",
+    "vlcp.store.cache.xǁStageCacheǁ__init____mutmut_25": "any threshold above the largest record keeps records in SQLite",
+    "vlcp.store.cache.xǁStageCacheǁ__init____mutmut_26": "any threshold above the largest record keeps records in SQLite",
+    "vlcp.store.cache.x__json_disk__mutmut_10": "the size diskcache records only counts toward its size limit, disabled "
                                           "here (eviction none)",
-    **{f"vlcp.cache.x__json_disk__mutmut_{i}": _RAW for i in (5, 6, 8, 9, 15, 17)},
-    **{f"vlcp.cache.xǁStageCacheǁ_records__mutmut_{i}": "SQLite reads keywords and column names "
+    **{f"vlcp.store.cache.x__json_disk__mutmut_{i}": _RAW for i in (5, 6, 8, 9, 15, 17)},
+    **{f"vlcp.store.cache.xǁStageCacheǁ_records__mutmut_{i}": "SQLite reads keywords and column names "
        "case-insensitively" for i in (37, 38)},
-    **{f"vlcp.cache.xǁStageCacheǁ_records__mutmut_{i}": "index records are dicts far below disk_min_file_size "
+    **{f"vlcp.store.cache.xǁStageCacheǁ_records__mutmut_{i}": "index records are dicts far below disk_min_file_size "
        "(1 GiB): diskcache keeps them pickled in the row, where Disk.fetch reads neither filename nor read"
        for i in (42, 44, 49)},
-    "vlcp.cache.xǁStageCacheǁget_many__mutmut_1": "501 instead of 500 keys a query: the same records (502 SQL "
+    "vlcp.store.cache.xǁStageCacheǁget_many__mutmut_1": "501 instead of 500 keys a query: the same records (502 SQL "
                                                    "parameters stay below SQLite's oldest limit, 999)",
-    "vlcp.cache.xǁStageCacheǁ_entry__mutmut_18": "Entry(meta, None) without a loader is Entry(meta, {})",
-    "vlcp.cache.xǁStageCacheǁ_entry__mutmut_20": "Entry(meta) without a loader is Entry(meta, {})",
-    "vlcp.cache.xǁStageCacheǁclear__mutmut_9": _SPLIT0,
-    "vlcp.cache.xǁStageCacheǁclear__mutmut_12": _SPLIT0,
-    "vlcp.cache.xǁStageCacheǁclear__mutmut_34": "no index record is named models/..., so removed is 0 there",
-    "vlcp.cache.xǁStageCacheǁclear__mutmut_37": "glob() of a missing folder yields nothing: 0 either way",
-    **{f"vlcp.cache.xǁStageCacheǁ_record__mutmut_{i}": _UNUSED for i in (13, 14, 17, 18)},
-    "vlcp.cache.xǁStageCacheǁstats__mutmut_6": _SPLIT0,
-    "vlcp.cache.xǁStageCacheǁstats__mutmut_9": _SPLIT0,
-    "vlcp.cache.xǁStageCacheǁstats__mutmut_7": "rsplit: artefact keys hold no '/', and a memo's prefix still "
+    "vlcp.store.cache.xǁStageCacheǁ_entry__mutmut_18": "Entry(meta, None) without a loader is Entry(meta, {})",
+    "vlcp.store.cache.xǁStageCacheǁ_entry__mutmut_20": "Entry(meta) without a loader is Entry(meta, {})",
+    "vlcp.store.cache.xǁStageCacheǁclear__mutmut_9": _SPLIT0,
+    "vlcp.store.cache.xǁStageCacheǁclear__mutmut_12": _SPLIT0,
+    "vlcp.store.cache.xǁStageCacheǁclear__mutmut_34": "no index record is named models/..., so removed is 0 there",
+    "vlcp.store.cache.xǁStageCacheǁclear__mutmut_37": "glob() of a missing folder yields nothing: 0 either way",
+    **{f"vlcp.store.cache.xǁStageCacheǁ_record__mutmut_{i}": _UNUSED for i in (13, 14, 17, 18)},
+    "vlcp.store.cache.xǁStageCacheǁstats__mutmut_6": _SPLIT0,
+    "vlcp.store.cache.xǁStageCacheǁstats__mutmut_9": _SPLIT0,
+    "vlcp.store.cache.xǁStageCacheǁstats__mutmut_7": "rsplit: artefact keys hold no '/', and a memo's prefix still "
                                                "starts with '_'",
-    **{f"vlcp.cache.xǁStageCacheǁstats__mutmut_{i}": "an artefact key is a hex digest after 'stage/': [1] is "
+    **{f"vlcp.store.cache.xǁStageCacheǁstats__mutmut_{i}": "an artefact key is a hex digest after 'stage/': [1] is "
        "the same for any maxsplit, or rsplit" for i in (22, 23, 25)},
-    **{f"vlcp.cache.xǁStageCacheǁstats__mutmut_{i}": _BYTES for i in (51, 53, 56)},
-    "vlcp.refine.x__cos__mutmut_8": _EPS,
-    "vlcp.refine.x__cos__mutmut_13": _EPS,
-    "vlcp.evaluate.x_minimax_epochs__mutmut_1": _CLASSES,
-    "vlcp.evaluate.x_make_protocol__mutmut_1": _CLASSES,
-    **{f"vlcp.evaluate.x__dc__mutmut_{i}": _DEFAULT for i in (28, 29, 30, 31, 36)},
-    **{f"vlcp.evaluate.x__minimax__mutmut_{i}": _DEFAULT for i in (36, 37, 38, 39)},
-    **{f"vlcp.evaluate.x_rded_batch_size__mutmut_{i}": "IPC 10 and 50 never reach this branch"
+    **{f"vlcp.store.cache.xǁStageCacheǁstats__mutmut_{i}": _BYTES for i in (51, 53, 56)},
+    "vlcp.method.refine.x__cos__mutmut_8": _EPS,
+    "vlcp.method.refine.x__cos__mutmut_13": _EPS,
+    "vlcp.evaluation.protocols.x_minimax_epochs__mutmut_1": _CLASSES,
+    "vlcp.evaluation.protocols.x_make_protocol__mutmut_1": _CLASSES,
+    **{f"vlcp.evaluation.protocols.x__dc__mutmut_{i}": _DEFAULT for i in (28, 29, 30, 31, 36)},
+    **{f"vlcp.evaluation.protocols.x__minimax__mutmut_{i}": _DEFAULT for i in (36, 37, 38, 39)},
+    **{f"vlcp.evaluation.protocols.x_rded_batch_size__mutmut_{i}": "IPC 10 and 50 never reach this branch"
        for i in (16, 17, 21, 22)},
-    **{f"vlcp.evaluate.x_make_protocol__mutmut_{i}": "_dc / _rded use epochs only for p.epochs, which the "
+    **{f"vlcp.evaluation.protocols.x_make_protocol__mutmut_{i}": "_dc / _rded use epochs only for p.epochs, which the "
        "user's value then overwrites" for i in (20, 31)},
-    **{f"vlcp.evaluate.x_make_protocol__mutmut_{i}": "the grayscale datasets are exactly digits and "
+    **{f"vlcp.evaluation.protocols.x_make_protocol__mutmut_{i}": "the grayscale datasets are exactly digits and "
        "fashion-mnist: channels == 1 and the name test say the same" for i in (77, 83, 85, 86, 87, 88)},
-    "vlcp.evaluate.x_make_protocol__mutmut_146": "the loop above has just set sources['sources']: pop() never misses",
-    **{f"vlcp.evaluate.x_make_protocol__mutmut_{i}": "the text given to sources['sources'] is popped right after"
+    "vlcp.evaluation.protocols.x_make_protocol__mutmut_146": "the loop above has just set sources['sources']: pop() never misses",
+    **{f"vlcp.evaluation.protocols.x_make_protocol__mutmut_{i}": "the text given to sources['sources'] is popped right after"
        for i in (140, 141)},
 }
 

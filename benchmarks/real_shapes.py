@@ -101,9 +101,14 @@ def _images(n: int, size: int = 500):
 # -- captions ---------------------------------------------------------------------------------------
 def build_llava(s: Setup):
     import torch
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
-    from vlcp.tiny import LLAVA_CHAT_TEMPLATE, word_tokenizer
+    from vlcp.models.tiny import LLAVA_CHAT_TEMPLATE, word_tokenizer
 
     cfg = _config("llava-1.5-7b-hf.json")
     tok = word_tokenizer()  # stands in for LLaVA's tokenizer (ids < 32064); the prompt is a few tokens shorter
@@ -129,7 +134,7 @@ def build_llava(s: Setup):
 
 
 def bench_captions(s: Setup, max_tokens: int) -> dict:
-    from vlcp.captions import PROMPT, caption_images
+    from vlcp.models.captioner import PROMPT, caption_images
 
     _reset_peak(s)
     model, processor = build_llava(s)
@@ -147,10 +152,15 @@ def bench_captions(s: Setup, max_tokens: int) -> dict:
 # -- latents ----------------------------------------------------------------------------------------
 def build_sd(s: Setup, dtype=None):
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionImg2ImgPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from vlcp.tiny import byte_vocab
+    from vlcp.models.tiny import byte_vocab
 
     dtype = dtype or s.dtype
     torch.manual_seed(0)
@@ -170,7 +180,7 @@ def build_sd(s: Setup, dtype=None):
 
 
 def bench_latents(s: Setup, pipe) -> float:
-    from vlcp.latents import encode_images
+    from vlcp.method.latents import encode_images
 
     b = 1 if s.quick else 16
     imgs = _images(b)
@@ -184,8 +194,8 @@ def bench_latents(s: Setup, pipe) -> float:
 def bench_finetune(s: Setup, pipe, method: str, checkpointing: bool, res: int) -> float | None:
     import torch
 
-    from vlcp import finetune
-    from vlcp.cache import StageCache
+    from vlcp.method import finetune
+    from vlcp.store.cache import StageCache
 
     b = 1 if s.quick else 8
     steps = 1 if s.quick else 6
@@ -227,7 +237,7 @@ def bench_finetune(s: Setup, pipe, method: str, checkpointing: bool, res: int) -
 
 # -- synthesis & detector ---------------------------------------------------------------------------
 def bench_synthesis(s: Setup, pipe, res: int, steps: int) -> float:
-    from vlcp.synthesis import generate
+    from vlcp.method.synthesis import generate
 
     b = 1 if s.quick else 8
     lat = np.random.default_rng(0).normal(size=(b, 4, res // 8, res // 8)).astype(np.float32)
@@ -241,7 +251,7 @@ def bench_synthesis(s: Setup, pipe, res: int, steps: int) -> float:
 def bench_detector(s: Setup) -> float:
     import torch
 
-    from vlcp import networks
+    from vlcp.evaluation import networks
 
     net = networks.build("resnet18", 3, IMAGENETTE_CLASSES, 224).to(s.device).eval()
     b = 8 if s.quick else 64
@@ -261,7 +271,7 @@ def bench_detector(s: Setup) -> float:
 # -- the estimate -----------------------------------------------------------------------------------
 def estimate(rates: dict, ft_sec: dict, ipc: int = 10) -> list[tuple[str, float, float]]:
     """(stage, hours, peak GB) for `vlcp distill --data imagenette --ipc 10` from the measured rates."""
-    from vlcp.finetune import FinetuneParams
+    from vlcp.method.finetune import FinetuneParams
 
     p = FinetuneParams()
     micro = p.micro_batches(IMAGENETTE_IMAGES)  # 8 epochs x ceil(9469 / 8) micro-batches of 8
@@ -283,7 +293,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import torch
 
-    from vlcp.models import half_precision, torch_device
+    from vlcp.models.loading import half_precision, torch_device
 
     dev = torch_device(a.device)
     if not a.quick and not half_precision(dev):

@@ -5,7 +5,7 @@
 The folder is made by hand the way ``vlcp distill --refine`` writes it (manifest with stages and
 refinement, prototypes.json with ~60-word captions, 30 R_w words and 15 N words per cluster, an
 8000-step loss CSV, three evaluation files); each build runs in a fresh process, so the time
-includes importing vlcp.report, and the script checks that torch was never imported.
+includes importing vlcp.report.html, and the script checks that torch was never imported.
 """
 import argparse
 import json
@@ -65,7 +65,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "out"
         make(root, a.classes, a.ipc, a.size)
-        code = ("import sys, time; t = time.perf_counter(); from vlcp.report import build; "
+        code = ("import sys, time; t = time.perf_counter(); from vlcp.report.html import build; "
                 f"build({str(root)!r}); print(time.perf_counter() - t, 'torch' in sys.modules)")
         times = []
         for _ in range(a.repeats):
@@ -73,7 +73,7 @@ def main():
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             wall = time.perf_counter() - t0
             build_s, torch = out.split()
-            assert torch == "False", "vlcp.report imported torch"
+            assert torch == "False", "vlcp.report.html imported torch"
             times.append((float(build_s), wall))
         size = (root / "report.html").stat().st_size
     builds = sorted(t for t, _ in times)

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from vlcp import sas
+from vlcp.method import sas
 
 
 def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

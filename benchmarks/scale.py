@@ -20,7 +20,7 @@ and its peak during each (VmHWM, reset through ``/proc/self/clear_refs`` just be
 imported and warmed up on data of the latents' size before): what the clustering stages add. With
 ``--synthesis PX`` it goes on through text prototypes, prompts, synthesis and the output's files, the
 diffusion call replaced by seeded random PX x PX images: the RSS after synthesis is what the run keeps of
-its synthetic images (``vlcp/arrays.py``: references, not pixels).
+its synthetic images (``vlcp/store/arrays.py``: references, not pixels).
 """
 import argparse
 import json
@@ -70,7 +70,7 @@ def free_port() -> int:
 
 def lookup_cost(cache_dir: Path) -> tuple[int, float, float]:
     """(latent entries, microseconds per get, microseconds per has), in this process."""
-    from vlcp.cache import StageCache
+    from vlcp.store.cache import StageCache
 
     c = StageCache(cache_dir)
     keys = [k.split("/", 1)[1] for k in c.index.iterkeys() if k.startswith("latents/")]
@@ -99,10 +99,11 @@ def measure_clusters(cache_dir: str, data: str, resolution: int, ipc: int, synth
     ``--_measure``)."""
     import gc
 
-    from vlcp.cache import StageCache
-    from vlcp.config import DistillConfig
-    from vlcp.distill import Step, _run_stages, start
-    from vlcp.stages import STAGE_NAMES, STAGES
+    from vlcp.pipeline.config import DistillConfig
+    from vlcp.pipeline.loop import _run_stages, start
+    from vlcp.pipeline.run import Step
+    from vlcp.pipeline.table import STAGE_NAMES, STAGES
+    from vlcp.store.cache import StageCache
 
     cfg = DistillConfig(data=data, tiny=True, ipc=ipc, resolution=resolution, finetune=False, until="latents",
                         steps=2, out=Path(cache_dir).parent / "out-memory", progress=False)
@@ -145,9 +146,9 @@ def measure_synthesis(run, cache, px: int) -> dict:
     ~0.4 s an image here)."""
     import tempfile
 
-    from vlcp import synthesis
-    from vlcp.distill import Step
-    from vlcp.stages import STAGE_NAMES, STAGES
+    from vlcp.method import synthesis
+    from vlcp.pipeline.run import Step
+    from vlcp.pipeline.table import STAGE_NAMES, STAGES
 
     synthesis.sample = lambda pipe, lat, prompts, seeds, s: np.stack(
         [np.random.default_rng(seed).integers(0, 256, (px, px, 3), np.uint8) for seed in seeds])
@@ -226,7 +227,7 @@ def main():
     data, models = tmp / "data", tmp / "models"
     if not data.exists():
         build_folder(data, a.classes, a.per_class, a.px)
-    from vlcp.tiny import tiny_models
+    from vlcp.models.tiny import tiny_models
 
     tiny_models(models)
     if a.cluster_memory:

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from vlcp.text_prototypes import class_prototypes
+from vlcp.method.text_prototypes import class_prototypes
 
 
 def main():

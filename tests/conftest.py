@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from vlcp.cli import cli
+from vlcp.cli.main import cli
 
 
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory) -> Path:
-    from vlcp.tiny import tiny_models
+    from vlcp.models.tiny import tiny_models
 
     d = tmp_path_factory.mktemp("tiny") / "models"
     tiny_models(d)
@@ -31,7 +31,7 @@ def cache_dir(tmp_path, tiny_models_dir) -> Path:
 @pytest.fixture(scope="session")
 def clipseg_dir(tmp_path_factory) -> Path:
     """The tiny CLIPSeg (object masks), built once per session."""
-    from vlcp import segment
+    from vlcp.models import segment
 
     return segment.tiny_clipseg(tmp_path_factory.mktemp("clipseg") / "models")
 
@@ -39,7 +39,7 @@ def clipseg_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def seg_cache(cache_dir, clipseg_dir) -> Path:
     """The test cache with the tiny CLIPSeg already built (copied, not rebuilt)."""
-    from vlcp import segment
+    from vlcp.models import segment
 
     shutil.copytree(clipseg_dir, cache_dir / "models" / segment.TINY_CLIPSEG)
     return cache_dir

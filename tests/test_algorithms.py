@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from vlcp import clusters, outliers
-from vlcp.text_prototypes import class_prototypes, words
+from vlcp.method import clusters, outliers
+from vlcp.method.text_prototypes import class_prototypes, words
 
 # Ten captions of the class "red fox"; class frequencies worked out by hand (n = 10):
 # fox 9, snow 5, grass 5, sitting 4, tree 3, running 3, bushy 2, tail 2, standing/tall/jumping/animal/red 1.

@@ -1,10 +1,10 @@
-"""vlcp.arrays: arrays referenced in the cache, read when used (issue 12: bounded memory for synthesis)."""
+"""vlcp.store.arrays: arrays referenced in the cache, read when used (issue 12: bounded memory for synthesis)."""
 import numpy as np
 import pytest
 
-from vlcp import arrays
-from vlcp.arrays import Arrays, Ref, array_hash, digests
-from vlcp.cache import StageCache
+from vlcp.store import arrays
+from vlcp.store.arrays import Arrays, Ref, array_hash, digests
+from vlcp.store.cache import StageCache
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_forget_drops_the_blob_kept_for_consecutive_rows(stored):
 
 def test_a_corrupt_blob_raises_and_the_next_read_still_works(stored):
     """The one-blob memo is emptied before a read: a read that fails (CorruptEntry) leaves it usable."""
-    from vlcp.cache import CorruptEntry
+    from vlcp.store.cache import CorruptEntry
 
     cache, ims, _ = stored
     blob = next((cache.root / "blobs").rglob("k1-*.safetensors"))
@@ -134,8 +134,8 @@ def test_a_held_reference_is_its_value():
 def test_synthesis_keeps_no_image_and_a_cached_rerun_reads_no_image_or_centre(tmp_path, cache_dir, monkeypatch):
     """Cold: the clusters and synthesis entries keep no tensor (read back when used). A cached rerun builds
     every synthesis key from the recorded hashes: no centre and no image blob is read, same keys, same images."""
-    from vlcp.config import DistillConfig
-    from vlcp.distill import _run_stages, start
+    from vlcp.pipeline.config import DistillConfig
+    from vlcp.pipeline.loop import _run_stages, start
 
     reads = []
     real_read = StageCache._read_blob

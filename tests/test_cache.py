@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlcp.cache import CorruptEntry, Entry, StageCache, stable_hash, stage_key
-from vlcp.runner import Lazy, run_items, run_stage
+from vlcp.store.cache import CorruptEntry, Entry, StageCache, stable_hash, stage_key
+from vlcp.store.runner import Lazy, run_items, run_stage
 
 
 def test_stable_hash_ignores_dict_order_but_not_values():
@@ -343,7 +343,7 @@ def test_unreadable_index_record_is_dropped(tmp_path, caplog):
 # -- exact formats and housekeeping ------------------------------------------------------------------
 
 def test_file_digest_and_stable_hash_of_paths(tmp_path):
-    from vlcp.cache import file_digest
+    from vlcp.store.cache import file_digest
 
     f = tmp_path / "f.bin"
     f.write_bytes(b"0123456789" * 3)
@@ -354,7 +354,7 @@ def test_file_digest_and_stable_hash_of_paths(tmp_path):
 def test_atomic_write_goes_through_a_hidden_temp_file_beside_the_target(tmp_path, monkeypatch):
     import os
 
-    from vlcp.cache import atomic_write_text
+    from vlcp.store.cache import atomic_write_text
 
     moves, real = [], os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: moves.append((Path(a), Path(b))) or real(a, b))
@@ -369,7 +369,7 @@ def test_atomic_write_goes_through_a_hidden_temp_file_beside_the_target(tmp_path
 def test_failed_atomic_write_leaves_nothing_behind(tmp_path, monkeypatch):
     import os
 
-    from vlcp.cache import atomic_write_bytes
+    from vlcp.store.cache import atomic_write_bytes
 
     def broken_fsync(fd):
         raise OSError(28, "No space left on device")
@@ -534,7 +534,7 @@ def test_read_of_a_corrupt_blob_raises_and_drops_the_record(tmp_path):
 
 
 def test_run_items_without_retain_keeps_no_computed_tensor(tmp_path):
-    from vlcp.runner import ItemOpts
+    from vlcp.store.runner import ItemOpts
 
     c = StageCache(tmp_path)
     keys = ["a", "b", "a", "c"]
@@ -564,7 +564,7 @@ def test_get_many_is_get_for_each_key(tmp_path, monkeypatch, caplog):
     assert [e and e.meta["k"] for e in got] == ["e", "a", None, None, "c", "b"]
     assert not any(e.loaded for e in got if e) and got[1].tensors["latent"][1] == 97.0
     assert "latents/d" not in c.index and "metadata checksum mismatch" in caplog.text
-    monkeypatch.setattr("vlcp.cache.diskcache_major", lambda: 6)  # another schema: one get per key
+    monkeypatch.setattr("vlcp.store.cache.diskcache_major", lambda: 6)  # another schema: one get per key
     fresh = StageCache(tmp_path)
     assert [e and e.meta["k"] for e in fresh.get_many("latents", keys)] == ["e", "a", None, None, "c", "b"]
     assert StageCache(tmp_path).get_many("latents", []) == []
@@ -579,11 +579,11 @@ def test_clustering_reads_one_class_at_a_time_and_keeps_no_latent(tmp_path, cach
     import gc
     import weakref
 
-    from vlcp import clusters as clusters_mod
-    from vlcp import outliers as outliers_mod
-    from vlcp.arrays import array_hash
-    from vlcp.config import DistillConfig
-    from vlcp.distill import _run_stages, start
+    from vlcp.method import clusters as clusters_mod
+    from vlcp.method import outliers as outliers_mod
+    from vlcp.pipeline.config import DistillConfig
+    from vlcp.pipeline.loop import _run_stages, start
+    from vlcp.store.arrays import array_hash
 
     live, peak = [0], [0]
     real_read = StageCache._read_blob

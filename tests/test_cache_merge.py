@@ -1,12 +1,12 @@
-"""`vlcp cache merge SRC`: per-node caches folded into one (vlcp/cache_merge.py)."""
+"""`vlcp cache merge SRC`: per-node caches folded into one (vlcp/store/merge.py)."""
 import shutil
 
 import numpy as np
 import pytest
 
 from tests.conftest import read_manifest
-from vlcp.cache import StageCache
-from vlcp.cache_merge import CacheMergeError, merge
+from vlcp.store.cache import StageCache
+from vlcp.store.merge import CacheMergeError, merge
 
 
 def test_merge_copies_what_is_missing_and_checks_blobs(tmp_path):

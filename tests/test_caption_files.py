@@ -3,7 +3,13 @@ import json
 
 import pytest
 
-from vlcp.caption_files import CaptionFileError, match_captions, read_reference_jsonl, undo_rename, write_jsonl
+from vlcp.data.caption_files import (
+    CaptionFileError,
+    match_captions,
+    read_reference_jsonl,
+    undo_rename,
+    write_jsonl,
+)
 
 # as llava_result_sum.py writes them: "_" of the file name replaced by "MM", quotes and 's already removed
 JSONL = """{"file_name": "n01440764/n01440764MM10026.JPEG", "text": "A tench held by a man, green and gold scales."}

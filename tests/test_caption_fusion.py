@@ -6,10 +6,12 @@ import shutil
 import numpy as np
 import torch
 
-from vlcp import caption_fusion as cf
-from vlcp.cache import StageCache
-from vlcp.datasets import load_dataset
-from vlcp.evaluate import EvalConfig, make_protocol, tensors_from_samples
+from vlcp.data.datasets import load_dataset
+from vlcp.evaluation import caption_fusion as cf
+from vlcp.evaluation.evaluate import EvalConfig
+from vlcp.evaluation.protocols import make_protocol
+from vlcp.evaluation.samples import tensors_from_samples
+from vlcp.store.cache import StageCache
 
 
 def test_the_fused_head_sees_features_plus_text():
@@ -132,7 +134,7 @@ def test_fusion_bad_input_is_one_line(vlcp, tmp_path, monkeypatch):
 
 def test_the_report_lists_the_fusion_row_apart_from_the_headline(tmp_path):
     from tests.test_report import evaluation, make_folder
-    from vlcp import report
+    from vlcp.report import html as report
 
     folder = make_folder(tmp_path / "out", ipc=10)
     (folder / "evaluations").mkdir()

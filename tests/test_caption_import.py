@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import read_manifest
-from vlcp import models
+from vlcp.models import loading as models
 
 CLASSES = ["n01440764", "n02102040"]
 

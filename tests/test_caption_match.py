@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import read_manifest
-from vlcp import mask_stages as ms
-from vlcp import refine
-from vlcp.caption_match import cosines
+from vlcp.method import refine
+from vlcp.pipeline.stages import masks as ms
+from vlcp.pipeline.stages.caption_match import cosines
 
 ARGS = ["distill", "--data", "digits", "--tiny", "--classes", "0,1", "--max-per-class", "8", "--ipc", "1",
         "--steps", "2", "--no-finetune", "--refine", "--detector-epochs", "1", "--refine-candidates", "2",

@@ -8,7 +8,7 @@ from vlcp import __version__
 
 
 def test_help_and_version_do_not_import_torch():
-    code = ("import sys; from click.testing import CliRunner; from vlcp.cli import cli\n"
+    code = ("import sys; from click.testing import CliRunner; from vlcp.cli.main import cli\n"
             "r = CliRunner().invoke(cli, sys.argv[1:]); print(r.output); "
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
     for args in (["--help"], ["--version"], ["distill", "--help"], ["datasets"]):
@@ -38,7 +38,7 @@ def test_missing_required_options_exit_2(vlcp):
 def test_cache_clear_of_a_stage_with_shared_items_says_where_they_are(vlcp, cache_dir):
     """candidate_scores keeps its items under detector_scores (one key per image, whichever stage asks);
     caption_match under the CLIP stages; stages of other commands (matching_masks) are accepted too."""
-    from vlcp.cache import StageCache
+    from vlcp.store.cache import StageCache
 
     c = StageCache(cache_dir)
     for i in range(3):
@@ -74,11 +74,14 @@ def test_cache_info_and_clear(vlcp, tmp_path):
     assert "captions" in r.output and "40" in r.output
 
 
-def test_shim_runs_from_a_checkout():
+def test_runs_from_a_checkout():
+    """``python -m vlcp`` in a checkout runs without installing (the package folder is on the path)."""
+    import os
     from pathlib import Path
 
     root = Path(__file__).parents[1]
-    r = subprocess.run([sys.executable, str(root / "vlcp.py"), "--version"], capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-m", "vlcp", "--version"], capture_output=True, text=True, cwd=root, env=env)
     assert r.returncode == 0 and __version__ in r.stdout
 
 
@@ -97,8 +100,8 @@ def test_choice_options_offer_what_the_config_accepts(tmp_path):
     with the option's name (a recipe file or the Python API reaches validate without Click)."""
     import pytest
 
-    from vlcp.cli import cli
-    from vlcp.config import CHOICES, ConfigError, DistillConfig
+    from vlcp.cli.main import cli
+    from vlcp.pipeline.config import CHOICES, ConfigError, DistillConfig
 
     params = {p.name: p for p in cli.commands["distill"].params}
     for name, allowed in CHOICES.items():

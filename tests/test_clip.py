@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlcp import clip
-from vlcp.cache import StageCache, file_digest
+from vlcp.models import clip
+from vlcp.store.cache import StageCache, file_digest
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +29,7 @@ def clip_cache(cache_dir, tiny_clip_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_clip_model(tiny_clip_dir):
-    from vlcp.models import ModelRef
+    from vlcp.models.loading import ModelRef
 
     ref = ModelRef(str(tiny_clip_dir), str(tiny_clip_dir), "local:test")
     return clip.load_clip(ref, "cpu")
@@ -62,7 +62,7 @@ def test_embeddings_are_unit_vectors_and_batching_does_not_change_them(tiny_clip
 
 
 def test_cached_embeddings_compute_only_missing_items_and_never_load_clip_when_all_cached(tmp_path, tiny_clip_dir):
-    from vlcp.runner import Lazy
+    from vlcp.store.runner import Lazy
 
     cache = StageCache(tmp_path / "c")
     ref = clip.resolve_clip(str(tiny_clip_dir), False, cache)
@@ -87,7 +87,7 @@ def test_cached_embeddings_compute_only_missing_items_and_never_load_clip_when_a
 
 
 def test_a_missing_clip_offline_is_a_one_line_model_error(tmp_path, monkeypatch):
-    from vlcp.models import ModelError
+    from vlcp.models.loading import ModelError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -160,7 +160,7 @@ def test_select_end_to_end_and_a_rerun_computes_no_embedding(vlcp, clip_cache, t
     assert "clip_image: 0 computed, 15 cached" in r.output
 
     # a fully cached selection in a fresh process never imports torch
-    code = ("import sys; from click.testing import CliRunner; from vlcp.cli import cli\n"
+    code = ("import sys; from click.testing import CliRunner; from vlcp.cli.main import cli\n"
             "r = CliRunner().invoke(cli, sys.argv[1:]); print(r.output)\n"
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
     args = ["--cache-dir", str(clip_cache), "select", str(pool), "--data", "digits", "--ipc", "2", "--out", str(out),
@@ -239,7 +239,7 @@ def test_select_skips_unreadable_images_and_lists_them(vlcp, clip_cache, tmp_pat
 
 @pytest.mark.e2e
 def test_select_with_real_image_centroids_as_anchors(vlcp, clip_cache, tmp_path, monkeypatch):
-    from vlcp.datasets import load_dataset
+    from vlcp.data.datasets import load_dataset
 
     monkeypatch.setenv("VLCP_DEVICE", "cpu")  # compared below with CPU fp32 embeddings (CUDA runs CLIP in fp16)
     pool = tmp_path / "pool"

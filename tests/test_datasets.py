@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlcp import datasets
-from vlcp.datasets import DatasetError, check_image, load_dataset
+from vlcp.data import datasets
+from vlcp.data.datasets import DatasetError, check_image, load_dataset
 
 
 def make_awkward_folder(root):

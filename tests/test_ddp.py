@@ -1,4 +1,4 @@
-"""Data-parallel fine-tuning (vlcp/ddp.py): N processes train the model one process trains."""
+"""Data-parallel fine-tuning (vlcp/store/ddp.py): N processes train the model one process trains."""
 import json
 import os
 import socket
@@ -8,16 +8,18 @@ import sys
 import numpy as np
 import pytest
 
-from vlcp import ddp, finetune
+from vlcp.method import finetune
+from vlcp.store import ddp
 
 WORKER = r"""
 import json, sys
 import numpy as np
 from safetensors.numpy import save_file
-from vlcp import ddp, finetune
-from vlcp.cache import StageCache
-from vlcp.models import load_img2img, resolve
-from vlcp.tiny import TINY_SD
+from vlcp.store import ddp
+from vlcp.method import finetune
+from vlcp.store.cache import StageCache
+from vlcp.models.loading import load_img2img, resolve
+from vlcp.models.tiny import TINY_SD
 
 models, out, rank, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 import torch

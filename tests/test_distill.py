@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from tests.conftest import read_manifest
-from vlcp import captions as captions_mod
-from vlcp import output as output_mod
+from vlcp.models import captioner as captions_mod
+from vlcp.store import output as output_mod
 
 FAST = ["--data", "digits", "--tiny", "--max-per-class", "30", "--steps", "4", "--no-finetune"]
 
@@ -18,7 +18,7 @@ def cold(tmp_path_factory, tiny_models_dir):
     """One cold run (IPC 3) whose cache the rerun tests copy."""
     from click.testing import CliRunner
 
-    from vlcp.cli import cli
+    from vlcp.cli.main import cli
 
     root = tmp_path_factory.mktemp("cold")
     shutil.copytree(tiny_models_dir, root / "cache" / "models")
@@ -67,7 +67,7 @@ def test_cold_run_writes_a_complete_image_folder(cold):
 
 
 def test_identical_rerun_computes_nothing_loads_nothing_imports_no_torch(warm, tmp_path):
-    code = ("import sys; from vlcp.cli import main\n"
+    code = ("import sys; from vlcp.cli.main import main\n"
             "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
     args = ["--cache-dir", str(warm), "-q", "distill", *FAST, "--ipc", "3", "--out", str(tmp_path / "o")]

@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from vlcp import baselines, networks
-from vlcp.evaluate import make_protocol, tensors_from_samples, train
+from vlcp.baselines import selection as baselines
+from vlcp.evaluation import networks
+from vlcp.evaluation.protocols import make_protocol
+from vlcp.evaluation.samples import tensors_from_samples
+from vlcp.evaluation.training import train
 
 
 # parameter counts worked out by hand (10 classes), e.g. ConvNet-3 at 32 px RGB:
@@ -43,7 +46,7 @@ def test_herding_and_kcenter_on_hand_made_features():
 
 @pytest.fixture(scope="module")
 def digits():
-    from vlcp.datasets import load_dataset
+    from vlcp.data.datasets import load_dataset
 
     tr, te = load_dataset("digits", "data"), load_dataset("digits", "data", "test")
     p = make_protocol("dc", "digits", 10, aug="none", epochs=4, batch_size=64)
@@ -139,8 +142,8 @@ def test_evaluate_bad_input(vlcp, tmp_path):
 
 
 def test_class_folders_match_by_wnid_or_name(tmp_path):
-    from vlcp.datasets import ClassInfo, Dataset
-    from vlcp.evaluate import match_classes
+    from vlcp.data.datasets import ClassInfo, Dataset
+    from vlcp.evaluation.samples import match_classes
 
     ds = Dataset("imagenette", "train", None, [ClassInfo("n01440764", "tench, Tinca tinca"),
                                                ClassInfo("n03888605", "parachute, chute")], [])
@@ -150,7 +153,7 @@ def test_class_folders_match_by_wnid_or_name(tmp_path):
 
 def test_killed_detector_style_training_resumes_exactly(digits, tmp_path, monkeypatch):
     """train(resume=...) checkpoints every N epochs; a rerun after a kill continues to the same result."""
-    from vlcp.cache import StageCache
+    from vlcp.store.cache import StageCache
 
     p, (x, y), test = digits
     p = make_protocol("dc", "digits", 10, epochs=6)  # with DSA: the generator state must survive too
@@ -158,7 +161,7 @@ def test_killed_detector_style_training_resumes_exactly(digits, tmp_path, monkey
     net_whole, whole = train(p, (x[idx], y[idx], 10), 0, "cpu", test=test, progress=False)
     cache = StageCache(tmp_path)
     calls = {"n": 0}
-    from vlcp import augment
+    from vlcp.evaluation import augment
 
     real_dsa = augment.dsa
 

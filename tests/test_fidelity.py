@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from vlcp import augment, evaluate
-from vlcp.evaluate import EvalConfig, kd_loss, make_protocol, minimax_epochs, rded_batch_size, train
-from vlcp.evaluate import tested_epochs as epochs_tested
+from vlcp.evaluation import augment, evaluate, samples, teacher, training
+from vlcp.evaluation.evaluate import EvalConfig
+from vlcp.evaluation.protocols import make_protocol, minimax_epochs, rded_batch_size
+from vlcp.evaluation.protocols import tested_epochs as epochs_tested
+from vlcp.evaluation.training import kd_loss, train
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -118,11 +120,11 @@ def test_cutmix_box_and_kept_share():
 
 @pytest.fixture(scope="module")
 def small():
-    from vlcp.datasets import load_dataset
+    from vlcp.data.datasets import load_dataset
 
     tr, te = load_dataset("digits", "data"), load_dataset("digits", "data", "test")
-    x, y = evaluate.tensors_from_samples(tr.samples, 8, 1)
-    xt, yt = evaluate.tensors_from_samples(te.samples, 8, 1)
+    x, y = samples.tensors_from_samples(tr.samples, 8, 1)
+    xt, yt = samples.tensors_from_samples(te.samples, 8, 1)
     idx = np.concatenate([np.flatnonzero(y == c)[:3] for c in range(10)])
     return x[idx], y[idx], (xt[:100], yt[:100])
 
@@ -144,7 +146,7 @@ def test_learning_rate_sequences_over_epochs(small):
 def test_headline_is_the_last_epoch_even_when_an_earlier_test_was_better(vlcp, tmp_path, monkeypatch):
     vlcp("baseline", "--method", "random", "--data", "digits", "--ipc", "2", "--out", tmp_path / "b")
     scripted = iter([0.9, 0.5, 0.3])  # tests after epochs 1 and 2, then the final accuracy after epoch 3
-    monkeypatch.setattr(evaluate, "accuracy", lambda *a, **k: next(scripted))
+    monkeypatch.setattr(training, "accuracy", lambda *a, **k: next(scripted))
     r = vlcp("evaluate", tmp_path / "b", "--data", "digits", "--protocol", "minimax", "--model", "convnet3",
              "--epochs", "3", "--test-every", "1", "--seeds", "1", "--json", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
@@ -158,13 +160,13 @@ def test_headline_is_the_last_epoch_even_when_an_earlier_test_was_better(vlcp, t
 def test_rded_teacher_is_trained_once_and_cached(vlcp, tmp_path, monkeypatch):
     vlcp("baseline", "--method", "random", "--data", "digits", "--ipc", "2", "--out", tmp_path / "b")
     calls = []
-    real_train = evaluate.train
+    real_train = teacher.train
 
     def counting(*a, **k):
         calls.append(k.get("progress"))  # the progress bar is named after what it trains
         return real_train(*a, **k)
 
-    monkeypatch.setattr(evaluate, "train", counting)
+    monkeypatch.setattr(teacher, "train", counting)
     args = ["evaluate", tmp_path / "b", "--data", "digits", "--protocol", "rded", "--model", "convnet3", "--epochs",
             "1", "--teacher-epochs", "1", "--seeds", "1", "--json", tmp_path / "r.json"]
     r = vlcp(*args)
@@ -180,16 +182,16 @@ def test_rded_teacher_is_trained_once_and_cached(vlcp, tmp_path, monkeypatch):
 def test_ipc_takes_the_first_files_by_name(tmp_path):
     from PIL import Image
 
-    from vlcp.datasets import load_dataset
+    from vlcp.data.datasets import load_dataset
 
     ds = load_dataset("digits", "data")
     for name in ("c.png", "a.png", "b.png"):
         (tmp_path / "s" / "4").mkdir(parents=True, exist_ok=True)
         Image.new("L", (8, 8)).save(tmp_path / "s" / "4" / name)
     (tmp_path / "s" / "evaluations").mkdir()  # vlcp's own results folder is not a class
-    samples, counts = evaluate.synthetic_samples(tmp_path / "s", ds, 2)
-    assert [s.source.rsplit("/", 1)[1] for s in samples] == ["a.png", "b.png"] and counts == {"4": 2}
-    assert {s.class_idx for s in samples} == {4}
+    found, counts = samples.synthetic_samples(tmp_path / "s", ds, 2)
+    assert [s.source.rsplit("/", 1)[1] for s in found] == ["a.png", "b.png"] and counts == {"4": 2}
+    assert {s.class_idx for s in found} == {4}
 
 
 def test_results_are_saved_next_to_a_vlcp_folder_and_the_report_is_pointed_at(vlcp, tmp_path):
@@ -222,7 +224,7 @@ def test_eval_config_defaults_match_the_cli():
 
 
 def test_per_dataset_defaults_follow_the_reference_scripts():
-    from vlcp.defaults import DEFAULTS
+    from vlcp.data.defaults import DEFAULTS
 
     rows = {k: (v["contamination"], v["beta"], v["top_k"], v["image_size"]) for k, v in DEFAULTS.items()}
     assert rows["imagenette"] == (0.1, 0.7, 30, 256) and rows["cifar10"] == (0.0, 0.3, 30, 32)
@@ -232,7 +234,7 @@ def test_per_dataset_defaults_follow_the_reference_scripts():
 
 
 def test_caption_clean_up_is_the_references_and_can_be_turned_off():
-    from vlcp.text_prototypes import class_prototypes, clean_caption
+    from vlcp.method.text_prototypes import class_prototypes, clean_caption
 
     assert clean_caption('the "red" fox\'s tail') == "the red fox tail"
     assert clean_caption("a 'smooth' coat") == "a mooth' coat"  # str.replace("'s", ""), quirk included
@@ -247,10 +249,10 @@ def test_caption_clean_up_is_the_references_and_can_be_turned_off():
 def test_one_resize_crop_and_one_class_lookup():
     from PIL import Image
 
-    from vlcp.classnames import class_index, lookup
-    from vlcp.datasets import ClassInfo
-    from vlcp.imageops import resize_crop
-    from vlcp.latents import preprocess
+    from vlcp.data.classnames import class_index, lookup
+    from vlcp.data.datasets import ClassInfo
+    from vlcp.data.imageops import resize_crop
+    from vlcp.method.latents import preprocess
 
     img = Image.new("RGB", (40, 20))
     img.paste((255, 0, 0), (0, 0, 10, 20))  # a red left quarter, cut away by the centre crop
@@ -264,7 +266,7 @@ def test_one_resize_crop_and_one_class_lookup():
 
 
 def test_an_unwritable_folder_costs_a_warning_not_the_evaluation(tmp_path, monkeypatch, caplog):
-    import vlcp.output
+    import vlcp.store.output
 
     (tmp_path / "manifest.json").write_text('{"vlcp_version": "0"}')
     res = {"protocol": {"name": "dc", "model": "convnet3", "sources": {}}, "seeds": [{}], "images_per_class": {},
@@ -273,7 +275,7 @@ def test_an_unwritable_folder_costs_a_warning_not_the_evaluation(tmp_path, monke
     def refuse(path, obj):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(vlcp.output, "write_json", refuse)
+    monkeypatch.setattr(vlcp.store.output, "write_json", refuse)
     assert evaluate.save_in_folder(tmp_path, res) is None
     assert "could not save the results" in caplog.text and "Permission denied" in caplog.text
     (tmp_path / "manifest.json").write_text("not json")  # not a manifest vlcp wrote: nothing is tried

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import read_manifest
-from vlcp import finetune, prompts
-from vlcp.cache import StageCache
-from vlcp.models import load_img2img, resolve
-from vlcp.tiny import TINY_SD
+from vlcp.method import finetune, prompts
+from vlcp.models.loading import load_img2img, resolve
+from vlcp.models.tiny import TINY_SD
+from vlcp.store.cache import StageCache
 
 BASE = ["distill", "--data", "digits", "--tiny", "--max-per-class", "20", "--ipc", "2", "--steps", "3"]
 
@@ -39,14 +39,14 @@ def test_loss_decreases_and_weights_change_the_output(tiny_models_dir, tmp_path,
     lat, caps = tiny_latents
     pipe = _pipe(tiny_models_dir, tmp_path)
     gen = dict(prompts=["a loop"], seeds=[3], negative_prompt="", strength=0.7, guidance_scale=5, steps=4)
-    before = __import__("vlcp.synthesis", fromlist=["x"]).generate(pipe, lat[:1], **gen)
+    before = __import__("vlcp.method.synthesis", fromlist=["x"]).generate(pipe, lat[:1], **gen)
     p = finetune.FinetuneParams(epochs=7, batch_size=8, lr=1e-3, checkpoint_every=1000, accumulation=1)
     weights, meta = finetune.train(pipe, lat, caps, p, StageCache(tmp_path / "c"), "k", progress=False)
     assert meta["steps"] == 21 and len(meta["losses"]) == 21
     assert np.mean(meta["losses"][-5:]) < np.mean(meta["losses"][:5])  # Eq. 1 goes down
     fresh = _pipe(tiny_models_dir, tmp_path)
     finetune.apply_weights(fresh.unet, "full", weights, 4)
-    from vlcp.synthesis import generate
+    from vlcp.method.synthesis import generate
 
     after = generate(fresh, lat[:1], **gen)
     assert not np.array_equal(before, after)
@@ -74,7 +74,7 @@ def test_lora_adapter_is_small_and_reloads(tiny_models_dir, tmp_path, tiny_laten
     p = finetune.FinetuneParams(method="lora", epochs=1, batch_size=8, lr=1e-2, lora_rank=2)
     weights, meta = finetune.train(pipe, lat, caps, p, StageCache(tmp_path / "c"), "k", progress=False)
     assert all("lora" in k for k in weights) and meta["trainable_parameters"] < 20_000
-    from vlcp.synthesis import generate
+    from vlcp.method.synthesis import generate
 
     gen = dict(prompts=["a loop"], seeds=[3], negative_prompt="", strength=0.7, guidance_scale=5, steps=4)
     fresh = _pipe(tiny_models_dir, tmp_path)

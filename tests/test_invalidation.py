@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from tests.conftest import read_manifest
 from tests.invalidation import BASE, TABLE, markdown
-from vlcp.cli import cli
+from vlcp.cli.main import cli
 
 
 def _run(cache: Path, out: Path, args: list[str]) -> dict:

@@ -8,10 +8,11 @@ import pytest
 from PIL import Image
 
 from tests.conftest import read_manifest
-from vlcp import mask_stages as ms
-from vlcp import refine, segment
-from vlcp.cache import Entry
-from vlcp.clusters import class_clusters
+from vlcp.method import refine
+from vlcp.method.clusters import class_clusters
+from vlcp.models import segment
+from vlcp.pipeline.stages import masks as ms
+from vlcp.store.cache import Entry
 
 ARGS = ["distill", "--data", "digits", "--tiny", "--classes", "0,1", "--max-per-class", "8", "--ipc", "1",
         "--steps", "2", "--no-finetune"]
@@ -20,7 +21,7 @@ REFINE = ["--refine", "--detector-epochs", "1", "--refine-candidates", "2", "--r
 
 @pytest.fixture(scope="module")
 def clipseg(clipseg_dir):
-    from vlcp.models import ModelRef
+    from vlcp.models.loading import ModelRef
 
     return segment.load_segmenter(ModelRef(str(clipseg_dir), str(clipseg_dir), "local:test", None, True), "cpu")
 
@@ -60,8 +61,8 @@ def test_masks_are_soft_at_the_requested_size_and_do_not_depend_on_the_batch(cli
 
 
 def test_the_tiny_clipseg_is_rebuilt_identically_when_damaged(clipseg_dir, tmp_path):
-    from vlcp.cache import StageCache
-    from vlcp.models import dir_digest
+    from vlcp.models.loading import dir_digest
+    from vlcp.store.cache import StageCache
 
     d = tmp_path / "models" / segment.TINY_CLIPSEG
     shutil.copytree(clipseg_dir, d)
@@ -72,7 +73,7 @@ def test_the_tiny_clipseg_is_rebuilt_identically_when_damaged(clipseg_dir, tmp_p
 
 
 def test_the_segmenter_sees_the_image_as_the_vae_did():
-    from vlcp.latents import preprocess
+    from vlcp.method.latents import preprocess
 
     img = Image.fromarray(_square(40)[:, :20])  # 40 x 20: centre crop and plain resize differ
     for crop in ("none", "center"):
@@ -145,7 +146,7 @@ def test_images_under_min_foreground_are_defective_and_such_candidates_not_valid
 # -- end to end ----------------------------------------------------------------------------------------
 @pytest.mark.e2e
 def test_object_masks_and_min_foreground_end_to_end_and_reruns(vlcp, seg_cache, tmp_path):
-    from vlcp.cache import StageCache
+    from vlcp.store.cache import StageCache
 
     _run(vlcp, seg_cache, *ARGS, "--object-masks", *REFINE, "--min-foreground", "0.1", "--out", tmp_path / "a")
     m = read_manifest(tmp_path / "a")

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import read_manifest
 from PIL import Image
 
-from conftest import read_manifest
-from vlcp import masks, matching, networks
-from vlcp.augment import DSA_FAMILIES
-from vlcp.cache import StageCache
-from vlcp.datasets import load_dataset
+from vlcp.baselines import masks, matching
+from vlcp.data.datasets import load_dataset
+from vlcp.evaluation import networks
+from vlcp.evaluation.augment import DSA_FAMILIES
+from vlcp.store.cache import StageCache
 
 T = torch.tensor
 
@@ -211,7 +212,7 @@ def test_bad_input_gives_one_line_errors(vlcp, tmp_path):
 
 # -- caption matching (vlcp's reading of the abstract) ----------------------------------------------
 def test_caption_loss_and_targets_on_hand_made_embeddings():
-    from vlcp import caption_matching as cm
+    from vlcp.baselines import caption_losses as cm
 
     img = T([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # class-major, IPC 2
     targets = T([[1.0, 0.0], [0.0, 1.0]])
@@ -222,7 +223,7 @@ def test_caption_loss_and_targets_on_hand_made_embeddings():
 
 
 def test_captions_file_is_checked(tmp_path):
-    from vlcp import caption_matching as cm
+    from vlcp.baselines import caption_losses as cm
 
     classes = load_dataset("digits", tmp_path, "train").classes[:2]
     with pytest.raises(cm.CaptionError, match="--caption-loss needs captions of the real images"):
@@ -273,7 +274,7 @@ def test_soft_mask_blends_towards_the_background_level():
 
 
 def test_clipseg_masks_on_digits_have_the_image_size_and_are_cached(seg_cache):
-    from vlcp.evaluate import tensors_from_samples
+    from vlcp.evaluation.samples import tensors_from_samples
 
     ds = load_dataset("digits", seg_cache / "data", "train")
     x, y = tensors_from_samples(ds.samples[::90], 8, 1)  # 16 images, several classes

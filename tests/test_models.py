@@ -4,11 +4,24 @@ from pathlib import Path
 
 import pytest
 
-from vlcp.cache import StageCache
-from vlcp.models import (DEFAULT_DIFFUSION, ModelError, auto_caption_batch, caption_batch_for_memory, half_precision,
-                         load_captioner, load_img2img, load_text_llm, load_vae, native_resolution, parse_model_spec,
-                         pretrained_kwargs, resolve, torch_device)
-from vlcp.tiny import TINY_LLAVA, TINY_LLM, TINY_SD
+from vlcp.models.loading import (
+    DEFAULT_DIFFUSION,
+    ModelError,
+    auto_caption_batch,
+    caption_batch_for_memory,
+    half_precision,
+    load_captioner,
+    load_img2img,
+    load_text_llm,
+    load_vae,
+    native_resolution,
+    parse_model_spec,
+    pretrained_kwargs,
+    resolve,
+    torch_device,
+)
+from vlcp.models.tiny import TINY_LLAVA, TINY_LLM, TINY_SD
+from vlcp.store.cache import StageCache
 
 
 def test_local_dir_identity_is_a_content_hash(tiny_models_dir, tmp_path):
@@ -73,7 +86,7 @@ def test_a_local_snapshot_loads_with_local_files_only(tiny_models_dir, tmp_path,
 
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)  # no network needed: the snapshot is local
-    monkeypatch.setattr("vlcp.models._remote_commit", lambda *a: pytest.fail("asked the hub"))
+    monkeypatch.setattr("vlcp.models.loading._remote_commit", lambda *a: pytest.fail("asked the hub"))
     sha = "0123456789abcdef0123456789abcdef01234567"
     _snapshot(tmp_path / "hub", "org/tiny-llm", sha, tiny_models_dir / TINY_LLM)
     ref = resolve("org/tiny-llm", StageCache(tmp_path / "c"))
@@ -88,7 +101,7 @@ def test_a_local_snapshot_loads_with_local_files_only(tiny_models_dir, tmp_path,
 def test_half_precision_is_decided_by_the_device_type():
     import torch
 
-    from vlcp.models import _dtype
+    from vlcp.models.loading import _dtype
 
     assert half_precision("cuda:1") and half_precision("cuda") and _dtype("cuda:1") == torch.float16
     assert not half_precision("cpu") and not half_precision("mps") and _dtype("cpu") == torch.float32
@@ -118,7 +131,7 @@ def test_caption_batch_follows_gpu_memory():
 
 
 def test_damaged_tiny_model_is_rebuilt_or_named_for_deletion(tiny_models_dir, tmp_path):
-    from vlcp.tiny import intact, tiny_models
+    from vlcp.models.tiny import intact, tiny_models
 
     models = tmp_path / "models"
     shutil.copytree(tiny_models_dir, models)
@@ -139,7 +152,7 @@ def test_damaged_tiny_model_is_rebuilt_or_named_for_deletion(tiny_models_dir, tm
 def test_tiny_models_load_through_from_pretrained_and_caption(tiny_models_dir, tmp_path):
     from PIL import Image
 
-    from vlcp.captions import PROMPT, caption_images
+    from vlcp.models.captioner import PROMPT, caption_images
 
     cache = StageCache(tmp_path / "c")
     model, processor = load_captioner(resolve(str(tiny_models_dir / TINY_LLAVA), cache), "cpu")
@@ -153,11 +166,10 @@ def test_tiny_models_load_through_from_pretrained_and_caption(tiny_models_dir, t
 
 def test_rendered_chats_get_one_bos(tiny_models_dir):
     """A Llama-style template renders BOS itself: tokenizing the text with special tokens adds a second."""
+    from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
-    from vlcp.prompts import encode_requests
-
-    from tokenizers.processors import TemplateProcessing
+    from vlcp.method.prompts import encode_requests
 
     tok = AutoTokenizer.from_pretrained(str(tiny_models_dir / TINY_LLM))
     tok.chat_template = "{{ bos_token }}" + tok.chat_template  # as Llama's, and a tokenizer that adds BOS as Llama's

@@ -4,8 +4,8 @@ import warnings
 import numpy as np
 import pytest
 
-from vlcp import clusters, outliers
-from vlcp.text_prototypes import class_prototypes
+from vlcp.method import clusters, outliers
+from vlcp.method.text_prototypes import class_prototypes
 
 # -- text_prototypes ----------------------------------------------------------------------------------
 
@@ -37,7 +37,7 @@ def test_tokens_are_lowercased_letters_only():
 
 
 def test_caption_clean_up_deletes_quotes_and_possessives_by_default():
-    from vlcp.text_prototypes import clean_caption
+    from vlcp.method.text_prototypes import clean_caption
 
     assert clean_caption('the "red" fox\'s tail\'s tip') == "the red fox tail tip"
     (r,) = class_prototypes(['a "fox\'s" tail', "tail"], [[0, 1]], "dog", beta=1.0, top_k=1)
@@ -146,34 +146,34 @@ def test_class_clusters_maps_members_to_dataset_rows():
 
 
 def _proto(schedule: str, epochs: int):
-    from vlcp.evaluate import Protocol
+    from vlcp.evaluation.protocols import Protocol
 
     return Protocol(name="t", model="convnet3", epochs=epochs, batch_size=8, schedule=schedule)
 
 
 def test_multistep_per_epoch_drops_at_two_thirds_and_five_sixths():
-    from vlcp.evaluate import lr_factor
+    from vlcp.evaluation.protocols import lr_factor
 
     p = _proto("multistep-epoch(2/3,5/6;gamma=0.2)", 12)  # milestones: epochs 8 and 10
     assert [lr_factor(p, e, 0, 5) for e in range(12)] == pytest.approx([1] * 8 + [0.2, 0.2, 0.04, 0.04])
 
 
 def test_multistep_per_step_counts_all_steps():
-    from vlcp.evaluate import lr_factor
+    from vlcp.evaluation.protocols import lr_factor
 
     p = _proto("multistep", 3)  # 3 epochs x 4 steps = 12 steps: milestones 8 and 10
     assert [lr_factor(p, s // 4, s, 4) for s in range(12)] == pytest.approx([1] * 8 + [0.2, 0.2, 0.04, 0.04])
 
 
 def test_step_schedule_drops_tenfold_at_half_of_the_steps():
-    from vlcp.evaluate import lr_factor
+    from vlcp.evaluation.protocols import lr_factor
 
     p = _proto("step(1/2;gamma=0.1)", 4)  # 4 epochs x 3 steps: drop at step 6
     assert [lr_factor(p, s // 3, s, 3) for s in range(12)] == [1.0] * 6 + [0.1] * 6
 
 
 def test_cosine_schedules():
-    from vlcp.evaluate import lr_factor
+    from vlcp.evaluation.protocols import lr_factor
 
     half = _proto("half-cosine-epoch", 4)  # 0.5 (1 + cos(pi e / 8)), per epoch
     assert [lr_factor(half, e, 99, 7) for e in range(4)] == pytest.approx([1.0, 0.961940, 0.853553, 0.691342],
@@ -186,7 +186,7 @@ def test_cosine_schedules():
 
 
 def test_schedules_with_epochs_that_do_not_divide_evenly():
-    from vlcp.evaluate import lr_factor
+    from vlcp.evaluation.protocols import lr_factor
 
     p = _proto("multistep-epoch(2/3,5/6;gamma=0.2)", 7)  # 14 // 3 = 4, 35 // 6 = 5 (integer milestones)
     assert [lr_factor(p, e, 0, 1) for e in range(7)] == pytest.approx([1, 1, 1, 1, 0.2, 0.04, 0.04])
@@ -201,7 +201,11 @@ def test_schedules_with_epochs_that_do_not_divide_evenly():
 
 
 def test_default_protocol_minimax_epochs_and_rded_batch_boundaries():
-    from vlcp.evaluate import default_protocol, minimax_epochs, rded_batch_size
+    from vlcp.evaluation.protocols import (
+        default_protocol,
+        minimax_epochs,
+        rded_batch_size,
+    )
 
     assert [default_protocol(d) for d in ("imagenette", "imagewoof", "cifar10", "digits")] == [
         "minimax", "minimax", "dc", "dc"]
@@ -214,7 +218,7 @@ def test_default_protocol_minimax_epochs_and_rded_batch_boundaries():
 
 
 def test_minimax_sizes_test_interval_and_class_count():
-    from vlcp.evaluate import make_protocol
+    from vlcp.evaluation.protocols import make_protocol
 
     c = make_protocol("minimax", "cifar10", 10)
     assert (c.image_size, c.load_size, c.load_crop, c.test_resize, c.epochs, c.test_every) == (32, 32, False, 0, 2000,
@@ -228,7 +232,7 @@ def test_minimax_sizes_test_interval_and_class_count():
 
 
 def test_dc_and_rded_on_an_image_folder():
-    from vlcp.evaluate import IMAGENET_NORM, make_protocol
+    from vlcp.evaluation.protocols import IMAGENET_NORM, make_protocol
 
     d = make_protocol("dc", "my-folder", 10)
     assert (d.image_size, d.load_size, d.mean, d.std) == (32, 32, IMAGENET_NORM[0], IMAGENET_NORM[1])
@@ -239,7 +243,7 @@ def test_dc_and_rded_on_an_image_folder():
 
 
 def test_protocol_sources_name_the_user_the_dataset_or_vlcp():
-    from vlcp.evaluate import NORM, make_protocol
+    from vlcp.evaluation.protocols import NORM, make_protocol
 
     p = make_protocol("dc", "cifar10", 10, model="convnet3", aug="none", batch_size=8, lr=None)
     assert (p.model, p.aug, p.batch_size, p.lr) == ("convnet3", "none", 8, 0.01)  # None overrides nothing
@@ -257,7 +261,7 @@ def test_protocol_sources_name_the_user_the_dataset_or_vlcp():
 
 
 def test_protocol_input_checks():
-    from vlcp.evaluate import EvalError, make_protocol
+    from vlcp.evaluation.protocols import EvalError, make_protocol
 
     with pytest.raises(EvalError, match=r"^unknown protocol 'x'; known: minimax, dc, rded$"):
         make_protocol("x", "digits", 10)
@@ -268,7 +272,7 @@ def test_protocol_input_checks():
 
 
 def test_tested_epochs_edges():
-    from vlcp.evaluate import Protocol, tested_epochs
+    from vlcp.evaluation.protocols import Protocol, tested_epochs
 
     assert tested_epochs(Protocol(name="m", model="x", epochs=3, batch_size=1, test_every=1)) == [1, 2, 3]
     # RDED rule, 0-based i: (i % 4 == 3 or i == 19) and i > 0.75 * 20 = 15: only i = 19 (15 is not > 15)
@@ -287,7 +291,7 @@ def _counted_gets(c, monkeypatch) -> list:
 
 
 def test_get_many_reads_diskcache_5s_table_at_once_and_other_versions_key_by_key(tmp_path, monkeypatch):
-    from vlcp.cache import StageCache
+    from vlcp.store.cache import StageCache
 
     c = StageCache(tmp_path)
     for k in "ab":
@@ -295,14 +299,14 @@ def test_get_many_reads_diskcache_5s_table_at_once_and_other_versions_key_by_key
     calls = _counted_gets(c, monkeypatch)
     assert [e and e.meta for e in c.get_many("latents", ["b", "zz", "a"])] == [{"k": "b"}, None, {"k": "a"}]
     assert calls == []  # diskcache 5 (constraints.txt): one SQL query, no get per key
-    monkeypatch.setattr("vlcp.cache.diskcache_major", lambda: 6)
+    monkeypatch.setattr("vlcp.store.cache.diskcache_major", lambda: 6)
     assert [e and e.meta for e in c.get_many("latents", ["b", "zz", "a"])] == [{"k": "b"}, None, {"k": "a"}]
     assert calls == ["latents/b", "latents/zz", "latents/a"]
 
 
 @pytest.mark.parametrize("kept", ["_sql", "_disk"])
 def test_get_many_without_diskcache_internals_gets_key_by_key(tmp_path, kept):
-    from vlcp.cache import StageCache
+    from vlcp.store.cache import StageCache
 
     c = StageCache(tmp_path)
     c.put("latents", "a", {"k": "a"}, {"latent": np.zeros(2, np.float32)})
@@ -319,7 +323,7 @@ def test_get_many_without_diskcache_internals_gets_key_by_key(tmp_path, kept):
 def test_get_many_drops_an_unreadable_record_with_a_warning(tmp_path, caplog):
     import logging
 
-    from vlcp.cache import StageCache
+    from vlcp.store.cache import StageCache
 
     c = StageCache(tmp_path)
     c.put("latents", "a", {"k": "a"})
@@ -333,7 +337,7 @@ def test_get_many_drops_an_unreadable_record_with_a_warning(tmp_path, caplog):
 
 
 def test_an_entry_put_without_retaining_its_tensors_keeps_its_meta(tmp_path):
-    from vlcp.cache import StageCache
+    from vlcp.store.cache import StageCache
 
     c = StageCache(tmp_path)
     e = c.put("latents", "k", {"m": 1}, {"latent": np.arange(3, dtype=np.float32)}, retain=False)
@@ -341,7 +345,7 @@ def test_an_entry_put_without_retaining_its_tensors_keeps_its_meta(tmp_path):
 
 
 def test_blob_path_is_where_put_wrote_the_blob(tmp_path):
-    from vlcp.cache import StageCache
+    from vlcp.store.cache import StageCache
 
     c = StageCache(tmp_path)
     c.put("latents", "k", {}, {"latent": np.zeros(2, np.float32)})

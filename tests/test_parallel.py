@@ -1,4 +1,4 @@
-"""Many processes, one cache (vlcp/parallel.py): the split, the waits, a dead peer, torchrun end to end."""
+"""Many processes, one cache (vlcp/store/parallel.py): the split, the waits, a dead peer, torchrun end to end."""
 import json
 import os
 import shutil
@@ -11,10 +11,10 @@ import time
 import pytest
 
 from tests.conftest import read_manifest
-from vlcp import parallel
-from vlcp.cache import StageCache
-from vlcp.parallel import ParallelError, World
-from vlcp.runner import run_items, run_stage
+from vlcp.store import parallel
+from vlcp.store.cache import StageCache
+from vlcp.store.parallel import ParallelError, World
+from vlcp.store.runner import run_items, run_stage
 
 RUN = ["--data", "digits", "--tiny", "--classes", "0,1,2", "--max-per-class", "10", "--ipc", "1", "--steps", "2",
        "--no-finetune", "--caption-batch-size", "1", "--latent-batch-size", "1",
@@ -262,8 +262,8 @@ def test_dead_rank_in_a_distill_then_rerun(tmp_path, vlcp, cache_dir, monkeypatc
 
 @pytest.mark.e2e
 def test_cached_rerun_until_latents_reads_no_blob(tmp_path, cache_dir, ranked):
-    from vlcp.config import DistillConfig
-    from vlcp.distill import distill
+    from vlcp.pipeline.config import DistillConfig
+    from vlcp.pipeline.loop import distill
 
     def run():
         cfg = DistillConfig(data="digits", ipc=1, out=tmp_path / "out", data_dir=tmp_path / "data", tiny=True,
@@ -355,7 +355,7 @@ def test_each_process_gets_its_own_gpu(monkeypatch):
     """auto / plain cuda map to cuda:LOCAL_RANK in a launch (modulo the GPUs present); cuda:N is kept."""
     import torch
 
-    from vlcp import models
+    from vlcp.models import loading as models
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from vlcp import checkpoint, finetune
-from vlcp.cache import StageCache
-from vlcp.models import load_img2img, load_unet, resolve
-from vlcp.tiny import TINY_SD
+from vlcp.method import finetune
+from vlcp.models.loading import load_img2img, load_unet, resolve
+from vlcp.models.tiny import TINY_SD
+from vlcp.store import checkpoint
+from vlcp.store.cache import StageCache
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +222,8 @@ def test_full_finetuning_trains_an_fp32_master_and_hands_its_weights_to_the_pipe
 def test_training_latent_pairs_are_centre_crops_and_their_mirrors(tiny_models_dir, tmp_path):
     from PIL import Image
 
-    from vlcp.latents import encode_images, encode_training_pairs
-    from vlcp.models import load_vae
+    from vlcp.method.latents import encode_images, encode_training_pairs
+    from vlcp.models.loading import load_vae
 
     vae = load_vae(resolve(str(tiny_models_dir / TINY_SD), StageCache(tmp_path / "r")), "cpu")
     rng = np.random.default_rng(0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import read_manifest
-from vlcp import refine
+from vlcp.method import refine
 
 
 def test_defect_rule_threshold_is_inclusive():
@@ -118,7 +118,7 @@ def refined(tmp_path_factory, tiny_models_dir):
 
     from click.testing import CliRunner
 
-    from vlcp.cli import cli
+    from vlcp.cli.main import cli
 
     root = tmp_path_factory.mktemp("refine")
     shutil.copytree(tiny_models_dir, root / "cache" / "models")
@@ -152,7 +152,7 @@ def test_each_replaced_image_has_exactly_the_chosen_candidates_pixels(refined, v
     """The output holds the candidate the selection chose (not the first, not the original)."""
     from PIL import Image
 
-    from vlcp.cache import StageCache
+    from vlcp.store.cache import StageCache
 
     real_choose, calls = refine.choose, []
 
@@ -222,7 +222,7 @@ def test_refine_command_on_own_and_foreign_folders(refined, vlcp, tmp_path):
     # a detector of the user's own, as safetensors: here the one the refined run trained
     from safetensors.numpy import save_file
 
-    from vlcp.cache import StageCache
+    from vlcp.store.cache import StageCache
 
     det = next(k for k in StageCache(refined / "cache").index.iterkeys() if k.startswith("detector/"))
     save_file(StageCache(refined / "cache").get("detector", det.split("/", 1)[1]).tensors, tmp_path / "det.st")
@@ -242,7 +242,7 @@ def test_torchvision_detector_maps_imagenet_categories(monkeypatch):
     import torch
     import torchvision.models as tvm
 
-    from vlcp.evaluate import EvalError
+    from vlcp.evaluation.protocols import EvalError
 
     cats = [f"class{i}" for i in range(1000)]
     cats[0], cats[701] = "tench", "parachute"

@@ -1,4 +1,4 @@
-"""`vlcp report` / vlcp.report.build: exact content on hand-made folders, escaping, broken inputs,
+"""`vlcp report` / vlcp.report.html.build: exact content on hand-made folders, escaping, broken inputs,
 no torch, speed, and the page as a person sees it in headless Chromium."""
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from tests.cdp import Browser, find_chromium
-from vlcp import report
-from vlcp.cli import cli
+from vlcp.cli.main import cli
+from vlcp.report import html as report
 
 NASTY = '<script>alert("x")</script> & \'quotes\''
 
@@ -66,7 +66,7 @@ def make_folder(root: Path, classes=(("n01440764", "tench"), ("n02102040", "spri
 
 
 def evaluation(model="resnetap10", protocol="minimax", ipc=2, per_seed=(60.0, 62.0)) -> dict:
-    """The shape `vlcp evaluate --json` writes (vlcp/evaluate.py:run)."""
+    """The shape `vlcp evaluate --json` writes (vlcp/evaluation/evaluate.py:run)."""
     mean = sum(per_seed) / len(per_seed)
     return {"dataset": {"name": "imagenette"}, "images_per_class": {"n01440764": ipc, "n02102040": ipc},
             "protocol": {"name": protocol, "model": model, "epochs": 2000},
@@ -363,10 +363,10 @@ def test_500_images_under_2_seconds_without_torch(tmp_path):
     classes = [(f"n{c:08d}", f"class {c}") for c in range(10)]
     folder = make_folder(tmp_path / "out", classes=classes, ipc=50, size=32)
     (folder / "finetune_loss.csv").write_text("step,loss\n" + "".join(f"{i},{1 / (i + 1)}\n" for i in range(5000)))
-    code = ("import sys, time; t = time.perf_counter(); from vlcp.report import build; "
+    code = ("import sys, time; t = time.perf_counter(); from vlcp.report.html import build; "
             f"build({str(folder)!r}); print(time.perf_counter() - t, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out[1] == "False", "vlcp.report imported torch"
+    assert out[1] == "False", "vlcp.report.html imported torch"
     assert float(out[0]) < 2.0
     page = Page((folder / "report.html").read_text())
     assert len(page.find("img", "syn")) == 500

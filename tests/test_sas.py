@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from vlcp import sas
+from vlcp.method import sas
 
 
 def u(*v) -> np.ndarray:

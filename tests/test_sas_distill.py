@@ -143,8 +143,9 @@ def test_refinement_after_sas_takes_the_next_ranked_pool_candidate_before_genera
     """A stand-in detector: kept images are wrong; an unpicked pool image of an even prototype (0 or 2) is
     right, of an odd one wrong; new candidates are unsure. So the kept image of prototypes 0 and 2 takes its
     prototype's best-ranked unpicked candidate, those of 1 and 3 walk both of theirs and get new candidates."""
-    from vlcp import refine, sas_stages
-    from vlcp.arrays import array_hash
+    from vlcp.method import refine
+    from vlcp.pipeline.stages import post_sampling as sas_stages
+    from vlcp.store.arrays import array_hash
 
     pool: dict[str, dict] = {}
     adopt = sas_stages._adopt

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import read_manifest
-from vlcp.config import ConfigError, DistillConfig
-from vlcp.stages import STAGE_NAMES, STAGES, markdown_table
+from vlcp.pipeline.config import ConfigError, DistillConfig
+from vlcp.pipeline.table import STAGE_NAMES, STAGES, markdown_table
 
 ROOT = Path(__file__).parent.parent
 FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
@@ -18,7 +18,7 @@ CHANGED = {bool: lambda v: not v, int: lambda v: (v or 1) + 1, float: lambda v: 
 
 
 def _step(stage, **cfg):
-    from vlcp.distill import Run, Step
+    from vlcp.pipeline.run import Run, Step
 
     run = Run(DistillConfig(data="digits", out=Path("o"), **cfg), None, None, None, 0, False, {})
     return Step(run, stage)
@@ -67,7 +67,7 @@ def test_a_stage_can_read_only_what_it_declares(stage):
 
 
 def test_stage_names_come_from_the_table(vlcp):
-    from vlcp.cli import cli
+    from vlcp.cli.main import cli
 
     until = next(p for p in cli.commands["distill"].params if p.name == "until")
     assert list(until.type.choices) == STAGE_NAMES
@@ -82,7 +82,8 @@ def test_readme_table_is_the_stage_table():
 
 def test_a_model_is_released_after_its_last_stage(vlcp, tmp_path, monkeypatch):
     """The captioner and the VAE are gone (weakly referenced) before fine-tuning starts."""
-    from vlcp import finetune, models
+    from vlcp.method import finetune
+    from vlcp.models import loading as models
 
     refs = {}
     for name in ("load_captioner", "load_vae"):
@@ -199,7 +200,7 @@ def test_lof_restores_images_and_kmeans_follows_the_seed_through_distill(vlcp, t
     at the distill level)."""
     import numpy as np
 
-    from vlcp.cache import StageCache
+    from vlcp.store.cache import StageCache
 
     args = ["distill", "--data", "digits", "--tiny", "--classes", "0,1", "--max-per-class", "5", "--ipc", "4",
             "--contamination", "0.5", "--until", "clusters"]
@@ -221,8 +222,9 @@ def test_lof_restores_images_and_kmeans_follows_the_seed_through_distill(vlcp, t
 def test_caption_batch_comes_from_the_device_when_not_given(vlcp, tmp_path, tiny_models_dir, monkeypatch):
     """Without --caption-batch-size (and without --tiny) the batch is asked of the device, once, and only
     when captions must be computed: a cached rerun asks nothing (and so imports no torch for it)."""
-    from vlcp import captions, models
-    from vlcp.tiny import TINY_LLAVA, TINY_SD
+    from vlcp.models import captioner as captions
+    from vlcp.models import loading as models
+    from vlcp.models.tiny import TINY_LLAVA, TINY_SD
 
     asked, sizes = [], []
     monkeypatch.setattr(models, "auto_caption_batch", lambda device: asked.append(device) or 5)

@@ -2,14 +2,14 @@
 import numpy as np
 import pytest
 
-from vlcp import synthesis
-from vlcp.models import load_img2img, resolve
-from vlcp.tiny import TINY_SD
+from vlcp.method import synthesis
+from vlcp.models.loading import load_img2img, resolve
+from vlcp.models.tiny import TINY_SD
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_models_dir, tmp_path_factory):
-    from vlcp.cache import StageCache
+    from vlcp.store.cache import StageCache
 
     cache = StageCache(tmp_path_factory.mktemp("c"))
     return load_img2img(resolve(str(tiny_models_dir / TINY_SD), cache), "cpu")

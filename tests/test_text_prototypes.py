@@ -1,4 +1,4 @@
-"""Algorithm 2 (vlcp/text_prototypes.py) against a plain reference written here, on seeded random
+"""Algorithm 2 (vlcp/method/text_prototypes.py) against a plain reference written here, on seeded random
 hand-sized inputs, and its tokenizer against scikit-learn's CountVectorizer (what it replaced)."""
 import re
 from collections import Counter
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
 
-from vlcp.text_prototypes import TOKEN_PATTERN, caption_words, class_prototypes
+from vlcp.method.text_prototypes import TOKEN_PATTERN, caption_words, class_prototypes
 
 # Word pieces that stress the tokenizer: case, punctuation, quotes and "'s" (the clean-up), digits, single
 # letters, non-ASCII letters (the Kelvin sign and dotted I lower-case to ASCII "k" and "i"), words longer

@@ -1,3 +1,3 @@
-from vlcp.cli import main
+from vlcp.cli.main import main
 
 main()

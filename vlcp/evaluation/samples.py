@@ -1,0 +1,85 @@
+"""Reading image sets as arrays: a synthetic ImageFolder matched to a dataset's classes, and tensors at a protocol's size."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vlcp.data.datasets import Dataset, DatasetError
+from vlcp.evaluation.protocols import EvalError, Protocol
+
+
+def to_array(img, size: int, channels: int, crop_to: int | None = None) -> np.ndarray:
+    """PIL image -> uint8 (C, H, W) at the protocol's size (``imageops.resize_crop``)."""
+    from vlcp.data.imageops import resize_crop
+
+    a = np.asarray(resize_crop(img.convert("L" if channels == 1 else "RGB"), size, crop_to), np.uint8)
+    return a[None] if channels == 1 else a.transpose(2, 0, 1)
+
+
+
+
+def tensors_from_samples(samples, size: int, channels: int, crop_to: int | None = None, progress: bool = False):
+    """uint8 (N, C, H, W) and int64 labels, decoded once and kept in memory."""
+    from tqdm.auto import tqdm
+
+    xs, ys = [], []
+    for s in tqdm(samples, desc="loading images", leave=False, disable=not progress or len(samples) < 2000):
+        xs.append(to_array(s.load(), size, channels, crop_to))
+        ys.append(s.class_idx)
+    return np.stack(xs), np.array(ys, np.int64)
+
+
+def train_tensors(samples, p: Protocol, progress: bool = False):
+    return tensors_from_samples(samples, p.load_size, p.channels, p.load_size if p.load_crop else None, progress)
+
+
+def test_tensors(samples, p: Protocol, progress: bool = False):
+    if p.test_resize:
+        return tensors_from_samples(samples, p.test_resize, p.channels, p.image_size, progress)
+    return train_tensors(samples, p, progress)
+
+
+def match_classes(folders: list[str], ds: Dataset) -> dict[str, int]:
+    """Map synthetic class folders to dataset classes by canonical id or human name (case-insensitive)."""
+    from vlcp.data.classnames import class_index, lookup
+
+    index = class_index(ds.classes)
+    mapping = {f: lookup(index, f) for f in folders}
+    unmatched = [f for f, i in mapping.items() if i is None]
+    if unmatched:
+        raise EvalError(f"class folder(s) {', '.join(sorted(unmatched))} match no class of {ds.name} "
+                        f"(expected ids like {', '.join(c.folder for c in ds.classes[:3])} or their names)")
+    return mapping
+
+
+def synthetic_samples(folder: Path, ds: Dataset, ipc: int | None):
+    """The first ``ipc`` images (by file name) of each class folder, as Samples labelled for ``ds``."""
+    from vlcp.data.datasets import Sample, _image_files
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvalError(f"{folder} is not a directory")
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
+                     and d.name != "evaluations")
+    if not subdirs:
+        raise EvalError(f"{folder} has no class folders: expected an ImageFolder (one sub-folder per class)")
+    mapping = match_classes([d.name for d in subdirs], ds)
+    samples, counts = [], {}
+    for d in subdirs:
+        files = _image_files(d)
+        if not files:
+            raise EvalError(f"class folder {d.name} in {folder} holds no images")
+        if ipc is not None:
+            if len(files) < ipc:
+                raise EvalError(f"--ipc {ipc} but class folder {d.name} holds only {len(files)} images")
+            files = files[:ipc]
+        counts[d.name] = len(files)
+        samples += [Sample(mapping[d.name], str(p), "") for p in files]
+    return samples, counts
+
+
+
+def check_dataset(ds: Dataset) -> None:
+    if not ds.samples:
+        raise DatasetError(f"{ds.name} has no images in split {ds.split}")

@@ -1,0 +1,234 @@
+"""The evaluation training loop: a network trained under a ``Protocol`` (optimiser, augmentation, CutMix,
+soft labels) and tested on the real test split. The refinement detector and DM/DC reuse it."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from vlcp.evaluation.protocols import Protocol, lr_factor, tested_epochs
+
+
+def net_input(x: np.ndarray, p: Protocol, device: str):
+    """uint8 (N, C, H, W) images -> the network's float input, normalised with the protocol's statistics."""
+    import torch
+
+    mean = torch.tensor(p.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(p.std, device=device).view(1, -1, 1, 1)
+    return (torch.from_numpy(np.ascontiguousarray(x)).to(device).float() / 255 - mean) / std
+
+
+def accuracy(net, x: np.ndarray, y: np.ndarray, p: Protocol, device: str, batch: int = 500) -> float:
+    import torch
+
+    net.eval()
+    correct = 0
+    with torch.inference_mode(), torch.autocast(device.split(":")[0], enabled=device.startswith("cuda")):
+        for i in range(0, len(x), batch):
+            correct += (net(net_input(x[i:i + batch], p, device)).argmax(1).cpu().numpy() == y[i:i + batch]).sum()
+    net.train()
+    return float(correct) / len(x)
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float):
+    """RDED's loss: KL(softmax(teacher / T) || softmax(student / T)), batch mean, not rescaled by T^2."""
+    import torch.nn.functional as F
+
+    return F.kl_div(F.log_softmax(student_logits / temperature, 1), F.softmax(teacher_logits / temperature, 1),
+                    reduction="batchmean")
+
+
+def _optimizer(net, p: Protocol):
+    import torch
+
+    params = list(net.named_parameters())
+    if p.wd_scope == "weights":
+        groups = [{"params": [v for k, v in params if "weight" in k and v.dim() > 1]},
+                  {"params": [v for k, v in params if not ("weight" in k and v.dim() > 1)], "weight_decay": 0.0}]
+    else:
+        groups = [v for _, v in params]
+    if p.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    if p.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=p.lr, weight_decay=p.weight_decay)
+    return torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.999), weight_decay=p.weight_decay)
+
+
+def _batch_transform(p: Protocol, num_classes: int):
+    from torchvision.transforms import v2
+
+    if p.mix != "torchvision":
+        return None
+    if p.mixup and p.cutmix:
+        return v2.RandomChoice([v2.MixUp(alpha=p.mixup, num_classes=num_classes),
+                                v2.CutMix(alpha=p.cutmix, num_classes=num_classes)])
+    if p.cutmix:
+        return v2.CutMix(alpha=p.cutmix, num_classes=num_classes)
+    return None
+
+
+def _augment(xb, p: Protocol, g, mean, std):
+    """uint8-derived [0, 1] batch -> augmented, normalised network input."""
+    import torch
+
+    from vlcp.evaluation import augment
+
+    if p.aug == "minimax":
+        xb = augment.minimax_train(xb, p.image_size, g)
+    elif p.aug == "rded":
+        xb = augment.rded_train(xb, p.image_size, p.factor, g)
+    elif p.aug == "flip":
+        flip = (torch.rand(len(xb), generator=g) < 0.5).to(xb.device)
+        xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+    xb = (xb - mean) / std
+    if p.aug == "dsa":
+        xb = augment.dsa(xb, g)
+    return xb
+
+
+def _loss(net, xb, yb, p: Protocol, g, mix, teacher):
+    """(loss, logits) of one batch under the protocol's mixing and labels."""
+    import torch
+    import torch.nn.functional as F
+
+    from vlcp.evaluation import augment
+
+    if p.mix == "reference" and p.cutmix:
+        if p.clean_forward:
+            with torch.no_grad():
+                net(xb)  # RDED scores the unmixed batch in train mode: batch-norm statistics see it too
+        xb, perm, keep = augment.cutmix(xb, p.cutmix, g)
+        out = net(xb)
+        if teacher is not None:
+            return _kd(out, teacher, xb, p), out
+        return F.cross_entropy(out, yb) * keep + F.cross_entropy(out, yb[perm]) * (1 - keep), out
+    target = yb
+    if mix is not None:
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))  # v2 mixers use the global RNG
+        xb, target = mix(xb, yb)
+    out = net(xb)
+    if teacher is not None and p.kd_temperature:
+        return _kd(out, teacher, xb, p), out
+    return F.cross_entropy(out, target), out
+
+
+def _kd(out, teacher, xb, p: Protocol):
+    import torch
+
+    with torch.no_grad():
+        t_out = teacher(xb)
+    return kd_loss(out, t_out, p.kd_temperature)
+
+
+def train(p: Protocol, data: tuple[np.ndarray, np.ndarray, int], seed: int, device: str,
+          test: tuple[np.ndarray, np.ndarray] | None = None, teacher=None, progress: bool | str = True,
+          resume: tuple | None = None):
+    """Train a fresh network; returns (net, {"accuracy", "best_during_training", "tests", "lrs", "losses", ...}).
+
+    ``data = (x, y, number of classes)``; ``progress`` is False, True or the bar's name.
+    ``resume = (cache, stage, key, every)`` saves the whole training state there every ``every``
+    epochs and continues from it when present, with the same batches and augmentations as an
+    uninterrupted run.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from vlcp.evaluation import networks
+
+    x, y, num_classes = data
+    checkpoint_every = resume[3] if resume else 0
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    net = networks.build(p.model, p.channels, num_classes, p.image_size).to(device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+    opt = _optimizer(net, p)
+    bs = min(p.batch_size, len(x))
+    steps = math.ceil(len(x) / bs)
+    mix = _batch_transform(p, num_classes)
+    scaler = torch.amp.GradScaler(enabled=cuda)
+    mean = torch.tensor(p.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(p.std, device=device).view(1, -1, 1, 1)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    state = {"losses": [], "tests": [], "lrs": []}
+    t0 = time.perf_counter()
+    start, due = 0, set(tested_epochs(p))
+    weights = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+    saved = resume[0].get(resume[1], resume[2]) if resume else None
+    if saved is not None:
+        from vlcp.store import checkpoint
+
+        meta = checkpoint.restore(saved, weights, opt, device)
+        start = meta["epoch"]
+        state = {"losses": meta["losses"], "tests": meta.get("tests", []), "lrs": meta.get("lrs", [])}
+        g.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
+    bar = tqdm(range(start, p.epochs), desc=progress if isinstance(progress, str) else "train", initial=start,
+               total=p.epochs, leave=False, disable=progress is False)
+    for epoch in bar:
+        perm = torch.randperm(len(x), generator=g)
+        tot, correct, seen = 0.0, 0, 0
+        for s in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = p.lr * lr_factor(p, epoch, epoch * steps + s, steps)
+            if s == 0:
+                state["lrs"].append(opt.param_groups[0]["lr"])
+            idx = perm[s * bs:(s + 1) * bs]
+            xb = _augment(xt[idx].to(device).float() / 255, p, g, mean, std)
+            yb = yt[idx].to(device)
+            if cuda:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.split(":")[0], enabled=cuda):
+                loss, out = _loss(net, xb, yb, p, g, mix, teacher)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            tot += float(loss.detach()) * len(xb)
+            correct += int((out.argmax(1) == yb).sum())
+            seen += len(xb)
+        state["losses"].append(tot / seen)
+        post = {"loss": f"{tot / seen:.3f}", "train_acc": f"{correct / seen:.3f}"}
+        if test is not None and epoch + 1 in due and epoch + 1 < p.epochs:
+            state["tests"].append([epoch + 1, accuracy(net, *test, p, device)])
+            post["test_acc"] = f"{state['tests'][-1][1]:.3f}"
+        bar.set_postfix(post)
+        if resume and checkpoint_every and (epoch + 1) % checkpoint_every == 0 and epoch + 1 < p.epochs:
+            from vlcp.store import checkpoint
+
+            checkpoint.save(resume[0], resume[1], resume[2], weights, opt,
+                            {"epoch": epoch + 1, **state, "generator": g.get_state().tolist()})
+    bar.close()
+    return net, _result(net, p, state, test, device, t0)
+
+
+def _result(net, p: Protocol, state: dict, test, device: str, t0: float) -> dict:
+    """The final accuracy (headline) and, separately, the best of the protocol's tests."""
+    result = {"losses": state["losses"], "lrs": state["lrs"], "seconds": round(time.perf_counter() - t0, 3)}
+    if test is not None:
+        final = accuracy(net, *test, p, device)
+        tests = state["tests"] + ([[p.epochs, final]] if p.epochs in tested_epochs(p) else [])
+        result["accuracy"] = final
+        result["tests"] = tests
+        result["best_during_training"] = max(a for _, a in tests) if tests else None
+    return result
+
+
+def summarise(runs: list[dict]) -> dict:
+    accs = np.array([r["accuracy"] for r in runs]) * 100
+    out = {"mean": round(float(accs.mean()), 2), "std": round(float(accs.std()), 2),
+           "per_seed": [round(float(a), 2) for a in accs]}
+    bests = [r["best_during_training"] for r in runs]
+    if all(b is not None for b in bests):
+        b = np.array(bests) * 100
+        out["best_during_training"] = {"mean": round(float(b.mean()), 2), "std": round(float(b.std()), 2),
+                                       "per_seed": [round(float(v), 2) for v in b]}
+    return out
+
+
+def best_label(best_after: float) -> str:
+    """The column title of the protocol's "best" figure."""
+    if best_after:
+        return f"best in last {round(100 * (1 - best_after))}% (RDED's figure)"
+    return "best-during-training"

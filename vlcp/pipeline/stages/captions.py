@@ -1,0 +1,67 @@
+"""Stage ``captions`` of ``vlcp distill`` (see the table); its row is in ``vlcp/pipeline/table.py``."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vlcp.models import captioner as captions_mod
+
+if TYPE_CHECKING:
+    from vlcp.pipeline.run import Run, Step
+
+
+def captions(run: Run, step: Step) -> None:
+    """LLaVA descriptions with the paper's prompt, greedy decoding, per image; or the authors' captions
+    (``--captions-from``), keyed by the file's hash instead of the captioner."""
+    from vlcp.models import loading as models
+    from vlcp.pipeline.run import DistillError
+
+    p, st = step.p, run.st
+    names = [run.ds.classes[s.class_idx].name for s in st.samples]
+    imported, file_hash = _imported_captions(run, p.captions_from, p.missing_captions)
+    made_by = dict(model=run.refs.captioner.identity, decoding="greedy")
+    st.cap_keys = [step.key(image=s.digest, class_name=n, **({"imported": file_hash} if i in imported else made_by))
+                   for i, (s, n) in enumerate(zip(st.samples, names))]
+
+    def compute(idx):
+        todo = [i for i in idx if i not in imported]
+        made = {}
+        if todo:
+            model, processor = run.models["captioner"]()
+            made = dict(zip(todo, captions_mod.caption_images(model, processor, [st.samples[i].load() for i in todo],
+                                                              [names[i] for i in todo], p.caption_prompt,
+                                                              p.caption_max_tokens)))
+        for i in idx:
+            text = imported[i] if i in imported else made[i]
+            if not text.strip():
+                raise DistillError(f"the captioner returned empty text for {st.samples[i].source}; try another "
+                                   f"--caption-prompt or --captioner")
+            yield {"caption": text}, None
+
+    # unset: from GPU memory, asked only when captions are computed (a cached run imports no torch)
+    batch = p.caption_batch_size or (lambda: models.auto_caption_batch(p.device))
+    entries, _ = step.items(st.cap_keys, compute, batch, "captioner")
+    st.captions = [e.meta["caption"] if e else None for e in entries]
+
+
+def _imported_captions(run: Run, path: str | None, missing_policy: str) -> tuple[dict[int, str], str | None]:
+    """(sample index -> caption from the file, the file's hash); missing images are an error unless
+    ``--missing-captions caption``."""
+    if not path:
+        return {}, None
+    from pathlib import Path
+
+    from vlcp.data import caption_files
+    from vlcp.pipeline.run import DistillError
+    from vlcp.store.cache import file_digest
+
+    st = run.st
+    rel = [f"{run.ds.classes[s.class_idx].folder}/{Path(s.source).name}" for s in st.samples]
+    found, missing = caption_files.match_captions(rel, caption_files.read_reference_jsonl(path))
+    if missing and missing_policy == "error":
+        raise DistillError(f"{len(missing)} of {len(rel)} images have no caption in {path}, e.g. "
+                           f"{', '.join(missing[:3])}; pass --missing-captions caption to caption them with the "
+                           f"captioner")
+    if missing:
+        run.warn(f"{len(missing)} of {len(rel)} images have no caption in {path}: the captioner describes them")
+    run.manifest["imported_captions"] = {"file": str(path), "matched": len(found), "captioned": len(missing)}
+    return found, file_digest(path)
