@@ -29,11 +29,11 @@ TARGETS: dict[str, list[str]] = {
     "text_prototypes": ["vlcp.method.text_prototypes.*"],
     "outliers": ["vlcp.method.outliers.*"],
     "clusters": ["vlcp.method.clusters.*"],
-    "cache": ["vlcp.store.cache.*"],
+    "cache": ["vlcp.store.cache.*", "vlcp.store.index_codec.*"],
     "arrays": ["vlcp.store.arrays.*"],
     "refine (selection)": [f"vlcp.method.refine.x_{f}__mutmut_*" for f in
                            ("default_beta", "is_defective", "candidate_seed", "_cos", "choose", "select", "_mean")],
-    "evaluate (protocol, schedule)": [f"vlcp.evaluation.evaluate.x_{f}__mutmut_*" for f in
+    "evaluate (protocol, schedule)": [f"vlcp.evaluation.protocols.x_{f}__mutmut_*" for f in
                                       ("default_protocol", "minimax_epochs", "rded_batch_size", "_minimax", "_dc",
                                        "_rded", "make_protocol", "tested_epochs", "lr_factor")],
 }
@@ -107,9 +107,9 @@ EQUIVALENT: dict[str, str] = {
     "vlcp.store.cache.x_file_digest__mutmut_8": "f.read(None) reads the rest at once: same digest, only more memory",
     "vlcp.store.cache.xǁStageCacheǁ__init____mutmut_25": "any threshold above the largest record keeps records in SQLite",
     "vlcp.store.cache.xǁStageCacheǁ__init____mutmut_26": "any threshold above the largest record keeps records in SQLite",
-    "vlcp.store.cache.x__json_disk__mutmut_10": "the size diskcache records only counts toward its size limit, disabled "
+    "vlcp.store.index_codec.x_json_disk__mutmut_10": "the size diskcache records only counts toward its size limit, disabled "
                                           "here (eviction none)",
-    **{f"vlcp.store.cache.x__json_disk__mutmut_{i}": _RAW for i in (5, 6, 8, 9, 15, 17)},
+    **{f"vlcp.store.index_codec.x_json_disk__mutmut_{i}": _RAW for i in (5, 6, 8, 9, 15, 17)},
     **{f"vlcp.store.cache.xǁStageCacheǁ_records__mutmut_{i}": "SQLite reads keywords and column names "
        "case-insensitively" for i in (37, 38)},
     **{f"vlcp.store.cache.xǁStageCacheǁ_records__mutmut_{i}": "index records are dicts far below disk_min_file_size "

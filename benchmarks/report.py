@@ -5,7 +5,8 @@
 The folder is made by hand the way ``vlcp distill --refine`` writes it (manifest with stages and
 refinement, prototypes.json with ~60-word captions, 30 R_w words and 15 N words per cluster, an
 8000-step loss CSV, three evaluation files); each build runs in a fresh process, so the time
-includes importing vlcp.report.html, and the script checks that torch was never imported.
+includes importing vlcp.report.html (and jinja2, and compiling its templates), and the script checks
+that torch was never imported.
 """
 import argparse
 import json

@@ -1,7 +1,7 @@
 """The per-parameter invalidation table: which stages must recompute when one parameter changes.
 
 One place for it: `tests/test_invalidation.py` checks every row against real runs on a warm tiny
-cache, and the README prints it (a test keeps the README copy equal to `markdown()`).
+cache, and docs/stages.md prints it (a test keeps that copy equal to `markdown()`).
 A stage "recomputes" when it computes at least one item; `output` is rebuilt on every run and is not
 listed. Each row is (arguments added to BASE, stages that recompute, why).
 """
@@ -75,7 +75,7 @@ TABLE: list[tuple[list[str], list[str], str]] = [
 
 
 def markdown() -> str:
-    """The table as it appears in the README."""
+    """The table as it appears in docs/stages.md."""
     rows = ["| change | stages that recompute | why |", "|---|---|---|"]
     for args, stages, why in TABLE:
         rows.append(f"| `{' '.join(args)}` | {', '.join(f'`{s}`' for s in stages) or 'none'} | {why} |")

@@ -16,6 +16,20 @@ def test_help_and_version_do_not_import_torch():
         assert out.strip().endswith("NO-TORCH"), args
 
 
+def test_every_cli_module_imports_light():
+    """The commands are split over modules; each keeps torch, numpy, PIL and yaml out of its import."""
+    import pkgutil
+
+    import vlcp.cli
+
+    names = sorted(f"vlcp.cli.{m.name}" for m in pkgutil.iter_modules(vlcp.cli.__path__))
+    assert {"vlcp.cli.main", "vlcp.cli.distill", "vlcp.cli.config_file"} <= set(names)
+    code = ("import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'PIL', 'yaml'}))")
+    out = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_version_matches_setup_cfg(vlcp):
     from pathlib import Path
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlcp.data import datasets
+from vlcp.data import datasets, downloads
 from vlcp.data.datasets import DatasetError, check_image, load_dataset
 
 
@@ -84,7 +84,7 @@ def test_missing_download_names_url_and_folder(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("network is unreachable")
 
-    monkeypatch.setattr(datasets.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(downloads.urllib.request, "urlopen", offline)
     with pytest.raises(DatasetError) as err:
         load_dataset("imagenette", tmp_path / "data")
     msg = str(err.value)

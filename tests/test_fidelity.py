@@ -54,7 +54,7 @@ def test_rded_settings_are_the_scripts():
 
 
 def test_dc_settings_are_unchanged():
-    """The Fashion-MNIST table in the README was measured with exactly these settings."""
+    """The Fashion-MNIST table in docs/evaluation.md was measured with exactly these settings."""
     assert settings(make_protocol("dc", "fashion-mnist", 10)) == {
         "name": "dc", "model": "convnet3", "epochs": 1000, "batch_size": 256, "optimizer": "sgd", "lr": 0.01,
         "momentum": 0.9, "weight_decay": 5e-4, "wd_scope": "all", "schedule": "step(1/2;gamma=0.1)", "aug": "dsa",

@@ -42,6 +42,6 @@ def test_one_parameter_recomputes_exactly_its_stages(base_cache, tmp_path, args,
     assert _recomputed(_run(tmp_path / "c", tmp_path / "o", args)) == expected
 
 
-def test_readme_prints_the_table():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert markdown() in readme
+def test_the_docs_print_the_table():
+    page = (Path(__file__).parent.parent / "docs" / "stages.md").read_text()
+    assert markdown() in page

@@ -12,7 +12,7 @@ import torch
 from conftest import read_manifest
 from PIL import Image
 
-from vlcp.baselines import masks, matching
+from vlcp.baselines import masks, matching, matching_losses
 from vlcp.data.datasets import load_dataset
 from vlcp.evaluation import networks
 from vlcp.evaluation.augment import DSA_FAMILIES
@@ -25,7 +25,7 @@ T = torch.tensor
 def test_dm_loss_hand_made_embeddings():
     real = [T([[1.0, 0.0], [3.0, 2.0]]), T([[0.0, 1.0]])]  # class means (2, 1) and (0, 1)
     syn = [T([[0.0, 0.0], [2.0, 0.0]]), T([[0.0, 4.0]])]  # class means (1, 0) and (0, 4)
-    assert float(matching.dm_loss(real, syn)) == pytest.approx((1 + 1) + (0 + 9))
+    assert float(matching_losses.dm_loss(real, syn)) == pytest.approx((1 + 1) + (0 + 9))
 
 
 def test_gradient_matching_distance_hand_made():
@@ -33,15 +33,15 @@ def test_gradient_matching_distance_hand_made():
     g_syn = T([[3.0, 0.0], [1.0, 1.0]])
     # row 0: parallel -> 1 - 3/3 = 0; row 1: cos = 2 / (2 * sqrt 2) -> 1 - 1/sqrt 2
     expected = 1 - 1 / math.sqrt(2)
-    assert float(matching.layer_distance(g_real, g_syn)) == pytest.approx(expected, abs=1e-5)
+    assert float(matching_losses.layer_distance(g_real, g_syn)) == pytest.approx(expected, abs=1e-5)
     # a conv kernel (out, in, h, w) is compared per output channel, like the matrix above
-    conv = matching.layer_distance(g_real.view(2, 1, 1, 2), g_syn.view(2, 1, 1, 2))
+    conv = matching_losses.layer_distance(g_real.view(2, 1, 1, 2), g_syn.view(2, 1, 1, 2))
     assert float(conv) == pytest.approx(expected, abs=1e-5)
     # biases / norm parameters count 0; orthogonal rows 1, opposite rows 2
-    assert float(matching.layer_distance(T([1.0, 2.0]), T([-5.0, 0.0]))) == 0.0
-    assert float(matching.layer_distance(T([[1.0, 0.0]]), T([[0.0, 5.0]]))) == pytest.approx(1.0, abs=1e-5)
-    assert float(matching.layer_distance(T([[1.0, 1.0]]), T([[-2.0, -2.0]]))) == pytest.approx(2.0, abs=1e-5)
-    total = matching.match_distance([g_real, T([1.0, 2.0])], [g_syn, T([3.0, 1.0])])
+    assert float(matching_losses.layer_distance(T([1.0, 2.0]), T([-5.0, 0.0]))) == 0.0
+    assert float(matching_losses.layer_distance(T([[1.0, 0.0]]), T([[0.0, 5.0]]))) == pytest.approx(1.0, abs=1e-5)
+    assert float(matching_losses.layer_distance(T([[1.0, 1.0]]), T([[-2.0, -2.0]]))) == pytest.approx(2.0, abs=1e-5)
+    total = matching_losses.match_distance([g_real, T([1.0, 2.0])], [g_syn, T([3.0, 1.0])])
     assert float(total) == pytest.approx(expected, abs=1e-5)
 
 
@@ -105,7 +105,7 @@ def test_siamese_dsa_applies_one_transformation_to_both_batches():
     for seed in range(40):
         # the family is siamese_dsa's first draw from the generator
         families.add(DSA_FAMILIES[int(torch.randint(6, (1,), generator=torch.Generator().manual_seed(seed)))])
-        aug = matching.siamese_dsa(torch.Generator().manual_seed(seed))
+        aug = matching_losses.siamese_dsa(torch.Generator().manual_seed(seed))
         both = aug(torch.cat([a, b]))
         assert torch.allclose(both[:4], aug(a), atol=1e-6) and torch.allclose(both[4:], aug(b), atol=1e-6)
     assert families == set(DSA_FAMILIES)  # every family was exercised
@@ -140,7 +140,7 @@ def _run(cache_dir: Path, method: str, iterations: int, every: int):
     extra = {"outer_loop": 2, "inner_loop": 1} if method == "dc" else {}
     cfg = matching.make_config(method, 2, seed=3, iterations=iterations, batch_real=16, **extra)
     # on the CPU: there two uninterrupted runs are bit-identical; on CUDA they are not (atomics in DSA's
-    # grid_sample backward and the convolutions; measured on an H200, README), so no bit-exact resume either
+    # grid_sample backward and the convolutions; measured on an H200, docs/evaluation.md), so no bit-exact resume either
     return matching.run(cfg, ds, "digits", StageCache(cache_dir), "cpu", progress=False, checkpoint_every=every)
 
 

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from tests.cdp import Browser, find_chromium
 from vlcp.cli.main import cli
 from vlcp.report import html as report
+from vlcp.report.folder import image_size
 
 NASTY = '<script>alert("x")</script> & \'quotes\''
 
@@ -408,7 +409,7 @@ def check_in_browser(browser: Browser, folder: Path, shot: Path) -> dict:
     assert seen["images"] and all(ok and w > 0 for _, ok, w in seen["images"]), seen["images"]
     assert seen["scripts"] == 0
     browser.screenshot(s, shot)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report.image_size(shot)[0] == 1280
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image_size(shot)[0] == 1280
     return seen
 
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from vlcp.method import sas
+from vlcp.method import sas, sas_pool
 
 
 def u(*v) -> np.ndarray:
@@ -182,9 +182,9 @@ def test_a_single_class_has_no_rival_so_nothing_is_gated():
 
 def test_centroids_are_unit_class_means():
     emb = np.stack([u(1, 0, 0), u(0, 1, 0), u(0, 0, 1), u(0, 0, 1)])
-    np.testing.assert_allclose(sas.centroids(emb, [0, 0, 1, 1], 2), [u(1, 1, 0), u(0, 0, 1)], atol=1e-6)
+    np.testing.assert_allclose(sas_pool.centroids(emb, [0, 0, 1, 1], 2), [u(1, 1, 0), u(0, 0, 1)], atol=1e-6)
     with pytest.raises(sas.SasError, match=r"empty: \[2\]"):
-        sas.centroids(emb, [0, 0, 1, 1], 3)
+        sas_pool.centroids(emb, [0, 0, 1, 1], 3)
 
 
 def test_next_ranked_replacement_stays_in_the_prototype_and_follows_the_rank():
@@ -192,10 +192,10 @@ def test_next_ranked_replacement_stays_in_the_prototype_and_follows_the_rank():
     sel = sas.select(emb, [0] * 5, E2, sas.SasParams(ipc=2, keep=1.0, lam=1.0, per_prototype=True),
                      prototypes=[0, 0, 0, 1, 1])
     assert sel.picked[0] == [0, 3]
-    assert sas.next_ranked(sel, 0) == 1  # prototype 0's next best by quality
-    assert sas.next_ranked(sel, 0, taken=[1]) == 2
-    assert sas.next_ranked(sel, 3) == 4
-    assert sas.next_ranked(sel, 3, taken=[4]) is None
+    assert sas_pool.next_ranked(sel, 0) == 1  # prototype 0's next best by quality
+    assert sas_pool.next_ranked(sel, 0, taken=[1]) == 2
+    assert sas_pool.next_ranked(sel, 3) == 4
+    assert sas_pool.next_ranked(sel, 3, taken=[4]) is None
 
 
 # -- vlcp's additions: foreground filter and caption match in stage 1 --------------------------------
@@ -254,30 +254,30 @@ def test_caption_weight_and_min_foreground_need_their_scores_and_ranges():
 
 
 # -- replacements from the pool (SAS then refinement) ------------------------------------------------
-def _ranks() -> sas.PoolRanks:
+def _ranks() -> sas_pool.PoolRanks:
     # class 0: prototype 0 has candidates 0-3 (0 and 1 picked), prototype 1 has 4-5 (4 picked); class 1: 6-7
-    return sas.PoolRanks(labels=np.array([0, 0, 0, 0, 0, 0, 1, 1]), prototypes=np.array([0, 0, 0, 0, 1, 1, 0, 0]),
+    return sas_pool.PoolRanks(labels=np.array([0, 0, 0, 0, 0, 0, 1, 1]), prototypes=np.array([0, 0, 0, 0, 1, 1, 0, 0]),
                          rank=np.array([1, 2, 5, 4, 3, 6, 1, 2]),
                          kept=np.array([True, True, False, False, True, False, True, False]))
 
 
 def test_pool_walk_follows_the_rank_uses_no_candidate_twice_and_falls_back_when_used_up():
-    walk = sas.pool_walk(_ranks(), [0, 1, 4], bad={3})
+    walk = sas_pool.pool_walk(_ranks(), [0, 1, 4], bad={3})
     # pick 0: prototype 0's unpicked by rank: 3 (rank 4, defective), then 2 (rank 5) replaces it
     assert walk[0] == (2, [3, 2])
     # pick 1, same prototype: 2 is used, 3 was defective: nothing left, so it gets generated candidates
     assert walk[1] == (None, [])
     # pick 4: prototype 1 of class 0 only (candidate 7 of class 1's prototype 0 is never reached)
     assert walk[2] == (5, [5])
-    assert sas.pool_walk(_ranks(), [1, 0], bad=set()) == [(3, [3]), (2, [2])]  # order of the picks decides
-    assert sas.pool_walk(_ranks(), [6], bad={7}) == [(None, [7])]
+    assert sas_pool.pool_walk(_ranks(), [1, 0], bad=set()) == [(3, [3]), (2, [2])]  # order of the picks decides
+    assert sas_pool.pool_walk(_ranks(), [6], bad={7}) == [(None, [7])]
 
 
 def test_pool_ranks_from_manifest_records_walk_like_next_ranked():
     emb = np.stack([u(1, 0, 0.1), u(1, 0, 0.2), u(1, 0, 0.3), u(1, 0, 0.15), u(1, 0, 0.9)])
     sel = sas.select(emb, [0] * 5, E2, sas.SasParams(ipc=2, keep=1.0, lam=1.0, per_prototype=True),
                      prototypes=[0, 0, 0, 1, 1])
-    pr = sas.PoolRanks.of_records(json.loads(json.dumps(sel.records())))
+    pr = sas_pool.PoolRanks.of_records(json.loads(json.dumps(sel.records())))
     np.testing.assert_array_equal(pr.rank, sel.rank)
     assert pr.reachable(0) == [1, 2] and pr.reachable(3) == [4]
-    assert sas.pool_walk(pr, [0, 3], bad={1}) == [(sas.next_ranked(sel, 0, taken=[1]), [1, 2]), (4, [4])]
+    assert sas_pool.pool_walk(pr, [0, 3], bad={1}) == [(sas_pool.next_ranked(sel, 0, taken=[1]), [1, 2]), (4, [4])]

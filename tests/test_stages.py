@@ -1,4 +1,4 @@
-"""The stage table: declared parameters are exactly what each key holds; names, README and code agree."""
+"""The stage table: declared parameters are exactly what each key holds; names, docs and code agree."""
 import ast
 import dataclasses
 import gc
@@ -76,8 +76,8 @@ def test_stage_names_come_from_the_table(vlcp):
     assert STAGE_NAMES[0] == "images" and STAGE_NAMES[-1] == "output" and len(set(STAGE_NAMES)) == len(STAGES)
 
 
-def test_readme_table_is_the_stage_table():
-    assert markdown_table() in (ROOT / "README.md").read_text()
+def test_the_docs_print_the_stage_table():
+    assert markdown_table() in (ROOT / "docs" / "stages.md").read_text()
 
 
 def test_a_model_is_released_after_its_last_stage(vlcp, tmp_path, monkeypatch):

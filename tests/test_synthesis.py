@@ -27,7 +27,7 @@ def test_same_seed_same_pixels_independent_of_batch_size(pipe):
     assert together.dtype == np.uint8 and together.shape == (3, 32, 32, 3)
     assert np.array_equal(together, synthesis.generate(pipe, lat, prompts, seeds, **kw))  # same call, same pixels
     # Each image has its own generator, so batch size and order change nothing but float rounding inside
-    # batched matrix products: at most one intensity level on a handful of pixels (README, "Determinism").
+    # batched matrix products: at most one intensity level on a handful of pixels (docs/stages.md, "Determinism").
     diff = np.abs(together.astype(int) - alone.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.001
     other = synthesis.generate(pipe, lat[:1], prompts[:1], [seeds[0] + 1], **kw)

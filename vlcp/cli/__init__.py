@@ -1,0 +1,3 @@
+"""The `vlcp` command line: main.py (the group, global options, entry point), common.py (context, exit codes) and
+one module of thin commands per concern. Top layer: it may import every other vlcp subpackage, nothing imports it.
+"""

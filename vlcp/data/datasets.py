@@ -15,21 +15,16 @@ import hashlib
 import os
 import re
 import struct
-import tarfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from vlcp.data.downloads import download, extract
+from vlcp.data.errors import DatasetError
 from vlcp.data.images import IMG_EXTENSIONS, BadImage, open_rgb
 from vlcp.store.cache import file_digest, stable_hash
-
-
-class DatasetError(Exception):
-    """A user-facing problem with the data (missing download, empty class, unknown name)."""
 
 
 @dataclass(frozen=True)
@@ -352,47 +347,6 @@ def _image_folder(name: str, folder: Path, names: dict[str, str] | None, digest,
 
 
 # -- downloads ------------------------------------------------------------------------------------
-def _checksum_ok(path: Path, checksum: str | None) -> bool:
-    if not checksum:
-        return True
-    algo, want = checksum.split(":", 1)
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest() == want
-
-
-def download(url: str, dest: Path, checksum: str | None, hint: str = "") -> Path:
-    """Fetch url to dest (checksum-verified); offline, fail naming the URL and where to put the file."""
-    if dest.exists():
-        if _checksum_ok(dest, checksum):
-            return dest
-        raise DatasetError(f"{dest} exists but its checksum is not {checksum}: delete it or replace it with "
-                           f"a good copy of {url}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as f:
-            while block := r.read(1 << 20):
-                f.write(block)
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        part.unlink(missing_ok=True)
-        extra = f" ({hint})" if hint else ""
-        raise DatasetError(f"could not download {url} ({getattr(exc, 'reason', exc)}). Fetch it on a machine with "
-                           f"network and put it at {dest}{extra}, then rerun.") from None
-    if not _checksum_ok(part, checksum):
-        part.unlink(missing_ok=True)
-        raise DatasetError(f"download of {url} does not match checksum {checksum}; try again")
-    os.replace(part, dest)
-    return dest
-
-
-def extract(archive: Path, into: Path) -> None:
-    with tarfile.open(archive) as tar:
-        tar.extractall(into, filter="data")  # "data" filter: no absolute paths, links out, devices
-
-
 def check_image(sample: Sample) -> dict:
     """Decode once; the images stage caches this so a rerun never decodes again."""
     try:

@@ -1,4 +1,4 @@
-"""Per-dataset defaults, each with the file or figure it comes from (also printed in the README).
+"""Per-dataset defaults, each with the file or figure it comes from (also printed in docs/stages.md).
 
 contamination = LOF's expected outlier share (0 skips LOF); beta = non-representative word threshold
 (Eq. 2); top_k = representative words per cluster (Eq. 3); image_size = side of the saved images

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlcp.method import sas
+from vlcp.method import sas, sas_pool
 from vlcp.models import clip
 from vlcp.store.cache import StageCache
 
@@ -26,7 +26,7 @@ def real_centroids(cache: StageCache, ref, ds, model, batch_size: int = 64, prog
     ok = np.isfinite(emb).all(axis=1)
     labels = np.array([s.class_idx for s in ds.samples], np.int64)
     try:
-        anchors = sas.centroids(emb[ok], labels[ok], len(ds.classes))
+        anchors = sas_pool.centroids(emb[ok], labels[ok], len(ds.classes))
     except sas.SasError as exc:
         raise sas.SasError(f"--anchor centroid: {exc}") from None
     return anchors, rep, np.bincount(labels[ok], minlength=len(ds.classes)).tolist()

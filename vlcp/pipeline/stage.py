@@ -14,12 +14,12 @@ class Stage:
     name: str
     run: Callable[["Run", "Step"], None]
     version: int
-    what: str  # for the README table
+    what: str  # for the stage table in docs/stages.md
     per: str = "run"  # "image" (cached per item), "class" (per class) or "run" (one artefact)
     params: tuple[str, ...] = ()  # config fields in the key, by value
     selects: tuple[str, ...] = ()  # config fields that choose which items exist
     unkeyed: tuple[str, ...] = ()  # config fields that cannot change a result
-    inputs: str = ""  # what else the key holds (for the README)
+    inputs: str = ""  # what else the key holds (for docs/stages.md)
     models: tuple[str, ...] = ()  # models it uses (released after the last stage that does)
     enabled_by: str | None = None  # config flag that turns it on
     stored_as: tuple[str, ...] = ()  # cache stage(s) its items live under when shared with others (default: name)

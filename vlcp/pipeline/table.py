@@ -90,7 +90,7 @@ def _flag(enabled_by: str) -> str:
 
 
 def markdown_table() -> str:
-    """The README's "What a run does" table, from STAGES (a test keeps the README equal to it)."""
+    """The "What a run does" table of docs/stages.md, from STAGES (a test keeps the page equal to it)."""
     rows = ["| stage | what it computes | cached per | key holds | runs with |", "|---|---|---|---|---|"]
     for s in STAGES:
         flags = [f"`--{n.replace('_', '-')}`" for n in s.params]

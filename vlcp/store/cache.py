@@ -16,7 +16,7 @@ raises ``CorruptEntry`` after its index record was dropped, so rerunning the sta
 
 Tensors are numpy arrays here (``safetensors.numpy``): reading the cache never imports torch.
 
-The index holds no pickles (``_json_disk``): its records are JSON, and reading it never runs code, even
+The index holds no pickles (``json_disk``): its records are JSON, and reading it never runs code, even
 from a cache directory someone else wrote. Records of caches written by earlier versions (pickled
 dicts) stay readable through a loader that builds plain data only and refuses everything else.
 """
@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import shutil
 import tempfile
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from vlcp.store.index_codec import json_disk
 
 log = logging.getLogger("vlcp")
 
@@ -125,7 +126,7 @@ class StageCache:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         # Tens of thousands of small records: keep them all in SQLite, never as loose files.
-        self.index = diskcache.Cache(str(self.root / INDEX_DIR), disk=_json_disk(), disk_min_file_size=1 << 30,
+        self.index = diskcache.Cache(str(self.root / INDEX_DIR), disk=json_disk(), disk_min_file_size=1 << 30,
                                      size_limit=1 << 62, cull_limit=0, eviction_policy="none")
         self.corrupt = 0
         self.blob_reads = 0  # blobs read from disk by this process (a cached rerun should read none)
@@ -358,56 +359,6 @@ class StageCache:
     def close(self) -> None:
         self.index.close()
 
-
-class _PlainData(pickle.Unpickler):
-    """Reads the pickled records of earlier vlcp versions (dicts, lists, strings, numbers): every global a
-    pickle names is refused, so no object is built and no code runs (the Python docs' "restricting
-    globals"); anything else in the index is not vlcp's and is dropped as unreadable."""
-
-    def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"refusing {module}.{name}: the index holds plain data only")
-
-
-def _plain(data: bytes) -> Any:
-    """An index value: JSON (what vlcp writes), or a legacy pickle of plain data. ValueError otherwise."""
-    import io
-
-    if data[:1] != b"\x80":  # every pickle vlcp wrote (protocol >= 2) starts with PROTO
-        return json.loads(data)
-    try:
-        return _PlainData(io.BytesIO(data)).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, IndexError, KeyError) as exc:
-        raise ValueError(f"unreadable index value: {exc}") from None
-
-
-def _json_disk():
-    """diskcache's value codec with JSON instead of pickle: str, bytes, int and float are stored raw as
-    diskcache does; any other value (our records: dicts) as JSON text in the slot diskcache keeps for
-    pickles; a key or value that only a pickle could hold raises ValueError instead of being unpickled."""
-    import sqlite3
-
-    import diskcache
-    from diskcache.core import MODE_PICKLE, UNKNOWN
-
-    class JsonDisk(diskcache.Disk):
-        def store(self, value, read, key=UNKNOWN):
-            if read or type(value) in (str, bytes, int, float):
-                return super().store(value, read, key)
-            return 0, MODE_PICKLE, None, sqlite3.Binary(json.dumps(value).encode())
-
-        def fetch(self, mode, filename, value, read):
-            if mode != MODE_PICKLE:
-                return super().fetch(mode, filename, value, read)
-            if value is None:
-                raise ValueError("index value in a separate file: not written by vlcp")
-            return _plain(bytes(value))
-
-        def get(self, key, raw):
-            if not raw:
-                raise ValueError("pickled index key: not written by vlcp")
-            return super().get(key, raw)
-
-    return JsonDisk
 
 
 def diskcache_major() -> int:

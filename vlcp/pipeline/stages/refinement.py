@@ -95,21 +95,21 @@ def defective(scores: list[dict], targets: list[int], beta: float, lacking: set[
 
 def pool_replacements(run: Run, step: Step) -> None:
     """After post-sampling: each defective kept image takes the next-ranked unpicked pool candidate of its
-    prototype that is not defective by the same rule (sas.pool_walk; no candidate used twice), before any
+    prototype that is not defective by the same rule (sas_pool.pool_walk; no candidate used twice), before any
     new candidate is generated. Every candidate the walk may reach is scored at once (one batch, cached
     per image content with the detector_scores key, so an image is scored once whichever stage asks)."""
-    from vlcp.method import sas
+    from vlcp.method import sas_pool
 
     p, st = step.p, run.st
     targets = [c for c, _ in st.items]
     bad_slots = defective(st.scores, targets, p.refine_beta, lacking(p, st.foreground, st.caption_match))
-    ranks = sas.PoolRanks.of_records(st.pool_records)
+    ranks = sas_pool.PoolRanks.of_records(st.pool_records)
     reach = sorted({k for i in bad_slots for k in ranks.reachable(st.slot_pool[i])})
     scores = dict(zip(reach, score(run, step, st.pool_images.pick(reach))))
     low = lacking(p, st.pool_foreground if p.min_foreground else [], st.pool_match)
     bad = {reach[j] for j in defective([scores[k] for k in reach], [int(ranks.labels[k]) for k in reach],
                                        p.refine_beta, {j for j, k in enumerate(reach) if k in low})}
-    walk = sas.pool_walk(ranks, [st.slot_pool[i] for i in bad_slots], bad)
+    walk = sas_pool.pool_walk(ranks, [st.slot_pool[i] for i in bad_slots], bad)
     st.pool_swaps = {}
     for i, (k, visited) in zip(bad_slots, walk):
         record = {"source": "pool", "was": st.slot_pool[i], "candidate": k, "visited": visited,

@@ -1,0 +1,189 @@
+"""`vlcp distill --config`: YAML/TOML files, shipped configs and manifests set defaults; flags win."""
+import json
+import re
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import read_manifest
+from vlcp.cli.main import cli
+from vlcp.data.defaults import DEFAULTS
+from vlcp.pipeline.config import DistillConfig
+
+SHIPPED = [f"{data}-ipc{ipc}" for data in ("cifar10", "cifar100", "imageidc", "imagenet", "imagenette", "imagewoof")
+           for ipc in (10, 50)]
+TABLES = {"imagewoof": "Table 1", "imagenette": "Table 2", "imageidc": "Table 2", "imagenet": "Table 3",
+          "cifar10": "Table 4", "cifar100": "Table 4"}
+
+
+def parse(*args) -> dict:
+    """The values distill would receive (options parsed, callback not run)."""
+    with cli.commands["distill"].make_context("distill", [str(a) for a in args]) as ctx:
+        return dict(ctx.params)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_keys_in_either_spelling_with_their_types(tmp_path):
+    f = write(tmp_path / "run.yaml", "data: digits\nipc: 2\nmax-per-class: 6\nfinetune_lr: 1e-5\nfinetune: false\n"
+                                     "classes: [0, 1]\nout: o\nuntil: clusters\ncrop: center\ntiny: true\n")
+    p = parse("--config", f)
+    assert (p["data"], p["ipc"], p["max_per_class"], p["finetune_lr"], p["finetune"]) == ("digits", 2, 6, 1e-5, False)
+    assert (p["classes"], p["out"], p["until"], p["crop"], p["tiny"]) == ("0,1", Path("o"), "clusters", "center", True)
+    assert p["steps"] == 50 and p["seed"] == 0  # not in the file: the usual defaults
+    t = write(tmp_path / "run.toml", 'data = "digits"\nipc = 2\nfinetune-lr = 2e-5\nclean_captions = false\n'
+                                     'out = "o"\n')
+    p = parse("--config", t)
+    assert (p["finetune_lr"], p["clean_captions"], p["ipc"]) == (2e-5, False, 2)
+
+
+def test_null_is_taken_where_the_config_takes_none(tmp_path):
+    f = write(tmp_path / "n.yaml", "data: d\nipc: 1\nout: o\nbeta: null\nfinetune_max_grad_norm: null\n"
+                                   "gradient-checkpointing: null\n")
+    p = parse("--config", f)
+    assert p["beta"] is None and p["finetune_max_grad_norm"] is None and p["gradient_checkpointing"] is None
+
+
+def test_the_command_line_wins_wherever_it_stands(tmp_path):
+    f = write(tmp_path / "run.yml", "data: digits\nipc: 2\nout: o\nseed: 4\nfinetune: false\n")
+    assert parse("--config", f, "--ipc", "3")["ipc"] == 3
+    p = parse("--ipc", "5", "--finetune", "--config", f)
+    assert (p["ipc"], p["finetune"], p["seed"]) == (5, True, 4)
+
+
+def usage_error(vlcp, *args) -> str:
+    r = vlcp("distill", *args)
+    assert r.exit_code == 2, r.output
+    return r.output.split("Error: ", 1)[1].replace("\n", " ")
+
+
+def test_mistakes_are_usage_errors_naming_key_and_file(vlcp, tmp_path):
+    def err(text, suffix=".yaml"):
+        return usage_error(vlcp, "--config", write(tmp_path / f"c{suffix}", text))
+
+    f = tmp_path / "c.yaml"
+    assert f"{f}: 'frobnicate' is not a vlcp distill option" in err("data: digits\nfrobnicate: 1\n")
+    assert f"{f}: ipc: must be an integer, got 2.5" in err("ipc: 2.5\n")
+    assert f"{f}: tiny: must be true or false, got 'yes please'" in err("tiny: yes please\n")
+    assert f"{f}: finetune_lr: must be a number, got 'fast'" in err("finetune_lr: fast\n")
+    assert f"{f}: data: must be a string, got ['digits']" in err("data: [digits]\n")
+    assert f"{f}: steps: 0 is not in the range x>=1." in err("steps: 0\n")
+    assert f"{f}: crop: 'diagonal' is not one of 'none', 'center'." in err("crop: diagonal\n")
+    assert f"{f}: steps: must not be empty (null)" in err("steps: null\n")
+    assert f"{f}: max_per_class is given twice" in err("max_per_class: 2\nmax-per-class: 3\n")
+    assert f"{f}: must be a mapping of option names to values, got list" in err("- data\n")
+    assert f"{f}: 'config' is not a vlcp distill option" in err("config: other.yaml\n")
+    assert str(f) in err("data: [digits\n")  # a YAML syntax error
+    t = tmp_path / "c.toml"
+    assert f"{t}: ipc: must be an integer, got '2'" in err('ipc = "2"\n', ".toml")
+    assert str(t) in err("ipc = = 2\n", ".toml")
+    missing = tmp_path / "none.yaml"
+    assert f"{missing}: no such file, nor a shipped config" in usage_error(vlcp, "--config", missing)
+    assert "imagenette-ipc10" in usage_error(vlcp, "--config", "imagenette-ipc11")
+    (tmp_path / "dir.yaml").mkdir()
+    assert f"{tmp_path / 'dir.yaml'}: cannot be read (IsADirectoryError" in usage_error(
+        vlcp, "--config", tmp_path / "dir.yaml")
+    ini = write(tmp_path / "c.ini", "ipc = 2\n")
+    assert f"{ini}: not a .yaml, .yml, .toml or manifest.json file" in usage_error(vlcp, "--config", ini)
+    assert "not a vlcp manifest" in err('{"stages": {}}', ".json")
+    manifest = write(tmp_path / "manifest.json", json.dumps({"parameters": {"data": "digits", "ipc": 1, "x": 1}}))
+    assert f"{manifest}: 'x' is not a distill parameter of another vlcp version" in usage_error(
+        vlcp, "--config", manifest)
+
+
+def test_an_empty_file_changes_nothing(tmp_path):
+    assert parse("--config", write(tmp_path / "e.yaml", ""), "--data", "d", "--ipc", "1", "--out", "o") == \
+        parse("--data", "d", "--ipc", "1", "--out", "o")
+
+
+def test_a_manifest_gives_its_parameters_but_not_force_or_global_options(tmp_path):
+    cfg = DistillConfig(data="digits", ipc=2, out=tmp_path / "A", data_dir=tmp_path / "elsewhere", device="cpu",
+                        force=True, seed=7, classes=["0", "1"], finetune_max_steps=3)
+    m = write(tmp_path / "manifest.json", json.dumps({"parameters": cfg.params()}))
+    p = parse("--config", m)
+    assert (p["data"], p["ipc"], p["seed"], p["classes"], p["finetune_max_steps"]) == ("digits", 2, 7, "0,1", 3)
+    assert p["out"] == tmp_path / "A" and p["force"] is False
+    assert "data_dir" not in p and "device" not in p
+    assert parse("--config", m, "--out", tmp_path / "B", "--force")["out"] == tmp_path / "B"
+
+
+def test_list_configs_names_every_shipped_config_and_its_table():
+    r = CliRunner().invoke(cli, ["distill", "--list-configs"])
+    assert r.exit_code == 0
+    rows = [line.split(None, 1) for line in r.output.splitlines()]
+    assert [name for name, _ in rows] == sorted(SHIPPED)
+    for name, what in rows:
+        data, ipc = name.rsplit("-ipc", 1)
+        assert what.startswith(f"{TABLES[data]} of the VLCP paper (ICCV 2025)") and f", IPC {ipc};" in what, name
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_loads_and_validates(name, tmp_path):
+    import importlib.resources
+
+    text = importlib.resources.files("vlcp.configs").joinpath(f"{name}.yaml").read_text()
+    data, ipc = name.rsplit("-ipc", 1)
+    assert re.match(rf"# {TABLES[data]} of the VLCP paper \(ICCV 2025\): .+, IPC {ipc}; reported top-1", text)
+    p = parse("--config", name, "--out", tmp_path / name)
+    assert (p["data"], p["ipc"]) == (data, int(ipc))
+    row = DEFAULTS[data]
+    assert {k: p[k] for k in ("contamination", "beta", "top_k", "image_size")} == \
+        {k: row[k] for k in ("contamination", "beta", "top_k", "image_size")}
+    assert (p["finetune"], p["finetune_epochs"], p["finetune_batch_size"], p["text_strategy"]) == (True, 8, 8, "dcs")
+    p.pop("dry_run")
+    assert p.pop("classes") is None
+    DistillConfig(data_dir=tmp_path / "data", **p).validate()
+
+
+def test_a_local_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "imagenette-ipc10", "")  # no suffix: a file that exists is never taken for a shipped name
+    with pytest.raises(click.BadParameter, match="not a .yaml, .yml, .toml or manifest.json file"):
+        parse("--config", "imagenette-ipc10")
+
+
+# -- end to end: the same parameters from flags, a file or a manifest hit the same cache entries ----------
+FLAGS = ["--data", "digits", "--tiny", "--ipc", "2", "--classes", "0,1", "--max-per-class", "6", "--steps", "2",
+         "--seed", "3", "--beta", "0.3", "--finetune-max-steps", "1", "--guidance-scale", "7.5"]
+YAML = ("data: digits\ntiny: true\nipc: 2\nclasses: ['0', '1']\nmax-per-class: 6\nsteps: 2\nseed: 3\nbeta: 0.3\n"
+        "finetune_max_steps: 1\nguidance-scale: 7.5\n")
+
+
+def all_hits(out: Path) -> dict:
+    m = read_manifest(out)
+    for name, s in m["stages"].items():
+        if name != "output":  # the output stage writes OUT every time
+            assert s["cached"] and s["items_computed"] == 0 and not s["model_loaded"], (name, s)
+    return m
+
+
+@pytest.mark.e2e
+def test_a_config_file_and_a_manifest_reproduce_the_flags_run(vlcp, tmp_path):
+    r = vlcp("distill", *FLAGS, "--out", tmp_path / "A")
+    assert r.exit_code == 0, r.output
+    first = read_manifest(tmp_path / "A")
+    assert "finetune" in first["stages"] and not first["stages"]["finetune"]["cached"]
+
+    def same_but_out(m: dict, out: Path, force: bool = False) -> None:
+        assert m["parameters"]["out"] == str(out) and m["parameters"]["force"] is force
+        assert {**m["parameters"], "out": None, "force": None} == {**first["parameters"], "out": None, "force": None}
+
+    r = vlcp("distill", "--config", write(tmp_path / "run.yaml", YAML), "--out", tmp_path / "B")
+    assert r.exit_code == 0, r.output
+    same_but_out(all_hits(tmp_path / "B"), tmp_path / "B")
+
+    r = vlcp("distill", "--config", tmp_path / "A" / "manifest.json", "--out", tmp_path / "C")
+    assert r.exit_code == 0, r.output
+    same_but_out(all_hits(tmp_path / "C"), tmp_path / "C")
+
+    # OUT comes from the manifest, --force does not: rerunning into A must be asked for
+    r = vlcp("distill", "--config", tmp_path / "A" / "manifest.json")
+    assert r.exit_code == 2 and f"--out {tmp_path / 'A'} is not empty; pass --force" in r.output
+    r = vlcp("distill", "--config", tmp_path / "A" / "manifest.json", "--force")
+    assert r.exit_code == 0, r.output
+    same_but_out(all_hits(tmp_path / "A"), tmp_path / "A", force=True)

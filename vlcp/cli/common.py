@@ -1,0 +1,111 @@
+"""What every command module shares: the context object, the one map from the package's errors to exit
+codes, option helpers and table printing. Light on purpose: ``vlcp --help`` imports it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+
+class StageChoice(click.Choice):
+    """The stage names of ``vlcp.pipeline.table.STAGES`` (plus ``extra``), read when first needed so that
+    ``vlcp --help`` does not import the stage table."""
+
+    def __init__(self, extra: tuple[str, ...] = ()):
+        self._extra = list(extra)
+        super().__init__([])
+
+    @property
+    def choices(self):
+        from vlcp.pipeline.table import STAGE_NAMES
+
+        return STAGE_NAMES + self._extra
+
+    @choices.setter
+    def choices(self, value):
+        pass
+
+
+@dataclass
+class Ctx:
+    cache_dir: Path
+    data_dir: Path
+    device: str
+    verbose: int
+    quiet: bool
+
+    def cache(self):
+        from vlcp.store.cache import StageCache
+        from vlcp.store.parallel import check_writable
+
+        check_writable(self.cache_dir)  # one line before any work, not an SQLite traceback mid-run
+        return StageCache(self.cache_dir)
+
+
+class user_errors:
+    """Turn the package's own error types into one-line Click errors: bad input exits with 2, a failure
+    while computing with 1. The one place that decides exit codes for every command."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None:
+            return False
+        from vlcp.data.caption_files import CaptionFileError
+        from vlcp.data.datasets import DatasetError
+        from vlcp.evaluation.protocols import EvalError
+        from vlcp.models.loading import ModelError
+        from vlcp.pipeline.config import ConfigError
+        from vlcp.pipeline.run import DistillError
+        from vlcp.store.cache import CorruptEntry
+        from vlcp.store.output import OutputError
+
+        if isinstance(exc, ConfigError):  # a parameter out of range: exit code 2, naming the option
+            raise click.BadParameter(exc.message, param_hint=exc.param) from None
+        if isinstance(exc, (EvalError, OutputError)):  # a folder that does not fit: bad input, exit code 2
+            raise click.UsageError(str(exc)) from None
+        if isinstance(exc, (DatasetError, DistillError, ModelError, CaptionFileError, CorruptEntry)):
+            raise click.ClickException(str(exc)) from None
+        return False
+
+
+def default(name: str):
+    """The DistillConfig default of a distill option (what the help shows)."""
+    from vlcp.pipeline.config import default
+
+    return default(name)
+
+
+def choice(name: str) -> click.Choice:
+    """The allowed values of a distill option, from config.CHOICES (what validate checks)."""
+    from vlcp.pipeline.config import CHOICES
+
+    return click.Choice(CHOICES[name])
+
+
+def options(*decorators):
+    """Several click options as one decorator (shared by commands that take the same options)."""
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+def table(rows: list[tuple[str, ...]]) -> None:
+    """Left-aligned columns, a rule under the header row."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            click.echo("  ".join("-" * w for w in widths))
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

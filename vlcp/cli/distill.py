@@ -1,0 +1,73 @@
+"""``vlcp distill``: build a DistillConfig from the options (and --config), run the stages, print a summary."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from vlcp.cli.common import Ctx, table, user_errors
+from vlcp.cli.distill_options import distill_options
+
+
+@click.command()
+@distill_options
+@click.pass_obj
+def distill(obj: Ctx, **kw):
+    """Distill a dataset into IPC synthetic images per class with the VLCP method.
+
+    Runs the stages of `vlcp.pipeline.table.STAGES` in order (README, "What a run does"): images, captions,
+    latents, outliers, clusters, text_prototypes, prompts, finetune, synthesis, the refinement stages
+    with --refine, output. Defaults of --contamination/--beta/--top-k/--image-size depend on the
+    dataset (README table).
+
+    Options can also come from a file: `--config run.yaml` (or .toml; keys are option names), a shipped
+    config such as `--config imagenette-ipc10` (see --list-configs), or `--config OUT/manifest.json` to
+    rerun the distillation that made OUT (into OUT unless --out is given; --force is never taken from it).
+    Options given on the command line win over the file.
+    """
+    dry_run = kw.pop("dry_run")
+    from vlcp.pipeline.config import DistillConfig
+
+    raw = kw.pop("classes")
+    classes = [c.strip() for c in raw.split(",") if c.strip()] if raw else None
+    cfg = DistillConfig(data_dir=obj.data_dir, device=obj.device, classes=classes, progress=not obj.quiet, **kw)
+    run_distill(obj, cfg, dry_run)
+
+
+def run_distill(obj: Ctx, cfg, dry_run: bool = False) -> None:
+    """Validate, check --out, run (or plan) the stages, print the summary: shared by distill and refine."""
+    with user_errors():
+        cfg.validate()
+        if not dry_run:
+            from vlcp.store.output import check_out
+
+            check_out(Path(cfg.out), cfg.force)
+    if cfg.tiny and not obj.quiet:
+        click.echo("--tiny: tiny random models (built offline, cached); captions and images are noise, "
+                   "for tests and demos only.", err=True)
+    from vlcp.pipeline.loop import distill as run
+
+    with user_errors():
+        manifest = run(cfg, obj.cache(), dry_run=dry_run)
+    from vlcp.store.parallel import world
+
+    if not obj.quiet and world().main:  # in a multi-process launch rank 0 speaks for all (OUT/ranks/ has each)
+        _summary(manifest, dry_run)
+        if not dry_run:
+            click.echo(f"wrote {cfg.out}/ (manifest.json"
+                       f"{', preview.png' if 'output' in manifest['stages'] else ''})")
+
+
+def _summary(manifest: dict, dry_run: bool) -> None:
+    rows = [("stage", "status", "computed", "cached", "model", "seconds")]
+    for name, r in manifest["stages"].items():
+        status = ("hit" if r["cached"] else "would compute" if dry_run else "computed")
+        rows.append((name, status, str(r["items_computed"]), str(r["items_cached"]),
+                     "loaded" if r["model_loaded"] else "-", f"{r['seconds']:.2f}"))
+    table(rows)
+    if dry_run and manifest.get("plan_unknown_after"):
+        click.echo(f"later stages: not planned, they depend on what {manifest['plan_unknown_after']} computes")
+    for w in manifest.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    if not dry_run:
+        click.echo(f"total {manifest['seconds']:.2f}s")
