@@ -1,21 +1,24 @@
-"""NLTK's ``word_tokenize`` (nltk 3.9.1, English) as the VLCP reference code uses it, without NLTK.
+"""NLTK's ``word_tokenize`` (English) as the VLCP reference code uses it, without NLTK.
 
 The reference's Algorithm 2 (``03_distiilation/gen_prototype.py``) keeps ``word.lower()`` of the tokens
-with ``word.isalpha()``; ``reference_tokens`` gives exactly that list. nltk 3.9.1 is the release the
-reference ran with: it downloads ``punkt_tab`` (nltk >= 3.8.2) and was published in March 2025, before
-nltk 3.9.2 changed the tokenizer (opening quotes, dashes). NLTK is not a dependency and its data cannot be
-downloaded at run time, so both steps are re-implemented here from NLTK's rules (Apache-2.0):
+with ``word.isalpha()``; ``reference_tokens`` gives exactly that list. The rules are those of nltk 3.9.1
+and 3.9.2 (the same tokenizer): the reference downloads ``punkt_tab`` (so nltk >= 3.8.2) and was published
+in March 2025, when 3.9.1 was current; nltk 3.10 later changed opening quotes and dashes. NLTK is not a
+dependency and its data cannot be downloaded at run time, so both steps are re-implemented here from
+NLTK's rules (Apache-2.0):
 
 1. Punkt splits the text into sentences. Only the break decision after a period-final word matters for
    alphabetic tokens (step 2 splits off a sentence's *final* period only: "grass. The" gives "grass" at a
    break and the non-alphabetic "grass." without one). Punkt decides with its English model: the
    abbreviation list, collocations and frequent sentence starters below (from nltk_data's
-   ``tokenizers/punkt_tab/english``), and an orthographic table of ~20,000 words (how each was seen
-   capitalised) that is not shipped. Every word is taken to have the flags most common words have there
-   (seen in lower case and capitalised mid-sentence, ``COMMON_WORD``). That differs from NLTK only after
-   an abbreviation of the list (``Dr.``, ``St.``, ``ok.``) followed by a capitalised word that is not a
-   sentence starter, and after a single letter outside the list (``B.``, ``X.``) followed by a proper
-   noun; ``punkt_break`` takes the real table where one is at hand.
+   ``tokenizers/punkt_tab/english``), and an orthographic table (236 KB: how each of many thousand words
+   was seen capitalised) that is not shipped: every word is taken to have the flags most common words
+   have there (seen in lower case and capitalised mid-sentence, ``COMMON_WORD``). That differs from NLTK
+   only (a) after an abbreviation of the list (``Dr.``, ``St.``, ``ok.``) followed by a capitalised word
+   that is not a frequent sentence starter and that the table holds as never capitalised mid-sentence, and
+   (b) after a single letter outside the list (``B.``, ``X.``) followed by a capitalised word the table
+   never saw in lower case (a name, or a word it lacks) or by a lower-case word it saw only starting
+   sentences. ``Punkt(ortho=...)`` takes the real table where one is at hand.
 2. The Treebank rules of ``NLTKWordTokenizer`` split each sentence into words: clitics (``dog's`` ->
    ``dog`` ``'s``, ``don't`` -> ``do`` ``n't``), MacIntyre's contractions (``cannot`` -> ``can`` ``not``,
    ``gonna`` -> ``gon`` ``na``), quotes, brackets and punctuation; hyphens stay inside words.
@@ -53,6 +56,8 @@ COMMON_WORD = MID_UC | MID_LC  # "front", "brothers", "hope" in the English tabl
 
 @dataclass(frozen=True)
 class Punkt:
+    """Punkt's model: ``ortho`` maps a word type to its orthographic flags (the table NLTK loads)."""
+
     abbreviations: frozenset = ABBREVIATIONS
     collocations: frozenset = COLLOCATIONS
     starters: frozenset = SENT_STARTERS
@@ -172,31 +177,42 @@ def sentences(text: str, p: Punkt = ENGLISH) -> list[str]:
     return out
 
 
+# The Treebank rules in order: (pattern, replacement, characters one of which a match needs; "" for none).
+# Skipping a rule whose characters are absent changes nothing and saves most of the time.
 _PAD = r" \g<0> "
-_STARTING_QUOTES = [(r"([«“‘„]|[`]+)", r" \1 "), (r'^"', "``"), ("(``)", r" \1 "), (r"""([ (\[{<])("|'{2})""", r"\1 `` "),
-                    (r"(?i)(')(?!re|ve|ll|m|t|s|d|n)(\w)\b", r"\1 \2")]
-_PUNCTUATION = [(r"""([^.])(\.)([\]\)}>"'»”’ ]*)\s*$""", r"\1 \2 \3 "), (r"([:,])([^\d])", r" \1 \2"),
-                (r"([:,])$", r" \1 "), (r"\.{2,}", _PAD), (r"[;@#$%&]", _PAD),
-                (r"""([^.])(\.)([\]\)}>"']*)\s*$""", r"\1 \2\3 "), (r"[?!]", _PAD), (r"([^'])' ", r"\1 ' "),
-                (r"[*]", _PAD), (r"[\]\[(){}<>]", _PAD), ("--", _PAD)]
-_ENDING_QUOTES = [("([»”’])", r" \1 "), ("''", " '' "), ('"', " '' "), (r"\s+", " "),
-                  (r"([^' ])('[sS]|'[mM]|'[dD]|') ", r"\1 \2 "), (r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) ", r"\1 \2 ")]
+_STARTING_QUOTES = [(r"([«“‘„]|[`]+)", r" \1 ", "«“‘„`"), (r'^"', "``", '"'), ("(``)", r" \1 ", "`"),
+                    (r"""([ (\[{<])("|'{2})""", r"\1 `` ", "\"'"), (r"(?i)(')(?!re|ve|ll|m|t|s|d|n)(\w)\b", r"\1 \2", "'")]
+_PUNCTUATION = [(r"""([^.])(\.)([\]\)}>"'»”’ ]*)\s*$""", r"\1 \2 \3 ", "."), (r"([:,])([^\d])", r" \1 \2", ":,"),
+                (r"([:,])$", r" \1 ", ":,"), (r"\.{2,}", _PAD, "."), (r"[;@#$%&]", _PAD, ";@#$%&"),
+                (r"""([^.])(\.)([\]\)}>"']*)\s*$""", r"\1 \2\3 ", "."), (r"[?!]", _PAD, "?!"),
+                (r"([^'])' ", r"\1 ' ", "'"), (r"[*]", _PAD, "*"), (r"[\]\[(){}<>]", _PAD, "[](){}<>"), ("--", _PAD, "-")]
+_ENDING_QUOTES = [("([»”’])", r" \1 ", "»”’"), ("''", " '' ", "'"), ('"', " '' ", '"'), (r"\s+", " ", ""),
+                  (r"([^' ])('[sS]|'[mM]|'[dD]|') ", r"\1 \2 ", "'"),
+                  (r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) ", r"\1 \2 ", "'")]
 _CONTRACTIONS = [(r"(?i)\b(can)(not)\b", r" \1 \2 "), (r"(?i)\b(d)('ye)\b", r" \1 \2 "), (r"(?i)\b(gim)(me)\b", r" \1 \2 "),
                  (r"(?i)\b(gon)(na)\b", r" \1 \2 "), (r"(?i)\b(got)(ta)\b", r" \1 \2 "), (r"(?i)\b(lem)(me)\b", r" \1 \2 "),
                  (r"(?i)\b(more)('n)\b", r" \1 \2 "), (r"(?i)\b(wan)(na)(?=\s)", r" \1 \2 "),
                  (r"(?i) ('t)(is)\b", r" \1 \2 "), (r"(?i) ('t)(was)\b", r" \1 \2 ")]
-_BEFORE = [(re.compile(a), b) for a, b in _STARTING_QUOTES + _PUNCTUATION]
-_AFTER = [(re.compile(a), b) for a, b in _ENDING_QUOTES + _CONTRACTIONS]
+_ANY_CONTRACTION = re.compile(r"(?i)cannot|d'ye|gimme|gonna|gotta|lemme|more'n|wanna|'tis|'twas")
+_BEFORE = [(re.compile(a), b, c) for a, b, c in _STARTING_QUOTES + _PUNCTUATION]
+_AFTER = [(re.compile(a), b, c) for a, b, c in _ENDING_QUOTES]
+_SPLIT = [(re.compile(a), b) for a, b in _CONTRACTIONS]
+
+
+def _apply(rules, text: str) -> str:
+    for pattern, repl, needs in rules:
+        if not needs or any(c in text for c in needs):
+            text = pattern.sub(repl, text)
+    return text
 
 
 def treebank_words(sentence: str) -> list[str]:
     """``NLTKWordTokenizer().tokenize(sentence)`` (nltk 3.9.1, parentheses not converted)."""
-    for pattern, repl in _BEFORE:
-        sentence = pattern.sub(repl, sentence)
-    sentence = " " + sentence + " "
-    for pattern, repl in _AFTER:
-        sentence = pattern.sub(repl, sentence)
-    return sentence.split()
+    text = _apply(_AFTER, " " + _apply(_BEFORE, sentence) + " ")
+    if _ANY_CONTRACTION.search(text):
+        for pattern, repl in _SPLIT:
+            text = pattern.sub(repl, text)
+    return text.split()
 
 
 def word_tokenize(text: str, p: Punkt = ENGLISH) -> list[str]:
