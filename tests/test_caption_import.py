@@ -75,10 +75,44 @@ def test_a_malformed_caption_file_is_a_one_line_error(vlcp, folder, tmp_path):
 
 def test_clean_captions_feed_algorithm_2(vlcp, folder, tmp_path):
     caps = _jsonl(tmp_path / "caps.jsonl", _reference_rows())
-    base = ["distill", "--data", folder, "--tiny", "--ipc", "1", "--until", "text_prototypes", "--captions-from", caps]
+    # the paper's reading: with 3 captions that share every word, the reference's N (beta 0.2) would take them all
+    base = ["distill", "--data", folder, "--tiny", "--ipc", "1", "--until", "text_prototypes", "--captions-from", caps,
+            "--text-prototypes", "paper"]
     vlcp(*base, "--out", tmp_path / "a")
     vlcp(*base, "--no-clean-captions", "--out", tmp_path / "b")
     a = json.loads((tmp_path / "a" / "prototypes.json").read_text())["classes"]["n01440764"]["clusters"][0]
     b = json.loads((tmp_path / "b" / "prototypes.json").read_text())["classes"]["n01440764"]["clusters"][0]
     assert '"' not in a["caption"] and "'s" not in a["caption"] and a["caption"].startswith("a n01440764 fish fin")
     assert b["caption"].startswith('a "n01440764" fish\'s fin')
+
+
+def test_reference_captions_give_the_reference_text_prototypes(vlcp, folder, tmp_path):
+    """The authors' captions and the default mode give the reference code's picks (gen_prototype.py), hand-derived.
+
+    One cluster per class (IPC 1, no LOF), beta 0.7 over 3 captions: N = words in >= 2.1 captions = {fish}.
+    Class n01440764 ("tench, Tinca tinca"): R_w = Counter of the remaining non-stop-word tokens:
+    red 2, fins 1, green 1, tail 1, covered 1, shredded 1, scales 1 (every count distinct from the best).
+      "a fish with red fins"       red 2 + fins 1                                     = 3
+      "a green fish, red tail"     green 1 + red 2 + tail 1                           = 4
+      "covered shredded fish scales"  covered 1 + shredded 1 + scales 1 + red 2 (inside "shredded") = 5  <- reference
+    The paper's reading matches whole words only: 3, 4, 3 -> "a green fish, red tail".
+    Class n02102040: every word is a stop word or in N, so every caption scores 0: the reference's prompt is
+    the empty string; the paper's reading falls back to the closest member's caption.
+    """
+    rows = {"n01440764": ["a fish with red fins", "a green fish, red tail", "covered shredded fish scales"],
+            "n02102040": ["a fish", "the fish", "fish"]}
+    caps = _jsonl(tmp_path / "caps.jsonl", [(f"{c}/{c}MM{j}.png", t) for c, ts in rows.items() for j, t in enumerate(ts)])
+    base = ["distill", "--data", folder, "--tiny", "--ipc", "1", "--contamination", "0", "--beta", "0.7",
+            "--until", "prompts", "--captions-from", caps]
+    assert vlcp(*base, "--out", tmp_path / "ref").exit_code == 0
+    assert vlcp(*base, "--text-prototypes", "paper", "--out", tmp_path / "paper").exit_code == 0
+    ref, paper = (json.loads((tmp_path / o / "prototypes.json").read_text()) for o in ("ref", "paper"))
+    assert read_manifest(tmp_path / "ref")["parameters"]["text_prototypes"] == "reference"
+    assert ref["mode"] == "reference" and paper["mode"] == "paper"
+    tench, dog = (ref["classes"][c]["clusters"][0] for c in rows)
+    assert tench["caption"] == "covered shredded fish scales" and tench["score"] == 5
+    assert tench["representative_words"] == {"red": 2, "fins": 1, "green": 1, "tail": 1, "covered": 1,
+                                             "shredded": 1, "scales": 1}
+    assert dog["caption"] == "" and dog["fallback"] and dog["member"] is None and dog["prompt"] == ""
+    assert paper["classes"]["n01440764"]["clusters"][0]["caption"] == "a green fish, red tail"
+    assert paper["classes"]["n02102040"]["clusters"][0]["caption"] in rows["n02102040"]

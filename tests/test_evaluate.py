@@ -92,6 +92,8 @@ def test_baselines_and_evaluate_cli(vlcp, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["protocol"]["name"] == "dc" and res["protocol"]["epochs"] == 2 and res["train_images"] == 30
+    assert res["protocol"]["sources"]["name"] == "vlcp's choice: the DC/DSA evaluation for data the paper does not " \
+                                                 "evaluate"  # no --protocol: the default, and why
     assert len(res["accuracy"]["per_seed"]) == 2 and res["dataset"]["name"] == "digits"
     assert res["vlcp_version"] and res["test_split"]["images"] == 359
     assert "top-1 (final)" in r.output and "best-during-training" in r.output
@@ -114,6 +116,7 @@ def test_minimax_and_rded_protocols_run_on_digits(vlcp, tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["protocol"]["model"] == "resnetap10" and m["accuracy"]["best_during_training"]["per_seed"]
+    assert m["protocol"]["sources"]["name"] == "user (--protocol)"
     args = ["evaluate", tmp_path / "b", "--data", "digits", "--protocol", "rded", "--epochs", "1", "--model",
             "convnet3", "--teacher-epochs", "1", "--seeds", "1", "--json", tmp_path / "r.json"]  # small teacher
     assert vlcp(*args).exit_code == 0

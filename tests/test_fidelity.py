@@ -33,16 +33,16 @@ def test_minimax_settings_are_the_scripts():
         "momentum": 0.9, "weight_decay": 5e-4, "wd_scope": "all", "schedule": "multistep-epoch(2/3,5/6;gamma=0.2)",
         "aug": "minimax", "mix": "reference", "cutmix": 1.0, "mixup": 0.0, "factor": 1, "image_size": 224,
         "load_size": 224, "load_crop": True, "test_resize": 224, "channels": 3, "mean": IMAGENET[0],
-        "std": IMAGENET[1], "test_every": 20, "best_after": 0.0, "kd_temperature": 0.0, "clean_forward": False,
-        "teacher": "", "teacher_epochs": 0}
+        "std": IMAGENET[1], "test_every": 20, "best_after": 0.0, "kd_temperature": 0.0, "no_grad_forward": False,
+        "resample": "bilinear", "teacher": "", "teacher_epochs": 0}
 
 
 def test_rded_settings_are_the_scripts():
     common = {"name": "rded", "optimizer": "adamw", "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.01,
               "wd_scope": "weights", "schedule": "half-cosine-epoch", "aug": "rded", "mix": "reference",
               "cutmix": 1.0, "mixup": 0.0, "load_crop": False, "channels": 3, "mean": IMAGENET[0], "std": IMAGENET[1],
-              "test_every": 10, "best_after": 0.8, "kd_temperature": 20.0, "clean_forward": True, "epochs": 500,
-              "teacher_epochs": 50}
+              "test_every": 10, "best_after": 0.8, "kd_temperature": 20.0, "no_grad_forward": True, "epochs": 500,
+              "resample": "bilinear", "teacher_epochs": 50}
     assert settings(make_protocol("rded", "cifar10", 10)) == {
         **common, "model": "resnet18-modified", "batch_size": 50, "factor": 1, "image_size": 32, "load_size": 32,
         "test_resize": 32, "teacher": "trained by vlcp"}  # 32 // 7 * 8 = 32
@@ -60,7 +60,8 @@ def test_dc_settings_are_unchanged():
         "momentum": 0.9, "weight_decay": 5e-4, "wd_scope": "all", "schedule": "step(1/2;gamma=0.1)", "aug": "dsa",
         "mix": "torchvision", "cutmix": 0.0, "mixup": 0.0, "factor": 1, "image_size": 28, "load_size": 28,
         "load_crop": False, "test_resize": 0, "channels": 1, "mean": (0.2860,), "std": (0.3530,), "test_every": 0,
-        "best_after": 0.0, "kd_temperature": 0.0, "clean_forward": False, "teacher": "", "teacher_epochs": 0}
+        "best_after": 0.0, "kd_temperature": 0.0, "no_grad_forward": False, "resample": "bicubic", "teacher": "",
+        "teacher_epochs": 0}
     assert make_protocol("dc", "cifar10", 10, aug="none").epochs == 300
 
 
@@ -166,7 +167,8 @@ def test_rded_teacher_is_trained_once_and_cached(vlcp, tmp_path, monkeypatch):
         calls.append(k.get("progress"))  # the progress bar is named after what it trains
         return real_train(*a, **k)
 
-    monkeypatch.setattr(teacher, "train", counting)
+    monkeypatch.setattr(teacher, "train", counting)  # the teacher's training
+    monkeypatch.setattr(evaluate, "train", counting)  # the students'
     args = ["evaluate", tmp_path / "b", "--data", "digits", "--protocol", "rded", "--model", "convnet3", "--epochs",
             "1", "--teacher-epochs", "1", "--seeds", "1", "--json", tmp_path / "r.json"]
     r = vlcp(*args)

@@ -63,7 +63,7 @@ def test_every_distill_option_is_in_exactly_one_section():
     options = [p.opts[0] for p in cli.commands["distill"].params
                if p.expose_value or p.name in ("config", "list_configs")]
     options = [o for o in options if o not in ("-h", "--help")]
-    assert len(options) == 75  # the 73 options of the flat command, --config and --list-configs
+    assert len(options) == 80  # the 78 options of the flat command, --config and --list-configs
     assert sorted(listed) == sorted(options) and len(listed) == len(set(listed))
     assert found[None] == ["-h"]  # only --help stands outside the sections
     assert all(found[s] for s in SECTIONS)

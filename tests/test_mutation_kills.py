@@ -208,7 +208,7 @@ def test_default_protocol_minimax_epochs_and_rded_batch_boundaries():
     )
 
     assert [default_protocol(d) for d in ("imagenette", "imagewoof", "cifar10", "digits")] == [
-        "minimax", "minimax", "dc", "dc"]
+        "minimax", "minimax", "rded", "dc"]
     assert [minimax_epochs(i) for i in (11, 51, 201, 501)] == [1500, 1000, 500, 300]
     assert [rded_batch_size(i, 10)[0] for i in (2, 9, 11, 49, 51, 100)] == [10, 10, 50, 50, 100, 100]
     for ipc in (1, 10, 50):

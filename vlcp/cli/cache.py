@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from vlcp.cli.common import Ctx, StageChoice, default, human, user_errors
+from vlcp.cli.common import (
+    Ctx,
+    StageChoice,
+    check_data,
+    check_model_paths,
+    default,
+    human,
+    user_errors,
+)
 
 
 @click.group()
@@ -32,6 +40,8 @@ def captions_export(obj: Ctx, data, out, tiny, captioner, caption_prompt, captio
                     classes, max_per_class, force):
     """Write the cached captions of a dataset, one {"file_name", "text"} object per line (nothing is computed:
     run `vlcp distill ... --until captions` first)."""
+    check_data(data)
+    check_model_paths(captioner=captioner)
     from vlcp.data.caption_files import write_jsonl
     from vlcp.pipeline.config import DistillConfig
     from vlcp.pipeline.loop import cached_captions
@@ -99,7 +109,7 @@ def cache_clear(obj: Ctx, stage):
 @click.argument("src", type=click.Path(path_type=Path))
 @click.pass_obj
 def cache_merge(obj: Ctx, src):
-    """Copy every artefact of the cache directory SRC that this cache lacks (README, "Many processes, one cache")."""
+    """Copy every artefact of the cache directory SRC that this cache lacks (docs/cache.md, "Many processes, one cache")."""
     from vlcp.store.merge import CacheMergeError, merge
 
     try:

@@ -43,6 +43,22 @@ class Ctx:
         return StageCache(self.cache_dir)
 
 
+# The one exit-code rule of every command (``vlcp --help`` and the README state it; tests/test_exit_codes.py).
+USAGE = 2  # the command line is wrong: an unknown option, a bad value, a path that does not exist or does not fit
+FAILED = 1  # the run failed: a download, a model, a corrupt cache entry, data found unusable while read
+INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
+EXIT_CODES = ("Exit codes: 0 done; 2 usage (an unknown option, a bad value, a path that does not exist or "
+              "does not fit, such as a non-empty --out); 1 a failure while running (a download, a model, "
+              "the data, the disk); 130 interrupted (Ctrl-C).")
+
+
+def usage_error(message: str) -> click.ClickException:
+    """A one-line ``Error: message`` that exits with 2 (no usage banner: the message names the option)."""
+    err = click.ClickException(message)
+    err.exit_code = USAGE
+    return err
+
+
 class user_errors:
     """Turn the package's own error types into one-line Click errors: bad input exits with 2, a failure
     while computing with 1. The one place that decides exit codes for every command."""
@@ -67,8 +83,43 @@ class user_errors:
         if isinstance(exc, (EvalError, OutputError)):  # a folder that does not fit: bad input, exit code 2
             raise click.UsageError(str(exc)) from None
         if isinstance(exc, (DatasetError, DistillError, ModelError, CaptionFileError, CorruptEntry)):
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(str(exc)) from None  # found while running: exit code 1
         return False
+
+
+def check_data(data: str | None) -> None:
+    """``--data``: a known name or an existing folder, checked before any heavy import (exit code 2)."""
+    if data is None:
+        return
+    from vlcp.data.datasets import DatasetError
+    from vlcp.data.datasets import check_data as check
+
+    try:
+        check(data)
+    except DatasetError as exc:
+        raise usage_error(str(exc)) from None
+
+
+def check_model_paths(**models: str | None) -> None:
+    """Model options given as a local directory (``./x``, ``/x``, ``~/x``, ``a/b/c``) that does not exist: exit
+    code 2 before anything is loaded. Hub ids (``org/name``, ``org/name@rev``) are resolved while running."""
+    for option, name in models.items():
+        if not name or "@" in name:
+            continue
+        if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not Path(name).expanduser().exists():
+            raise usage_error(f"--{option.replace('_', '-')} {name}: model directory does not exist")
+
+
+# torch's device types (c10/core/DeviceType.h), and vlcp's auto: anything else is a typo, found without torch
+DEVICE_TYPES = ("auto", "cpu", "cuda", "mps", "xpu", "hip", "meta", "hpu", "mtia", "xla", "lazy", "vulkan", "ve",
+                "ipu", "maia", "fpga", "mkldnn", "opengl", "opencl", "ideep", "privateuseone")
+
+
+def check_device(device: str) -> None:
+    """``--device``: a device type with an optional index (``cuda:1``); whether it exists is checked when used."""
+    kind, _, index = device.partition(":")
+    if kind not in DEVICE_TYPES or (index and not index.isdigit()) or (kind == "auto" and index):
+        raise usage_error(f"--device {device}: not a device (use auto, cpu, cuda, cuda:N or mps)")
 
 
 def default(name: str):

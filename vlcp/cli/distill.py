@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from vlcp.cli.common import Ctx, table, user_errors
+from vlcp.cli.common import Ctx, check_data, check_model_paths, table, user_errors
 from vlcp.cli.distill_options import distill_options
 
 
@@ -15,10 +15,10 @@ from vlcp.cli.distill_options import distill_options
 def distill(obj: Ctx, **kw):
     """Distill a dataset into IPC synthetic images per class with the VLCP method.
 
-    Runs the stages of `vlcp.pipeline.table.STAGES` in order (README, "What a run does"): images, captions,
+    Runs the stages of `vlcp.pipeline.table.STAGES` in order (docs/stages.md): images, captions,
     latents, outliers, clusters, text_prototypes, prompts, finetune, synthesis, the refinement stages
     with --refine, output. Defaults of --contamination/--beta/--top-k/--image-size depend on the
-    dataset (README table).
+    dataset (docs/stages.md, "Per-dataset defaults").
 
     Options can also come from a file: `--config run.yaml` (or .toml; keys are option names), a shipped
     config such as `--config imagenette-ipc10` (see --list-configs), or `--config OUT/manifest.json` to
@@ -26,6 +26,8 @@ def distill(obj: Ctx, **kw):
     Options given on the command line win over the file.
     """
     dry_run = kw.pop("dry_run")
+    check_data(kw["data"])  # cheap checks first: a typo costs no torch import
+    check_model_paths(**{k: kw[k] for k in ("captioner", "diffusion", "text_llm", "clip", "segmenter")})
     from vlcp.pipeline.config import DistillConfig
 
     raw = kw.pop("classes")
@@ -36,6 +38,8 @@ def distill(obj: Ctx, **kw):
 
 def run_distill(obj: Ctx, cfg, dry_run: bool = False) -> None:
     """Validate, check --out, run (or plan) the stages, print the summary: shared by distill and refine."""
+    from vlcp.store.parallel import world
+
     with user_errors():
         cfg.validate()
         if not dry_run:
@@ -45,17 +49,47 @@ def run_distill(obj: Ctx, cfg, dry_run: bool = False) -> None:
     if cfg.tiny and not obj.quiet:
         click.echo("--tiny: tiny random models (built offline, cached); captions and images are noise, "
                    "for tests and demos only.", err=True)
+    if dry_run and not obj.quiet and world().main:
+        _needs(cfg)  # first: a plan can stop at a model that is not downloaded yet
+    missing = _not_downloaded(cfg)
+    if dry_run and missing:  # the plan lists the images, and a dry run downloads nothing
+        if not obj.quiet:
+            click.echo(f"plan: not made, {missing}")
+        return
     from vlcp.pipeline.loop import distill as run
 
     with user_errors():
         manifest = run(cfg, obj.cache(), dry_run=dry_run)
-    from vlcp.store.parallel import world
-
     if not obj.quiet and world().main:  # in a multi-process launch rank 0 speaks for all (OUT/ranks/ has each)
         _summary(manifest, dry_run)
-        if not dry_run:
-            click.echo(f"wrote {cfg.out}/ (manifest.json"
-                       f"{', preview.png' if 'output' in manifest['stages'] else ''})")
+        if dry_run:
+            return
+        click.echo(f"wrote {cfg.out}/ (manifest.json"
+                   f"{', preview.png' if 'output' in manifest['stages'] else ''})")
+        report = Path(cfg.out) / "report.html"
+        if report.is_file():
+            click.echo(f"report: {report}")
+
+
+def _not_downloaded(cfg) -> str | None:
+    """Why the images cannot be listed without a download (None: they can)."""
+    from vlcp.data.datasets import KNOWN, is_present, location
+
+    spec = KNOWN.get(cfg.data)
+    if spec is None or is_present(spec, Path(cfg.data_dir)):
+        return None
+    how = "a run downloads it first" if spec.url else "see vlcp datasets"
+    return f"{cfg.data} is not in {location(spec, Path(cfg.data_dir))} yet ({how})"
+
+
+def _needs(cfg) -> None:
+    """Downloads, GPU memory and time of the real run (vlcp.cli.needs), for the stages it runs."""
+    from vlcp.cli.needs import count_images, needs
+    from vlcp.pipeline.table import STAGE_NAMES
+
+    stages = STAGE_NAMES[:STAGE_NAMES.index(cfg.until) + 1] if cfg.until else STAGE_NAMES
+    for line in needs(cfg, *count_images(cfg), stages):
+        click.echo(line)
 
 
 def _summary(manifest: dict, dry_run: bool) -> None:

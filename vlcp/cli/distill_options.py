@@ -47,9 +47,18 @@ distill_options = options(
     optgroup.group("Captions", help="A description of every real image (Algorithm 1, step 1)."),
     O("--captioner", help="Vision-language model (hub id or dir). [default: llava-hf/llava-1.5-7b-hf]"),
     O("--caption-prompt", default=default("caption_prompt"),
-      help="Prompt for captions; {CLASSNAME} is replaced. [default: the paper's prompt]"),
+      help="Prompt for captions; {CLASSNAME} is replaced. [default: the reference's question, byte for byte "
+           "(config_produce_llava.py: no space after 'image.')]"),
+    O("--caption-mode", type=choice("caption_mode"), default=default("caption_mode"), show_default=True,
+      help="reference: as LLaVA's model_vqa.py made the reference's captions (llava_v1 conversation with its "
+           "system message, image padded to a square, sampling at temperature 0.2, one image per call), seeded "
+           "per image by --caption-seed; greedy: chat template without a system message, batched greedy decoding."),
+    O("--caption-seed", type=int, default=default("caption_seed"), show_default=True,
+      help="--caption-mode reference: each image's sampling seed comes from this and the image's hash "
+           "(not --seed: other seeds reuse the captions)."),
     O("--caption-max-tokens", type=click.IntRange(min=1), help="New tokens per caption. "
-                                                               "[default: 256; 32 with --tiny]"),
+                                                               "[default: 1024 with --caption-mode reference "
+                                                               "(model_vqa.py), 256 greedy; 32 with --tiny]"),
     O("--captions-from", type=click.Path(exists=True, dir_okay=False),
       help="Use these captions (the reference .jsonl: {\"file_name\": \"<class>/<file>\", \"text\": ...}, "
            "'MM' read as '_'), e.g. the VLCP authors' LLaVA captions, instead of running the captioner."),
@@ -59,9 +68,13 @@ distill_options = options(
       help="Remove '\"' and \"'s\" from captions before Algorithm 2 and fine-tuning, as the reference code."),
 
     optgroup.group("Prototypes", help="Image prototypes (LOF, K-Means) and text prototypes (Algorithm 2)."),
-    O("--contamination", type=float, help="LOF outlier share, 0 skips LOF. [default: per dataset, see README]"),
+    O("--contamination", type=float, help="LOF outlier share, 0 skips LOF. [default: per dataset, see docs/stages.md]"),
     O("--beta", type=float, help="Non-representative word threshold (Eq. 2). [default: per dataset]"),
     O("--top-k", type=int, help="Representative words per cluster (Eq. 3). [default: per dataset]"),
+    O("--text-prototypes", type=choice("text_prototypes"), default=default("text_prototypes"), show_default=True,
+      help="Algorithm 2 as the reference code computes it (NLTK tokens and stop words, occurrence counts, "
+           "substring matches; a cluster whose captions all score 0 gets the empty prompt) or as the paper "
+           "states it (caption counts, whole words). docs/stages.md, FIDELITY.md."),
     O("--allow-duplicates", is_flag=True, help="A class with fewer images than IPC reuses its prototypes."),
     O("--text-strategy", type=choice("text_strategy"), default=default("text_strategy"), show_default=True,
       help="Prompt: closest-sample description (Alg. 2), class name, name + keywords, "
@@ -89,6 +102,13 @@ distill_options = options(
       show_default=True, help="Micro-batches per optimizer step (the reference: 8 x 4 = 32)."),
     O("--finetune-flip/--no-finetune-flip", default=default("finetune_flip"), show_default=True,
       help="Random horizontal flips of the training latents (the reference's --random_flip)."),
+    O("--finetune-data", type=choice("finetune_data"), default=default("finetune_data"), show_default=True,
+      help="center-crop-pairs: cached latents of each image's centre crop and of its mirror, as the reference's "
+           "train_text_to_image.py --center_crop --random_flip; prototype-latents: the squashed prototype "
+           "latents, mirrored in latent space for a flip."),
+    O("--finetune-resolution", type=click.IntRange(min=8),
+      help="Side of the centre crops fine-tuned on (center-crop-pairs). [default: per dataset: 32 for CIFAR-10/100 "
+           "(run_cifar10.sh, cifar100_dm.sh --resolution=32), else --resolution (512 for SD v1.5)]"),
 
     optgroup.group("Synthesis", help="img2img from every prototype with its prompt."),
     O("--diffusion", help="Stable Diffusion model (hub id or dir). "

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import click
 
-from vlcp.cli.common import Ctx, table, user_errors
+from vlcp.cli.common import Ctx, check_data, check_model_paths, table, user_errors
 
 log = logging.getLogger("vlcp")
 
 
 @click.command()
-@click.argument("synth_dir", required=False, type=click.Path(path_type=Path))
+@click.argument("synth_dir", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--data", required=True, help="The real dataset (its test split is the test set).")
 @click.option("--protocol", type=click.Choice(["minimax", "dc", "rded"]),
-              help="[default: minimax for ImageNet subsets, dc otherwise]")
+              help="[default: minimax for ImageNet subsets, rded for ImageNet-1K and CIFAR, dc otherwise]")
 @click.option("--model", type=click.Choice(["convnet3", "convnet6", "resnetap10", "resnet18", "resnet18-modified",
                                            "resnet18-bn"]),
               help="[default: resnetap10 (minimax), convnet3 (dc), rded: resnet18-modified (32 px) or resnet18-bn]")
@@ -55,6 +55,8 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
     fusion_opts = {"captioner": captioner, "clip": clip, "fusion_prompt": fusion_caption_prompt, "tiny": tiny or None}
     if not caption_fusion and any(v is not None for v in fusion_opts.values()):
         raise click.UsageError("--captioner, --clip, --fusion-caption-prompt and --tiny apply only with --caption-fusion")
+    check_data(data)
+    check_model_paths(captioner=captioner, clip=clip)
     from vlcp.evaluation import evaluate as ev
 
     cfg = ev.EvalConfig(data=data, synth_dir=str(synth_dir) if synth_dir else None, full=full,
@@ -146,6 +148,8 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
 def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force, **match):
     """Real-image selection (random, herding, k-center) or optimisation-based distillation (DM, DC) into an
     ImageFolder in the standard layout."""
+    check_data(data)
+    check_model_paths(segmenter=match["segmenter"], clip=match["clip"])
     from vlcp import __version__
     from vlcp.baselines import selection as baselines
     from vlcp.data.datasets import load_dataset

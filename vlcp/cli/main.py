@@ -1,8 +1,10 @@
 """The ``vlcp`` command group: global options, logging, and the commands of the sibling modules.
 
 Heavy libraries (torch, diffusers, transformers) are imported only inside commands that compute
-something, so ``--help``, ``--version`` and fully cached runs start fast. Exit codes are decided in
-one place, ``vlcp.cli.common.user_errors``: 2 for bad input, 1 for a failure while computing.
+something, so ``--help``, ``--version`` and fully cached runs start fast, and cheap arguments (paths,
+dataset names, the device) are checked before any of them. Exit codes follow one rule
+(``vlcp.cli.common.EXIT_CODES``): 2 for usage, 1 for a failure while running (``user_errors`` maps the
+package's errors), 130 for Ctrl-C (``VlcpGroup``).
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import click
 
 from vlcp import __version__
 from vlcp.cli.cache import cache, captions, datasets
-from vlcp.cli.common import Ctx
+from vlcp.cli.common import EXIT_CODES, INTERRUPTED, Ctx, check_device
 from vlcp.cli.distill import distill
 from vlcp.cli.evaluate import baseline, evaluate
 from vlcp.cli.refine import refine_cmd, report_cmd, select_cmd
+from vlcp.cli.threads import calm_threads
 
 log = logging.getLogger("vlcp")
 
@@ -31,7 +34,19 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class VlcpGroup(click.Group):
+    """Ctrl-C in any command exits with 130, as a shell reports SIGINT (Click's own abort exits with 1)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\nAborted!", err=True)
+            raise click.exceptions.Exit(INTERRUPTED) from None
+
+
+@click.group(cls=VlcpGroup, epilog=EXIT_CODES,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vlcp")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cache"),
               envvar="VLCP_CACHE_DIR", show_default=True, show_envvar=True, help="Where stage artefacts are cached.")
@@ -47,8 +62,9 @@ def cli(ctx, cache_dir, data_dir, device, verbose, quiet):
     """vlcp: dataset distillation with diffusion models and vision-language category prototypes (VLCP, ICCV 2025).
 
     Every stage is cached by the hash of its inputs, so changing one parameter recomputes only what it
-    affects. Start with `vlcp distill --data digits --ipc 10 --tiny --out out/digits` (offline, CPU).
+    affects. Start with `vlcp distill --data digits --ipc 10 --tiny --out out/digits-ipc10` (offline, CPU).
     """
+    check_device(device)
     _setup_logging(verbose, quiet)
     ctx.obj = Ctx(cache_dir, data_dir, device, verbose, quiet)
 
@@ -58,4 +74,5 @@ for command in (distill, evaluate, baseline, refine_cmd, report_cmd, select_cmd,
 
 
 def main():
+    calm_threads()  # before torch is first imported (by a command)
     cli(prog_name="vlcp")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from vlcp.cli.common import Ctx, user_errors
+from vlcp.cli.common import Ctx, check_data, check_model_paths, user_errors
 from vlcp.cli.distill import run_distill
 from vlcp.cli.distill_options import refine_options
 
@@ -25,6 +25,7 @@ def refine_cmd(obj: Ctx, folder: Path, data: str, out: Path, **opts):
     candidates come from the cached prototypes. On any other folder (D4M, Minimax...) only detection is
     possible: every image is judged and OUT/report.json lists the defective ones.
     """
+    check_data(data)
     from vlcp.pipeline.config import DistillConfig
 
     params = _manifest_params(folder)
@@ -122,13 +123,15 @@ def select_cmd(obj: Ctx, pool: Path, data, ipc, out, clip_model, tiny, clip_prom
                sas_alpha, sas_lambda, mode, seed, clip_batch_size, allow_duplicates, force):
     """Keep IPC images per class from an image pool POOL (an ImageFolder, e.g. made by Minimax or D4M),
     scored in CLIP space: vlcp's formulation of SAS (Li et al., arXiv 2605.18012) from its abstract, not the
-    authors' method (README, "Semantic-aware post-sampling").
+    authors' method (docs/method.md, "Semantic-aware post-sampling").
 
     Stage 1 drops candidates CLIP places nearer another class and keeps the top --sas-keep share by
     relevance and margin; stage 2 picks IPC greedily by quality vs diversity. CLIP embeddings are
     cached: changing only the selection knobs computes none. The --sas-* defaults are vlcp's
     proposals; none comes from the paper.
     """
+    check_data(data)
+    check_model_paths(clip=clip_model)
     from vlcp.baselines import select as ps
     from vlcp.method.sas import SasError, SasParams
 

@@ -182,9 +182,23 @@ def load_dataset(data: str, data_dir: str | os.PathLike, split: str = "train", c
             root = root / split
         ds = _image_folder(str(root), root, None, digest, data_name=str(Path(data).resolve()), split=split)
     else:
-        names = ", ".join(KNOWN)
-        raise DatasetError(f"unknown dataset {data!r}: give one of {names}, or a path to an ImageFolder directory")
+        check_data(data)  # neither a name nor a folder: it raises, saying which
+        raise DatasetError(f"--data {data}: no such folder")
     return _select(ds, classes, max_per_class)
+
+
+def check_data(data: str) -> None:
+    """Raise DatasetError unless ``data`` is a known name or an existing folder; reads no image. A value that
+    looks like a path (``./x``, ``a/b``, ``~/x``) and is missing is "no such folder", not an unknown name."""
+    path = Path(data)
+    if data in KNOWN or path.is_dir():
+        return
+    if path.exists():
+        raise DatasetError(f"--data {data} is a file, not a folder (an ImageFolder: one sub-folder per class)")
+    if "/" in data or os.sep in data or data.startswith((".", "~")):
+        raise DatasetError(f"--data {data}: no such folder")
+    names = ", ".join(KNOWN)
+    raise DatasetError(f"unknown dataset {data!r}: give one of {names}, or a path to an ImageFolder directory")
 
 
 def _select(ds: Dataset, classes: list[str] | None, max_per_class: int | None) -> Dataset:

@@ -18,7 +18,7 @@ abstract gives no formula. vlcp's reading, not the authors' method:
   distill captions stage's prompt does (``vlcp.models.captioner.PROMPT``), so fusion uses that prompt with the
   class replaced by "the object" for every image it captions. Captions are cached exactly as the
   distill captions stage caches them (same stage, same key: image hash, class name, prompt, max tokens,
-  captioner identity, greedy decoding), so captions ``vlcp distill`` made with the same prompt are reused;
+  captioner identity, decoding as distill's default `--caption-mode reference`), so captions ``vlcp distill`` made with the same prompt are reused;
   the captioner never receives the class name.
 - Training follows the protocol (optimiser, schedule, batch, epochs, image augmentation; the text
   rides along unchanged), without CutMix/MixUp (a caption describes the whole image, not a mix of
@@ -58,6 +58,8 @@ class Fusion:
     device: str
     protocol: object  # the evaluation Protocol without mixing
     changes: dict = field(default_factory=dict)
+    mode: str = "reference"  # captions made as `vlcp distill`'s default --caption-mode makes them
+    seed: int = 0  # ... and its default --caption-seed, so distill's captions are reused
 
 
 @dataclass
@@ -93,7 +95,9 @@ def prepare(cfg, p, cache, device: str) -> Fusion:
     if p.cutmix or p.mixup:
         p = replace(p, cutmix=0.0, mixup=0.0)
         changes["cutmix/mixup"] = "off for this row: a caption describes the whole image, not a mix of two"
-    return Fusion(captioner, clip_ref, prompt, 32 if cfg.tiny else 256, 32 if cfg.tiny else None, device, p, changes)
+    mode, seed = "reference", 0  # distill's defaults (--caption-mode, --caption-seed): the same cache entries
+    max_tokens = 32 if cfg.tiny else captions.default_max_tokens(mode)
+    return Fusion(captioner, clip_ref, prompt, max_tokens, 32 if cfg.tiny else None, device, p, changes, mode, seed)
 
 
 def folder_prompts(folder: Path | None) -> dict[str, str] | None:
@@ -128,7 +132,8 @@ def caption_key(digest: str, class_name: str, fu: Fusion) -> str:
 
     return stage_key(CAPTION_STAGE, captions.VERSION, layout=KEY_LAYOUT,
                      params={"caption_prompt": fu.prompt, "caption_max_tokens": fu.max_tokens},
-                     image=digest, class_name=class_name, model=fu.captioner.identity, decoding="greedy")
+                     image=digest, class_name=class_name, model=fu.captioner.identity,
+                     decoding=captions.decoding(fu.mode, fu.seed))
 
 
 def captions_for(fu: Fusion, cache, samples: list, names: list[str], progress: bool | str = False
@@ -144,8 +149,9 @@ def captions_for(fu: Fusion, cache, samples: list, names: list[str], progress: b
 
     def compute(idx):
         m, proc = model()
+        seeds = [captions.item_seed(fu.seed, digests[i]) for i in idx]
         texts = captions.caption_images(m, proc, [samples[i].load() for i in idx], [""] * len(idx),
-                                        fu.prompt, fu.max_tokens)  # no class name reaches the captioner
+                                        fu.prompt, fu.max_tokens, fu.mode, seeds)  # no class name reaches it
         for i, t in zip(idx, texts):
             if not t.strip():
                 raise EvalError(f"the captioner returned empty text for {samples[i].source}; try another "

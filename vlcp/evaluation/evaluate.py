@@ -10,7 +10,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vlcp.data.datasets import Dataset
-from vlcp.evaluation.protocols import Protocol, default_protocol, make_protocol
+from vlcp.evaluation.protocols import (
+    DEFAULT_SOURCE,
+    Protocol,
+    default_protocol,
+    make_protocol,
+)
 from vlcp.evaluation.samples import (
     check_dataset,
     synthetic_samples,
@@ -75,6 +80,7 @@ def run(cfg: EvalConfig, cache) -> dict:
     p = make_protocol(cfg.protocol or default_protocol(cfg.data), cfg.data, min(counts.values()), cfg.model,
                       cfg.epochs, cfg.aug, len(train_ds.classes), test_every=cfg.test_every,
                       teacher_epochs=cfg.teacher_epochs)
+    p.sources["name"] = "user (--protocol)" if cfg.protocol else DEFAULT_SOURCE[p.name]
     if cfg.teacher:
         p.teacher, p.sources["teacher"] = str(cfg.teacher), "user (--teacher)"
     dev = torch_device(cfg.device)

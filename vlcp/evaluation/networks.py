@@ -3,7 +3,8 @@
 - ``convnet3`` / ``convnet6``: DC/IDC's ConvNet (width 128, instance norm as GroupNorm(C, C), ReLU,
   2x2 average pooling per layer, one linear layer); grayscale inputs get padding 3 on the first conv,
   as DC does for 28 px MNIST-like data.
-- ``resnetap10``: IDC's ResNet-AP (strided convs replaced by 2x2 average pooling, instance norm).
+- ``resnetap10``: IDC's ResNet-AP (strided convs replaced by 2x2 average pooling, instance norm), its
+  convolutions re-initialised He-normal over fan-out as Minimax's ``train_models/resnet_ap.py`` does.
 - ``resnet18``: torchvision's ResNet-18 with instance norm (Minimax/IDC's ImageNet-subset evaluation).
 - ``resnet18-modified``: ResNet-18 for 32 px (3x3 stride-1 stem, no max-pool, batch norm), as RDED's
   ``resnet18_modified`` (RDED ``synthesize/utils.py:load_model``).
@@ -81,6 +82,9 @@ class ResNetAP10(nn.Module):
             c = cout
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(c, num_classes)
+        for m in self.modules():  # Minimax resnet_ap.py: normal(0, sqrt(2 / (k*k*out))); norms 1 / 0, fc untouched
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def embed(self, x):
         return F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1)

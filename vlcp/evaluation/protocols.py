@@ -1,21 +1,24 @@
 """``vlcp evaluate``: train a network on a distilled set, test it on the real test split.
 
 Three protocols; every value is recorded in the results JSON with where it comes from
-(``protocol.sources``: the paper, a file of the public reference code, or vlcp's choice):
+(``protocol.sources``: the paper, a file of the public reference code, or vlcp's choice). Without
+``--protocol`` each dataset gets the one the paper evaluates it with (``default_protocol``).
 
-- ``minimax`` (ImageNet subsets; VLCP Tables 1-2): the Minimax script the VLCP repository ships
-  (``04_evaluation/Minimax``): ResNetAP-10 with instance norm at 224 px; SGD 0.01, momentum 0.9,
-  wd 5e-4, batch 64; epochs by IPC (1: 3000, <=10: 2000, <=50: 1500, <=200: 1000, <=500: 500, more: 300;
-  x2/3 for 100 classes); lr x0.2 after epochs 2E/3 and 5E/6; Resize(224)+CenterCrop(224), then
-  RandomResizedCrop(0.5-1), flip, colour jitter 0.4 (random order), lighting 0.1, CutMix (Beta(1, 1),
-  every batch, loss mixed by box area); test Resize(224)+CenterCrop(224), every E/100 epochs.
-- ``dc`` (digits, Fashion-MNIST, CIFAR): ConvNet-3 at the data's own size; SGD 0.01, momentum 0.9,
-  wd 5e-4, batch 256; 1000 epochs with DSA or 300 without (``--aug none``); lr x0.1 at half; one test.
-- ``rded`` (VLCP Tables 3-4): RDED's evaluation (``04_evaluation/RDED``): a student trained only on a
-  teacher's soft labels of CutMix-ed images (KL at temperature 20), AdamW 1e-3 (wd 0.01 on weights),
-  half-cosine lr per epoch, ShufflePatches + RandomResizedCrop(1/factor-1) + flip, batch by IPC and
-  class count, 500 epochs, ImageNet normalisation; it reports the best test accuracy among the
-  tests every 10 epochs in the last 20 % of training.
+- ``minimax`` (ImageNet subsets; VLCP Tables 1, 2, 5): the Minimax script the VLCP repository ships
+  (``04_evaluation/Minimax``): ResNetAP-10 with instance norm at 224 px, convolutions He-normal (fan-out);
+  SGD 0.01, momentum 0.9, wd 5e-4, batch 64 (more than 100 classes: lr 0.1, wd 1e-4, batch 128); epochs by
+  IPC (1: 3000, <=10: 2000, <=50: 1500, <=200: 1000, <=500: 500, more: 300; x2/3 for 100 classes); lr x0.2
+  after epochs 2E/3 and 5E/6; bilinear Resize(224)+CenterCrop(224), then RandomResizedCrop(0.5-1), flip,
+  colour jitter 0.4 (random order), lighting 0.1, CutMix (Beta(1, 1), every batch, loss mixed by box
+  area); test Resize(224)+CenterCrop(224), every E/100 epochs.
+- ``dc`` (digits, Fashion-MNIST, any other folder): ConvNet-3 at the data's own size; SGD 0.01, momentum
+  0.9, wd 5e-4, batch 256; 1000 epochs with DSA or 300 without (``--aug none``); lr x0.1 at half; one test.
+- ``rded`` (ImageNet-1K and CIFAR; VLCP Tables 3-4): RDED's evaluation (``04_evaluation/RDED``): a student
+  trained only on a teacher's soft labels of CutMix-ed images (KL at temperature 20), AdamW 1e-3 (wd 0.01
+  on weights), half-cosine lr per epoch, ShufflePatches + RandomResizedCrop(1/factor-1) + flip, batch by
+  IPC and class count, 500 epochs, ImageNet normalisation, bilinear resizing; the student also runs once
+  without gradients on the mixed batch (RDED's cutmix mixes in place); it reports the best test accuracy
+  among the tests every 10 epochs in the last 20 % of training.
 
 The headline figure is always the accuracy after the last epoch. The protocol's own "best" figure
 (model selection on the test set, which both reference scripts report) is in its own column.
@@ -74,14 +77,27 @@ class Protocol:
     test_every: int = 0
     best_after: float = 0.0  # only tests after this share of the epochs count for the "best" column
     kd_temperature: float = 0.0
-    clean_forward: bool = False  # RDED also runs the student on the unmixed batch (updates batch-norm stats)
+    no_grad_forward: bool = False  # RDED runs the student once more, without gradients, on the mixed batch
+    resample: str = "bicubic"  # PIL filter of the loading resize (both reference scripts: torchvision's bilinear)
     teacher: str = ""
     teacher_epochs: int = 0
     sources: dict = field(default_factory=dict)
 
 
 
+RDED_DATA = {"imagenet", "cifar10", "cifar100"}
+DEFAULT_SOURCE = {
+    "minimax": "VLCP paper Tables 1, 2, 5 (ImageNet subsets, Minimax's code); VLCP repo run_nette.sh",
+    "rded": "VLCP paper Tables 3-4 (ImageNet-1K at 224 px 'for consistency with RDED', CIFAR); VLCP repo "
+            "04_evaluation/RDED/*.sh",
+    "dc": f"{VLCP}: the DC/DSA evaluation for data the paper does not evaluate",
+}
+
+
 def default_protocol(data: str) -> str:
+    """The protocol the paper evaluates ``data`` with (``DEFAULT_SOURCE`` says where); ``dc`` for the rest."""
+    if data in RDED_DATA:
+        return "rded"
     return "minimax" if data in IMAGENET_LIKE else "dc"
 
 
@@ -111,13 +127,17 @@ def _minimax(data: str, ipc: int, n: int, epochs: int | None) -> Protocol:
     imagenet = data in IMAGENET_LIKE or data not in NATURAL_SIZE
     e = epochs or minimax_epochs(ipc, n)
     size = 224 if imagenet else NATURAL_SIZE[data]
-    a = f"{MINIMAX}argument.py defaults)"
+    many = imagenet and n > 100  # argument.py: "if args.nclass > 100: ... We need to tune lr and weight decay"
+    a = (f"{MINIMAX}argument.py, more than 100 classes: lr 0.1, wd 1e-4, batch max(128, 64))" if many
+         else f"{MINIMAX}argument.py defaults)")
     return Protocol(
-        name="minimax", model="resnetap10", epochs=e, batch_size=64, optimizer="sgd", lr=0.01, momentum=0.9,
-        weight_decay=5e-4, schedule="multistep-epoch(2/3,5/6;gamma=0.2)", aug="minimax", mix="reference",
-        cutmix=1.0, image_size=size, load_size=size, load_crop=imagenet, test_resize=size if imagenet else 0,
-        test_every=max(1, e // 100),
-        sources={"model": "VLCP run_nette.sh (-n resnet_ap --norm_type instance, depth 10)",
+        name="minimax", model="resnetap10", epochs=e, batch_size=128 if many else 64, optimizer="sgd",
+        lr=0.1 if many else 0.01, momentum=0.9, weight_decay=1e-4 if many else 5e-4,
+        schedule="multistep-epoch(2/3,5/6;gamma=0.2)", aug="minimax", mix="reference", cutmix=1.0,
+        image_size=size, load_size=size, load_crop=imagenet, test_resize=size if imagenet else 0,
+        test_every=max(1, e // 100), resample="bilinear",
+        sources={"model": "VLCP run_nette.sh (-n resnet_ap --norm_type instance, depth 10; "
+                          "train_models/resnet_ap.py: convs He-normal, fan-out)",
                  "epochs": f"{MINIMAX}argument.py ipc_epoch)", "batch_size": a, "lr": a, "momentum": a,
                  "weight_decay": a, "schedule": f"{MINIMAX}train.py MultiStepLR, stepped per epoch)",
                  "aug": f"{MINIMAX}data.py transform_imagenet; misc/utils.py ColorJitter, Lighting)",
@@ -126,6 +146,7 @@ def _minimax(data: str, ipc: int, n: int, epochs: int | None) -> Protocol:
                  "load_size": f"{MINIMAX}data.py: Resize(224)+CenterCrop(224) before augmenting)",
                  "test_resize": f"{MINIMAX}data.py: test Resize(224)+CenterCrop(224))",
                  "test_every": f"{MINIMAX}argument.py epoch_print_freq = epochs // 100; train.py best_acc1)",
+                 "resample": f"{MINIMAX}data.py transforms.Resize, RandomResizedCrop: torchvision's bilinear)",
                  "mean": f"{MINIMAX}data.py MEANS['imagenet'])"})
 
 
@@ -151,7 +172,8 @@ def _rded(data: str, ipc: int, n: int, epochs: int | None) -> Protocol:
         name="rded", model="resnet18-bn" if big else "resnet18-modified", epochs=epochs or 500, batch_size=bs,
         optimizer="adamw", lr=1e-3, momentum=0.0, weight_decay=0.01, wd_scope="weights", schedule="half-cosine-epoch",
         aug="rded", mix="reference", cutmix=1.0, factor=2 if big else 1, image_size=size, load_size=size,
-        test_resize=size // 7 * 8, test_every=10, best_after=0.8, kd_temperature=20.0, clean_forward=True,
+        test_resize=size // 7 * 8, test_every=10, best_after=0.8, kd_temperature=20.0, no_grad_forward=True,
+        resample="bilinear",
         sources={"model": f"{RDED}{script} --stud-name)", "epochs": f"{RDED}{script} --re-epochs 500)",
                  "batch_size": bs_src, "optimizer": f"{RDED}validation/main.py AdamW betas 0.9/0.999)",
                  "lr": f"{arg[:-1]} adamw_lr for resnet18 / resnet18_modified)",
@@ -166,7 +188,9 @@ def _rded(data: str, ipc: int, n: int, epochs: int | None) -> Protocol:
                  "test_every": f"{RDED}validation/main.py: every 10 epochs and the last)",
                  "best_after": f"{RDED}validation/main.py: only epochs > 0.8 E are tested)",
                  "kd_temperature": f"{arg[:-1]}: 20 with cutmix, 4 with mixup)",
-                 "clean_forward": f"{RDED}validation/main.py train(): student(images) under no_grad)",
+                 "no_grad_forward": f"{RDED}validation/main.py train(): student(images) under no_grad, after "
+                                    "validation/utils.py cutmix mixed images in place)",
+                 "resample": f"{RDED}validation/main.py transforms.Resize, RandomResizedCrop: torchvision's bilinear)",
                  "mean": f"{RDED}validation/main.py Normalize: ImageNet statistics for every dataset)",
                  "teacher": f"{RDED}synthesize/utils.py load_model: torchvision resnet18, ImageNet weights)",
                  "teacher_epochs": f"{VLCP}: epochs of the teacher vlcp trains when none is given"})

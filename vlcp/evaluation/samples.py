@@ -9,34 +9,34 @@ from vlcp.data.datasets import Dataset, DatasetError
 from vlcp.evaluation.protocols import EvalError, Protocol
 
 
-def to_array(img, size: int, channels: int, crop_to: int | None = None) -> np.ndarray:
+def to_array(img, size: int, channels: int, crop_to: int | None = None, resample: str = "bicubic") -> np.ndarray:
     """PIL image -> uint8 (C, H, W) at the protocol's size (``imageops.resize_crop``)."""
     from vlcp.data.imageops import resize_crop
 
-    a = np.asarray(resize_crop(img.convert("L" if channels == 1 else "RGB"), size, crop_to), np.uint8)
+    a = np.asarray(resize_crop(img.convert("L" if channels == 1 else "RGB"), size, crop_to, resample), np.uint8)
     return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
 
-
-
-def tensors_from_samples(samples, size: int, channels: int, crop_to: int | None = None, progress: bool = False):
+def tensors_from_samples(samples, size: int, channels: int, crop_to: int | None = None, progress: bool = False,
+                         resample: str = "bicubic"):
     """uint8 (N, C, H, W) and int64 labels, decoded once and kept in memory."""
     from tqdm.auto import tqdm
 
     xs, ys = [], []
     for s in tqdm(samples, desc="loading images", leave=False, disable=not progress or len(samples) < 2000):
-        xs.append(to_array(s.load(), size, channels, crop_to))
+        xs.append(to_array(s.load(), size, channels, crop_to, resample))
         ys.append(s.class_idx)
     return np.stack(xs), np.array(ys, np.int64)
 
 
 def train_tensors(samples, p: Protocol, progress: bool = False):
-    return tensors_from_samples(samples, p.load_size, p.channels, p.load_size if p.load_crop else None, progress)
+    return tensors_from_samples(samples, p.load_size, p.channels, p.load_size if p.load_crop else None, progress,
+                                p.resample)
 
 
 def test_tensors(samples, p: Protocol, progress: bool = False):
     if p.test_resize:
-        return tensors_from_samples(samples, p.test_resize, p.channels, p.image_size, progress)
+        return tensors_from_samples(samples, p.test_resize, p.channels, p.image_size, progress, p.resample)
     return train_tensors(samples, p, progress)
 
 

@@ -44,7 +44,7 @@ def teacher_net(p: Protocol, ds: Dataset, real, test, device: str, cache, path: 
     elif p.teacher.startswith("torchvision:"):
         net, info = _torchvision_teacher(p, ds, device), {"source": "torchvision resnet18 ImageNet weights (RDED's)"}
     else:
-        tp = replace(p, kd_temperature=0.0, mix="torchvision", cutmix=0.0, mixup=0.0, clean_forward=False,
+        tp = replace(p, kd_temperature=0.0, mix="torchvision", cutmix=0.0, mixup=0.0, no_grad_forward=False,
                      epochs=p.teacher_epochs, test_every=0, best_after=0.0, sources={})
         key = stage_key("teacher", TEACHER_VERSION, dataset=ds.identity(), protocol=asdict(tp))
         entry = cache.get("teacher", key, verify=True)

@@ -95,10 +95,10 @@ def _loss(net, xb, yb, p: Protocol, g, mix, teacher):
     from vlcp.evaluation import augment
 
     if p.mix == "reference" and p.cutmix:
-        if p.clean_forward:
-            with torch.no_grad():
-                net(xb)  # RDED scores the unmixed batch in train mode: batch-norm statistics see it too
         xb, perm, keep = augment.cutmix(xb, p.cutmix, g)
+        if p.no_grad_forward:
+            with torch.no_grad():  # RDED's student(images) after its in-place cutmix: the *mixed* batch, in train
+                net(xb)  # mode, so batch-norm statistics see every mixed batch twice
         out = net(xb)
         if teacher is not None:
             return _kd(out, teacher, xb, p), out

@@ -8,10 +8,11 @@ The recipe defaults follow the reference (diffusers' ``train_text_to_image.py`` 
 it): EMA weights (decay 0.9999 with diffusers' ``(1 + s) / (10 + s)`` warm-up; the EMA weights are
 the result), gradients clipped to norm 1, 4 micro-batches accumulated per optimizer step, random
 horizontal flips, constant learning rate, fp16 autocast and gradient checkpointing on CUDA. What
-differs because training reads cached latents: the reference flips and centre-crops *pixels* every
-epoch; here a flipped sample uses the latent of the flipped image when the caller supplies it (a
-5-D ``latents`` array, ``[:, 1]`` the flipped variant), else the latent itself is mirrored (the
-VAE is convolutional, so this approximates the flipped image's latent); ``meta["flip"]`` says which.
+differs because training reads cached latents: the reference centre-crops and flips *pixels* and
+encodes a fresh VAE sample every step; here a flipped sample uses the cached latent of the mirrored crop
+when the caller supplies pairs (a 5-D ``latents`` array, ``[:, 1]`` the mirror: the pipeline's default,
+stage ``training_latents``), else the latent itself is mirrored (``--finetune-data prototype-latents``:
+the VAE is convolutional, so this approximates the flipped image's latent); ``meta["flip"]`` says which.
 
 Precision: full fine-tuning trains fp32 master weights (``master_unet``, loaded in fp32 by the caller,
 as diffusers' scripts do; not fp16-rounded weights upcast). LoRA keeps the frozen base in the
@@ -110,6 +111,17 @@ def _batch(step: int, n: int, bs: int, seed: int) -> np.ndarray:
 def _flips(m: int, k: int, seed: int) -> np.ndarray:
     """Which of the k samples of micro-batch m are flipped (probability 1/2, from (seed, m) only)."""
     return np.random.default_rng([seed, m, 2]).random(k) < 0.5
+
+
+def training_batch(latents: np.ndarray | Rows, idx: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    """The latents of samples ``idx``, ``flips`` of them mirrored: from pairs (N, 2, C, H, W) the cached
+    latent of the mirrored crop ([:, 1]); from single latents (N, C, H, W) the latent flipped along its width."""
+    rows = latents[idx]  # one read per sample (Rows: a micro-batch at a time)
+    if rows.ndim == 5:
+        return np.ascontiguousarray(rows[np.arange(len(idx)), flips.astype(int)])
+    rows = np.array(rows, copy=True)
+    rows[flips] = rows[flips][..., ::-1]
+    return rows
 
 
 def add_lora(unet, rank: int) -> None:
@@ -223,11 +235,7 @@ def _micro_step(s: _State, latents: np.ndarray, captions: list[str], p: Finetune
     pipe, unet, device = s.pipe, s.unet, s.unet.device
     idx = _batch(m, len(latents), p.batch_size, p.seed)
     flips = _flips(m, len(idx), p.seed) if p.flip else np.zeros(len(idx), bool)
-    if latents.ndim == 5:  # (N, 2, C, H, W): [:, 1] holds the latents of the flipped images
-        z = torch.from_numpy(latents[idx, flips.astype(int)])
-    else:
-        z = torch.from_numpy(latents[idx])
-        z[torch.from_numpy(flips)] = z[torch.from_numpy(flips)].flip(-1)
+    z = torch.from_numpy(training_batch(latents, idx, flips))
     g = torch.Generator().manual_seed(int(stable_hash([p.seed, m], 15), 16))
     noise = torch.randn(z.shape, generator=g)  # the whole micro-batch's, whichever rows are ours
     t = torch.randint(0, s.sched.config.num_train_timesteps, (len(z),), generator=g)

@@ -4,6 +4,8 @@ Images are resized to ``resolution`` x ``resolution`` without cropping, as the p
 does (``crop="center"`` resizes the short side and centre-crops instead). The stored latent is the
 *mean* of the VAE's latent distribution (the reference samples from it; the mean makes reruns exact),
 multiplied by ``vae.config.scaling_factor`` so it can be fed to the diffusion model as it is.
+``encode_training_pairs`` makes the fine-tuning data of stage ``training_latents``: the reference's
+centre crop and its mirror.
 """
 from __future__ import annotations
 
@@ -41,17 +43,28 @@ def encode_images(vae, images: list, resolution: int, crop: str = "none") -> np.
 TRAINING_VERSION = 1
 
 
-def encode_training_pairs(vae, images: list, resolution: int) -> np.ndarray:
-    """(N, 2, C, h, w) latents for fine-tuning: [:, 0] of the centre-cropped image, [:, 1] of its mirror.
+def training_view(img, resolution: int) -> np.ndarray:
+    """PIL RGB -> CHW float32 in [-1, 1]: what diffusers' ``train_text_to_image.py`` feeds the VAE with
+    ``--center_crop`` (before its flip): ``Resize(resolution)`` (short side, bilinear, long side truncated)
+    then ``CenterCrop(resolution)`` (offsets rounded), ``ToTensor``, ``Normalize(0.5, 0.5)``."""
+    from vlcp.data.imageops import resize_crop
 
-    The reference fine-tunes on 512 px centre crops with random horizontal flips, computed from the
-    pixels every epoch; caching both latents once lets ``finetune.train`` draw the flip per sample
-    (from the seed and the micro-batch) with the VAE never running again. Prototype latents stay as
-    ``encode_images`` makes them (``--crop``): only training reads these.
+    a = np.asarray(resize_crop(img.convert("RGB"), resolution, resolution, "bilinear"), dtype=np.float32)
+    return (a / 127.5 - 1.0).transpose(2, 0, 1)
+
+
+def encode_training_pairs(vae, images: list, resolution: int) -> np.ndarray:
+    """(N, 2, C, h, w) latents for fine-tuning: [:, 0] of the centre crop, [:, 1] of its mirror.
+
+    The reference fine-tunes on centre crops (512 px; 32 px for CIFAR) with random horizontal flips,
+    computed from the pixels every step; caching both latents once lets ``finetune.train`` draw the flip
+    per sample (from the seed and the micro-batch) with the VAE never running again. What stays
+    different: the cached latent is the posterior *mean*, where the reference encodes a fresh sample
+    (``latent_dist.sample()``) every step. Prototype latents stay as ``encode_images`` makes them.
     """
     import torch
 
-    x = np.stack([preprocess(im, resolution, "center") for im in images])
+    x = np.stack([training_view(im, resolution) for im in images])
     both = np.concatenate([x, x[..., ::-1]])  # CHW: the last axis is the width
     t = torch.from_numpy(np.ascontiguousarray(both)).to(vae.device, vae.dtype)
     with torch.inference_mode():

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from vlcp.models.captioner import MODES as CAPTION_MODES
 from vlcp.models.captioner import PROMPT as CAPTION_PROMPT
+from vlcp.models.captioner import default_max_tokens
 
 NEGATIVE_PROMPT = "cartoon, anime, painting"
 
@@ -38,7 +40,9 @@ class DistillConfig:
     diffusion: str | None = None
     caption_prompt: str = CAPTION_PROMPT
     caption_batch_size: int | None = None  # None: from GPU memory (32 on >= 40 GB), 8 off CUDA; 32 with --tiny
-    caption_max_tokens: int | None = None  # 256; 32 with --tiny
+    caption_max_tokens: int | None = None  # 1024 (model_vqa.py) with --caption-mode reference, 256 greedy; 32 --tiny
+    caption_mode: str = "reference"  # reference: llava_v1 conversation, seeded sampling at T 0.2, batch 1 | greedy
+    caption_seed: int = 0  # --caption-mode reference: each image's sampling seed is drawn from (this, image hash)
     resolution: int | None = None
     crop: str = "none"
     latent_batch_size: int = 16
@@ -68,6 +72,7 @@ class DistillConfig:
     sas_per_prototype: bool = False
     sas_anchor: str = "prompt"  # prompt | prototype | centroid
     sas_caption_weight: float = 0.0  # W: weight of z(caption match) in the stage-1 quality (vlcp's formulation)
+    text_prototypes: str = "reference"  # Algorithm 2 as the reference code computes it, or "paper" (its equations)
     text_strategy: str = "dcs"
     text_llm: str | None = None
     finetune: bool = True
@@ -83,6 +88,8 @@ class DistillConfig:
     finetune_max_grad_norm: float | None = 1.0  # the reference's --max_grad_norm 1; None: no clipping
     finetune_accumulation: int = 4  # the reference's --gradient_accumulation_steps 4 (8 x 4 = 32 per step)
     finetune_flip: bool = True  # the reference's --random_flip (flipped latents)
+    finetune_data: str = "center-crop-pairs"  # the reference's Resize + CenterCrop + flip, or the prototype latents
+    finetune_resolution: int | None = None  # center-crop-pairs: per dataset (32 CIFAR); None: the latents' resolution
     gradient_checkpointing: bool | None = None  # None: on for CUDA (the reference), off on CPU
     object_masks: bool = False  # vlcp's reading of the multi-modal paper: foreground-weighted LOF/K-Means
     mask_prompt: str | None = None  # what CLIPSeg segments; None: the class name
@@ -116,12 +123,16 @@ class DistillConfig:
                      "mask_batch_size"):
             _at_least("--" + name.replace("_", "-"), getattr(self, name), 1)
         _at_least("--resolution", self.resolution, 8)
+        _at_least("--finetune-resolution", self.finetune_resolution, 8)
         _positive("--finetune-lr", self.finetune_lr)
         _in_range("--finetune-ema-decay", self.finetune_ema_decay, 0, 1)
         _positive("--finetune-max-grad-norm", self.finetune_max_grad_norm)
         for name, allowed in CHOICES.items():
             if name != "detector_arch" or self.detector_arch is not None:  # None: chosen from the image size
                 _choice("--" + name.replace("_", "-"), getattr(self, name), allowed)
+        if self.finetune_resolution is not None and self.finetune_data != "center-crop-pairs":
+            raise ConfigError("--finetune-resolution", "applies to --finetune-data center-crop-pairs "
+                                                       "(prototype-latents trains on the prototype latents)")
         _in_range("--sas-keep", self.sas_keep, 0, 1, low_open=True)
         _in_range("--sas-alpha", self.sas_alpha, 0, 1)
         _in_range("--sas-lambda", self.sas_lambda, 0, 1)
@@ -136,6 +147,11 @@ class DistillConfig:
 
             _choice("--until", self.until, STAGE_NAMES)
         _out_outside_data(Path(self.out), self.data, Path(self.data_dir))
+
+    @property
+    def finetune_pairs(self) -> bool:
+        """Fine-tuning on cached centre-crop pairs (the stage table's switch for ``training_latents``)."""
+        return self.finetune and self.finetune_data == "center-crop-pairs"
 
     @property
     def sas(self) -> bool:
@@ -168,7 +184,9 @@ class DistillConfig:
         if self.caption_batch_size is None and self.tiny:
             self.caption_batch_size = 32  # otherwise chosen from GPU memory when captions are computed
         if self.caption_max_tokens is None:
-            self.caption_max_tokens = 32 if self.tiny else 256
+            self.caption_max_tokens = 32 if self.tiny else default_max_tokens(self.caption_mode)
+        if self.finetune_resolution is None and self.finetune_data == "center-crop-pairs":
+            self.finetune_resolution = row.get("finetune_resolution")  # None: the latents' resolution
         if self.finetune_epochs is None:
             self.finetune_epochs = 1 if self.tiny else 8
         if self.refine_beta is None:
@@ -190,10 +208,14 @@ class DistillConfig:
         """A config from a manifest's parameters (unknown keys of other versions are ignored)."""
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in params.items() if k in known and k not in ("warnings", "progress")}
-        kw.update(overrides)
+        kw = {**{k: v for k, v in BEFORE_OPTION.items() if k not in params}, **kw, **overrides}
         for k in ("out", "data_dir"):
             kw[k] = Path(kw[k])
         return cls(**kw)
+
+
+# what runs did before an option existed: a manifest without the field is rerun as it was made
+BEFORE_OPTION = {"caption_mode": "greedy", "finetune_data": "prototype-latents"}
 
 
 def default(name: str):
@@ -221,10 +243,13 @@ def _in_range(param: str, value, low, high, low_open: bool = False) -> None:
 # the allowed values of every option that is a choice: config.validate checks them, cli.py offers them
 CHOICES: dict[str, tuple[str, ...]] = {
     "missing_captions": ("error", "caption"),
+    "caption_mode": CAPTION_MODES,
     "crop": ("none", "center"),
     "long_prompts": ("reference", "chunked"),
+    "text_prototypes": ("reference", "paper"),
     "text_strategy": ("dcs", "label", "label+keywords", "llm"),
     "finetune_method": ("full", "lora"),
+    "finetune_data": ("center-crop-pairs", "prototype-latents"),
     "post_sample": ("none", "sas"),
     "select": ("sas", "relevance", "random"),
     "sas_anchor": ("prompt", "prototype", "centroid"),

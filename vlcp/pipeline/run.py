@@ -52,6 +52,9 @@ class State:
     captions: list[str | None] = field(default_factory=list)
     lat_keys: list[str] = field(default_factory=list)
     lat_entries: list = field(default_factory=list)
+    train_resolution: int = 0  # side of the fine-tuning crops (stage training_latents)
+    train_keys: list[str] = field(default_factory=list)
+    train_entries: list = field(default_factory=list)  # per image: (2, C, h, w) latents of the crop and its mirror
     out_key: str = ""
     inliers: list[list[int]] = field(default_factory=list)
     cl_key: str = ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from vlcp.method import clusters as clusters_mod
 from vlcp.method import finetune as ft
+from vlcp.method import latents as latents_mod
 from vlcp.method import outliers as outliers_mod
 from vlcp.method import prompts as prompts_mod
 from vlcp.models import captioner as captions_mod
@@ -23,7 +24,7 @@ from vlcp.pipeline.stages.captions import captions
 from vlcp.pipeline.stages.clusters import clusters
 from vlcp.pipeline.stages.finetune import finetune
 from vlcp.pipeline.stages.images import images
-from vlcp.pipeline.stages.latents import latents
+from vlcp.pipeline.stages.latents import latents, training_latents
 from vlcp.pipeline.stages.outliers import outliers
 from vlcp.pipeline.stages.output import output
 from vlcp.pipeline.stages.prompts import prompts
@@ -38,10 +39,14 @@ def _stages() -> list[Stage]:
     return [
         Stage("images", images, IMAGES_VERSION, "decodes every image once; unreadable files are skipped and listed "
               "in the manifest", "image", inputs="image content hash"),
-        Stage("captions", captions, cap_v, "LLaVA description with the paper's prompt, greedy decoding", "image",
-              ("caption_prompt", "caption_max_tokens"), selects=("captions_from", "missing_captions"),
+        Stage("captions", captions, cap_v, "LLaVA description with the reference's question; `--caption-mode "
+              "reference` (default): LLaVA's `llava_v1` conversation, sampling at temperature 0.2 seeded per image, "
+              "one image per call, as the reference's `model_vqa.py`; `greedy`: batched greedy decoding", "image",
+              ("caption_prompt", "caption_max_tokens"),
+              selects=("captions_from", "missing_captions", "caption_mode", "caption_seed"),
               unkeyed=("caption_batch_size", "device"),
-              inputs="image hash, class name, captioner id@commit (or the `--captions-from` file's hash)",
+              inputs="image hash, class name, captioner id@commit, decoding (`--caption-mode`, and `--caption-seed` "
+                     "when sampling) (or the `--captions-from` file's hash)",
               models=("captioner",)),
         Stage("latents", latents, lat_v, "VAE encoding at the model's resolution (512 for SD v1.5), x "
               "`scaling_factor`", "image", ("crop",), unkeyed=("latent_batch_size",),
@@ -54,17 +59,27 @@ def _stages() -> list[Stage]:
               "centres = image prototypes", "class", params=("ipc", "seed", "allow_duplicates", "object_masks"),
               inputs="outliers key, class folder"),
         Stage("text_prototypes", text_prototypes, 2, "Algorithm 2: non-representative words N (Eq. 2), top-k "
-              "words R_w (Eq. 3), best caption (Eq. 4-5)", params=("beta", "top_k", "clean_captions"),
+              "words R_w (Eq. 3), best caption (Eq. 4-5); as the reference code computes it (`--text-prototypes "
+              "reference`, the default) or as the paper states it (`paper`)",
+              params=("text_prototypes", "beta", "top_k", "clean_captions"),
               inputs="clusters key, caption keys and files of the inliers, class names"),
         Stage("prompts", prompts, prompts_mod.VERSION, "the conditioning text per cluster, by `--text-strategy`",
               params=("text_strategy",), inputs="text prototypes key, LLM id@commit", models=("llm",)),
+        Stage("training_latents", training_latents, latents_mod.TRAINING_VERSION, "the fine-tuning data as the "
+              "reference's `train_text_to_image.py --center_crop --random_flip` sees it: VAE encodings of the "
+              "centre crop (bilinear Resize + CenterCrop) and of its mirror", "image", selects=("finetune_resolution",),
+              unkeyed=("latent_batch_size",),
+              inputs="image hash, VAE id@commit, fine-tuning resolution (`--finetune-resolution`; per dataset)",
+              models=("vae",), enabled_by="finetune_pairs"),
         Stage("finetune", finetune, ft_v, "fine-tunes the UNet (or a LoRA adapter) on all (latent, caption) pairs "
               "with Eq. 1 (Algorithm 1, step 3)",
               params=("finetune_method", "finetune_epochs", "finetune_batch_size", "finetune_lr",
                       "finetune_max_steps", "finetune_lora_rank", "finetune_ema", "finetune_ema_decay",
-                      "finetune_max_grad_norm", "finetune_accumulation", "finetune_flip", "clean_captions", "seed"),
+                      "finetune_max_grad_norm", "finetune_accumulation", "finetune_flip", "finetune_data",
+                      "clean_captions", "seed"),
               unkeyed=("finetune_checkpoint_every", "gradient_checkpointing", "device"),
-              inputs="caption and latent keys, diffusion id@commit", models=("pipe",), enabled_by="finetune"),
+              inputs="caption keys, training latent keys (or the prototype latent keys with `--finetune-data "
+                     "prototype-latents`), diffusion id@commit", models=("pipe",), enabled_by="finetune"),
         Stage("synthesis", synthesis, 1, "img2img from each prototype latent (noised to `--strength`, denoised "
               "with its prompt) by the fine-tuned model", "image", SYNTHESIS_PARAMS, selects=("ipc",),
               unkeyed=("synthesis_batch_size",), inputs="prototype latent hash, prompt, image seed, finetune key, "
@@ -85,7 +100,8 @@ STAGE_NAMES: list[str] = [s.name for s in STAGES]
 def _flag(enabled_by: str) -> str:
     both = {"sas": "`--post-sample sas`", "sas_foreground": "`--post-sample sas` and `--min-foreground`",
             "sas_refine": "`--post-sample sas` and `--refine`",
-            "refine_foreground": "`--refine` and `--min-foreground`"}
+            "refine_foreground": "`--refine` and `--min-foreground`",
+            "finetune_pairs": "`--finetune` and `--finetune-data center-crop-pairs` (the defaults)"}
     return both.get(enabled_by) or f"`--{enabled_by.replace('_', '-')}`"
 
 

@@ -80,7 +80,7 @@ def prototype(rec: dict) -> Prototype:
     rw = sorted(((str(w), c) for w, c in rep.items()), key=lambda t: (-_freq(t[1]), t[0]))
     meta = []
     if "score" in rec:
-        meta.append(f"score {num(rec.get('score'))}" + (" (fallback: closest member)" if rec.get("fallback") else ""))
+        meta.append(f"score {num(rec.get('score'))}" + (_fallback(rec) if rec.get("fallback") else ""))
     if rec.get("member"):
         meta.append(f"from {rec['member']}")
     prompt = rec.get("prompt")
@@ -190,3 +190,10 @@ def card(folder: str, name: str, file: str, size: tuple[int, int], j: int, rec: 
     return Card(quote(f"{folder}/{file}"), w, h, f"{name}, image {j}", file,
                 num(rec["cluster_size"]) if "cluster_size" in rec else None, verdict, score_items(scores),
                 prototype(rec) if rec else None)
+
+
+def _fallback(rec: dict) -> str:
+    """What a cluster none of whose captions scored was given: the reference's empty prompt, or (the paper's
+    reading) its closest member's caption."""
+    return " (no caption scored: empty prompt, as the reference)" if rec.get("mode") == "reference" else \
+        " (fallback: closest member)"

@@ -10,15 +10,18 @@ if TYPE_CHECKING:
 
 
 def captions(run: Run, step: Step) -> None:
-    """LLaVA descriptions with the paper's prompt, greedy decoding, per image; or the authors' captions
-    (``--captions-from``), keyed by the file's hash instead of the captioner."""
+    """LLaVA descriptions with the reference's question, per image, made as ``--caption-mode`` says (the
+    reference's conversation and seeded sampling, or greedy); or the authors' captions (``--captions-from``),
+    keyed by the file's hash instead of the captioner."""
     from vlcp.models import loading as models
     from vlcp.pipeline.run import DistillError
 
     p, st = step.p, run.st
     names = [run.ds.classes[s.class_idx].name for s in st.samples]
     imported, file_hash = _imported_captions(run, p.captions_from, p.missing_captions)
-    made_by = dict(model=run.refs.captioner.identity, decoding="greedy")
+    # greedy captions keep the key vlcp always gave them; sampled ones name the conversation and the seed
+    made_by = dict(model=run.refs.captioner.identity,
+                   decoding=captions_mod.decoding(p.caption_mode, p.caption_seed))
     st.cap_keys = [step.key(image=s.digest, class_name=n, **({"imported": file_hash} if i in imported else made_by))
                    for i, (s, n) in enumerate(zip(st.samples, names))]
 
@@ -27,9 +30,10 @@ def captions(run: Run, step: Step) -> None:
         made = {}
         if todo:
             model, processor = run.models["captioner"]()
+            seeds = [captions_mod.item_seed(p.caption_seed, st.samples[i].digest) for i in todo]
             made = dict(zip(todo, captions_mod.caption_images(model, processor, [st.samples[i].load() for i in todo],
                                                               [names[i] for i in todo], p.caption_prompt,
-                                                              p.caption_max_tokens)))
+                                                              p.caption_max_tokens, p.caption_mode, seeds)))
         for i in idx:
             text = imported[i] if i in imported else made[i]
             if not text.strip():

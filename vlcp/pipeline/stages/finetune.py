@@ -19,7 +19,9 @@ def finetune(run: Run, step: Step) -> None:
                            p.finetune_max_steps, p.finetune_lora_rank, p.gradient_checkpointing,
                            p.finetune_checkpoint_every, p.seed, p.finetune_ema, p.finetune_ema_decay,
                            p.finetune_max_grad_norm, p.finetune_accumulation, p.finetune_flip)
-    st.ft_key = step.key(captions=stable_hash(st.cap_keys), latents=stable_hash(st.lat_keys),
+    pairs = p.finetune_data == "center-crop-pairs"  # else the prototype latents, their mirror for a flip
+    data_keys = st.train_keys if pairs else st.lat_keys
+    st.ft_key = step.key(captions=stable_hash(st.cap_keys), latents=stable_hash(data_keys),
                          model=run.refs.diffusion.identity)
 
     texts = [tp.clean_caption(t) if p.clean_captions else t for t in st.captions]
@@ -30,9 +32,13 @@ def finetune(run: Run, step: Step) -> None:
         st.trained_now = True
         full_fp32 = p.finetune_method == "full" and models.half_precision(models.torch_device(p.device))
         master = models.load_unet(run.refs.diffusion, p.device) if full_fp32 else None  # fp32 master weights
-        rows = ft.Rows(lambda i: st.lat_entries[i].read()["latent"], len(st.samples))  # read per micro-batch
+        if pairs:  # read per micro-batch
+            rows = ft.Rows(lambda i: st.train_entries[i].read()["pair"], len(st.samples), ndim=5)
+        else:
+            rows = ft.Rows(lambda i: st.lat_entries[i].read()["latent"], len(st.samples))
         weights, meta = ft.train(run.models["pipe"](), rows, texts,
                                  fp, run.cache, st.ft_key, run.cfg.progress, master_unet=master)
+        meta.update(data=p.finetune_data, resolution=st.train_resolution if pairs else run.resolution)
         return meta, weights
 
     together = _train_together(run, st.ft_key, fp, compute)  # a multi-process launch: every process trains

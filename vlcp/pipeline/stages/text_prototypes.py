@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 def text_prototypes(run: Run, step: Step) -> None:
     """Algorithm 2 per class: non-representative words N, top-k words R_w, the best member caption."""
     from vlcp.method import text_prototypes as tp
+    from vlcp.method.text_prototypes_reference import class_prototypes_reference
 
     p, st = step.p, run.st
     run.need("text_prototypes", st.captions)
@@ -25,9 +26,11 @@ def text_prototypes(run: Run, step: Step) -> None:
             rows = st.inliers[c]
             pos = {g: j for j, g in enumerate(rows)}
             members = [[pos[g] for g in m] for m in st.clusters[f].meta["members"]]
-            recs = tp.class_prototypes([st.captions[g] for g in rows], members, run.ds.classes[c].name, p.beta,
-                                       p.top_k, clean_captions=p.clean_captions)
+            pick = class_prototypes_reference if p.text_prototypes == "reference" else tp.class_prototypes
+            recs = pick([st.captions[g] for g in rows], members, run.ds.classes[c].name, p.beta, p.top_k,
+                        clean_captions=p.clean_captions)
             for r, m in zip(recs, members):
+                r["mode"] = p.text_prototypes
                 r["member"] = st.samples[rows[r["member"]]].source if r["member"] is not None else None
                 r["cluster_size"] = len(m)
             meta[f] = recs
@@ -35,7 +38,7 @@ def text_prototypes(run: Run, step: Step) -> None:
 
     entry, _ = step.whole(st.tp_key, compute)
     st.text = entry.meta
-    run.files["prototypes.json"] = {"beta": p.beta, "top_k": p.top_k, "classes": {
+    run.files["prototypes.json"] = {"mode": p.text_prototypes, "beta": p.beta, "top_k": p.top_k, "classes": {
         f: {"name": run.ds.classes[c].name, "clusters": st.text[f]} for c, f in enumerate(run.folders)}}
     run.manifest["text_prototypes"] = {f: [{k: r[k] for k in ("caption", "score", "fallback", "representative_words",
                                                                 "non_representative")} for r in recs]

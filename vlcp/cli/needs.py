@@ -1,0 +1,161 @@
+"""What a real ``vlcp distill`` needs before it starts: downloads, GPU memory, time.
+
+``vlcp distill --dry-run`` prints it for the chosen settings, and the README states it for its real
+command (tests/test_readme_claims.py keeps the two equal). Every figure is an estimate from the
+real-shape benchmark of docs/measurements.md (random weights of the real architectures, fp16, one
+NVIDIA H200; tests/test_readme_claims.py checks the rates against that page) and the models'
+published sizes; nothing here imports torch or touches the network.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+# downloads (GB = 1e9 bytes): the files vlcp loads (docs/cache.md, "Models")
+MODEL_GB = {"llava-hf/llava-1.5-7b-hf": 14.1,  # 7.06e9 parameters in fp16 (vlcp.models.loading.CAPTIONER_BYTES)
+            "stable-diffusion-v1-5/stable-diffusion-v1-5": 4.3,  # the `hf download --include` list of docs/cache.md
+            "openai/clip-vit-base-patch32": 0.6,  # 151 M parameters in fp32
+            "CIDAS/clipseg-rd64-refined": 0.6}  # 150.7 M parameters in fp32
+DATA_GB = {"imagenette": 0.34}  # imagenette2-320.tgz: 341,663,724 bytes
+# training images of the named datasets, for a plan made before the data is downloaded
+TRAIN_IMAGES = {"imagenette": 9469, "imagewoof": 9025, "cifar10": 50000, "cifar100": 50000, "digits": 1438,
+                "fashion-mnist": 60000, "imagenet": 1281167, "imageidc": 13000}
+CLASSES = {"imagenette": 10, "imagewoof": 10, "cifar10": 10, "cifar100": 100, "digits": 10, "fashion-mnist": 10,
+           "imagenet": 1000, "imageidc": 10}
+
+# docs/measurements.md, "Real model shapes" (NVIDIA H200, fp16): rate, peak GPU memory in GB
+CAPTIONS = {8: (1.46, 17.8), 16: (3.08, 21.5), 32: (5.53, 28.9)}  # captions/s at 256 new tokens, greedy
+CAPTION_TOKENS = 256
+LATENTS = (66.98, 8.7)  # images/s, VAE encode at 512 px, batch 16
+FINETUNE = {("full", True): (0.30, 23.0), ("full", False): (0.18, 27.9),  # s per micro-batch of 8, 512 px
+            ("lora", True): (0.30, 6.2), ("lora", False): (0.17, 13.3)}  # (method, gradient checkpointing)
+SYNTHESIS = (3.95, 7.3)  # images/s, img2img batch 8, 512 px, 50 steps x strength 0.7
+SYNTHESIS_STEPS = 50 * 0.7
+DETECTOR_GB = 2.8
+SOURCE = "estimates from docs/measurements.md: real shapes on one NVIDIA H200, fp16"
+
+
+def needs(cfg, images: int | None, classes: int | None, stages: list[str]) -> list[str]:
+    """The lines to print for ``cfg`` (a DistillConfig), given the training images and classes it will read
+    (None: unknown) and the names of the stages it runs (``--until`` cuts the list)."""
+    if cfg.tiny:
+        return ["What this run needs: no download and no GPU (--tiny: tiny random models built offline)."]
+    runs = set(stages)
+    captioning = "captions" in runs and (not cfg.captions_from or cfg.missing_captions == "caption")
+    finetuning = "finetune" in runs and cfg.finetune
+    synth = "synthesis" in runs
+    downloads = []
+    if captioning:
+        downloads.append(cfg.captioner or "llava-hf/llava-1.5-7b-hf")
+    if runs & {"latents", "finetune", "synthesis"}:
+        downloads.append(cfg.diffusion or "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    if cfg.post_sample == "sas" or cfg.min_caption_match is not None:
+        downloads.append(cfg.clip or "openai/clip-vit-base-patch32")
+    if cfg.object_masks or cfg.min_foreground is not None:
+        downloads.append(cfg.segmenter or "CIDAS/clipseg-rd64-refined")
+    sized = [(name, MODEL_GB.get(name)) for name in downloads] + [(cfg.data, DATA_GB.get(cfg.data))]
+    parts = [f"{name} {gb:.2f} GB" if gb and gb < 1 else f"{name} {gb:.1f} GB" if gb else f"{name} (local)"
+             for name, gb in sized if gb or name in downloads]
+    total = sum(gb for _, gb in sized if gb)
+    lines = [f"What this run needs ({SOURCE}):",
+             f"  downloads: {', '.join(parts) or 'none'} ({total:.1f} GB in all, once; then cached)"]
+    memory = _memory(cfg, captioning, finetuning, synth, "latents" in runs)
+    if memory:
+        peak = max(memory, key=lambda m: m[0])
+        lines.append(f"  GPU memory: peak {peak[0]:.1f} GB ({peak[1]}; models are released between stages)")
+    lines.append("  time: " + _time(cfg, images, classes, captioning, finetuning, synth, "latents" in runs))
+    return lines
+
+
+def count_images(cfg) -> tuple[int | None, int | None]:
+    """(training images, classes) the run reads, without reading an image: the known sizes of named datasets,
+    a listing of an ImageFolder; ``--classes`` and ``--max-per-class`` make it an upper bound."""
+    images, classes = TRAIN_IMAGES.get(cfg.data), CLASSES.get(cfg.data)
+    if cfg.data not in TRAIN_IMAGES:
+        from vlcp.data.images import IMG_EXTENSIONS
+
+        root = Path(cfg.data)
+        dirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")] if root.is_dir() else []
+        images = sum(1 for d in dirs for f in d.iterdir() if f.suffix.lower() in IMG_EXTENSIONS) or None
+        classes = len(dirs) or None
+    if cfg.classes and images and classes:
+        images, classes = math.ceil(images * len(cfg.classes) / classes), len(cfg.classes)
+    if cfg.max_per_class and images and classes:
+        images = min(images, classes * cfg.max_per_class)
+    return images, classes
+
+
+def _caption_batch(cfg) -> int:
+    """The measured batch nearest below the run's (32 on a GPU of >= 40 GB when left to vlcp)."""
+    b = cfg.caption_batch_size or 32
+    return max([k for k in CAPTIONS if k <= b] or [8])
+
+
+def _reference(cfg) -> bool:
+    return getattr(cfg, "caption_mode", "greedy") == "reference"
+
+
+def _memory(cfg, captioning: bool, finetuning: bool, synth: bool, latents: bool) -> list[tuple[float, str]]:
+    out = []
+    if captioning and _reference(cfg):
+        out.append((CAPTIONS[8][1], "captions, measured at batch 8; one image per call needs less"))
+    elif captioning:
+        b = _caption_batch(cfg)
+        out.append((CAPTIONS[b][1], f"captions, batch {b}"))
+    if latents:
+        out.append((LATENTS[1], "VAE encode"))
+    if finetuning:
+        ckpt = cfg.gradient_checkpointing is not False
+        out.append((FINETUNE[cfg.finetune_method, ckpt][1], f"fine-tuning, {cfg.finetune_method}, gradient "
+                                                            f"checkpointing {'on' if ckpt else 'off'}"))
+    if synth:
+        out.append((SYNTHESIS[1], "img2img"))
+    if cfg.refine:
+        out.append((DETECTOR_GB, "detector"))
+    return out
+
+
+def _time(cfg, images: int | None, classes: int | None, captioning: bool, finetuning: bool, synth: bool,
+          latents: bool) -> str:
+    if images is None:
+        return "unknown until the images are listed (vlcp datasets shows where they would be)"
+    parts = []
+    seconds = 0.0
+    if captioning:
+        tokens = cfg.caption_max_tokens or (1024 if _reference(cfg) else CAPTION_TOKENS)
+        if _reference(cfg):  # one image per call: a decoding step costs what batch 8's does (bound by the weights)
+            per_token = 8 / CAPTIONS[8][0] / CAPTION_TOKENS
+            s = images * tokens * per_token
+            what = f"one image per call, up to {tokens} new tokens each: a shorter caption costs its length"
+        else:
+            b = _caption_batch(cfg)
+            s = images / CAPTIONS[b][0] * tokens / CAPTION_TOKENS
+            what = f"batch {b}, up to {tokens} new tokens each"
+        parts.append(f"captions <= {_hours(s)}: {what}")
+        seconds += s
+    if latents:
+        s = images / LATENTS[0]
+        parts.append(f"latents {_hours(s)}")
+        seconds += s
+    if finetuning:
+        ckpt = cfg.gradient_checkpointing is not False
+        micro = (cfg.finetune_epochs or 8) * math.ceil(images / cfg.finetune_batch_size)
+        if cfg.finetune_max_steps:
+            micro = min(micro, cfg.finetune_max_steps * cfg.finetune_accumulation)
+        s = micro * FINETUNE[cfg.finetune_method, ckpt][0] * cfg.finetune_batch_size / 8
+        parts.append(f"fine-tuning {_hours(s)}: {micro:,} micro-batches of {cfg.finetune_batch_size}")
+        seconds += s
+    if synth and classes:
+        n = classes * cfg.ipc * (cfg.pool_multiplier if cfg.post_sample == "sas" else 1)
+        s = n / SYNTHESIS[0] * cfg.steps * cfg.strength / SYNTHESIS_STEPS
+        parts.append(f"synthesis {_hours(s)}: {n:,} images")
+        seconds += s
+    if cfg.refine:
+        parts.append("refinement not estimated")
+    bound = "at most" if captioning else "about"
+    return f"{bound} {_hours(seconds)} on one H200 for {images:,} images (" + "; ".join(parts) + ")"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60 else \
+        f"{seconds:.0f} s"
