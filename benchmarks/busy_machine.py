@@ -30,11 +30,12 @@ from pathlib import Path
 THREAD_VARS = ("OMP_", "KMP_", "GOMP_", "MKL_", "VLCP_SPIN_WAIT")
 
 
+VARIANTS = {"before": {"VLCP_SPIN_WAIT": "1"}, "after": {}}
+
+
 def child_env(variant: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(THREAD_VARS)}
-    if variant == "before":
-        env["VLCP_SPIN_WAIT"] = "1"
-    return env
+    return {**env, **VARIANTS[variant]}
 
 
 def pngs(out: Path) -> dict[str, str]:
@@ -76,7 +77,12 @@ def main() -> None:
     ap.add_argument("--cap", type=float, default=1200, help="Stop a run after this many seconds.")
     ap.add_argument("--max-per-class", type=int, help="A smaller job (not the README's): N images per class.")
     ap.add_argument("--repeat", type=int, default=1, help="Run the four cases this many times.")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE,...",
+                    help="Also compare this environment (quiet, then busy), e.g. t1:OMP_NUM_THREADS=1,VLCP_SPIN_WAIT=1.")
     args = ap.parse_args()
+    for spec in args.variant:
+        name, _, assignments = spec.partition(":")
+        VARIANTS[name] = dict(a.split("=", 1) for a in assignments.split(",") if a)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vlcp-busy-"))
     work.mkdir(parents=True, exist_ok=True)
     extra = ["--max-per-class", str(args.max_per_class)] if args.max_per_class else []
@@ -89,8 +95,10 @@ def main() -> None:
           f"job: distill --data digits --ipc 10 --tiny {' '.join(extra)}".rstrip(), flush=True)
     print(f"{'case':<14} {'seconds':>8} {'vs quiet':>9} {'load 1 min':>13}  PNGs vs quiet before", flush=True)
     results = []
-    cases = [("quiet-before", "before", False), ("quiet-after", "after", False), ("busy-after", "after", True),
-             ("busy-before", "before", True)]
+    extra_names = [v for v in VARIANTS if v not in ("before", "after")]
+    cases = [("quiet-before", "before", False), ("quiet-after", "after", False),
+             *((f"quiet-{v}", v, False) for v in extra_names), ("busy-after", "after", True),
+             *((f"busy-{v}", v, True) for v in extra_names), ("busy-before", "before", True)]
     for _ in range(args.repeat):
         for name, variant, busy in cases:
             r = run(work, models, name, variant, busy, args.cap, extra)

@@ -9,6 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from vlcp.cli.main import cli
+from vlcp.cli.threads import calm_threads
+
+calm_threads()  # commands run in-process here: the waits `vlcp` sets, before anything imports torch
 
 
 @pytest.fixture(scope="session")

@@ -154,4 +154,4 @@ def test_text_strategies_change_only_prompts_and_synthesis(vlcp, tmp_path):
             assert prompt and s["prompts"]["model_loaded"] and "text_llm" in m["models"]
     r = vlcp(*BASE, "--no-finetune", "--text-strategy", "llm", "--text-llm", tmp_path / "nope", "--force",
              "--out", tmp_path / "b")
-    assert r.exit_code == 1 and "does not exist" in r.output
+    assert r.exit_code == 2 and "does not exist" in r.output  # a missing path: usage

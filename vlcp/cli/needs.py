@@ -43,7 +43,6 @@ def needs(cfg, images: int | None, classes: int | None, stages: list[str]) -> li
     runs = set(stages)
     captioning = "captions" in runs and (not cfg.captions_from or cfg.missing_captions == "caption")
     finetuning = "finetune" in runs and cfg.finetune
-    synth = "synthesis" in runs
     downloads = []
     if captioning:
         downloads.append(cfg.captioner or "llava-hf/llava-1.5-7b-hf")
@@ -58,13 +57,12 @@ def needs(cfg, images: int | None, classes: int | None, stages: list[str]) -> li
              for name, gb in sized if gb or name in downloads]
     total = sum(gb for _, gb in sized if gb)
     lines = [f"What this run needs ({SOURCE}):",
-             f"  downloads: {', '.join(parts) or 'none'} ({total:.1f} GB in all, once; then cached)"]
-    memory = _memory(cfg, captioning, finetuning, synth, "latents" in runs)
+             f"  downloads: {total:.1f} GB, once (then cached): {', '.join(parts) or 'none'}"]
+    memory = _memory(cfg, runs, captioning, finetuning)
     if memory:
         peak = max(memory, key=lambda m: m[0])
-        lines.append(f"  GPU memory: peak {peak[0]:.1f} GB ({peak[1]}; models are released between stages)")
-    lines.append("  time: " + _time(cfg, images, classes, captioning, finetuning, synth, "latents" in runs))
-    return lines
+        lines.append(f"  GPU memory: peak {peak[0]:.1f} GB, {peak[1]} (each model is released after its stages)")
+    return lines + _time(cfg, images, classes, runs, captioning, finetuning)
 
 
 def count_images(cfg) -> tuple[int | None, int | None]:
@@ -95,47 +93,46 @@ def _reference(cfg) -> bool:
     return getattr(cfg, "caption_mode", "greedy") == "reference"
 
 
-def _memory(cfg, captioning: bool, finetuning: bool, synth: bool, latents: bool) -> list[tuple[float, str]]:
+def _memory(cfg, runs: set[str], captioning: bool, finetuning: bool) -> list[tuple[float, str]]:
     out = []
     if captioning and _reference(cfg):
         out.append((CAPTIONS[8][1], "captions, measured at batch 8; one image per call needs less"))
     elif captioning:
         b = _caption_batch(cfg)
         out.append((CAPTIONS[b][1], f"captions, batch {b}"))
-    if latents:
+    if "latents" in runs:
         out.append((LATENTS[1], "VAE encode"))
     if finetuning:
         ckpt = cfg.gradient_checkpointing is not False
         out.append((FINETUNE[cfg.finetune_method, ckpt][1], f"fine-tuning, {cfg.finetune_method}, gradient "
                                                             f"checkpointing {'on' if ckpt else 'off'}"))
-    if synth:
+    if "synthesis" in runs:
         out.append((SYNTHESIS[1], "img2img"))
-    if cfg.refine:
+    if "detector" in runs and cfg.refine:
         out.append((DETECTOR_GB, "detector"))
     return out
 
 
-def _time(cfg, images: int | None, classes: int | None, captioning: bool, finetuning: bool, synth: bool,
-          latents: bool) -> str:
+def _time(cfg, images: int | None, classes: int | None, runs: set[str], captioning: bool,
+          finetuning: bool) -> list[str]:
     if images is None:
-        return "unknown until the images are listed (vlcp datasets shows where they would be)"
+        return ["  time: unknown until the images are listed"]
     parts = []
     seconds = 0.0
     if captioning:
         tokens = cfg.caption_max_tokens or (1024 if _reference(cfg) else CAPTION_TOKENS)
         if _reference(cfg):  # one image per call: a decoding step costs what batch 8's does (bound by the weights)
-            per_token = 8 / CAPTIONS[8][0] / CAPTION_TOKENS
-            s = images * tokens * per_token
-            what = f"one image per call, up to {tokens} new tokens each: a shorter caption costs its length"
+            s = images * tokens * 8 / CAPTIONS[8][0] / CAPTION_TOKENS
+            what = f"one image per call, up to {tokens} new tokens each; a shorter caption costs its length"
         else:
             b = _caption_batch(cfg)
             s = images / CAPTIONS[b][0] * tokens / CAPTION_TOKENS
             what = f"batch {b}, up to {tokens} new tokens each"
-        parts.append(f"captions <= {_hours(s)}: {what}")
+        parts.append(f"captions: at most {_hours(s)} ({what})")
         seconds += s
-    if latents:
+    if "latents" in runs:
         s = images / LATENTS[0]
-        parts.append(f"latents {_hours(s)}")
+        parts.append(f"latents: {_hours(s)}")
         seconds += s
     if finetuning:
         ckpt = cfg.gradient_checkpointing is not False
@@ -143,17 +140,17 @@ def _time(cfg, images: int | None, classes: int | None, captioning: bool, finetu
         if cfg.finetune_max_steps:
             micro = min(micro, cfg.finetune_max_steps * cfg.finetune_accumulation)
         s = micro * FINETUNE[cfg.finetune_method, ckpt][0] * cfg.finetune_batch_size / 8
-        parts.append(f"fine-tuning {_hours(s)}: {micro:,} micro-batches of {cfg.finetune_batch_size}")
+        parts.append(f"fine-tuning: {_hours(s)} ({micro:,} micro-batches of {cfg.finetune_batch_size})")
         seconds += s
-    if synth and classes:
-        n = classes * cfg.ipc * (cfg.pool_multiplier if cfg.post_sample == "sas" else 1)
+    if "synthesis" in runs and classes:
+        n = classes * cfg.ipc * (cfg.pool_multiplier if cfg.post_sample == "sas" and "pool" in runs else 1)
         s = n / SYNTHESIS[0] * cfg.steps * cfg.strength / SYNTHESIS_STEPS
-        parts.append(f"synthesis {_hours(s)}: {n:,} images")
+        parts.append(f"synthesis: {_hours(s)} ({n:,} images)")
         seconds += s
-    if cfg.refine:
-        parts.append("refinement not estimated")
+    if cfg.refine and "refinement" in runs:
+        parts.append("refinement: not estimated")
     bound = "at most" if captioning else "about"
-    return f"{bound} {_hours(seconds)} on one H200 for {images:,} images (" + "; ".join(parts) + ")"
+    return [f"  time on one H200 for {images:,} images: {bound} {_hours(seconds)}"] + [f"    {p}" for p in parts]
 
 
 def _hours(seconds: float) -> str:

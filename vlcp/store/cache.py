@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from vlcp.store.files import new_file
 from vlcp.store.index_codec import json_disk
 
 log = logging.getLogger("vlcp")
@@ -54,7 +54,7 @@ def stable_hash(obj: Any, n: int = 32) -> str:
     return hashlib.sha256(_CANONICAL.encode(obj).encode()).hexdigest()[:n]
 
 
-KEY_LAYOUT = 2  # 2: keys built from the stage table (vlcp 0.2); caches of 0.1 are recomputed
+KEY_LAYOUT = 2  # 2: keys built from the stage table; caches of layout 1 (earlier 0.1 code) are recomputed
 
 
 def stage_key(stage: str, version: int, **parts: Any) -> str:
@@ -371,7 +371,7 @@ def diskcache_major() -> int:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file in the same directory and rename: readers see all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    fd, tmp = new_file(path.parent, ".tmp-", path.suffix)  # mode from the umask: blobs and OUT are shared
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

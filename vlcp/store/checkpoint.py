@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from vlcp.store.cache import BLOB_DIR, Entry, StageCache
+from vlcp.store.files import new_file
 from vlcp.store.tensors import to_numpy, write_safetensors
 
 
@@ -65,7 +65,7 @@ def _put_streamed(cache: StageCache, stage: str, key: str, meta: dict, tensors: 
     meta_text = json.dumps(meta, sort_keys=True)
     folder = cache.root / BLOB_DIR / stage
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    fd, tmp = new_file(folder, ".tmp-", ".safetensors")
     os.close(fd)
     try:
         sha = write_safetensors(Path(tmp), {k: _producer(v) for k, v in tensors.items()},

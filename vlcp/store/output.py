@@ -3,16 +3,21 @@
 ``OUT/<class folder>/<index>.png`` (class folder = the dataset's canonical id, so ImageFolder,
 the Minimax/IDC scripts and DD-Ranking read labels right), ``manifest.json``, ``prototypes.json``
 and ``preview.png``. A run that is interrupted never leaves a half-written dataset at ``OUT``.
+
+Everything vlcp publishes (``OUT``, its ``evaluations/``, exports, the cache's blobs) is created through
+``vlcp.store.files.new_file`` / ``new_dir``, whose modes follow the umask as ``open`` and ``mkdir`` do: ``tempfile``'s 0600
+files and 0700 folders would keep those modes after the rename, and a shared ``OUT`` could not be read.
 """
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from vlcp.store.files import new_dir
 
 
 class OutputError(Exception):
@@ -37,7 +42,7 @@ def publish(out: Path, build) -> None:
     """Call build(tmp_dir), then swap tmp_dir into ``out`` (the old content goes only after success)."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = new_dir(out.parent, f".{out.name}.tmp-")
     try:
         build(tmp)
         old = None
