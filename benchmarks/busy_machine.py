@@ -11,8 +11,9 @@ for the length of the run and stopped after it. Every run gets the environment w
 KMP_*, GOMP_* and MKL_* settings, so both variants run at torch's default thread count. A run longer
 than --cap seconds is stopped and reported as ">= cap".
 
-Prints, per run: seconds, ratio to the quiet run of the same variant, the 1-minute load average at its
-start and end, and whether its PNGs are byte-identical to the quiet "before" run's. The goal of issue
+Prints, per run: seconds, ratio to the quiet run of the same variant, the seconds of the identical rerun
+that follows it (``--force``, same conditions: the README's rerun), the 1-minute load average at its start
+and end, and whether its PNGs (images, preview, loss plot) are byte-identical to the quiet "before" run's. The goal of issue
 26: busy after <= 2x quiet after, with identical PNGs.
 """
 from __future__ import annotations
@@ -39,8 +40,7 @@ def child_env(variant: str) -> dict[str, str]:
 
 
 def pngs(out: Path) -> dict[str, str]:
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*.png"))
-            if p.name != "preview.png"}
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*.png"))}
 
 
 def run(work: Path, models: Path, name: str, variant: str, busy: bool, cap: float, extra: list[str]) -> dict:
@@ -53,11 +53,16 @@ def run(work: Path, models: Path, name: str, variant: str, busy: bool, cap: floa
     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
+    rerun = None
     try:
         proc = subprocess.run(cmd, env=child_env(variant), capture_output=True, text=True, timeout=cap)
         rc, seconds = proc.returncode, time.perf_counter() - t0
         if rc:
             print(proc.stderr[-2000:], file=sys.stderr)
+        else:  # the README's identical rerun (--force: OUT exists), in the same conditions
+            t1 = time.perf_counter()
+            again = subprocess.run([*cmd, "--force"], env=child_env(variant), capture_output=True, timeout=cap)
+            rerun = time.perf_counter() - t1 if again.returncode == 0 else None
     except subprocess.TimeoutExpired:
         rc, seconds = None, cap
     finally:
@@ -68,7 +73,7 @@ def run(work: Path, models: Path, name: str, variant: str, busy: bool, cap: floa
     files = pngs(out) if rc == 0 else {}
     shutil.rmtree(cache, ignore_errors=True)
     return {"name": name, "variant": variant, "busy": busy, "rc": rc, "seconds": seconds, "load": (load0, load1),
-            "pngs": files}
+            "pngs": files, "rerun": rerun}
 
 
 def main() -> None:
@@ -93,7 +98,8 @@ def main() -> None:
         tiny_models(models)
     print(f"CPUs: {os.cpu_count()} (usable: {len(os.sched_getaffinity(0))}); python {sys.version.split()[0]}; "
           f"job: distill --data digits --ipc 10 --tiny {' '.join(extra)}".rstrip(), flush=True)
-    print(f"{'case':<14} {'seconds':>8} {'vs quiet':>9} {'load 1 min':>13}  PNGs vs quiet before", flush=True)
+    print(f"{'case':<14} {'seconds':>8} {'vs quiet':>9} {'rerun s':>8} {'load 1 min':>13}  PNGs vs quiet before",
+          flush=True)
     results = []
     extra_names = [v for v in VARIANTS if v not in ("before", "after")]
     cases = [("quiet-before", "before", False), ("quiet-after", "after", False),
@@ -109,7 +115,8 @@ def main() -> None:
             same = ("stopped" if r["rc"] is None else f"failed ({r['rc']})" if r["rc"] else
                     "identical" if ref and r["pngs"] == ref["pngs"] else "DIFFERENT")
             secs = f">={r['seconds']:.0f}" if r["rc"] is None else f"{r['seconds']:.1f}"
-            print(f"{name:<14} {secs:>8} {ratio:>9} {r['load'][0]:>6.2f}->{r['load'][1]:<5.2f}  "
+            rerun = f"{r['rerun']:.1f}" if r["rerun"] is not None else "-"
+            print(f"{name:<14} {secs:>8} {ratio:>9} {rerun:>8} {r['load'][0]:>6.2f}->{r['load'][1]:<5.2f}  "
                   f"{same} ({len(r['pngs'])} PNGs)", flush=True)
     after_q = [r["seconds"] for r in results if r["name"] == "quiet-after" and r["rc"] == 0]
     after_b = [r["seconds"] for r in results if r["name"] == "busy-after" and r["rc"] == 0]

@@ -53,7 +53,8 @@ def needs(cfg, images: int | None, classes: int | None, stages: list[str]) -> li
     if cfg.object_masks or cfg.min_foreground is not None:
         downloads.append(cfg.segmenter or "CIDAS/clipseg-rd64-refined")
     sized = [(name, MODEL_GB.get(name)) for name in downloads] + [(cfg.data, DATA_GB.get(cfg.data))]
-    parts = [f"{name} {gb:.2f} GB" if gb and gb < 1 else f"{name} {gb:.1f} GB" if gb else f"{name} (local)"
+    parts = [f"{name} {gb:.2f} GB" if gb and gb < 1 else f"{name} {gb:.1f} GB" if gb else
+             f"{name} ({'local' if Path(name).expanduser().exists() else 'size not known here'})"
              for name, gb in sized if gb or name in downloads]
     total = sum(gb for _, gb in sized if gb)
     lines = [f"What this run needs ({SOURCE}):",
