@@ -162,7 +162,7 @@ def statuses() -> dict[str, str]:
     from mutmut.stats import status_by_exit_code
 
     out = {}
-    for meta in (ROOT / "mutants" / "vlcp").glob("*.py.meta"):
+    for meta in (ROOT / "mutants" / "vlcp").rglob("*.py.meta"):  # the subpackages: mutants/vlcp/<pkg>/
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
             out[name] = status_by_exit_code[code]
     return out
