@@ -20,8 +20,24 @@ import numpy as np
 from vlcp.store.files import new_dir
 
 
+IMAGES_DIR = "train"  # OUT/train/<class>/<i>.png: the images, their metadata.jsonl, nothing else
+METADATA = "metadata.jsonl"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
 class OutputError(Exception):
     pass
+
+
+def images_dir(root: Path) -> Path:
+    """Where a synthetic set's class folders are: ``root/train`` (the layout since issue 23, which keeps
+    manifest, report, card and evaluations out of ``ImageFolder(root/train)`` and ``datasets``' imagefolder)
+    or ``root`` itself (the layout before it, and any plain ImageFolder a user points at)."""
+    root = Path(root)
+    sub = root / IMAGES_DIR
+    if sub.is_dir() and not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in sub.iterdir()):
+        return sub  # (an old-layout class folder named "train" holds its images directly)
+    return root
 
 
 def check_out(out: Path, force: bool) -> None:
