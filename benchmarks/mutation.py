@@ -136,7 +136,7 @@ EQUIVALENT: dict[str, str] = {
     "vlcp.evaluation.protocols.x_minimax_epochs__mutmut_1": _CLASSES,
     "vlcp.evaluation.protocols.x_make_protocol__mutmut_1": _CLASSES,
     **{f"vlcp.evaluation.protocols.x__dc__mutmut_{i}": _DEFAULT for i in (28, 29, 30, 31, 36)},
-    **{f"vlcp.evaluation.protocols.x__minimax__mutmut_{i}": _DEFAULT for i in (36, 37, 38, 39)},
+    **{f"vlcp.evaluation.protocols.x__minimax__mutmut_{i}": _DEFAULT for i in (44, 46)},
     **{f"vlcp.evaluation.protocols.x_rded_batch_size__mutmut_{i}": "IPC 10 and 50 never reach this branch"
        for i in (16, 17, 21, 22)},
     **{f"vlcp.evaluation.protocols.x_make_protocol__mutmut_{i}": "_dc / _rded use epochs only for p.epochs, which the "
