@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # module -> mutant-name globs (mutmut names functions x_<name>, methods xǁ<Class>ǁ<name>)
 TARGETS: dict[str, list[str]] = {
     "text_prototypes": ["vlcp.method.text_prototypes.*"],
+    "text_prototypes (reference)": ["vlcp.method.text_prototypes_reference.*", "vlcp.method.tokenize.*"],
     "outliers": ["vlcp.method.outliers.*"],
     "clusters": ["vlcp.method.clusters.*"],
     "cache": ["vlcp.store.cache.*", "vlcp.store.index_codec.*"],
@@ -53,6 +54,8 @@ _DEFAULT = "the argument dropped equals the Protocol dataclass default"
 _SLOW_STARTS = ("the caption starts are then always computed caption by caption (the path for captions "
                 "holding a NUL), which gives the same starts")
 _WHOLE = "the word ids as float64 are whole numbers < 2**53, cast to the index type in _binary_matrix"
+_ABBR_UNREAD = ("the abbr mark set here is never read again: each token's second pass runs once, as t1, "
+                "and only sentbreak decides (NLTK reads it no more)")
 
 # Mutants that cannot change behaviour, with the reason (checked by reading ``mutmut show NAME``).
 EQUIVALENT: dict[str, str] = {
@@ -93,6 +96,13 @@ EQUIVALENT: dict[str, str] = {
        "dtype; an empty cluster's float array is never indexed" for i in (41, 43)},
     "vlcp.method.text_prototypes.x_class_prototypes__mutmut_83": _ZERO_SCORE,
     "vlcp.method.text_prototypes.x_class_prototypes__mutmut_84": _ZERO_SCORE,
+    "vlcp.method.tokenize.xǁ_Tokǁ__init____mutmut_9": "None instead of False for the marks: they are only read "
+                                                   "as truths (NLTK itself starts them at None)",
+    "vlcp.method.tokenize.xǁ_Tokǁ__init____mutmut_25": "punkt's word regex splits a run of periods off as a "
+                                                    "token of its own, an ellipsis caught above: none left ends in ..",
+    "vlcp.method.tokenize.x__contexts__mutmut_9": "None and 0 are both false for the `if space` that alone reads it",
+    "vlcp.method.tokenize.x__second_pass__mutmut_10": _ABBR_UNREAD,
+    "vlcp.method.tokenize.x__second_pass__mutmut_50": _ABBR_UNREAD,
     "vlcp.method.outliers.x_inlier_mask__mutmut_1": "min_keep default 1 vs 0: LOF (contamination <= 0.5) never removes all",
     "vlcp.method.outliers.x_inlier_mask__mutmut_31": _RESHAPE,
     "vlcp.method.outliers.x_inlier_mask__mutmut_36": "mask.sum() == min_keep enters the loop, which breaks at once",

@@ -1,105 +1,59 @@
-"""Throughput and peak memory of vlcp's stages on the real model shapes, with random weights (no download).
+"""Throughput, peak memory and share of the hardware's limit of vlcp's stages on the real model shapes, with
+random weights (no download).
 
-LLaVA-1.5-7B, Stable Diffusion v1.5 (UNet, VAE, CLIP text encoder) and the refinement detector are
-built from their published configurations (``benchmarks/configs/*.json``) and run through vlcp's own
-code paths: ``captions.caption_images`` (greedy, ``--caption-max-tokens``; random weights never stop
-early, so this is the worst case), ``latents.encode_images`` at 512 px, ``finetune.train`` (full and
-LoRA, with and without gradient checkpointing, batch 8) and ``synthesis.generate`` (50 steps x
-strength 0.7, guidance on). From the rates it estimates ``vlcp distill --data imagenette --ipc 10``.
+LLaVA-1.5-7B, Stable Diffusion v1.5 (UNet, VAE, CLIP text encoder) and the refinement detector are built
+from their published configurations (``benchmarks/configs/*.json``) and run through vlcp's own code paths:
+``captioner.caption_images`` (greedy, 256 new tokens; random weights never stop early, so this is the worst
+case) with ``--caption-engine hf-static`` at the batch ``captioner.batch_for_model`` takes from memory,
+``latents.encode_images`` at 512 px, ``finetune.train`` (full and LoRA, gradient checkpointing on and off,
+batch 8) and ``synthesis.sample`` as ``vlcp distill`` runs it (``speed_for``: batch 32, channels_last, the
+memory fit; 50 steps x strength 0.7, guidance on). Every row prints its share of the limit that binds it
+(``benchmarks/roofline.py``: decoding against memory bandwidth, the UNet, VAE and detector against dense
+FP16 FLOP/s, from the GPU's datasheet), and the estimates of ``vlcp distill --ipc 10`` on ImageNette and
+ImageNet-1K, on 1 and 8 GPUs, follow from the rates.
 
     python benchmarks/real_shapes.py                      # CUDA: the real sizes, fp16 as vlcp runs them
-    nice -n 10 python benchmarks/real_shapes.py --device cpu --quick   # a reduced smoke run, < 5 min on 2 cores
+    python benchmarks/real_shapes.py --compare            # ... and the old paths beside the new, with ratios
+    python benchmarks/real_shapes.py --compare --stages captions   # one part of it (a time limit per run)
+    nice -n 10 python benchmarks/real_shapes.py --device cpu --quick   # a reduced smoke run, ~2 min on 2 cores
 
-``--quick`` is REDUCED and says so: 2 transformer layers in LLaVA's language and vision towers, 32 new
-tokens, batch 1, UNet work at 256 px with 10 denoising steps, LoRA only (full fine-tuning needs ~17 GB of state
-before activations). Its figures check the code path; they are not the real stage times.
+``--compare`` runs, in one process, the paths vlcp ran before issue 25 (greedy at batch 32 with the dynamic
+cache, reference captions one image per call, img2img in calls of 8 without channels_last) next to the new
+ones (batch from memory, hf and hf-static; reference batched with a generator per row; img2img in calls of
+32 with channels_last, then with the compiled UNet), prints the ratios and how many captions / pixels agree.
+
+``--quick`` is REDUCED and says so: LLaVA with 2 narrow layers per tower, 8 new tokens, batch 2; the UNet,
+VAE and fine-tuning at 64 px with 3 denoising steps, LoRA with checkpointing only. Its figures check the
+code paths; they are not the real stage times, and a CPU has no roofline row.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import roofline as rf  # noqa: E402  (benchmarks/roofline.py)
 
 CONFIGS = Path(__file__).parent / "configs"
 IMAGENETTE_IMAGES = 9469
 IMAGENETTE_CLASSES = 10
-
-
-class Rows(list):
-    """The measured rows, each printed as it comes (a long run shows its progress)."""
-
-    def append(self, row) -> None:
-        super().append(row)
-        print(f"  {row[0]}: {row[1]}, peak {row[2]:.1f} GB", flush=True)
-
-
-@dataclass
-class Setup:
-    device: str
-    quick: bool
-    dtype: object
-    rows: list = field(default_factory=Rows)
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.startswith("cuda")
+STAGES = ["captions", "latents", "finetune", "synthesis", "detector"]
 
 
 def _config(name: str) -> dict:
     return {k: v for k, v in json.loads((CONFIGS / name).read_text()).items() if not k.startswith("_")}
 
 
-def _reset_peak(s: Setup) -> None:
-    import torch
-
-    if s.cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gb(s: Setup) -> float:
-    """CUDA: peak allocated since the stage began; CPU: the process's peak resident set so far."""
-    import torch
-
-    if s.cuda:
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-
-
-def _timed(s: Setup, fn, repeats: int = 1) -> float:
-    import torch
-
-    if s.cuda:
-        fn()  # warm-up (kernels, allocator); a CPU needs none
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if s.cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
-
-
-def _images(n: int, size: int = 500):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
-
-
 # -- captions ---------------------------------------------------------------------------------------
-def build_llava(s: Setup):
+def build_llava(s: rf.Setup):
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -115,7 +69,9 @@ def build_llava(s: Setup):
     cfg["image_token_index"] = tok.convert_tokens_to_ids("<image>")
     cfg["pad_token_id"] = tok.pad_token_id
     if s.quick:
-        cfg["text_config"]["num_hidden_layers"] = cfg["vision_config"]["num_hidden_layers"] = 2
+        cfg["text_config"].update(num_hidden_layers=2, hidden_size=256, intermediate_size=688, num_attention_heads=4,
+                                  num_key_value_heads=4)
+        cfg["vision_config"].update(num_hidden_layers=2)
     config = LlavaConfig(**cfg)
     with torch.device(s.device):
         torch.set_default_dtype(s.dtype)
@@ -133,24 +89,64 @@ def build_llava(s: Setup):
     return model, processor
 
 
-def bench_captions(s: Setup, max_tokens: int) -> dict:
-    from vlcp.models.captioner import PROMPT, caption_images
+def bench_captions(s: rf.Setup, model, processor, images: list, batch: int, tokens: int, engine, label: str,
+                   mode: str = "greedy") -> tuple[float, float, list[str]]:
+    """(captions/s, peak GB, captions) of ``images`` in calls of ``batch``."""
+    from vlcp.models.captioner import PROMPT, caption_images, format_prompt
 
-    _reset_peak(s)
+    chunks = [images[i:i + batch] for i in range(0, len(images), batch)]
+    seeds = list(range(len(images)))
+    out: list[str] = []
+
+    def run(n=tokens, parts=chunks):
+        out.clear()
+        for part in parts:
+            out.extend(caption_images(model, processor, part, ["tench"] * len(part), PROMPT, n, mode,
+                                      seeds[len(out):len(out) + len(part)], engine))
+
+    rf.reset_peak(s)
+    sec = rf.timed(s, run, warm=lambda: run(parts=chunks[:1]))
+    texts = list(out)
+    text = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": format_prompt(PROMPT, "tench")}]}], add_generation_prompt=True)
+    prompt = processor(images=images[:1], text=[text], return_tensors="pt")["input_ids"].shape[1]
+    pre_sec = rf.timed(s, lambda: run(1, chunks[:1]))
+    pre_flops = rf.count_flops(lambda: run(1, chunks[:1]))
+    limit = rf.decode_limit(s, model, len(chunks[0]), prompt, tokens, sec / len(chunks), (pre_sec, pre_flops))
+    s.rows.append((f"captions {label}, batch {batch}, {tokens} new tokens", f"{len(images) / sec:.2f} captions/s",
+                   rf.peak_gb(s), limit))
+    return len(images) / sec, s.rows[-1][2], texts
+
+
+def captions_section(s: rf.Setup, compare: bool) -> tuple[float, float]:
+    """The new path's (captions/s, peak GB); with ``compare`` the old ones beside it."""
+    from vlcp.models.captioner import Engine, batch_for_model
+
     model, processor = build_llava(s)
-    out = {}
-    for b in ([1] if s.quick else [8, 16, 32]):
-        imgs = _images(b)
-        _reset_peak(s)
-        sec = _timed(s, lambda imgs=imgs, b=b: caption_images(model, processor, imgs, ["tench"] * b, PROMPT,
-                                                              max_tokens))
-        out[b] = (b / sec, _peak_gb(s))
-        s.rows.append((f"captions, batch {b}, {max_tokens} new tokens", f"{b / sec:.2f} captions/s", out[b][1]))
-    return out
+    tokens = 8 if s.quick else 256
+    batch = 2 if s.quick or not s.cuda else batch_for_model(model, tokens)
+    imgs = rf.images(batch)
+    new = bench_captions(s, model, processor, imgs, batch, tokens, "hf-static", "greedy, hf-static")
+    if compare:
+        old_b = 2 if s.quick else 32
+        old = bench_captions(s, model, processor, imgs, old_b, tokens, Engine(), "greedy, hf (old)")
+        hf = bench_captions(s, model, processor, imgs, batch, tokens, "hf", "greedy, hf")
+        how = " (from memory)" if s.cuda and not s.quick else ""
+        s.compare.append((f"captions greedy: batch {old_b} -> {batch}{how}, hf", old[0], hf[0], "captions/s",
+                          f"{sum(a == b for a, b in zip(old[2], hf[2]))}/{len(imgs)} captions identical"))
+        s.compare.append(("captions greedy: hf -> hf-static, same batch", hf[0], new[0], "captions/s",
+                          f"{sum(a == b for a, b in zip(hf[2], new[2]))}/{len(imgs)} captions identical"))
+        n, t = (2, 8) if s.quick else (8, 128)
+        ref = [bench_captions(s, model, processor, imgs[:n], n, t, e, f"reference, {what}", "reference")
+               for e, what in ((None, "one image per call (old)"), ("hf", "batched, hf"))]
+        s.compare.append((f"captions reference ({t} tokens): one per call -> batch {n}", ref[0][0], ref[1][0],
+                          "captions/s", f"{sum(a == b for a, b in zip(ref[0][2], ref[1][2]))}/{n} identical"))
+    del model
+    return new[0], new[1]
 
 
-# -- latents ----------------------------------------------------------------------------------------
-def build_sd(s: Setup, dtype=None):
+# -- Stable Diffusion -------------------------------------------------------------------------------
+def build_sd(s: rf.Setup, dtype=None):
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -179,19 +175,20 @@ def build_sd(s: Setup, dtype=None):
     return pipe.to(s.device, dtype)
 
 
-def bench_latents(s: Setup, pipe) -> float:
+def bench_latents(s: rf.Setup, pipe, res: int) -> float:
     from vlcp.method.latents import encode_images
 
     b = 1 if s.quick else 16
-    imgs = _images(b)
-    _reset_peak(s)
-    sec = _timed(s, lambda: encode_images(pipe.vae, imgs, 512))
-    s.rows.append((f"VAE encode, 512 px, batch {b}", f"{b / sec:.2f} images/s", _peak_gb(s)))
+    imgs = rf.images(b)
+    rf.reset_peak(s)
+    sec = rf.timed(s, lambda: encode_images(pipe.vae, imgs, res))
+    flops = rf.count_flops(lambda: encode_images(pipe.vae, imgs[:1], res))
+    s.rows.append((f"VAE encode, {res} px, batch {b}", f"{b / sec:.2f} images/s", rf.peak_gb(s),
+                   f"{rf.percent(rf.fraction(s, lambda g: rf.compute_fraction(g, flops, b / sec)))} of FLOP/s"))
     return b / sec
 
 
-# -- fine-tuning ------------------------------------------------------------------------------------
-def bench_finetune(s: Setup, pipe, method: str, checkpointing: bool, res: int) -> float | None:
+def bench_finetune(s: rf.Setup, pipe, method: str, checkpointing: bool, res: int) -> float | None:
     import torch
 
     from vlcp.method import finetune
@@ -210,7 +207,7 @@ def bench_finetune(s: Setup, pipe, method: str, checkpointing: bool, res: int) -
     p = finetune.FinetuneParams(method=method, epochs=1, batch_size=b, accumulation=1, max_steps=steps + 1,
                                 gradient_checkpointing=checkpointing, checkpoint_every=10 ** 9)
     with tempfile.TemporaryDirectory() as d:
-        _reset_peak(s)
+        rf.reset_peak(s)
         t = {}
 
         def clock(step_fn=finetune._optimizer_step):
@@ -227,28 +224,71 @@ def bench_finetune(s: Setup, pipe, method: str, checkpointing: bool, res: int) -
         finally:
             finetune._optimizer_step = real
         sec = float(np.mean(np.diff(t["steps"])))  # the first step (warm-up) is left out
-        peak = _peak_gb(s)
+        peak = rf.peak_gb(s)
     pipe.unet = unet0
     del master
+    fwd = _unet_flops(pipe, b, res)
+    k = 4 if checkpointing else 3  # backward ~ 2 forwards; checkpointing recomputes the forward once more
+    share = rf.fraction(s, lambda g: rf.compute_fraction(g, k * fwd, 1 / sec))
     label = f"fine-tune {method}, batch {b}, {res} px, gradient checkpointing {'on' if checkpointing else 'off'}"
-    s.rows.append((label, f"{sec:.2f} s/step", peak))
+    s.rows.append((label, f"{sec:.2f} s/step", peak, f"{rf.percent(share)} of FLOP/s ({k}x forward FLOPs)"))
     return sec
 
 
-# -- synthesis & detector ---------------------------------------------------------------------------
-def bench_synthesis(s: Setup, pipe, res: int, steps: int) -> float:
-    from vlcp.method.synthesis import generate
+def _unet_flops(pipe, batch: int, res: int) -> int:
+    import torch
 
-    b = 1 if s.quick else 8
-    lat = np.random.default_rng(0).normal(size=(b, 4, res // 8, res // 8)).astype(np.float32)
-    _reset_peak(s)
-    sec = _timed(s, lambda: generate(pipe, lat, ["a tench"] * b, list(range(b)), "", 0.7, 10.0, steps))
-    s.rows.append((f"img2img, batch {b}, {res} px, {steps} steps x strength 0.7", f"{b / sec:.3f} images/s",
-                   _peak_gb(s)))
-    return b / sec
+    x = torch.zeros(batch, 4, res // 8, res // 8, device=pipe.device, dtype=pipe.unet.dtype)
+    emb = torch.zeros(batch, 77, pipe.text_encoder.config.hidden_size, device=pipe.device, dtype=pipe.unet.dtype)
+    with torch.no_grad():
+        return rf.count_flops(lambda: pipe.unet(x, 10, encoder_hidden_states=emb))
 
 
-def bench_detector(s: Setup) -> float:
+def bench_synthesis(s: rf.Setup, pipe, res: int, steps: int, n: int, per_call: int, speed, label: str):
+    """(images/s, peak GB, images) of ``n`` images in calls of ``per_call`` with ``speed``."""
+    from vlcp.method.synthesis import Sampling, sample
+
+    lat = np.random.default_rng(0).normal(size=(n, 4, res // 8, res // 8)).astype(np.float32)
+    sampling = Sampling("", 0.7, 10.0, steps)
+    out = []
+
+    def run(k=n):
+        out.clear()
+        for i in range(0, k, per_call):
+            part = lat[i:i + per_call]
+            out.append(sample(pipe, part, ["a tench"] * len(part), list(range(i, i + len(part))), sampling, speed))
+
+    rf.reset_peak(s)
+    sec = rf.timed(s, run, warm=lambda: run(per_call))
+    imgs = np.concatenate(out)
+    flops = rf.count_flops(lambda: sample(pipe, lat[:1], ["a tench"], [0], sampling, speed))
+    share = rf.fraction(s, lambda g: rf.compute_fraction(g, flops, n / sec))
+    s.rows.append((f"img2img {label}, {per_call} per call, {res} px, {steps} steps x strength 0.7",
+                   f"{n / sec:.3f} images/s", rf.peak_gb(s), f"{rf.percent(share)} of FLOP/s"))
+    return n / sec, s.rows[-1][2], imgs
+
+
+def synthesis_section(s: rf.Setup, pipe, res: int, compare: bool) -> tuple[float, float]:
+    from vlcp.method.synthesis import Speed, speed_for
+
+    steps, n = (3, 2) if s.quick else (50, 32)
+    dev = "cuda" if s.cuda else "cpu"
+    if compare:  # the old path first: the new one turns the pipeline to channels_last in place
+        old = bench_synthesis(s, pipe, res, steps, n, 1 if s.quick else 8, Speed(), "plain (old)")
+    new = bench_synthesis(s, pipe, res, steps, n, n, speed_for(dev, max_batch=n), "channels_last + memory fit")
+    if compare:
+        runs = [("calls of 8 -> 32, channels_last", new)]
+        if s.cuda:  # inductor compiles the real UNet for minutes on a CPU
+            runs.append(("... + compiled UNet", bench_synthesis(s, pipe, res, steps, n, n, speed_for(dev, True, n),
+                                                                "+ compiled UNet")))
+        for what, res_ in runs:
+            diff = np.abs(old[2].astype(int) - res_[2].astype(int))
+            s.compare.append((f"img2img: {what}", old[0], res_[0], "images/s",
+                              f"uint8 max abs diff {diff.max()}, {100 * (diff > 0).mean():.3f} % of values differ"))
+    return new[0], new[1]
+
+
+def bench_detector(s: rf.Setup) -> float:
     import torch
 
     from vlcp.evaluation import networks
@@ -256,19 +296,20 @@ def bench_detector(s: Setup) -> float:
     net = networks.build("resnet18", 3, IMAGENETTE_CLASSES, 224).to(s.device).eval()
     b = 8 if s.quick else 64
     x = torch.randn(b, 3, 224, 224, device=s.device)
-    _reset_peak(s)
+    rf.reset_peak(s)
 
     def score():
         with torch.inference_mode():
             net(x).softmax(1)
 
-    sec = _timed(s, score)
+    sec = rf.timed(s, score)
+    gflops = rf.count_flops(score) / b / 1e9
     s.rows.append((f"detector (ResNet-18, instance norm) scores, batch {b}, 224 px", f"{b / sec:.1f} images/s",
-                   _peak_gb(s)))
+                   rf.peak_gb(s), f"- (fp32, {gflops:.1f} GFLOP/image: the FP16 peak does not apply)"))
     return b / sec
 
 
-# -- the estimate -----------------------------------------------------------------------------------
+# -- the estimates ----------------------------------------------------------------------------------
 def estimate(rates: dict, ft_sec: dict, ipc: int = 10) -> list[tuple[str, float, float]]:
     """(stage, hours, peak GB) for `vlcp distill --data imagenette --ipc 10` from the measured rates."""
     from vlcp.method.finetune import FinetuneParams
@@ -289,7 +330,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="reduced shapes (see the module docstring)")
+    ap.add_argument("--compare", action="store_true", help="the old paths beside the new ones, with ratios")
+    ap.add_argument("--gpu", help="the roofline row to use (benchmarks/roofline.py) when the name does not match")
     ap.add_argument("--json", type=Path, help="write the figures here too")
+    ap.add_argument("--stages", type=lambda v: v.split(","), default=STAGES,
+                    help=f"comma-separated subset of {','.join(STAGES)} (a run that fits a time limit)")
     a = ap.parse_args(argv)
     import torch
 
@@ -298,39 +343,34 @@ def main(argv=None) -> int:
     dev = torch_device(a.device)
     if not a.quick and not half_precision(dev):
         ap.error("the real sizes need a CUDA GPU (LLaVA-7B in fp32 is 28 GB); use --quick on CPU")
-    s = Setup(dev, a.quick, torch.float16 if half_precision(dev) else torch.float32)
-    name = torch.cuda.get_device_name(torch.device(dev)) if s.cuda else f"CPU, {torch.get_num_threads()} threads"
-    mode = ("REDUCED (--quick): 2-layer LLaVA towers, 32 new tokens, batch 1, UNet at 256 px, 10 steps, LoRA only"
-            if a.quick
-            else "real sizes")
-    print(f"device: {name}; {mode}", flush=True)
+    name = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else \
+        f"CPU, {torch.get_num_threads()} threads"
+    gpu = rf.find_gpu(a.gpu or name) if (a.gpu or dev.startswith("cuda")) else None
+    s = rf.Setup(dev, a.quick, torch.float16 if half_precision(dev) else torch.float32, gpu)
+    mode = "REDUCED (--quick): see the docstring" if a.quick else "real sizes"
+    print(f"device: {name}; {mode}; roofline row: {gpu.name if gpu else 'none'}", flush=True)
     t_all = time.perf_counter()
-    rates = {}
-    cap = bench_captions(s, 32 if a.quick else 256)  # --caption-max-tokens: 256
-    rates["captions"] = cap[max(cap)]
-    pipe = build_sd(s)
-    rates["latents"] = (bench_latents(s, pipe), s.rows[-1][2])
-    res = 256 if a.quick else 512
-    ft = {}
-    for method in (["lora"] if a.quick else ["full", "lora"]):
-        for ckpt in (True, False):
-            sec = bench_finetune(s, pipe, method, ckpt, res)
-            ft[(method, ckpt)] = (sec, s.rows[-1][2])
-    rates["synthesis"] = (bench_synthesis(s, pipe, res, 10 if a.quick else 50), s.rows[-1][2])
-    bench_detector(s)
-    print(f"\n| stage (measured on {name}) | throughput | peak memory (GB) |\n|---|---|---|")
-    for label, rate, peak in s.rows:
-        print(f"| {label} | {rate} | {peak:.1f} |")
-    warn = " -- REDUCED SHAPES, NOT REAL FIGURES" if a.quick else ""
-    print(f"\nEstimate for `vlcp distill --data imagenette --ipc 10` ({IMAGENETTE_IMAGES} images){warn}:\n\n"
-          "| stage | hours | peak memory (GB) |\n|---|---|---|")
-    est = estimate(rates, ft)
-    for stage, hours, peak in est:
-        print(f"| {stage} | {hours:.2f} | {peak:.1f} |")
+    rates, ft = {}, {}
+    if "captions" in a.stages:
+        rates["captions"] = captions_section(s, a.compare)
+    res = 64 if a.quick else 512
+    pipe = build_sd(s) if {"latents", "finetune", "synthesis"} & set(a.stages) else None
+    if "latents" in a.stages:
+        rates["latents"] = (bench_latents(s, pipe, res), s.rows[-1][2])
+    for method in (["lora"] if a.quick else ["full", "lora"]) if "finetune" in a.stages else []:
+        for ckpt in ((True,) if a.quick else (True, False)):
+            ft[(method, ckpt)] = (bench_finetune(s, pipe, method, ckpt, res), s.rows[-1][2])
+    if "synthesis" in a.stages:
+        rates["synthesis"] = synthesis_section(s, pipe, res, a.compare)
+    if "detector" in a.stages:
+        bench_detector(s)
+    out = rf.report(s, name, rates, ft, a.quick)
+    if len(rates) == 3 and ft:
+        out["estimate"] = estimate(rates, ft)
     note = "" if s.cuda else "; CPU peak = process peak RSS so far, not per stage"
     print(f"\nbenchmark wall time: {time.perf_counter() - t_all:.0f} s{note}")
     if a.json:
-        a.json.write_text(json.dumps({"device": name, "quick": a.quick, "rows": s.rows, "estimate": est}, indent=1))
+        a.json.write_text(json.dumps(out, indent=1))
     return 0
 
 

@@ -127,8 +127,9 @@ def test_select_end_to_end_and_a_rerun_computes_no_embedding(vlcp, clip_cache, t
     r = vlcp("select", pool, "--data", "digits", "--ipc", 2, "--out", out, "--tiny")
     assert r.exit_code == 0, r.output
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert files == ["0/0000.png", "0/0001.png", "1/0000.png", "1/0001.png", "2/0000.png", "2/0001.png",
-                     "manifest.json", "preview.png", "preview_pool.png"]
+    assert files == ["manifest.json", "preview.png", "preview_pool.png", "train/0/0000.png", "train/0/0001.png",
+                     "train/1/0000.png", "train/1/0001.png", "train/2/0000.png", "train/2/0001.png",
+                     "train/metadata.jsonl"]
     m = json.loads((out / "manifest.json").read_text())
     assert m["method"].startswith("vlcp's formulation of SAS") and "not the authors' method" in m["method"]
     assert m["stages"]["clip_image"]["items_computed"] == 15 and m["stages"]["clip_text"]["items_computed"] == 10
@@ -140,7 +141,7 @@ def test_select_end_to_end_and_a_rerun_computes_no_embedding(vlcp, clip_cache, t
         assert c["kept"] == bool(c["output"])
         folder, j = c["source"].split("/")[0], int(c["source"].split("cand")[1].split(".")[0])
         for o in c["output"]:
-            np.testing.assert_array_equal(read_png(out / o), arrays[folder][j])
+            np.testing.assert_array_equal(read_png(out / "train" / o), arrays[folder][j])
     assert [k["source"].split("/")[-2] for k in m["classes"]["1"]["kept"]] == ["handwritten digit 1"] * 2
 
     # the manifest's relevance is the cached image embedding against the class prompt's embedding
@@ -201,7 +202,7 @@ def test_select_bad_pools(vlcp, clip_cache, tmp_path):
              "--allow-duplicates")
     assert r.exit_code == 0, r.output
     assert "at most --ipc 2 images: there the selection is the identity" in r.output
-    np.testing.assert_array_equal(read_png(tmp_path / "o2/1/0000.png"), read_png(tmp_path / "o2/1/0001.png"))
+    np.testing.assert_array_equal(read_png(tmp_path / "o2/train/1/0000.png"), read_png(tmp_path / "o2/train/1/0001.png"))
 
     r = vlcp("select", tmp_path / "small", "--data", "digits", "--ipc", 2, "--out", tmp_path / "o3", "--tiny",
              "--clip-prompt", "a photo")

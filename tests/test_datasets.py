@@ -139,3 +139,20 @@ def test_cifar10_binary_reader(tmp_path):
     assert [c.folder for c in ds.classes] == sorted(names)
     px = np.asarray(ds.samples[1].load())
     assert px.shape == (32, 32, 3) and px[0, 0].tolist() == [255, 0, 0]
+
+
+def test_a_folder_with_train_and_val_gives_val_as_the_test_split(tmp_path):
+    """ImageNet-style folders (train/, val/): `vlcp evaluate --data DIR` tests on val/, and a folder with
+    train/ alone says which split is missing instead of reading train/ as one more class."""
+    for split, n in (("train", 3), ("val", 2)):
+        for c in ("a", "b"):
+            for j in range(n):
+                (tmp_path / "d" / split / c).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (4, 4), (j * 40, 0, 0)).save(tmp_path / "d" / split / c / f"{j}.png")
+    train = load_dataset(str(tmp_path / "d"), tmp_path, "train")
+    test = load_dataset(str(tmp_path / "d"), tmp_path, "test")
+    assert [c.folder for c in test.classes] == ["a", "b"] and len(train.samples) == 6 and len(test.samples) == 4
+    assert all("/val/" in s.source for s in test.samples)
+    (tmp_path / "d" / "val").rename(tmp_path / "d" / "elsewhere")
+    with pytest.raises(DatasetError, match=r"has a train/ folder but no test/ or val/ or validation/ for the test split"):
+        load_dataset(str(tmp_path / "d"), tmp_path, "test")

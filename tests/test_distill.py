@@ -61,9 +61,9 @@ def test_cold_run_writes_a_complete_image_folder(cold):
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
-    folder = ImageFolder(str(out))
+    folder = ImageFolder(str(out / "train"))
     assert folder.classes == [str(i) for i in range(10)] and len(folder) == 30
-    assert Image.open(out / "4" / "0002.png").size == (8, 8)  # digits keep their natural size
+    assert Image.open(out / "train" / "4" / "0002.png").size == (8, 8)  # digits keep their natural size
 
 
 def test_identical_rerun_computes_nothing_loads_nothing_imports_no_torch(warm, tmp_path):
@@ -185,7 +185,7 @@ def test_class_with_fewer_images_than_ipc(vlcp, tmp_path):
     r = vlcp(*args, "--allow-duplicates", "--steps", "2", "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output
     m = read_manifest(tmp_path / "o")
-    assert len(list((tmp_path / "o" / "0").glob("*.png"))) == 3 and any("repeat" in w for w in m["warnings"])
+    assert len(list((tmp_path / "o" / "train" / "0").glob("*.png"))) == 3 and any("repeat" in w for w in m["warnings"])
 
 
 def test_empty_caption_is_a_clear_error_and_keeps_the_cache_consistent(vlcp, tmp_path, monkeypatch):
@@ -228,4 +228,4 @@ def test_image_folder_with_corrupt_files(vlcp, tmp_path):
         "corrupt.jpg", "empty.png", "truncated.jpg"]
     assert m["images_per_class"] == {"n01440764": 8, "n02102040": 3}
     assert "skipped 3 unreadable image(s)" in r.output
-    assert sorted(p.name for p in (tmp_path / "o").iterdir() if p.is_dir()) == ["n01440764", "n02102040"]
+    assert sorted(p.name for p in (tmp_path / "o" / "train").iterdir() if p.is_dir()) == ["n01440764", "n02102040"]

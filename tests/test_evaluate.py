@@ -82,7 +82,7 @@ def test_baselines_and_evaluate_cli(vlcp, tmp_path):
         r = vlcp("baseline", "--method", method, "--data", "digits", "--ipc", "3", "--feature-epochs", "2",
                  "--out", tmp_path / method)
         assert r.exit_code == 0, r.output
-        assert sorted(p.name for p in (tmp_path / method).iterdir() if p.is_dir()) == [str(i) for i in range(10)]
+        assert sorted(p.name for p in (tmp_path / method / "train").iterdir() if p.is_dir()) == [str(i) for i in range(10)]
         assert len(list((tmp_path / method).rglob("*.png"))) == 30
         m = json.loads((tmp_path / method / "manifest.json").read_text())
         assert m["baseline"] == method and len(m["sources"]["4"]) == 3

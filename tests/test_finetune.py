@@ -122,7 +122,7 @@ def test_distill_uses_the_finetuned_model_and_never_retrains_needlessly(vlcp, tm
         assert s["finetune"]["cached"] and not s["finetune"]["model_loaded"], change
     # the images come from the fine-tuned UNet: without fine-tuning they differ ...
     vlcp(*BASE, "--no-finetune", "--force", "--out", tmp_path / "plain")
-    a, plain = (np.asarray(__import__("PIL.Image", fromlist=["x"]).open(d / "3" / "0000.png"))
+    a, plain = (np.asarray(__import__("PIL.Image", fromlist=["x"]).open(d / "train" / "3" / "0000.png"))
                 for d in (tmp_path / "a", tmp_path / "plain"))
     assert not np.array_equal(a, plain)
     # ... and the weights reloaded from the cache give the very pixels of the run that trained them
@@ -131,7 +131,7 @@ def test_distill_uses_the_finetuned_model_and_never_retrains_needlessly(vlcp, tm
     again = read_manifest(tmp_path / "again")["stages"]
     assert again["finetune"]["cached"] and again["synthesis"]["items_computed"] == 20
     for f in ("0/0000.png", "3/0001.png", "9/0000.png"):
-        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "again" / f).read_bytes()
+        assert (tmp_path / "a" / "train" / f).read_bytes() == (tmp_path / "again" / "train" / f).read_bytes()
 
 
 def test_text_strategies_change_only_prompts_and_synthesis(vlcp, tmp_path):

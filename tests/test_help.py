@@ -63,7 +63,7 @@ def test_every_distill_option_is_in_exactly_one_section():
     options = [p.opts[0] for p in cli.commands["distill"].params
                if p.expose_value or p.name in ("config", "list_configs")]
     options = [o for o in options if o not in ("-h", "--help")]
-    assert len(options) == 80  # the 78 options of the flat command, --config and --list-configs
+    assert len(options) == 83  # 78 of the flat command, --config, --list-configs, --log-dir, --caption-engine, --synthesis-compile
     assert sorted(listed) == sorted(options) and len(listed) == len(set(listed))
     assert found[None] == ["-h"]  # only --help stands outside the sections
     assert all(found[s] for s in SECTIONS)
@@ -74,4 +74,4 @@ def test_other_commands_keep_a_flat_option_list():
     found = sections(help_of("refine"))
     assert list(found) == [None]
     assert found[None] == ["--data", "--out", "--refine-candidates", "--refine-top-k", "--refine-beta",
-                           "--detector", "--detector-arch", "--detector-epochs", "--force", "-h"]
+                           "--detector", "--detector-arch", "--detector-epochs", "--log-dir", "--force", "-h"]

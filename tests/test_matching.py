@@ -119,12 +119,12 @@ def test_dm_and_dc_runs_write_the_imagefolder_and_hit_the_cache(vlcp, tmp_path):
         out = tmp_path / method
         r = vlcp("baseline", "--method", method, "--data", "digits", "--iterations", "5", "--out", out, *extra)
         assert r.exit_code == 0, r.output
-        folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+        folders = sorted(p.name for p in (out / "train").iterdir() if p.is_dir())
         assert folders == [str(d) for d in range(10)]
         for d in folders:
-            files = sorted(p.name for p in (out / d).iterdir())
+            files = sorted(p.name for p in (out / "train" / d).iterdir())
             assert files == ["0000.png", "0001.png"]
-            assert Image.open(out / d / files[0]).size == (8, 8)
+            assert Image.open(out / "train" / d / files[0]).size == (8, 8)
         m = read_manifest(out)
         assert m["baseline"] == method and m["matching"]["cached"] is False
         assert [i for i, _ in m["matching"]["loss_curve"]] == [1, 2, 3, 4, 5]
@@ -297,9 +297,9 @@ def test_dm_with_clipseg_masks_writes_the_imagefolder_and_reuses_the_masks(vlcp,
     common = ["baseline", "--method", "dm", "--data", "digits", "--ipc", "1", "--batch-real", "8", "--tiny"]
     r = vlcp(*common, "--iterations", "3", "--masks", "clipseg", "--out", tmp_path / "a")
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (tmp_path / "a").iterdir() if p.is_dir()) == [str(d) for d in range(10)]
-    assert all(sorted(f.name for f in (tmp_path / "a" / str(d)).iterdir()) == ["0000.png"] for d in range(10))
-    assert Image.open(tmp_path / "a" / "3" / "0000.png").size == (8, 8)
+    assert sorted(p.name for p in (tmp_path / "a" / "train").iterdir() if p.is_dir()) == [str(d) for d in range(10)]
+    assert all(sorted(f.name for f in (tmp_path / "a" / "train" / str(d)).iterdir()) == ["0000.png"] for d in range(10))
+    assert Image.open(tmp_path / "a" / "train" / "3" / "0000.png").size == (8, 8)
     m = read_manifest(tmp_path / "a")["matching"]
     assert m["masks"]["source"] == "clipseg" and (m["masks"]["computed"], m["masks"]["cached"]) == (1438, 0)
     assert m["config"]["segmenter"] == {"name": None, "tiny": True, "prompt": None}

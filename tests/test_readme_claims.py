@@ -74,14 +74,17 @@ def test_the_main_job_its_output_and_its_rerun(tmp_path, tiny_models_dir, monkey
     (last,) = re.findall(r"its last line names the page to open, `([^`]+)`", flat(README))
     assert r.stdout.strip().splitlines()[-1] == last == f"report: {Path('out/digits-ipc10/report.html')}"
     assert (tmp_path / last.split(": ", 1)[1]).is_file()
-    # "an ImageFolder (`DIR/<class id>/<index>.png`) with `manifest.json`, `prototypes.json`, `preview.png` and
-    # `report.html`"
-    (names,) = re.findall(r"is an ImageFolder \(`DIR/<class id>/<index>.png`\) with (.*?): one page", flat(README))
+    # "the set as an ImageFolder in `DIR/train/<class id>/<index>.png`, with `DIR/train/metadata.jsonl` (...), and
+    # beside it `manifest.json`, `prototypes.json`, `preview.png` and `report.html`"
+    (names,) = re.findall(r"holds the set as an ImageFolder in `DIR/train/<class id>/<index>.png`, with "
+                          r"`DIR/train/metadata.jsonl` \(.*?\), and beside it (.*?): one page", flat(README))
     assert re.findall(r"`([^`]+)`", names) == ["manifest.json", "prototypes.json", "preview.png", "report.html"]
     assert all((out / n).is_file() for n in re.findall(r"`([^`]+)`", names))
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [str(c) for c in range(10)]
-    assert all(sorted(q.name for q in (out / str(c)).iterdir()) == [f"{j:04d}.png" for j in range(10)]
+    assert [p.name for p in out.iterdir() if p.is_dir()] == ["train"]
+    assert sorted(p.name for p in (out / "train").iterdir()) == [str(c) for c in range(10)] + ["metadata.jsonl"]
+    assert all(sorted(q.name for q in (out / "train" / str(c)).iterdir()) == [f"{j:04d}.png" for j in range(10)]
                for c in range(10))
+    assert len((out / "train" / "metadata.jsonl").read_text().splitlines()) == 100
 
     # "An existing `OUT` is replaced only with `--force`"
     again = CliRunner().invoke(cli, args)

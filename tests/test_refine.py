@@ -181,7 +181,7 @@ def test_each_replaced_image_has_exactly_the_chosen_candidates_pixels(refined, v
             e = cache.get("candidates", k.split("/", 1)[1])
             cands[(e.meta["of"], e.meta["candidate"])] = e.tensors["image"]
     for i, d in reps.items():
-        png = np.asarray(Image.open(tmp_path / "o" / d["class"] / f"{d['cluster']:04d}.png"))
+        png = np.asarray(Image.open(tmp_path / "o" / "train" / d["class"] / f"{d['cluster']:04d}.png"))
         assert png.shape == cands[(int(i), d["candidate"])].shape
         for j in range(3):
             assert np.array_equal(png, cands[(int(i), j)]) == (j == d["candidate"]), (i, j, d)
@@ -216,7 +216,7 @@ def test_refine_command_on_own_and_foreign_folders(refined, vlcp, tmp_path):
     (tmp_path / "foreign").mkdir()
     import shutil
 
-    for d in (tmp_path / "real").iterdir():
+    for d in (tmp_path / "real" / "train").iterdir():  # a plain ImageFolder: class folders only
         if d.is_dir():
             shutil.copytree(d, tmp_path / "foreign" / d.name)
     # a detector of the user's own, as safetensors: here the one the refined run trained

@@ -42,7 +42,8 @@ def cluster(j: int, caption: str = "a grey fish on green grass, grey scales") ->
 
 def make_folder(root: Path, classes=(("n01440764", "tench"), ("n02102040", "springer")), ipc: int = 2,
                 data: str = "imagenette", extra: dict | None = None, size: int = 8) -> Path:
-    """A distillation folder as vlcp writes it: manifest.json, prototypes.json, <class>/<index>.png."""
+    """A distillation folder as vlcp writes it: manifest.json, prototypes.json, train/<class>/<index>.png (without
+    train/metadata.jsonl: the report then reads each image's cluster from prototypes.json)."""
     manifest = {
         "vlcp_version": "0.2.0", "tiny": False,
         "parameters": {"data": data, "ipc": ipc, "text_strategy": "dcs", "beta": 0.7},
@@ -62,7 +63,7 @@ def make_folder(root: Path, classes=(("n01440764", "tench"), ("n02102040", "spri
     (root / "prototypes.json").write_text(json.dumps(protos))
     for c, (f, _) in enumerate(classes):
         for j in range(ipc):
-            png(root / f / f"{j:04d}.png", size, size, shade=(40 * (c + 1) + 20 * j) % 256)
+            png(root / "train" / f / f"{j:04d}.png", size, size, shade=(40 * (c + 1) + 20 * j) % 256)
     return root
 
 
@@ -123,7 +124,7 @@ def test_classes_images_prototypes_and_header(tmp_path):
     text, page = build_page(folder)
     assert [a["data-folder"] for a in page.find("article", "class")] == ["n01440764", "n02102040"]
     imgs = [a["src"] for a in page.find("img", "syn")]
-    assert imgs == [f"{f}/{j:04d}.png" for f in ("n01440764", "n02102040") for j in range(3)]
+    assert imgs == [f"train/{f}/{j:04d}.png" for f in ("n01440764", "n02102040") for j in range(3)]
     assert all((folder / s).is_file() for s in imgs)  # relative: the page moves with the folder
     assert page.find("img", "syn")[0]["width"] == "8" and "pixelated" in page.find("img", "syn")[0]["class"]
     # R_w highlighted in the caption (grey x2, grass x1 per caption), N dimmed, frequencies listed
@@ -225,7 +226,7 @@ def test_published_numbers_name_their_source():
 def test_a_folder_vlcp_select_wrote_shows_each_kept_images_scores(tmp_path):
     folder = tmp_path / "sel"
     for f in ("0", "1"):
-        png(folder / f / "0000.png")
+        png(folder / "train" / f / "0000.png")
     png(folder / "preview_pool.png", 20, 10)
     cand = [{"index": 0, "class": "0", "relevance": 0.25, "stage1": "kept", "rank": 1, "why": "pick 1: best",
              "kept": True, "output": ["0/0000.png"], "prototype": None},
@@ -252,7 +253,7 @@ def test_loss_png_when_no_csv_and_class_folders_stay_inside_the_folder(tmp_path)
     png(folder / "finetune_loss.png", 60, 35)  # matplotlib installed: vlcp wrote the plot, not the CSV
     text, page = build_page(folder)
     assert 'src="finetune_loss.png"' in text and "<dt>last_loss</dt><dd>0.1200</dd>" in text
-    assert [a["src"] for a in page.find("img", "syn")] == ["n01440764/0000.png"]
+    assert [a["src"] for a in page.find("img", "syn")] == ["train/n01440764/0000.png"]
     assert page.text("p.problem") == f"No images in ../outside/.No images in {tmp_path / 'outside'}/."
 
 # escaping and broken inputs ------------------------------------------------------------------------
@@ -265,9 +266,9 @@ def test_class_name_folder_and_caption_are_escaped(tmp_path):
     assert "<script" not in text.lower() and "alert(&quot;x&quot;)" in text
     assert page.find("article", "class")[0]["data-folder"] == "a'b\"c"  # attribute quoting held
     img = page.find("img", "syn")[0]
-    assert img["src"] == "a%27b%22c/0000.png" and img["alt"] == NASTY + ", image 0"
+    assert img["src"] == "train/a%27b%22c/0000.png" and img["alt"] == NASTY + ", image 0"
     assert page.text("p.caption") == NASTY + " grey" and page.texts["mark.rw"] == ["grey"]
-    assert (folder / "a'b\"c" / "0000.png").is_file()
+    assert (folder / "train" / "a'b\"c" / "0000.png").is_file()
 
 
 @pytest.mark.parametrize("content, message", [
@@ -294,7 +295,7 @@ def test_partial_and_malformed_files_show_what_exists(tmp_path):
     (folder / "evaluations").mkdir()
     (folder / "evaluations" / "bad.json").write_text("{")
     (folder / "evaluations" / "old.json").write_text(json.dumps({"protocol": "dc"}))  # an older, odd shape
-    (folder / "n02102040" / "0001.png").unlink()
+    (folder / "train" / "n02102040" / "0001.png").unlink()
     m = json.loads((folder / "manifest.json").read_text())
     m.update(stages=[1, 2], warnings="not a list", refinement={"replacements": [1], "per_class": "x"}, models=None)
     (folder / "manifest.json").write_text(json.dumps(m))
@@ -348,15 +349,15 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         report.build(folder)
     assert (folder / "report.html").read_text() == first
-    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "n01440764", "n02102040",
-                                                          "prototypes.json", "report.html"]
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "prototypes.json", "report.html", "train"]
 
 
 def test_cli_report_rebuilds(tmp_path):
     folder = make_folder(tmp_path / "out")
     res = CliRunner().invoke(cli, ["report", str(folder)])
-    assert res.exit_code == 0 and res.output == f"wrote {folder.resolve() / 'report.html'}\n"
+    assert res.exit_code == 0 and res.output == f"wrote {folder.resolve() / 'report.html'} and {folder / 'README.md'}\n"
     assert (folder / "report.html").stat().st_size > 1000
+    assert (folder / "README.md").read_text().startswith("---\n")  # the dataset card, refreshed with the report
 
 
 # speed and imports ---------------------------------------------------------------------------------
@@ -431,7 +432,7 @@ def test_report_in_headless_chromium(tmp_path, tiny_run):
     with Browser(exe, tmp_path / "profile") as b:
         seen = check_in_browser(b, moved, tmp_path / "tiny_run.png")
         assert seen["classes"] == len(manifest["classes"]) == 3
-        assert seen["cards"] == sum(1 for p in moved.glob("*/*.png")) == 6
+        assert seen["cards"] == sum(1 for p in moved.glob("train/*/*.png")) == 6
         seen = check_in_browser(b, full, tmp_path / "full.png")
         assert seen["classes"] == 2 and seen["cards"] == 20 and len(seen["images"]) == 21  # + preview_refined
     print(f"screenshots: {tmp_path / 'tiny_run.png'} {tmp_path / 'full.png'}")

@@ -56,7 +56,7 @@ def test_markup_in_names_captions_and_prompts_is_escaped(tmp_path):
     assert page.find("script") == [] and [a["class"] for a in page.find("img")] == ["syn pixelated"] * 2
     assert [a["data-folder"] for a in page.find("article", "class")] == [IMG, "n02102040"]
     img = page.find("img", "syn")[0]
-    assert img["src"] == quote(f"{IMG}/0000.png") == "%22%3E%3Cimg%20src%3Dx%20onerror%3D1%3E/0000.png"
+    assert img["src"] == quote(f"train/{IMG}/0000.png") == "train/%22%3E%3Cimg%20src%3Dx%20onerror%3D1%3E/0000.png"
     assert img["alt"] == f"{SCRIPT}, image 0" and page.find("a")[0]["href"] == "#class-0"
     assert page.texts["p.caption"][:3] == [SCRIPT + " ", "grey", f" {IMG} o'clock"]
     # markup is not a word: in the first caption only "grey" is marked (the second class has the usual caption)

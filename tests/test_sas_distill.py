@@ -24,6 +24,13 @@ def test_sas_keeps_ipc_pool_images_and_reruns_only_what_changed(vlcp, tmp_path):
     kept = [i for i, r in enumerate(ps["pool"]) if r["kept"]]
     assert sorted(ps["pool"][i]["class"] for i in kept) == [0, 0, 1, 1]  # IPC 2 of each class's 6
     assert len(list((tmp_path / "a").rglob("0*.png"))) == 4
+    rows = [json.loads(line) for line in (tmp_path / "a" / "train" / "metadata.jsonl").read_text().splitlines()]
+    protos = json.loads((tmp_path / "a" / "prototypes.json").read_text())["classes"]
+    assert [r["file_name"] for r in rows] == sorted(ps["images"])
+    for row in rows:  # a kept image's cluster and prompt are its prototype's (class-major index, IPC 2)
+        proto = ps["images"][row["file_name"]]["prototype"]
+        assert (row["class_id"], row["cluster"]) == (["0", "1"][proto // 2], proto % 2)
+        assert row["prompt"] == protos[row["class_id"]]["clusters"][row["cluster"]]["prompt"]
     r = vlcp(*ARGS, "--sas-lambda", "0.1", "--sas-alpha", "0.9", "--out", tmp_path / "b")
     s = read_manifest(tmp_path / "b")["stages"]
     assert [n for n, x in s.items() if x["items_computed"] and n != "output"] == ["post_sampling"]
@@ -39,7 +46,7 @@ def test_select_random_is_the_seeded_control(vlcp, tmp_path):
         assert vlcp(*ARGS, "--select", "random", "--seed", seed, "--out", tmp_path / out).exit_code == 0
     picks = {o: json.loads((tmp_path / o / "manifest.json").read_text())["post_sampling"]["images"] for o in "abc"}
     assert picks["a"] == picks["b"]
-    pix = {o: np.asarray(Image.open(tmp_path / o / "0" / "0000.png")) for o in "ab"}
+    pix = {o: np.asarray(Image.open(tmp_path / o / "train" / "0" / "0000.png")) for o in "ab"}
     assert (pix["a"] == pix["b"]).all()
 
 

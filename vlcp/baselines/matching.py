@@ -37,6 +37,7 @@ import numpy as np
 
 from vlcp.baselines import masks as mask_mod
 from vlcp.baselines.matching_losses import dm_loss, match_distance, siamese_dsa
+from vlcp.store import scalars
 from vlcp.store.cache import stable_hash, stage_key
 
 METHODS = ["dm", "dc"]
@@ -308,6 +309,7 @@ def optimise(cfg: MatchConfig, real: Real, syn0, p, cache, ckpt_key: str, progre
         net.train()
         losses.append(step(cfg, net, real, syn, opt, g))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        scalars.add("matching/loss", losses[-1], it + 1)  # --log-dir: after iteration it + 1
         if checkpoint_every and (it + 1) % checkpoint_every == 0:
             save(it + 1)
     bar.close()

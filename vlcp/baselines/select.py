@@ -4,9 +4,11 @@ The selection is **vlcp's formulation of SAS from its abstract** (``vlcp.method.
 method. Pool class folders are matched to the dataset's classes as ``vlcp evaluate`` matches them;
 CLIP embeddings are cached per image content and per class prompt (``vlcp.models.clip``), so a rerun that
 only changes ``--sas-keep/--sas-alpha/--sas-lambda/--select/--seed`` computes no embedding and never
-loads CLIP. The output is the standard layout: ``OUT/<class id>/<index>.png`` (kept images in pick
-order), ``manifest.json`` (every candidate's scores, stage-1 verdict, rank, kept and why),
-``preview.png`` and ``preview_pool.png`` (each class's pool with the kept images framed).
+loads CLIP. The pool may be a set vlcp wrote (its ``train/``, or its root before issue 23). The output is
+the standard layout: ``OUT/train/<class id>/<index>.png`` (kept images in pick order) with
+``OUT/train/metadata.jsonl`` (each kept image's pool index and file; from a vlcp pool its prompt too),
+``manifest.json`` (every candidate's scores, stage-1 verdict, rank, kept and why), ``preview.png`` and
+``preview_pool.png`` (each class's pool with the kept images framed).
 """
 from __future__ import annotations
 
@@ -76,12 +78,14 @@ def dataset_classes(data: str, data_dir: Path) -> tuple[str, list]:
 def read_pool(pool: Path, name: str, classes: list) -> list[PoolClass]:
     """The pool's class folders matched to dataset classes (by id or name, as ``vlcp evaluate``)."""
     from vlcp.data.datasets import Dataset, _image_files
-    from vlcp.evaluation.samples import match_classes
+    from vlcp.evaluation.samples import NOT_CLASSES, match_classes
+    from vlcp.store.output import images_dir
 
-    pool = Path(pool)
-    if not pool.is_dir():
+    if not Path(pool).is_dir():
         raise SelectError(f"pool {pool} is not a directory")
-    subdirs = sorted(d for d in pool.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "evaluations")
+    pool = images_dir(Path(pool))  # a vlcp set's train/ (or its root, before issue 23), or any ImageFolder
+    subdirs = sorted(d for d in pool.iterdir()
+                     if d.is_dir() and not d.name.startswith(".") and d.name not in NOT_CLASSES)
     if not subdirs:
         raise SelectError(f"pool {pool} has no class folders: expected an ImageFolder (one sub-folder per class)")
     mapping = match_classes([d.name for d in subdirs], Dataset(name, "train", None, classes, []))
@@ -203,7 +207,7 @@ def run(cfg: SelectConfig, cache: StageCache) -> dict:
         "classes": _class_summary(pcs, classes, kept, files),
         "candidates": _candidates(selection, files, pcs, classes, kept, Path(cfg.pool)),
         "stages": stages, "skipped_images": skipped, "warnings": warnings}
-    publish(Path(cfg.out), lambda tmp: _write(tmp, manifest, pcs, classes, kept, files, selection))
+    publish(Path(cfg.out), lambda tmp: _write(tmp, manifest, pcs, classes, kept, files, selection, Path(cfg.pool)))
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
     return manifest
 
@@ -249,7 +253,7 @@ def _candidates(selection: sas.Selection, files, pcs, classes, kept, pool: Path)
     return records
 
 
-def _write(tmp: Path, manifest: dict, pcs, classes, kept, files, selection) -> None:
+def _write(tmp: Path, manifest: dict, pcs, classes, kept, files, selection, pool: Path) -> None:
     from vlcp.store.output import contact_sheet, save_images, write_json
 
     out_classes = [classes[pc.class_idx] for pc in pcs]
@@ -261,10 +265,30 @@ def _write(tmp: Path, manifest: dict, pcs, classes, kept, files, selection) -> N
         return decoded[i]
 
     images = {k: [img(i) for i in kept[pc.class_idx]] for k, pc in enumerate(pcs)}
-    save_images(tmp, out_classes, images, None)
+    save_images(tmp, out_classes, images, None, extra=_sources(pool, pcs, classes, kept, files))
     write_json(tmp / "manifest.json", manifest)
     contact_sheet(out_classes, images).save(tmp / "preview.png")
     pool_sheet(pcs, classes, selection, img).save(tmp / "preview_pool.png")
+
+
+CARRIED = ("prompt", "cluster", "cluster_size")  # from a vlcp pool's metadata.jsonl to the kept image's row
+
+
+def _sources(pool: Path, pcs, classes, kept, files) -> dict[str, dict]:
+    """metadata.jsonl's fields beyond the label, per kept image: its pool index (``source_index``, as in the
+    manifest's candidates), its file relative to the pool's images, and from a pool vlcp distilled its prompt,
+    cluster and cluster size."""
+    from vlcp.store.output import file_name, images_dir, read_metadata
+
+    root, rows = images_dir(pool), read_metadata(pool) or {}
+    out = {}
+    for pc in pcs:
+        for j, i in enumerate(kept[pc.class_idx]):
+            rel = files[i].relative_to(root).as_posix() if files[i].is_relative_to(root) else str(files[i])
+            src = rows.get(rel, {})
+            out[file_name(classes[pc.class_idx].folder, j)] = {"source_index": i, "source": rel,
+                                                               **{k: src[k] for k in CARRIED if k in src}}
+    return out
 
 
 def pool_sheet(pcs, classes, selection: sas.Selection, img, cell: int = 48):

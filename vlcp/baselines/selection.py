@@ -111,14 +111,22 @@ def array_images(images: np.ndarray, ipc: int) -> dict[int, list]:
 
 
 def write_folder(tmp, ds, images: dict[int, list], manifest: dict) -> None:
-    """The standard layout: ``<class folder>/<index>.png`` (canonical class ids) and manifest.json."""
-    from vlcp.store.output import write_json
+    """The standard layout: ``train/<class folder>/<index>.png`` (canonical class ids) with
+    ``train/metadata.jsonl`` (label, class; for real images their index in the training split, from
+    ``manifest["sources"]``), and manifest.json at the root."""
+    from vlcp.store.output import IMAGES_DIR, file_name, write_json, write_metadata
 
+    root = tmp / IMAGES_DIR
     for c, imgs in images.items():
-        folder = tmp / ds.classes[c].folder
-        folder.mkdir(parents=True)
+        (root / ds.classes[c].folder).mkdir(parents=True)
         for j, img in enumerate(imgs):
-            img.save(folder / f"{j:04d}.png")
+            img.save(root / file_name(ds.classes[c].folder, j))
+    root.mkdir(parents=True, exist_ok=True)
+    index = {s.source: i for i, s in enumerate(ds.samples)}
+    sources = manifest.get("sources") or {}  # random/herding/k-center: class folder -> chosen files; DM/DC: none
+    extra = {file_name(folder, j): {"source_index": index[src]} for folder, srcs in sources.items()
+             for j, src in enumerate(srcs) if src in index}
+    write_metadata(root, ds.classes, {c: len(v) for c, v in images.items()}, extra)
     write_json(tmp / "manifest.json", {**manifest, "dataset": ds.identity(),
                                        "classes": [{"folder": c.folder, "name": c.name} for c in ds.classes]})
 

@@ -77,12 +77,13 @@ class user_errors:
         from vlcp.pipeline.run import DistillError
         from vlcp.store.cache import CorruptEntry
         from vlcp.store.output import OutputError
+        from vlcp.store.scalars import ScalarLogError
 
         if isinstance(exc, ConfigError):  # a parameter out of range: exit code 2, naming the option
             raise click.BadParameter(exc.message, param_hint=exc.param) from None
         if isinstance(exc, (EvalError, OutputError)):  # a folder that does not fit: bad input, exit code 2
             raise click.UsageError(str(exc)) from None
-        if isinstance(exc, (DatasetError, DistillError, ModelError, CaptionFileError, CorruptEntry)):
+        if isinstance(exc, (DatasetError, DistillError, ModelError, CaptionFileError, CorruptEntry, ScalarLogError)):
             raise click.ClickException(str(exc)) from None  # found while running: exit code 1
         return False
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from vlcp.cli.common import Ctx, check_data, check_model_paths, table, user_errors
-from vlcp.cli.distill_options import distill_options
+from vlcp.cli.distill_options import distill_options, say_where_curves_went
 
 
 @click.command()
@@ -36,8 +36,9 @@ def distill(obj: Ctx, **kw):
     run_distill(obj, cfg, dry_run)
 
 
-def run_distill(obj: Ctx, cfg, dry_run: bool = False) -> None:
-    """Validate, check --out, run (or plan) the stages, print the summary: shared by distill and refine."""
+def run_distill(obj: Ctx, cfg, dry_run: bool = False, command: str = "distill") -> None:
+    """Validate, check --out, run (or plan) the stages, print the summary: shared by distill and refine.
+    ``cfg.log_dir``: TensorBoard curves of what this run trains, in ``log_dir/<command>-<OUT name>-<time>``."""
     from vlcp.store.parallel import world
 
     with user_errors():
@@ -57,18 +58,21 @@ def run_distill(obj: Ctx, cfg, dry_run: bool = False) -> None:
             click.echo(f"plan: not made, {missing}")
         return
     from vlcp.pipeline.loop import distill as run
+    from vlcp.store import scalars
 
-    with user_errors():
+    curves_to = None if dry_run else cfg.log_dir  # a plan trains nothing
+    with user_errors(), scalars.logging_to(curves_to, scalars.run_name(command, cfg.out)) as curves:
         manifest = run(cfg, obj.cache(), dry_run=dry_run)
     if not obj.quiet and world().main:  # in a multi-process launch rank 0 speaks for all (OUT/ranks/ has each)
         _summary(manifest, dry_run)
         if dry_run:
             return
-        click.echo(f"wrote {cfg.out}/ (manifest.json"
-                   f"{', preview.png' if 'output' in manifest['stages'] else ''})")
+        made = "train/<class>/*.png, train/metadata.jsonl, README.md, " if "output" in manifest["stages"] else ""
+        click.echo(f"wrote {cfg.out}/ ({made}manifest.json{', preview.png' if made else ''})")
         report = Path(cfg.out) / "report.html"
         if report.is_file():
             click.echo(f"report: {report}")
+    say_where_curves_went(curves, obj.quiet)
 
 
 def _not_downloaded(cfg) -> str | None:

@@ -29,8 +29,31 @@ REFINE = [
 ]
 FORCE = (("--force",), dict(is_flag=True, help="Replace a non-empty --out."))
 
-# `vlcp refine` takes the refinement options (and --force) as plain options
-refine_options = options(*(click.option(*decls, **kw) for decls, kw in REFINE + [FORCE]))
+
+def log_dir(command: str, what: str, name: str = "<OUT name>") -> tuple[tuple[str, ...], dict]:
+    """``--log-dir`` of a command that trains something: TensorBoard event files in DIR/<run name>."""
+    return (("--log-dir",), dict(
+        type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+        help=f"Write the training curves ({what}) as TensorBoard event files to DIR/{command}-{name}-<start "
+             f"time>, one folder per run (view: tensorboard --logdir DIR). A result taken from the cache "
+             f"trains nothing and logs nothing. Needs TensorBoard: pip install 'vlcp[tensorboard]'."))
+
+
+def say_where_curves_went(log, quiet: bool) -> None:
+    """After a run with --log-dir: the run folder, or that nothing was trained (``scalars.Log``; None: no --log-dir)."""
+    if log is None or quiet:
+        return
+    if log.folder is None:
+        click.echo(f"training curves: none, nothing was trained (all from the cache); {log.root} unchanged", err=True)
+    else:
+        click.echo(f"training curves: {log.folder} (tensorboard --logdir {log.root})", err=True)
+
+
+DISTILL_LOG_DIR = log_dir("distill", "fine-tuning's loss, lr and EMA decay per optimizer step; with --refine "
+                                     "the detector's loss, lr and accuracy per epoch")
+REFINE_LOG_DIR = log_dir("refine", "the detector's loss, lr and accuracy per epoch")
+# `vlcp refine` takes the refinement options (and --log-dir, --force) as plain options
+refine_options = options(*(click.option(*decls, **kw) for decls, kw in REFINE + [REFINE_LOG_DIR, FORCE]))
 
 O = optgroup.option
 
@@ -52,7 +75,8 @@ distill_options = options(
     O("--caption-mode", type=choice("caption_mode"), default=default("caption_mode"), show_default=True,
       help="reference: as LLaVA's model_vqa.py made the reference's captions (llava_v1 conversation with its "
            "system message, image padded to a square, sampling at temperature 0.2, one image per call), seeded "
-           "per image by --caption-seed; greedy: chat template without a system message, batched greedy decoding."),
+           "per image by --caption-seed (a batch is one call whose every row samples with its own seed: the "
+           "one-image captions); greedy: chat template without a system message, batched greedy decoding."),
     O("--caption-seed", type=int, default=default("caption_seed"), show_default=True,
       help="--caption-mode reference: each image's sampling seed comes from this and the image's hash "
            "(not --seed: other seeds reuse the captions)."),
@@ -174,15 +198,25 @@ distill_options = options(
 
     optgroup.group("Resources", help="Batch sizes and memory: they change speed, not results."),
     O("--caption-batch-size", type=click.IntRange(min=1),
-      help="[default: from GPU memory: 32 on a GPU of >= 40 GB, what fits on a smaller one, 8 off CUDA; "
+      help="[default: on CUDA from the captioner's KV cache per token and the free memory, up to where the "
+           "memory roofline stops paying (its formula gives 130 for LLaVA-1.5-7B at 256 new tokens); 8 off CUDA; "
            "32 with --tiny]"),
+    O("--caption-engine", type=choice("caption_engine"), default=default("caption_engine"), show_default=True,
+      help="How captions are decoded, not what they say: hf (transformers' dynamic KV cache) or hf-static (a "
+           "static KV cache; on CUDA a compiled decode step with CUDA graphs, minutes to compile once). Token for "
+           "token the same on CPU (tests/test_throughput.py); on a GPU not measured yet."),
     O("--latent-batch-size", type=click.IntRange(min=1), default=default("latent_batch_size"), show_default=True),
-    O("--synthesis-batch-size", type=click.IntRange(min=1), default=default("synthesis_batch_size"),
-      show_default=True),
+    O("--synthesis-batch-size", type=click.IntRange(min=1),
+      help="Images per img2img call at most; on CUDA fewer when the free memory holds fewer (measured on the "
+           "first image). [default: 32; 8 with --tiny or --device cpu]"),
+    O("--synthesis-compile/--no-synthesis-compile", default=default("synthesis_compile"), show_default=True,
+      help="torch.compile the UNet for img2img (inductor; minutes to compile once): float rounding may differ, "
+           "as with another batch size. channels_last is always on with CUDA."),
     O("--clip-batch-size", type=click.IntRange(min=1), default=default("clip_batch_size"), show_default=True),
     O("--mask-batch-size", type=click.IntRange(min=1), default=default("mask_batch_size"), show_default=True),
     O("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
       help="Trade compute for UNet memory while fine-tuning. [default: on with CUDA, off on CPU]"),
+    O(*DISTILL_LOG_DIR[0], **DISTILL_LOG_DIR[1]),
 
     optgroup.group("Output and run control",
                    help="Where the images go, how far to run, where options come from."),

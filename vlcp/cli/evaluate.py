@@ -8,8 +8,17 @@ from pathlib import Path
 import click
 
 from vlcp.cli.common import Ctx, check_data, check_model_paths, table, user_errors
+from vlcp.cli.distill_options import log_dir as log_dir_option
+from vlcp.cli.distill_options import say_where_curves_went
 
 log = logging.getLogger("vlcp")
+
+
+EVALUATE_LOG_DIR = log_dir_option("evaluate", "loss, lr and training accuracy per epoch and the test accuracy "
+                                              "when tested, as evaluate/<protocol>-<model>/run<seed>/..., and those "
+                                              "of a teacher vlcp trains", "<SYNTH_DIR name>")
+BASELINE_LOG_DIR = log_dir_option("baseline", "dm/dc: matching/loss per iteration; herding/kcenter: the feature "
+                                              "net's loss, lr and accuracy per epoch")
 
 
 @click.command()
@@ -28,6 +37,10 @@ log = logging.getLogger("vlcp")
 @click.option("--teacher", type=click.Path(exists=True, dir_okay=False),
               help="rded: teacher weights (safetensors) [default: torchvision's for ImageNet-1K, else trained by vlcp]")
 @click.option("--teacher-epochs", type=click.IntRange(min=1), help="rded: epochs of the teacher vlcp trains.")
+@click.option("--soft-labels", is_flag=False, flag_value="", default=None, metavar="[NAME]",
+              help="Train on the stored crops and soft labels of `vlcp relabel` (SYNTH_DIR/soft_labels/NAME; without "
+                   "NAME its only ones): epoch e uses crop e mod M of each image, KL to its label, instead of the "
+                   "protocol's augmentation, mixing and labels (put SYNTH_DIR first).")
 @click.option("--test-every", type=click.IntRange(min=0), help="Test every N epochs for best-during-training.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write all results here.")
 @click.option("--caption-fusion", is_flag=True,
@@ -41,9 +54,11 @@ log = logging.getLogger("vlcp")
                    "class, test images must not be named) [default: distill's prompt with 'the object' for the class].")
 @click.option("--clip", help="--caption-fusion: text encoder, CLIP hub id or dir [default: openai/clip-vit-base-patch32].")
 @click.option("--tiny", is_flag=True, help="--caption-fusion: the tiny random LLaVA and CLIP (tests, offline demos).")
+@click.option(*EVALUATE_LOG_DIR[0], **EVALUATE_LOG_DIR[1])
 @click.pass_obj
 def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug, full, teacher, teacher_epochs,
-             test_every, json_path, caption_fusion, captioner, fusion_caption_prompt, clip, tiny):
+             test_every, json_path, caption_fusion, captioner, fusion_caption_prompt, clip, tiny, log_dir,
+             soft_labels):
     """Train on a distilled ImageFolder SYNTH_DIR, report top-1 on the real test split.
 
     The headline number is the accuracy after the last epoch (mean +- std over seeds). The best test
@@ -55,6 +70,8 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
     fusion_opts = {"captioner": captioner, "clip": clip, "fusion_prompt": fusion_caption_prompt, "tiny": tiny or None}
     if not caption_fusion and any(v is not None for v in fusion_opts.values()):
         raise click.UsageError("--captioner, --clip, --fusion-caption-prompt and --tiny apply only with --caption-fusion")
+    if soft_labels is not None and not synth_dir:
+        raise click.UsageError("--soft-labels are the stored labels of SYNTH_DIR's images: give SYNTH_DIR, not --full")
     check_data(data)
     check_model_paths(captioner=captioner, clip=clip)
     from vlcp.evaluation import evaluate as ev
@@ -63,8 +80,12 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
                         data_dir=obj.data_dir, protocol=protocol, model=model, seeds=seeds, epochs=epochs, ipc=ipc,
                         aug=aug, device=obj.device, teacher=teacher, teacher_epochs=teacher_epochs,
                         test_every=test_every, progress=not obj.quiet, caption_fusion=caption_fusion,
-                        captioner=captioner, clip=clip, tiny=tiny, fusion_prompt=fusion_caption_prompt)
-    with user_errors():
+                        captioner=captioner, clip=clip, tiny=tiny, fusion_prompt=fusion_caption_prompt,
+                        soft_labels=soft_labels)
+    from vlcp.store import scalars
+
+    run = scalars.run_name("evaluate" if synth_dir else "evaluate-full", synth_dir)
+    with user_errors(), scalars.logging_to(log_dir, run) as curves, scalars.section("evaluate"):
         res = ev.run(cfg, obj.cache())
     p, a = res["protocol"], res["accuracy"]
     best = a.get("best_during_training")
@@ -78,6 +99,10 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
         click.echo(f"{res['dataset']['name']}: {what}; test: {res['test_split']['images']} real images")
         if res["teacher"]:
             click.echo(f"teacher: {res['teacher']['source']}, test accuracy {res['teacher']['accuracy']:.2f}")
+        if res.get("soft_labels"):
+            s = res["soft_labels"]
+            click.echo(f"soft labels: {s['name']} ({s['crops']} crops per image, T={s['temperature']:g}, "
+                       f"sha256 {s['sha256'][:12]})")
     table(rows)
     fused = res.get("caption_fusion")
     if fused:
@@ -94,6 +119,13 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
     saved = ev.save_in_folder(synth_dir, res) if synth_dir else None
     if saved and not obj.quiet:
         click.echo(f"wrote {saved}")
+    if saved:  # the dataset card (OUT/README.md) lists every evaluation: rewritten atomically, distill folders only
+        from vlcp.report.card import refresh
+
+        try:
+            refresh(synth_dir)
+        except OSError as exc:
+            log.warning("could not rewrite %s: %s", synth_dir / "README.md", exc)
     if synth_dir and (synth_dir / "report.html").is_file():
         if saved:  # the page shows the new results next to the paper's numbers
             from vlcp.report.html import ReportError, build
@@ -103,6 +135,7 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
             except (ReportError, OSError) as exc:
                 log.warning("could not rebuild %s: %s", synth_dir / "report.html", exc)
         click.echo(f"report: {synth_dir / 'report.html'}")
+    say_where_curves_went(curves, obj.quiet)
 
 
 @click.command()
@@ -143,9 +176,10 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
 @click.option("--clip", help="--caption-loss: CLIP hub id or directory [default: openai/clip-vit-base-patch32].")
 @click.option("--tiny", is_flag=True, help="--caption-loss / --masks clipseg: a tiny random CLIP / CLIPSeg "
                                          "(tests, offline demos).")
+@click.option(*BASELINE_LOG_DIR[0], **BASELINE_LOG_DIR[1])
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @click.pass_obj
-def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force, **match):
+def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force, log_dir, **match):
     """Real-image selection (random, herding, k-center) or optimisation-based distillation (DM, DC) into an
     ImageFolder in the standard layout."""
     check_data(data)
@@ -153,6 +187,7 @@ def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force, **ma
     from vlcp import __version__
     from vlcp.baselines import selection as baselines
     from vlcp.data.datasets import load_dataset
+    from vlcp.store import scalars
     from vlcp.store.output import check_out, publish
 
     opt_only = [k for k in ("iterations", "lr_img", "batch_real", "outer_loop", "inner_loop", "lr_net", "batch_train",
@@ -160,7 +195,7 @@ def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force, **ma
     opt_only += ["caption_loss"] * bool(match["caption_loss"])
     if method not in ("dm", "dc") and opt_only:
         raise click.UsageError(f"--{opt_only[0].replace('_', '-')} applies to --method dm or dc only")
-    with user_errors():
+    with user_errors(), scalars.logging_to(log_dir, scalars.run_name("baseline", out)) as curves:
         check_out(out, force)
         ds = load_dataset(data, obj.data_dir, "train")
         manifest = {"vlcp_version": __version__, "baseline": method, "ipc": ipc, "seed": seed}
@@ -170,7 +205,8 @@ def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force, **ma
             else:
                 feats = None
                 if method != "random":
-                    feats = baselines.features(ds, data, obj.cache(), obj.device, feature_epochs, not obj.quiet)
+                    with scalars.section("feature_net"):  # --log-dir: feature_net/dc-convnet3/run0/loss ...
+                        feats = baselines.features(ds, data, obj.cache(), obj.device, feature_epochs, not obj.quiet)
                 chosen = baselines.select(method, ds, ipc, seed, feats)
                 images = baselines.selected_images(ds, chosen)
                 manifest["feature_net"] = None if method == "random" else {"model": "convnet3", "epochs": feature_epochs}
@@ -181,6 +217,7 @@ def baseline(obj: Ctx, method, data, ipc, out, seed, feature_epochs, force, **ma
         publish(out, lambda tmp: baselines.write_folder(tmp, ds, images, manifest))
     if not obj.quiet:
         click.echo(f"wrote {out}/: {method}, {ipc} images per class, {len(ds.classes)} classes")
+    say_where_curves_went(curves, obj.quiet)
 
 
 def _matching(obj: Ctx, method, ds, data, ipc, seed, match) -> tuple[dict, dict]:

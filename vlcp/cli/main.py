@@ -17,9 +17,13 @@ import click
 from vlcp import __version__
 from vlcp.cli.cache import cache, captions, datasets
 from vlcp.cli.common import EXIT_CODES, INTERRUPTED, Ctx, check_device
+from vlcp.cli.ddranking import ddranking
 from vlcp.cli.distill import distill
 from vlcp.cli.evaluate import baseline, evaluate
+from vlcp.cli.export import export_cmd
+from vlcp.cli.publish import publish_cmd
 from vlcp.cli.refine import refine_cmd, report_cmd, select_cmd
+from vlcp.cli.relabel import relabel_cmd
 from vlcp.cli.threads import calm_threads
 
 log = logging.getLogger("vlcp")
@@ -69,7 +73,8 @@ def cli(ctx, cache_dir, data_dir, device, verbose, quiet):
     ctx.obj = Ctx(cache_dir, data_dir, device, verbose, quiet)
 
 
-for command in (distill, evaluate, baseline, refine_cmd, report_cmd, select_cmd, captions, cache, datasets):
+for command in (distill, evaluate, ddranking, baseline, relabel_cmd, refine_cmd, report_cmd, select_cmd, publish_cmd,
+                export_cmd, captions, cache, datasets):
     cli.add_command(command)
 
 

@@ -74,6 +74,9 @@ def count_images(cfg) -> tuple[int | None, int | None]:
         from vlcp.data.images import IMG_EXTENSIONS
 
         root = Path(cfg.data)
+        if (root / "train").is_dir() and not any(f.is_file() and f.suffix.lower() in IMG_EXTENSIONS
+                                                 for f in root.iterdir()):
+            root = root / "train"  # as load_dataset reads a folder: its train/ split, e.g. a set vlcp wrote
         dirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")] if root.is_dir() else []
         images = sum(1 for d in dirs for f in d.iterdir() if f.suffix.lower() in IMG_EXTENSIONS) or None
         classes = len(dirs) or None
@@ -97,7 +100,7 @@ def _reference(cfg) -> bool:
 def _memory(cfg, runs: set[str], captioning: bool, finetuning: bool) -> list[tuple[float, str]]:
     out = []
     if captioning and _reference(cfg):
-        out.append((CAPTIONS[8][1], "captions, measured at batch 8; one image per call needs less"))
+        out.append((CAPTIONS[8][1], "captions, measured at batch 8"))
     elif captioning:
         b = _caption_batch(cfg)
         out.append((CAPTIONS[b][1], f"captions, batch {b}"))
@@ -122,9 +125,11 @@ def _time(cfg, images: int | None, classes: int | None, runs: set[str], captioni
     seconds = 0.0
     if captioning:
         tokens = cfg.caption_max_tokens or (1024 if _reference(cfg) else CAPTION_TOKENS)
-        if _reference(cfg):  # one image per call: a decoding step costs what batch 8's does (bound by the weights)
+        if _reference(cfg):  # priced one image per call (a decoding step costs what batch 8's does, bound by the
+            # weights): the batched seeded sampling is not measured on a GPU yet, so this stays the most it can take
             s = images * tokens * 8 / CAPTIONS[8][0] / CAPTION_TOKENS
-            what = f"one image per call, up to {tokens} new tokens each; a shorter caption costs its length"
+            what = (f"priced one image per call, up to {tokens} new tokens each; batched sampling and shorter "
+                    "captions cost less")
         else:
             b = _caption_batch(cfg)
             s = images / CAPTIONS[b][0] * tokens / CAPTION_TOKENS

@@ -9,7 +9,7 @@ import click
 
 from vlcp.cli.common import Ctx, check_data, check_model_paths, user_errors
 from vlcp.cli.distill import run_distill
-from vlcp.cli.distill_options import refine_options
+from vlcp.cli.distill_options import refine_options, say_where_curves_went
 
 
 @click.command("refine")
@@ -27,6 +27,7 @@ def refine_cmd(obj: Ctx, folder: Path, data: str, out: Path, **opts):
     """
     check_data(data)
     from vlcp.pipeline.config import DistillConfig
+    from vlcp.store import scalars
 
     params = _manifest_params(folder)
     if params is not None and params.get("data") != data:
@@ -35,7 +36,7 @@ def refine_cmd(obj: Ctx, folder: Path, data: str, out: Path, **opts):
     if params is not None:
         if not obj.quiet:
             click.echo(f"{folder} is a vlcp distillation: rerunning it with --refine (cached stages are reused)")
-        run_distill(obj, DistillConfig.from_params(params, until=None, **common))
+        run_distill(obj, DistillConfig.from_params(params, until=None, **common), command="refine")
         return
     if not obj.quiet:
         click.echo(f"{folder} is not a vlcp output: detection only, no candidates can be generated; "
@@ -48,7 +49,9 @@ def refine_cmd(obj: Ctx, folder: Path, data: str, out: Path, **opts):
         from vlcp.store.output import check_out
 
         check_out(out, cfg.force)
-        report = refine_folder.detect_only(folder, cfg, obj.cache())
+        with scalars.logging_to(cfg.log_dir, scalars.run_name("refine", out)) as curves:
+            report = refine_folder.detect_only(folder, cfg, obj.cache())
+    say_where_curves_went(curves, obj.quiet)
     if not obj.quiet:
         for name, st in report["per_class"].items():
             click.echo(f"{name:<20} {st['defective']:>4} of {st['images']:>4} defective, "
@@ -75,10 +78,13 @@ def _manifest_params(folder: Path) -> dict | None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.pass_obj
 def report_cmd(obj: Ctx, out: Path):
-    """Rebuild OUT/report.html from the files in OUT (manifest, prototypes, images, loss, evaluations).
+    """Rebuild OUT/report.html (and the dataset card OUT/README.md) from the files in OUT (manifest,
+    prototypes, images, loss, evaluations).
 
-    One page, no network, no script: open it from disk, or zip the folder and move it.
+    One page, no network, no script: open it from disk, or zip the folder and move it. A card you edited
+    by hand (its first line removed) is left alone.
     """
+    from vlcp.report.card import refresh
     from vlcp.report.html import ReportError, build
 
     try:
@@ -87,15 +93,17 @@ def report_cmd(obj: Ctx, out: Path):
         err = click.ClickException(str(exc))
         err.exit_code = 2
         raise err from None
+    card = refresh(out)
     if not obj.quiet:
-        click.echo(f"wrote {path}")
+        click.echo(f"wrote {path}" + (f" and {card}" if card else ""))
 
 
 @click.command("select")
 @click.argument("pool", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--data", required=True, help="The dataset the pool is for (its classes and names).")
 @click.option("--ipc", type=click.IntRange(min=1), required=True, help="Images kept per class.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder (an ImageFolder).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Output folder: the kept images in OUT/train (an ImageFolder, with metadata.jsonl).")
 @click.option("--clip", "clip_model", help="CLIP model (hub id or dir). [default: openai/clip-vit-base-patch32; "
                                            "a tiny random one with --tiny]")
 @click.option("--tiny", is_flag=True, help="A tiny random CLIP built offline: for tests and demos, scores are noise.")
@@ -158,4 +166,4 @@ def select_cmd(obj: Ctx, pool: Path, data, ipc, out, clip_model, tiny, clip_prom
     n_pool = sum(c["usable"] for c in manifest["classes"].values())
     click.echo(f"--select {mode}: kept {ipc} per class of {n_pool} pool images in {len(manifest['classes'])} "
                f"classes (vlcp's formulation of SAS from its abstract)")
-    click.echo(f"wrote {out}/ (manifest.json, preview.png, preview_pool.png)")
+    click.echo(f"wrote {out}/ (train/<class id>/, train/metadata.jsonl, manifest.json, preview.png, preview_pool.png)")

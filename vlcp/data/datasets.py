@@ -177,14 +177,30 @@ def load_dataset(data: str, data_dir: str | os.PathLike, split: str = "train", c
         spec = KNOWN[data]
         ds = _LOADERS[spec.kind](spec, data_dir, split, digest)
     elif Path(data).is_dir():
-        root = Path(data)
-        if (root / split).is_dir() and not _image_files(root):
-            root = root / split
+        root = _split_folder(Path(data), split)
         ds = _image_folder(str(root), root, None, digest, data_name=str(Path(data).resolve()), split=split)
     else:
         check_data(data)  # neither a name nor a folder: it raises, saying which
         raise DatasetError(f"--data {data}: no such folder")
     return _select(ds, classes, max_per_class)
+
+
+SPLIT_FOLDERS = {"test": ("test", "val", "validation")}  # ImageNet-style folders call the test split val/
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    """``root/<split>`` (for the test split also ``val/`` or ``validation/``) when ``root`` holds split folders;
+    ``root`` itself when it is one ImageFolder (its classes at the top)."""
+    if _image_files(root):
+        return root
+    names = SPLIT_FOLDERS.get(split, (split,))
+    found = next((root / n for n in names if (root / n).is_dir()), None)
+    if found is not None:
+        return found
+    if (root / "train").is_dir() and split != "train":
+        raise DatasetError(f"--data {root} has a train/ folder but no {' or '.join(n + '/' for n in names)} for "
+                           f"the {split} split (an ImageFolder of the same classes)")
+    return root
 
 
 def check_data(data: str) -> None:

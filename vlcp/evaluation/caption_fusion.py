@@ -11,9 +11,10 @@ abstract gives no formula. vlcp's reading, not the authors' method:
   protocol's epochs); a new linear head maps [f(x) ; t * sqrt(d)] (features + text dim) to the
   classes. The network's own classifier is unused.
 - Training images: the prompt each image was generated from when the folder is a ``vlcp distill``
-  output (``prototypes.json``: class folder -> ``clusters[j].prompt`` for ``<folder>/<j>.png``; with SAS
-  post-sampling the kept image's prototype from ``manifest.json``); otherwise (real images, other
-  tools' folders, ``--full``) the captioner's caption.
+  output (``train/metadata.jsonl``'s ``prompt``; in a folder written before it, ``prototypes.json``: class
+  folder -> ``clusters[j].prompt`` for ``<folder>/<j>.png``, with SAS post-sampling the kept image's
+  prototype from ``manifest.json``); otherwise (real images, other tools' folders, ``--full``) the
+  captioner's caption.
 - Test images: the captioner's caption. The prompt must not name the class (``{CLASSNAME}``): the
   distill captions stage's prompt does (``vlcp.models.captioner.PROMPT``), so fusion uses that prompt with the
   class replaced by "the object" for every image it captions. Captions are cached exactly as the
@@ -101,29 +102,29 @@ def prepare(cfg, p, cache, device: str) -> Fusion:
 
 
 def folder_prompts(folder: Path | None) -> dict[str, str] | None:
-    """'<class folder>/<file>' -> the prompt that generated the image, for a folder ``vlcp distill`` wrote
-    (``prototypes.json``; SAS: ``manifest.json``'s post_sampling.images); None for any other folder."""
+    """'<class folder>/<file>' -> the prompt that generated the image, for a folder ``vlcp distill`` wrote: its
+    ``train/metadata.jsonl``, else (a folder written before it) ``prototypes.json`` and ``manifest.json``'s
+    post_sampling.images, read as the output stage reads them (``vlcp.store.output.prototype_records``);
+    None for any other folder."""
+    from vlcp.store.output import read_metadata
+
     if folder is None:
         return None
+    prompts = {}
+    for records in (_json_records(Path(folder)), read_metadata(Path(folder)) or {}):  # the rows with the images win
+        prompts.update({k: r["prompt"] for k, r in records.items() if isinstance(r.get("prompt"), str)})
+    return prompts or None
+
+
+def _json_records(folder: Path) -> dict[str, dict]:
+    from vlcp.store.output import prototype_records
+
     try:
-        protos = json.loads((Path(folder) / "prototypes.json").read_text())
-        manifest = json.loads((Path(folder) / "manifest.json").read_text())
+        protos = json.loads((folder / "prototypes.json").read_text())
+        manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
-        return None
-    classes = protos.get("classes") if isinstance(protos, dict) else None
-    if not isinstance(classes, dict) or not isinstance(manifest, dict):
-        return None
-    prompts = {f: [r.get("prompt") for r in c.get("clusters", []) if isinstance(r, dict)]
-               for f, c in classes.items() if isinstance(c, dict)}
-    out = {f"{f}/{j:04d}.png": t for f, ps in prompts.items() for j, t in enumerate(ps) if isinstance(t, str)}
-    ipc = (manifest.get("parameters") or {}).get("ipc")
-    kept = (manifest.get("post_sampling") or {}).get("images") or {}
-    for name, rec in kept.items():  # SAS: prototype = index into the class-major (class, cluster) items
-        ps, proto = prompts.get(name.split("/")[0], []), rec.get("prototype") if isinstance(rec, dict) else None
-        j = proto % ipc if isinstance(proto, int) and isinstance(ipc, int) and ipc > 0 else -1
-        if 0 <= j < len(ps) and isinstance(ps[j], str):
-            out[name] = ps[j]
-    return out or None
+        return {}
+    return prototype_records(protos, manifest)
 
 
 def caption_key(digest: str, class_name: str, fu: Fusion) -> str:

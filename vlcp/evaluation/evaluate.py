@@ -49,6 +49,7 @@ class EvalConfig:
     clip: str | None = None  # --caption-fusion: the text encoder
     tiny: bool = False  # --caption-fusion: the tiny LLaVA and tiny CLIP
     fusion_prompt: str | None = None  # --caption-fusion: the class-agnostic caption prompt
+    soft_labels: str | None = None  # stored soft labels of SYNTH_DIR ("": its only ones; vlcp.evaluation.relabel)
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -85,17 +86,22 @@ def run(cfg: EvalConfig, cache) -> dict:
         p.teacher, p.sources["teacher"] = str(cfg.teacher), "user (--teacher)"
     dev = torch_device(cfg.device)
     fusion = _fusion_setup(cfg, p, cache, dev)  # models resolved before any training: a missing one fails fast
+    soft = None
+    if cfg.soft_labels is not None:  # checked against the folder before any image is decoded
+        from vlcp.evaluation.relabel import load_soft_labels
+
+        soft = load_soft_labels(cfg.synth_dir, cfg.soft_labels, samples, train_ds)
     x, y = train_tensors(samples, p, cfg.progress)
     test = test_tensors(test_ds.samples, p, cfg.progress)
     tnet, tinfo = None, None
-    if p.name == "rded":
+    if p.name == "rded" and soft is None:  # stored soft labels replace the online teacher
         def real():
             return (x, y) if cfg.full else train_tensors(train_ds.samples, p, cfg.progress)
 
         tnet, tinfo = teacher_net(p, train_ds, real, test, dev, cache, cfg.teacher, cfg.progress)
     runs = []
     for seed in range(cfg.seeds):
-        _, res = train(p, (x, y, len(train_ds.classes)), seed, dev, test=test, teacher=tnet,
+        _, res = train(p, (x, y, len(train_ds.classes)), seed, dev, test=test, teacher=tnet, soft=soft,
                        progress=cfg.progress and f"seed {seed}")
         res["seed"] = seed
         res["final_loss"] = round(res["losses"][-1], 4) if res["losses"] else None
@@ -106,6 +112,7 @@ def run(cfg: EvalConfig, cache) -> dict:
         "dataset": train_ds.identity(), "test_split": {"split": test_ds.split, "images": len(test_ds.samples)},
         "images_per_class": counts, "train_images": len(samples), "protocol": asdict(p),
         "best_label": best_label(p.best_after), "device": dev, "teacher": tinfo, "accuracy": summarise(runs),
+        **({"soft_labels": soft.record} if soft else {}),
         "seeds": runs, **({"caption_fusion": fused} if fused else {}), "seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -151,6 +158,8 @@ def evaluation_path(folder: Path, res: dict) -> Path:
     p = res["protocol"]
     settings = {"protocol": {k: v for k, v in p.items() if k != "sources"}, "seeds": len(res["seeds"]),
                 "images_per_class": res["images_per_class"], "teacher": (res["teacher"] or {}).get("source")}
+    if res.get("soft_labels"):  # other stored labels, another file
+        settings["soft_labels"] = res["soft_labels"]["sha256"]
     if res.get("caption_fusion"):  # its own file: an evaluation without the flag does not overwrite the row
         settings["caption_fusion"] = {k: res["caption_fusion"][k] for k in ("caption_prompt", "captioner", "clip")}
     return Path(folder) / "evaluations" / f"{p['name']}-{p['model']}-{stable_hash(settings, 10)}.json"

@@ -8,6 +8,8 @@ import numpy as np
 from vlcp.data.datasets import Dataset, DatasetError
 from vlcp.evaluation.protocols import EvalError, Protocol
 
+NOT_CLASSES = {"evaluations", "ranks", "soft_labels"}  # what vlcp adds next to an old-layout set's class folders
+
 
 def to_array(img, size: int, channels: int, crop_to: int | None = None, resample: str = "bicubic") -> np.ndarray:
     """PIL image -> uint8 (C, H, W) at the protocol's size (``imageops.resize_crop``)."""
@@ -54,14 +56,16 @@ def match_classes(folders: list[str], ds: Dataset) -> dict[str, int]:
 
 
 def synthetic_samples(folder: Path, ds: Dataset, ipc: int | None):
-    """The first ``ipc`` images (by file name) of each class folder, as Samples labelled for ``ds``."""
+    """The first ``ipc`` images (by file name) of each class folder, as Samples labelled for ``ds``. ``folder`` is
+    a set vlcp wrote (its class folders in ``train/``, or at its root before issue 23) or any ImageFolder."""
     from vlcp.data.datasets import Sample, _image_files
+    from vlcp.store.output import images_dir
 
-    folder = Path(folder)
-    if not folder.is_dir():
+    if not Path(folder).is_dir():
         raise EvalError(f"{folder} is not a directory")
+    folder = images_dir(Path(folder))
     subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
-                     and d.name != "evaluations")
+                     and d.name not in NOT_CLASSES)
     if not subdirs:
         raise EvalError(f"{folder} has no class folders: expected an ImageFolder (one sub-folder per class)")
     mapping = match_classes([d.name for d in subdirs], ds)
@@ -77,7 +81,6 @@ def synthetic_samples(folder: Path, ds: Dataset, ipc: int | None):
         counts[d.name] = len(files)
         samples += [Sample(mapping[d.name], str(p), "") for p in files]
     return samples, counts
-
 
 
 def check_dataset(ds: Dataset) -> None:

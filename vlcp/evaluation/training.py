@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from vlcp.evaluation.protocols import Protocol, lr_factor, tested_epochs
+from vlcp.store import scalars
 
 
 def net_input(x: np.ndarray, p: Protocol, device: str):
@@ -121,15 +122,28 @@ def _kd(out, teacher, xb, p: Protocol):
     return kd_loss(out, t_out, p.kd_temperature)
 
 
+def _soft_loss(net, xb, target, temperature: float):
+    """SRe²L / FKD: KL(stored soft label || softmax(student / T)), batch mean; the stored labels are already
+    softmax(teacher / T), so this is ``kd_loss`` with the teacher's logits stored."""
+    import torch.nn.functional as F
+
+    out = net(xb)
+    return F.kl_div(F.log_softmax(out / temperature, 1), target, reduction="batchmean"), out
+
+
 def train(p: Protocol, data: tuple[np.ndarray, np.ndarray, int], seed: int, device: str,
           test: tuple[np.ndarray, np.ndarray] | None = None, teacher=None, progress: bool | str = True,
-          resume: tuple | None = None):
+          resume: tuple | None = None, curve: str | None = None, soft=None):
     """Train a fresh network; returns (net, {"accuracy", "best_during_training", "tests", "lrs", "losses", ...}).
 
     ``data = (x, y, number of classes)``; ``progress`` is False, True or the bar's name.
     ``resume = (cache, stage, key, every)`` saves the whole training state there every ``every``
     epochs and continues from it when present, with the same batches and augmentations as an
-    uninterrupted run.
+    uninterrupted run. ``curve``: the TensorBoard section of its scalars (``--log-dir``: loss, lr, training
+    ``accuracy`` per epoch, ``test_accuracy`` when tested), by default ``<protocol>-<model>/run<seed>``.
+    ``soft``: stored soft labels (``vlcp.evaluation.relabel.SoftLabels``, rows as ``x``): epoch e trains on
+    stored crop e mod M of each image with KL to its stored label, instead of the protocol's augmentation,
+    mixing and labels (FKD); without them the path (and its random numbers) is the hard-label one.
     """
     import torch
     from tqdm.auto import tqdm
@@ -175,12 +189,19 @@ def train(p: Protocol, data: tuple[np.ndarray, np.ndarray, int], seed: int, devi
             if s == 0:
                 state["lrs"].append(opt.param_groups[0]["lr"])
             idx = perm[s * bs:(s + 1) * bs]
-            xb = _augment(xt[idx].to(device).float() / 255, p, g, mean, std)
+            if soft is None:
+                xb = _augment(xt[idx].to(device).float() / 255, p, g, mean, std)
+            else:  # this epoch's stored crops and their soft labels: no other augmentation, no mixing
+                xb, target = soft.inputs(xt, idx, epoch, p.image_size, device)
+                xb = (xb - mean) / std
             yb = yt[idx].to(device)
             if cuda:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.split(":")[0], enabled=cuda):
-                loss, out = _loss(net, xb, yb, p, g, mix, teacher)
+                if soft is None:
+                    loss, out = _loss(net, xb, yb, p, g, mix, teacher)
+                else:
+                    loss, out = _soft_loss(net, xb, target, soft.temperature)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -194,13 +215,28 @@ def train(p: Protocol, data: tuple[np.ndarray, np.ndarray, int], seed: int, devi
             state["tests"].append([epoch + 1, accuracy(net, *test, p, device)])
             post["test_acc"] = f"{state['tests'][-1][1]:.3f}"
         bar.set_postfix(post)
+        _curves(curve, p, seed, epoch + 1, state, correct / seen)
         if resume and checkpoint_every and (epoch + 1) % checkpoint_every == 0 and epoch + 1 < p.epochs:
             from vlcp.store import checkpoint
 
             checkpoint.save(resume[0], resume[1], resume[2], weights, opt,
                             {"epoch": epoch + 1, **state, "generator": g.get_state().tolist()})
     bar.close()
-    return net, _result(net, p, state, test, device, t0)
+    result = _result(net, p, state, test, device, t0)
+    if test is not None and p.epochs > start:
+        _curves(curve, p, seed, p.epochs, {"tests": [[p.epochs, result["accuracy"]]]})
+    return net, result
+
+
+def _curves(curve: str | None, p: Protocol, seed: int, epoch: int, state: dict, train_acc: float | None = None):
+    """TensorBoard points of ``epoch`` (``--log-dir``), from values the loop already has: no extra sync."""
+    with scalars.section(f"{p.name}-{p.model}/run{seed}" if curve is None else curve):
+        if train_acc is not None:
+            scalars.add("loss", state["losses"][-1], epoch)
+            scalars.add("lr", state["lrs"][-1], epoch)
+            scalars.add("accuracy", train_acc, epoch)
+        if state["tests"] and state["tests"][-1][0] == epoch:
+            scalars.add("test_accuracy", state["tests"][-1][1], epoch)
 
 
 def _result(net, p: Protocol, state: dict, test, device: str, t0: float) -> dict:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from vlcp.store import checkpoint, ddp
+from vlcp.store import checkpoint, ddp, scalars
 from vlcp.store.cache import StageCache, stable_hash
 from vlcp.store.tensors import numpy_to_state, state_to_numpy
 
@@ -159,6 +159,7 @@ class EMA:
 
     def __init__(self, params: list, decay: float):
         self.params, self.decay, self.updates = params, decay, 0
+        self.last_decay = 0.0  # the decay of the latest update (TensorBoard's finetune/ema_decay)
         self.shadow = [q.detach().float().clone() for q in params]
 
     def step(self) -> None:
@@ -166,7 +167,7 @@ class EMA:
 
         self.updates += 1
         s = self.updates - 1
-        decay = 0.0 if s <= 0 else min(self.decay, (1 + s) / (10 + s))
+        decay = self.last_decay = 0.0 if s <= 0 else min(self.decay, (1 + s) / (10 + s))
         with torch.no_grad():
             for sh, q in zip(self.shadow, self.params):
                 sh.sub_((1 - decay) * (sh - q.detach().float()))
@@ -307,10 +308,19 @@ def train(pipe, latents: np.ndarray | Rows, captions: list[str], p: FinetunePara
         _optimizer_step(s, p)
         s.losses.append(round(loss, 6))
         bar.set_postfix(loss=f"{s.losses[-1]:.4f}")
+        _curves(s, step + 1)
         if (step + 1) % p.checkpoint_every == 0 and step + 1 < total and p.shard.rank == 0:
             _save(s, cache, ckpt_key, step + 1)  # the weights are the same in every process: one writes
     bar.close()
     return _finish(s, p, pipe, start, total, time.perf_counter() - t0, latents.ndim == 5)
+
+
+def _curves(s: _State, done: int) -> None:
+    """TensorBoard points after optimizer step ``done`` (``--log-dir``): the loss as recorded, lr, EMA decay."""
+    scalars.add("finetune/loss", s.losses[-1], done)
+    scalars.add("finetune/lr", s.opt.param_groups[0]["lr"], done)
+    if s.ema is not None:
+        scalars.add("finetune/ema_decay", s.ema.last_decay, done)
 
 
 def _finish(s: _State, p: FinetuneParams, pipe, start: int, total: int, seconds: float,

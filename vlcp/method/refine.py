@@ -278,6 +278,6 @@ def train_detector(cache, ds, p, spec: DetectorSpec, key: str, device: str, prog
             net_state(net)
     x, y = tensors_from_samples(ds.samples, p.image_size, p.channels)
     net, res = train(p, (x, y, len(ds.classes)), spec.seed, device, test=test, progress=progress and "detector",
-                     resume=(cache, "detector_checkpoint", key, max(1, p.epochs // 10)))
+                     resume=(cache, "detector_checkpoint", key, max(1, p.epochs // 10)), curve="detector")
     return {"source": "trained by vlcp", "model": p.model, "epochs": p.epochs,
             "accuracy": round(res["accuracy"] * 100, 2)}, net_state(net)

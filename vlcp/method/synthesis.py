@@ -15,6 +15,11 @@ Prompts are never cut at CLIP's 77 tokens. Two encodings (``long_prompts``):
   length are denoised in separate pipeline calls.
 - ``chunked`` (vlcp 0.x): 75-token chunks, each wrapped in BOS/EOS and padded to 77; a short prompt
   gives exactly the pipeline's own 77-token encoding.
+
+How the pipeline runs is a ``Speed`` (issue 25), never what it makes beyond float rounding: at most
+``max_batch`` images per call, fewer on CUDA when the free memory holds fewer (the peak of one image is
+measured on the first call), channels_last UNet and VAE, optionally a compiled UNet. ``Speed()`` is the plain
+path; tests/test_throughput.py compares the two on the tiny model.
 """
 from __future__ import annotations
 
@@ -99,10 +104,81 @@ def generate(pipe, latents: np.ndarray, prompts: list[str], seeds: list[int], ne
     return sample(pipe, latents, prompts, seeds, Sampling(negative_prompt, strength, guidance_scale, steps))
 
 
-def sample(pipe, latents: np.ndarray, prompts: list[str], seeds: list[int], s: Sampling) -> np.ndarray:
+@dataclass(frozen=True)
+class Speed:
+    """How ``sample`` runs: the images are the same within float rounding (vlcp keys none of this)."""
+    channels_last: bool = False  # UNet and VAE in channels_last (NHWC): the layout cuDNN's fast kernels use
+    compile: str | None = None  # torch.compile backend of the UNet (None: eager)
+    max_batch: int | None = None  # images per pipeline call at most (None: all those given)
+    fit_memory: bool = False  # CUDA: fewer per call when the free memory holds fewer
+
+
+def speed_for(device_type: str, compile_unet: bool = False, max_batch: int | None = None) -> Speed:
+    """What ``vlcp distill`` runs: channels_last and the memory fit on CUDA; inductor when asked."""
+    cuda = device_type == "cuda"
+    return Speed(channels_last=cuda, compile="inductor" if compile_unet else None, max_batch=max_batch,
+                 fit_memory=cuda)
+
+
+def synthesis_batch_size(free_bytes: float, image_bytes: float, cap: int, headroom: float = 0.8) -> int:
+    """Images per call whose measured peak (``image_bytes`` each) fits ``headroom`` of the free memory, 1 to cap."""
+    return max(1, min(cap, int(free_bytes * headroom // image_bytes)))
+
+
+def prepare(pipe, speed: Speed) -> None:
+    """Memory layout and compilation, once per pipeline (in place: later calls reuse the compiled UNet)."""
+    import torch
+
+    done = getattr(pipe, "_vlcp_prepared", set())
+    if speed.channels_last and "channels_last" not in done:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        done = done | {"channels_last"}
+    if speed.compile and "compile" not in done:
+        pipe.unet.compile(backend=speed.compile)  # inductor's default mode: no autotuning, no CUDA graphs
+        done = done | {"compile"}
+    pipe._vlcp_prepared = done
+
+
+def _free_bytes(device) -> float:
+    """Free GPU memory, counting what the caching allocator holds but does not use."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _per_call(pipe, speed: Speed, left: int, shape: tuple) -> int:
+    """Images in the next call: up to ``max_batch``; with ``fit_memory`` one until an image's peak is known."""
+    n = min(left, speed.max_batch or left)
+    if not speed.fit_memory:
+        return n
+    per = getattr(pipe, "_vlcp_image_bytes", {}).get(shape)
+    return 1 if per is None else synthesis_batch_size(_free_bytes(pipe.device), per, n)
+
+
+def _measure(pipe, shape: tuple, call):
+    """Run ``call`` (one image) and record its peak GPU memory above what was allocated before."""
+    import torch
+
+    dev = pipe.device
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    before = torch.cuda.memory_allocated(dev)
+    res = call()
+    torch.cuda.synchronize(dev)
+    pipe._vlcp_image_bytes = {**getattr(pipe, "_vlcp_image_bytes", {}),
+                              shape: max(torch.cuda.max_memory_allocated(dev) - before, 1)}
+    return res
+
+
+def sample(pipe, latents: np.ndarray, prompts: list[str], seeds: list[int], s: Sampling,
+           speed: Speed | None = None) -> np.ndarray:
     """uint8 images (N, H, W, 3) at the model's resolution, in the order of ``prompts``."""
     import torch
 
+    speed = speed or Speed()
+    prepare(pipe, speed)
     tok = pipe.tokenizer
     neg = context_length(tok, s.negative_prompt, s.long_prompts)
     lengths = [max(context_length(tok, p, s.long_prompts), neg) for p in prompts]
@@ -113,11 +189,21 @@ def sample(pipe, latents: np.ndarray, prompts: list[str], seeds: list[int], s: S
         idx = [i for i, n in enumerate(lengths) if n == length]
         emb = encode_prompts(pipe, [prompts[i] for i in idx], length, s.long_prompts)
         neg_emb = encode_prompts(pipe, [s.negative_prompt] * len(idx), length, s.long_prompts)
-        image = torch.from_numpy(np.ascontiguousarray(latents[idx])).to(pipe.unet.device, pipe.unet.dtype)
-        generators = [torch.Generator("cpu").manual_seed(seeds[i]) for i in idx]
-        res = pipe(prompt_embeds=emb, negative_prompt_embeds=neg_emb, image=image, strength=s.strength,
-                   guidance_scale=s.guidance_scale, num_inference_steps=s.steps, generator=generators,
-                   output_type="np")
-        for i, im in zip(idx, res.images):
-            out[i] = (np.clip(im, 0, 1) * 255).round().astype(np.uint8)
+        done = 0
+        while done < len(idx):
+            n = _per_call(pipe, speed, len(idx) - done, latents.shape[1:])
+            part = idx[done:done + n]
+            image = torch.from_numpy(np.ascontiguousarray(latents[part])).to(pipe.unet.device, pipe.unet.dtype)
+            generators = [torch.Generator("cpu").manual_seed(seeds[i]) for i in part]
+
+            def call(e=emb[done:done + n], ne=neg_emb[done:done + n], image=image, generators=generators):
+                return pipe(prompt_embeds=e, negative_prompt_embeds=ne, image=image, strength=s.strength,
+                            guidance_scale=s.guidance_scale, num_inference_steps=s.steps, generator=generators,
+                            output_type="np")
+
+            measure = speed.fit_memory and latents.shape[1:] not in getattr(pipe, "_vlcp_image_bytes", {})
+            res = _measure(pipe, latents.shape[1:], call) if measure else call()
+            for i, im in zip(part, res.images):
+                out[i] = (np.clip(im, 0, 1) * 255).round().astype(np.uint8)
+            done += n
     return np.stack(list(out))

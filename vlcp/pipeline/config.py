@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from vlcp.models.captioner import ENGINES as CAPTION_ENGINES
 from vlcp.models.captioner import MODES as CAPTION_MODES
 from vlcp.models.captioner import PROMPT as CAPTION_PROMPT
 from vlcp.models.captioner import default_max_tokens
@@ -39,10 +40,11 @@ class DistillConfig:
     captioner: str | None = None
     diffusion: str | None = None
     caption_prompt: str = CAPTION_PROMPT
-    caption_batch_size: int | None = None  # None: from GPU memory (32 on >= 40 GB), 8 off CUDA; 32 with --tiny
+    caption_batch_size: int | None = None  # None: from GPU memory and the KV cache, 8 off CUDA; 32 with --tiny
     caption_max_tokens: int | None = None  # 1024 (model_vqa.py) with --caption-mode reference, 256 greedy; 32 --tiny
-    caption_mode: str = "reference"  # reference: llava_v1 conversation, seeded sampling at T 0.2, batch 1 | greedy
+    caption_mode: str = "reference"  # reference: llava_v1 conversation, sampling at T 0.2 seeded per image | greedy
     caption_seed: int = 0  # --caption-mode reference: each image's sampling seed is drawn from (this, image hash)
+    caption_engine: str = "hf"  # how generate runs (hf | hf-static), never what it returns: in no key
     resolution: int | None = None
     crop: str = "none"
     latent_batch_size: int = 16
@@ -58,7 +60,8 @@ class DistillConfig:
     steps: int = 50
     negative_prompt: str = NEGATIVE_PROMPT
     long_prompts: str = "reference"  # prompts over 77 tokens: reference (77-token windows) | chunked
-    synthesis_batch_size: int = 8
+    synthesis_batch_size: int | None = None  # 32 (on CUDA cut to what free memory holds), 8 --tiny / --device cpu
+    synthesis_compile: bool = False  # torch.compile the UNet for synthesis: speed only, in no key
     image_size: int | None = None
     post_sample: str = "none"  # none | sas (vlcp's formulation of SAS from its abstract)
     pool_multiplier: int = 5
@@ -105,6 +108,7 @@ class DistillConfig:
     detector_arch: str | None = None  # resnet18, or resnet18-modified for <= 32 px data
     detector_epochs: int = 300
     force: bool = False
+    log_dir: Path | None = None  # --log-dir: TensorBoard curves of what trains; changes no result, so in no key
     progress: bool = True
     warnings: list[str] = field(default_factory=list)
 
@@ -181,6 +185,8 @@ class DistillConfig:
         for name in ("contamination", "beta", "top_k", "image_size"):
             if getattr(self, name) is None:
                 setattr(self, name, row[name])
+        if self.synthesis_batch_size is None:  # images per pipeline call at most (vlcp.method.synthesis.Speed)
+            self.synthesis_batch_size = 8 if self.tiny or self.device == "cpu" else 32
         if self.caption_batch_size is None and self.tiny:
             self.caption_batch_size = 32  # otherwise chosen from GPU memory when captions are computed
         if self.caption_max_tokens is None:
@@ -198,7 +204,7 @@ class DistillConfig:
     def params(self) -> dict:
         """The parameters as recorded in manifest.json (and read back by ``vlcp refine``)."""
         d = asdict(self)
-        for k in ("out", "data_dir", "warnings", "progress"):
+        for k in ("out", "data_dir", "warnings", "progress", "log_dir"):  # log_dir: where curves go, not a result
             d.pop(k)
         d["out"], d["data_dir"] = str(self.out), str(self.data_dir)
         return d
@@ -244,6 +250,7 @@ def _in_range(param: str, value, low, high, low_open: bool = False) -> None:
 CHOICES: dict[str, tuple[str, ...]] = {
     "missing_captions": ("error", "caption"),
     "caption_mode": CAPTION_MODES,
+    "caption_engine": CAPTION_ENGINES,
     "crop": ("none", "center"),
     "long_prompts": ("reference", "chunked"),
     "text_prototypes": ("reference", "paper"),

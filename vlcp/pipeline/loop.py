@@ -161,6 +161,10 @@ def publish(run: Run) -> None:
         from vlcp.report.html import build as build_report
 
         build_report(tmp)  # OUT/report.html: relative links, so it survives the rename and a zip
+        if any(r.name == "output" for r in run.reports):  # a set was written (not --until an earlier stage)
+            from vlcp.report.card import build as build_card
+
+            build_card(tmp)  # OUT/README.md: the Hugging Face dataset card (vlcp publish uploads OUT with it)
 
     output.publish(Path(run.cfg.out), write)
 

@@ -40,11 +40,12 @@ def _stages() -> list[Stage]:
         Stage("images", images, IMAGES_VERSION, "decodes every image once; unreadable files are skipped and listed "
               "in the manifest", "image", inputs="image content hash"),
         Stage("captions", captions, cap_v, "LLaVA description with the reference's question; `--caption-mode "
-              "reference` (default): LLaVA's `llava_v1` conversation, sampling at temperature 0.2 seeded per image, "
-              "one image per call, as the reference's `model_vqa.py`; `greedy`: batched greedy decoding", "image",
+              "reference` (default): LLaVA's `llava_v1` conversation, sampling at temperature 0.2 seeded per image "
+              "(one generator per row of a batch), as the reference's `model_vqa.py`; `greedy`: batched greedy "
+              "decoding", "image",
               ("caption_prompt", "caption_max_tokens"),
               selects=("captions_from", "missing_captions", "caption_mode", "caption_seed"),
-              unkeyed=("caption_batch_size", "device"),
+              unkeyed=("caption_batch_size", "caption_engine", "device"),
               inputs="image hash, class name, captioner id@commit, decoding (`--caption-mode`, and `--caption-seed` "
                      "when sampling) (or the `--captions-from` file's hash)",
               models=("captioner",)),
@@ -82,13 +83,14 @@ def _stages() -> list[Stage]:
                      "prototype-latents`), diffusion id@commit", models=("pipe",), enabled_by="finetune"),
         Stage("synthesis", synthesis, 1, "img2img from each prototype latent (noised to `--strength`, denoised "
               "with its prompt) by the fine-tuned model", "image", SYNTHESIS_PARAMS, selects=("ipc",),
-              unkeyed=("synthesis_batch_size",), inputs="prototype latent hash, prompt, image seed, finetune key, "
+              unkeyed=("synthesis_batch_size", "synthesis_compile"), inputs="prototype latent hash, prompt, image seed, finetune key, "
               "diffusion id@commit", models=("pipe", "synth")),
         *sas_stages.STAGES,
         *rs.STAGES[:2], *ms.foreground_stages(), *cm.image_stages(), *rs.POOL_STAGES, *rs.STAGES[2:4],
         *ms.candidate_foreground_stages(), *cm.candidate_stages(), *rs.STAGES[4:],
-        Stage("output", output, 1, "`OUT/<class id>/<index>.png`, `manifest.json`, `prototypes.json`, "
-              "`preview.png` (rebuilt from the cache on every run)", params=("image_size",),
+        Stage("output", output, 1, "`OUT/train/<class id>/<index>.png` with `OUT/train/metadata.jsonl` (per "
+              "image its label, class, prompt, cluster and cluster size); `manifest.json`, `prototypes.json`, "
+              "`preview.png` at `OUT`'s root (rebuilt from the cache on every run)", params=("image_size",),
               inputs="synthetic image keys"),
     ]
 

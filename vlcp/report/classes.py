@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from vlcp.report.folder import Folder, as_dict, as_list
+from vlcp.report.folder import Folder, as_dict, as_list, image_src
 from vlcp.report.sections import num
 
 SCORE_IDS = {"class", "folder", "cluster", "index", "file", "output", "prototype"}  # not scores
@@ -159,9 +159,10 @@ def classes_section(f: Folder) -> ClassesSection:
         for pos, (file, w, h) in enumerate(f.images.get(folder, [])):
             stem = Path(file).stem
             j = int(stem) if stem.isdigit() else pos
-            rec = as_dict(clusters[j]) if j < len(clusters) else {}
+            k = _cluster(f.metadata.get(f"{folder}/{file}"), j)  # after SAS image j need not be cluster j's
+            rec = as_dict(clusters[k]) if 0 <= k < len(clusters) else {}
             v = verdict(replacements.get((folder, j)), bool(refinement), from_pool.get((folder, j)))
-            cards.append(card(folder, name, file, (w, h), j, rec, v, scores(folder, file, j, i)))
+            cards.append(card(image_src(f, folder, file), name, file, (w, h), j, rec, v, scores(folder, file, j, i)))
             i += 1
         blocks.append(class_block(f, c, folder, name, cards))
     return ClassesSection(blocks)
@@ -183,11 +184,17 @@ def class_block(f: Folder, c: int, folder: str, name: str, cards: list[Card]) ->
                       cards)
 
 
-def card(folder: str, name: str, file: str, size: tuple[int, int], j: int, rec: dict,
+def _cluster(row: dict | None, j: int) -> int:
+    """The image's cluster: its metadata.jsonl row's, else (a set written before it) its index."""
+    k = as_dict(row).get("cluster")
+    return k if isinstance(k, int) and not isinstance(k, bool) else j
+
+
+def card(src: str, name: str, file: str, size: tuple[int, int], j: int, rec: dict,
          verdict: tuple[str, str] | None, scores: dict | None) -> Card:
-    """One synthetic image with its cluster's size and text prototype."""
+    """One synthetic image (``src``: its path relative to the page) with its cluster's size and text prototype."""
     w, h = size
-    return Card(quote(f"{folder}/{file}"), w, h, f"{name}, image {j}", file,
+    return Card(quote(src), w, h, f"{name}, image {j}", file,
                 num(rec["cluster_size"]) if "cluster_size" in rec else None, verdict, score_items(scores),
                 prototype(rec) if rec else None)
 

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlcp.store.output import images_dir, prototype_records, read_metadata
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
-NOT_CLASSES = {"evaluations"}
+NOT_CLASSES = {"evaluations", "ranks", "soft_labels"}  # next to the class folders in a set written before issue 23
 
 
 class ReportError(Exception):
@@ -23,6 +25,8 @@ class Folder:
     """What the folder holds, read leniently: ``problems`` says what was missing or unreadable."""
     root: Path
     manifest: dict
+    images_root: Path | None = None  # where the class folders are: root/train, or root (sets before issue 23)
+    metadata: dict[str, dict] = field(default_factory=dict)  # "<folder>/<file>" -> row of train/metadata.jsonl
     prototypes: dict = field(default_factory=dict)
     classes: list[tuple[str, str]] = field(default_factory=list)  # (folder, human name)
     images: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)  # folder -> (file, w, h)
@@ -31,6 +35,13 @@ class Folder:
     evaluations: list[tuple[str, dict]] = field(default_factory=list)
     published: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+
+def image_src(f: Folder, folder: str, file: str) -> str:
+    """An image's path relative to the folder's root, as the page links it (``train/<folder>/<file>``, or
+    ``<folder>/<file>`` in a set written before issue 23)."""
+    rel = f.images_root.relative_to(f.root).as_posix() if f.images_root and f.images_root != f.root else ""
+    return f"{rel}/{folder}/{file}" if rel else f"{folder}/{file}"
 
 
 def as_dict(v: Any) -> dict:
@@ -56,14 +67,15 @@ def load(root: Path) -> Folder:
         raise ReportError(f"{manifest_path} is unreadable ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(manifest, dict):
         raise ReportError(f"{manifest_path} is not a JSON object: not a vlcp manifest")
-    f = Folder(root.resolve(), manifest)
+    f = Folder(root.resolve(), manifest, images_dir(root.resolve()))
     f.prototypes = as_dict(_read_json(root / "prototypes.json", f.problems, required=False))
+    f.metadata = read_metadata(f.root) or prototype_records(f.prototypes, manifest)  # a set before metadata.jsonl
     f.classes = class_folders(f)
-    f.images = class_images(f.root, f.classes)
+    f.images = class_images(f.images_root, f.classes)
     f.losses, f.loss_source = loss_curve(f)
     for p in sorted((root / "evaluations").glob("*.json")):
         res = _read_json(p, f.problems, required=True)
-        if isinstance(res, dict):
+        if isinstance(res, dict) and res.get("kind") != "ddranking":  # scores, not a trained network's accuracy
             f.evaluations.append((p.name, res))
     f.published = published()
     return f
@@ -92,7 +104,7 @@ def class_folders(f: Folder) -> list[tuple[str, str]]:
     if not out:
         out = [(k, str(as_dict(v).get("name", k))) for k, v in as_dict(f.prototypes.get("classes")).items()]
     if not out:
-        out = [(d.name, d.name) for d in sorted(f.root.iterdir())
+        out = [(d.name, d.name) for d in sorted(f.images_root.iterdir())
                if d.is_dir() and not d.name.startswith(".") and d.name not in NOT_CLASSES]
         if out:
             f.problems.append("manifest.json lists no classes: the class folders on disk are shown")

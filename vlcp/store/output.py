@@ -1,8 +1,13 @@
-"""The distilled dataset on disk: an ImageFolder written to a temp folder and renamed into place.
+"""The distilled dataset on disk: written to a temp folder and renamed into place.
 
-``OUT/<class folder>/<index>.png`` (class folder = the dataset's canonical id, so ImageFolder,
-the Minimax/IDC scripts and DD-Ranking read labels right), ``manifest.json``, ``prototypes.json``
-and ``preview.png``. A run that is interrupted never leaves a half-written dataset at ``OUT``.
+``OUT/train/<class folder>/<index>.png`` (class folder = the dataset's canonical id, so ImageFolder,
+the Minimax/IDC scripts and DD-Ranking read labels right) with ``OUT/train/metadata.jsonl`` (one line per
+image: Hugging Face ``imagefolder``'s metadata), and at ``OUT``'s root everything that is not an image of
+the set: ``manifest.json``, ``prototypes.json``, ``preview.png``, ``report.html``, later ``evaluations/``.
+``ImageFolder(OUT/train)`` sees exactly the class folders, ``datasets.load_dataset("imagefolder",
+data_dir=OUT)`` takes ``train/`` as the train split and ignores the root's files. Readers go through
+``images_dir``, which also accepts the layout before (class folders at ``OUT``'s root) and any plain
+ImageFolder. A run that is interrupted never leaves a half-written dataset at ``OUT``.
 
 Everything vlcp publishes (``OUT``, its ``evaluations/``, exports, the cache's blobs) is created through
 ``vlcp.store.files.new_file`` / ``new_dir``, whose modes follow the umask as ``open`` and ``mkdir`` do: ``tempfile``'s 0600
@@ -12,13 +17,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from vlcp.store.files import new_dir
-
 
 IMAGES_DIR = "train"  # OUT/train/<class>/<i>.png: the images, their metadata.jsonl, nothing else
 METADATA = "metadata.jsonl"
@@ -35,9 +39,86 @@ def images_dir(root: Path) -> Path:
     or ``root`` itself (the layout before it, and any plain ImageFolder a user points at)."""
     root = Path(root)
     sub = root / IMAGES_DIR
-    if sub.is_dir() and not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in sub.iterdir()):
-        return sub  # (an old-layout class folder named "train" holds its images directly)
-    return root
+    if not sub.is_dir():
+        return root
+    if (sub / METADATA).is_file():
+        return sub
+    entries = [p for p in sub.iterdir() if not p.name.startswith(".")]
+    if any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in entries):
+        return root  # an old-layout class folder named "train" holds its images directly
+    return sub if any(p.is_dir() for p in entries) else root  # (an empty class folder "train": old layout too)
+
+
+def file_name(folder: str, j: int) -> str:
+    """An image's path inside ``OUT/train``: what metadata.jsonl, the manifest and the report call it."""
+    return f"{folder}/{j:04d}.png"
+
+
+def label_order(folders: Iterable[str]) -> dict[str, int]:
+    """Class folder -> label as torchvision's ImageFolder and ``datasets``' ClassLabel number them: sorted names
+    (the dataset's own order may differ, e.g. a ``--classes`` subset given out of order)."""
+    return {f: i for i, f in enumerate(sorted(set(folders)))}
+
+
+def write_metadata(images_root: Path, classes: list, counts: Mapping[int, int],
+                   extra: Mapping[str, dict] | None = None) -> int:
+    """``images_root/metadata.jsonl``: per image (class by class, index order) ``file_name`` (relative to
+    ``images_root``), ``label`` (``label_order``), ``class_id`` (the folder), ``class_name``, then the fields
+    ``extra[file_name]`` adds (prompt, cluster... or the source). Returns the row count."""
+    from vlcp.store.cache import atomic_write_text
+
+    labels = label_order(c.folder for ci, c in enumerate(classes) if counts.get(ci, 0))
+    rows = [{"file_name": file_name(c.folder, j), "label": labels[c.folder], "class_id": c.folder,
+             "class_name": c.name, **(extra or {}).get(file_name(c.folder, j), {})}
+            for ci, c in enumerate(classes) for j in range(counts.get(ci, 0))]
+    atomic_write_text(Path(images_root) / METADATA, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return len(rows)
+
+
+def read_metadata(root: Path) -> dict[str, dict] | None:
+    """``file_name`` -> row of a set's metadata.jsonl (``root`` is the set or its images folder); None when there
+    is none or it is unreadable: readers then fall back to what the layout before it offered."""
+    path = images_dir(Path(root)) / METADATA
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    return {str(r["file_name"]): r for r in rows if isinstance(r, dict) and "file_name" in r} or None
+
+
+def prototype_records(protos, manifest) -> dict[str, dict]:
+    """``file_name`` -> the ``prompt``, ``cluster`` (index within its class) and ``cluster_size`` of the text
+    prototype the image was synthesised from, from a distillation's ``prototypes.json`` and ``manifest.json``:
+    image ``j`` of a class is cluster ``j``'s, except after SAS post-sampling, where ``post_sampling.images``
+    names each kept image's prototype (an index into the class-major (class, cluster) items); a refinement
+    replacement comes from the same prototype and prompt. Odd shapes give fewer records, never an error."""
+    as_dict, as_list = _of_type(dict), _of_type(list)
+    if not isinstance(protos, dict) or not isinstance(manifest, dict):
+        return {}
+    clusters = {str(f): [as_dict(r) for r in as_list(as_dict(c).get("clusters"))]
+                for f, c in as_dict(protos.get("classes")).items()}
+
+    def record(f: str, j: int) -> dict:
+        rec = clusters[f][j]
+        out = {"prompt": rec.get("prompt"), "cluster": j, "cluster_size": rec.get("cluster_size")}
+        return {k: v for k, v in out.items() if v is not None}
+
+    out = {file_name(f, j): record(f, j) for f, rs in clusters.items() for j in range(len(rs))}
+    ipc = as_dict(manifest.get("parameters")).get("ipc")
+    order = {c.get("folder"): i for i, c in enumerate(as_list(manifest.get("classes"))) if isinstance(c, dict)}
+    for name, rec in as_dict(as_dict(manifest.get("post_sampling")).get("images")).items():
+        f, proto = str(name).split("/")[0], as_dict(rec).get("prototype")
+        if not (isinstance(proto, int) and isinstance(ipc, int) and ipc > 0):
+            continue
+        c, j = divmod(proto, ipc)
+        if order.get(f, c) == c and j < len(clusters.get(f, [])):  # (a prototype of another class: left out)
+            out[name] = record(f, j)
+    return {k: v for k, v in out.items() if v}
+
+
+def _of_type(kind: type):
+    """``v`` if it is a ``kind``, else an empty one: manifests of older or killed runs have odd shapes."""
+    return lambda v: v if isinstance(v, kind) else kind()
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -74,24 +155,28 @@ def publish(out: Path, build) -> None:
 
 
 def save_images(folder: Path, classes: list, images: dict[int, Sequence[np.ndarray]], image_size: int | None,
-                sheet: "ContactSheet | None" = None) -> int:
-    """Write PNGs resized to image_size (None keeps the generated size); return how many. ``images`` may be
-    ``vlcp.store.arrays.Arrays``: one image is read (and written) at a time, and put on ``sheet`` while it is."""
+                sheet: "ContactSheet | None" = None, extra: Mapping[str, dict] | None = None) -> int:
+    """Write the set under ``folder``: PNGs in ``folder/train/<class folder>/`` resized to image_size (None keeps
+    the generated size) and their ``metadata.jsonl`` (``write_metadata``, with ``extra``); return how many.
+    ``images`` may be ``vlcp.store.arrays.Arrays``: one image is read (and written) at a time, and put on
+    ``sheet`` while it is."""
     from PIL import Image
 
-    n = 0
+    root = Path(folder) / IMAGES_DIR
+    counts = {}
     for ci, cls in enumerate(classes):
-        d = folder / cls.folder
-        d.mkdir(parents=True, exist_ok=True)
+        d = root / cls.folder
         for j, arr in enumerate(images.get(ci, [])):
             if sheet is not None:
                 sheet.add(ci, j, arr)
             im = Image.fromarray(arr)
             if image_size and im.size != (image_size, image_size):
                 im = im.resize((image_size, image_size), Image.LANCZOS)
-            im.save(d / f"{j:04d}.png")
-            n += 1
-    return n
+            d.mkdir(parents=True, exist_ok=True)
+            im.save(root / file_name(cls.folder, j))
+            counts[ci] = j + 1
+    root.mkdir(parents=True, exist_ok=True)
+    return write_metadata(root, classes, counts, extra)
 
 
 class ContactSheet:

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 def captions(run: Run, step: Step) -> None:
     """LLaVA descriptions with the reference's question, per image, made as ``--caption-mode`` says (the
     reference's conversation and seeded sampling, or greedy); or the authors' captions (``--captions-from``),
-    keyed by the file's hash instead of the captioner."""
+    keyed by the file's hash instead of the captioner. A batch is one ``generate`` call in either mode, run as
+    ``--caption-engine`` says (how, not what: in no key, like the batch size)."""
     from vlcp.models import loading as models
     from vlcp.pipeline.run import DistillError
 
@@ -33,7 +34,8 @@ def captions(run: Run, step: Step) -> None:
             seeds = [captions_mod.item_seed(p.caption_seed, st.samples[i].digest) for i in todo]
             made = dict(zip(todo, captions_mod.caption_images(model, processor, [st.samples[i].load() for i in todo],
                                                               [names[i] for i in todo], p.caption_prompt,
-                                                              p.caption_max_tokens, p.caption_mode, seeds)))
+                                                              p.caption_max_tokens, p.caption_mode, seeds,
+                                                              engine)))
         for i in idx:
             text = imported[i] if i in imported else made[i]
             if not text.strip():
@@ -41,9 +43,16 @@ def captions(run: Run, step: Step) -> None:
                                    f"--caption-prompt or --captioner")
             yield {"caption": text}, None
 
-    # unset: from GPU memory, asked only when captions are computed (a cached run imports no torch)
-    batch = p.caption_batch_size or (lambda: models.auto_caption_batch(p.device))
-    entries, _ = step.items(st.cap_keys, compute, batch, "captioner")
+    engine = step.p.caption_engine  # unkeyed: how generate runs (vlcp/models/captioner.py, Engine)
+
+    def auto_batch() -> int:
+        """Asked only when captions are computed (a cached run imports no torch): on CUDA from the loaded
+        captioner's weights, its KV cache per token and the free memory, up to the roofline's batch."""
+        if not models.half_precision(models.torch_device(p.device)):
+            return models.auto_caption_batch(p.device)  # 8 off CUDA
+        return captions_mod.batch_for_model(run.models["captioner"]()[0], p.caption_max_tokens)
+
+    entries, _ = step.items(st.cap_keys, compute, p.caption_batch_size or auto_batch, "captioner")
     st.captions = [e.meta["caption"] if e else None for e in entries]
 
 

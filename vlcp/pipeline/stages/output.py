@@ -8,7 +8,10 @@ if TYPE_CHECKING:
 
 
 def output(run: Run, step: Step) -> None:
-    """The ImageFolder, the contact sheets: rebuilt from the cache on every run (cheap, never stale)."""
+    """``OUT/train`` (the images and their metadata.jsonl), the contact sheets: rebuilt from the cache on every
+    run (cheap, never stale). Each image's prompt, cluster and cluster size come from ``prototypes.json`` and the
+    manifest as they are when OUT is written (after post-sampling and refinement), read as ``vlcp evaluate
+    --caption-fusion`` reads a folder written before metadata.jsonl existed."""
     from vlcp.store import output as out
     from vlcp.store.runner import StageReport
 
@@ -22,7 +25,8 @@ def output(run: Run, step: Step) -> None:
 
     def write(tmp):
         sheet = out.ContactSheet(classes, max((len(v) for v in by_class.values()), default=1))
-        out.save_images(tmp, classes, by_class, p.image_size, sheet)  # each image read once, for both
+        extra = out.prototype_records(run.files.get("prototypes.json"), run.manifest)
+        out.save_images(tmp, classes, by_class, p.image_size, sheet, extra)  # each image read once, for both
         sheet.image.save(tmp / "preview.png")
         if replaced:
             out.before_after_sheet(pairs, len(replaced)).save(tmp / "preview_refined.png")

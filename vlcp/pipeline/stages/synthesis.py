@@ -39,9 +39,11 @@ def generate(run: Run, idx: list[int], lat, texts: list[str], seeds: list[int]):
     from vlcp.store.arrays import array_hash
 
     p = run.st.synth_params  # the synthesis stage's keyed parameters: every key of these images holds them
-    imgs = syn.sample(run.models["synth"](), np.stack([lat[i] for i in idx]), [texts[i] for i in idx],
-                      [seeds[i] for i in idx], syn.Sampling(p.negative_prompt, p.strength, p.guidance_scale, p.steps,
-                                                            p.long_prompts))
+    pipe = run.models["synth"]()
+    # how it runs, not what it makes (unkeyed): channels_last and the memory fit on CUDA, --synthesis-compile
+    speed = syn.speed_for(pipe.device.type, run.cfg.synthesis_compile)  # read by post_sampling and refinement too
+    imgs = syn.sample(pipe, np.stack([lat[i] for i in idx]), [texts[i] for i in idx], [seeds[i] for i in idx],
+                      syn.Sampling(p.negative_prompt, p.strength, p.guidance_scale, p.steps, p.long_prompts), speed)
     return (({"prompt": texts[i], "seed": seeds[i], "hashes": {"image": array_hash(im)}}, {"image": im})
             for i, im in zip(idx, imgs))
 

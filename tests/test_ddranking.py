@@ -1,0 +1,312 @@
+"""DD-Ranking (issue 23): the export reads with DD-Ranking's labels, the teacher's rows follow them and its weights
+load into DD-Ranking's own models, the scores are DD-Ranking's own lines, and `vlcp ddranking` runs.
+
+DD-Ranking's code comes from the released wheel (`pip download ddranking==0.2.0 --no-deps`, never installed: it pins
+numpy<2); its pure-torch ``utils/networks.py`` and the score lines of ``compute_metrics`` are executed in isolation."""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import subprocess
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vlcp.evaluation import ddranking as ddr
+
+WOOF_MINIMAX = ["n02096294", "n02093754", "n02111889", "n02088364", "n02086240", "n02089973", "n02087394",
+                "n02115641", "n02099601", "n02105641"]
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    d = tmp_path_factory.mktemp("ddranking-wheel")
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "ddranking==0.2.0", "--no-deps", "-q", "-d", str(d)],
+                       capture_output=True, text=True, timeout=600)
+    found = sorted(d.glob("ddranking-0.2.0-*.whl"))
+    if r.returncode or not found:
+        pytest.skip("pip download ddranking==0.2.0 failed (no package index reachable): "
+                    + (r.stderr.strip().splitlines() or ["no wheel"])[-1])
+    return zipfile.ZipFile(found[0])
+
+
+def source(wheel: zipfile.ZipFile, path: str) -> str:
+    return wheel.read(f"ddranking/{path}").decode()
+
+
+def ddranking_networks(wheel) -> types.ModuleType:
+    """DD-Ranking's utils/networks.py (it imports torch only), as a module of its own."""
+    mod = types.ModuleType("ddranking_networks")
+    exec(compile(source(wheel, "utils/networks.py"), "ddranking/utils/networks.py", "exec"), mod.__dict__)
+    return mod
+
+
+def subsets(wheel) -> dict[str, list[int]]:
+    tree = ast.parse(source(wheel, "utils/data.py"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ImageNetSubsets")
+    return {t.id: ast.literal_eval(n.value) for n in cls.body if isinstance(n, ast.Assign)
+            and isinstance(n.value, ast.List) for t in n.targets}
+
+
+def human_names() -> dict[str, str]:
+    from vlcp.data.datasets import IMAGENETTE, IMAGEWOOF
+
+    return {w: n.split(",")[0] for w, n in IMAGEWOOF + IMAGENETTE}
+
+
+# -- the class order ------------------------------------------------------------------------------------------
+def test_imagewoof_is_numbered_in_ddrankings_own_order(wheel):
+    from torchvision.models import ResNet18_Weights
+
+    lists, imagenet = subsets(wheel), ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    assert list(ddr.SUBSETS["ImageWoof"]) == lists["imagewoof"]
+    assert list(ddr.SUBSETS["ImageNette"]) == lists["imagenette"]
+    names = human_names()
+    for dataset in ("imagewoof", "imagenette"):  # the wnid vlcp puts at DD-Ranking's index c is ImageNet's class there
+        assert [names[w] for w in ddr.class_order(dataset)] == [imagenet[i] for i in lists[dataset]]
+    assert ddr.class_order("imagewoof") == WOOF_MINIMAX != sorted(WOOF_MINIMAX)  # Minimax's order, not sorted
+    assert ddr.class_order("imagenette") == sorted(ddr.class_order("imagenette"))
+    assert ddr.class_order("cifar10", list("abcdefghij")) == list("abcdefghij")  # torchvision's labels are vlcp's
+    known = {n.value for n in ast.walk(ast.parse(source(wheel, "utils/data.py"))) if isinstance(n, ast.Constant)}
+    assert set(ddr.DATASETS.values()) <= known  # every name vlcp maps to is a dataset get_dataset has a branch for
+    with pytest.raises(ddr.EvalError, match="no dataset for vlcp's 'digits'"):
+        ddr.class_order("digits")
+
+
+# -- export -----------------------------------------------------------------------------------------------
+def woof_set(root: Path) -> Path:
+    """ImageWoof class folders (wnids; one by its name), two 4-px PNGs each whose grey level is vlcp's class index."""
+    from PIL import Image
+
+    for v, wnid in enumerate(sorted(WOOF_MINIMAX)):
+        d = root / "train" / ("Samoyed" if wnid == "n02111889" else wnid)
+        d.mkdir(parents=True)
+        for j in range(2):
+            Image.new("L", (4, 4), 20 * v + j).save(d / f"{j:04d}.png")
+    return root
+
+
+def teacher_file(path: Path, model: str, size: int) -> tuple[Path, object]:
+    """A vlcp network whose classifier row i (weight and bias) is all i: a user's weights without a .json."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vlcp.evaluation.networks import build
+
+    net = build(model, 3, 10, size).eval()
+    head = net.classifier if hasattr(net, "classifier") else net.fc
+    with torch.no_grad():
+        head.weight.copy_(torch.arange(10.0)[:, None].expand_as(head.weight) * 1e-3)
+        head.bias.copy_(torch.arange(10.0))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    return path, net
+
+
+def test_export_reads_back_with_ddrankings_labels_and_permutes_the_teacher(wheel, tmp_path):
+    import torch
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    teacher, net = teacher_file(tmp_path / "t.safetensors", "convnet3", 8)
+    rec = ddr.export(woof_set(tmp_path / "out"), tmp_path / "dd", dataset="imagewoof", teacher=teacher)
+    imagenet = __import__("torchvision.models", fromlist=["x"]).ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    ddr_names = [imagenet[i] for i in subsets(wheel)["imagewoof"]]  # DD-Ranking's label c: ImageNet's class there
+    vlcp_order, names = sorted(WOOF_MINIMAX), human_names()
+    folder = ImageFolder(tmp_path / "dd" / "train")
+    assert len(folder) == 20
+    for path, label in folder.samples:
+        v = Image.open(path).getpixel((0, 0)) // 20  # which class the image was
+        assert label == ddr_names.index(names[vlcp_order[v]])
+    assert [c["from"] for c in rec["classes"]][2] == "Samoyed" and rec["ipc"] == 2
+    assert json.loads((tmp_path / "dd" / "classes.json").read_text())["classes"][0]["folder"] == "00000_n02096294"
+    assert Path(tmp_path / "dd" / "train" / "00000_n02096294" / "0000.png").stat().st_nlink == 2  # a hard link
+    rows = [vlcp_order.index(w) for w in WOOF_MINIMAX]
+    state = torch.load(tmp_path / "dd" / "teacher" / "ImageWoof" / "ConvNet-3" / "ckpt_best.pt", weights_only=True)
+    assert state["classifier.bias"].tolist() == [float(r) for r in rows]
+    assert rows == [5, 4, 8, 2, 0, 3, 1, 9, 6, 7]
+    assert torch.equal(state["classifier.weight"][:, 0], torch.tensor(rows) * 1e-3)
+    assert rec["teacher"]["files"] == ["teacher/ImageWoof/ConvNet-3/ckpt_best.pt"]
+    # DD-Ranking's ConvNet-3 (utils/model.py get_convnet's arguments) loads it strictly: its output c is vlcp's rows[c]
+    theirs = ddranking_networks(wheel).ConvNet(channel=3, num_classes=10, net_width=128, net_depth=3, net_act="relu",
+                                               net_norm="instancenorm", net_pooling="avgpooling", im_size=(8, 8))
+    theirs.load_state_dict(state)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(theirs.eval()(x), net(x)[:, rows], atol=1e-5)
+    readme = (tmp_path / "dd" / "README.md").read_text()
+    assert "teacher_model_names: [ConvNet-3]" in readme and "| 4 | `00004_n02086240` | `n02086240`" in readme
+
+
+def test_resnet_teacher_loads_into_both_of_ddrankings_resnets(wheel, tmp_path):
+    import torch
+    import torchvision
+
+    teacher, net = teacher_file(tmp_path / "t.safetensors", "resnet18-modified", 32)
+    woof_set(tmp_path / "out")
+    rec = ddr.export(tmp_path / "out", tmp_path / "dd", dataset="imagewoof", teacher=teacher)
+    assert rec["teacher"]["model"] == "ResNet-18-BN" and rec["teacher"]["files"] == [
+        "teacher/ImageWoof/ResNet-18-BN/ckpt_best.pt", "teacher-ddranking-resnet/ImageWoof/ResNet-18-BN/ckpt_best.pt"]
+    assert "Teacher: `teacher/ImageWoof/ResNet-18-BN/ckpt_best.pt`" in (tmp_path / "dd" / "README.md").read_text()
+    rows = [sorted(WOOF_MINIMAX).index(w) for w in WOOF_MINIMAX]
+    tv = torchvision.models.resnet18(num_classes=10)  # utils/model.py get_resnet, use_torchvision at 32 px
+    tv.conv1 = torch.nn.Conv2d(3, 64, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False)
+    tv.maxpool = torch.nn.Identity()
+    nets = ddranking_networks(wheel)
+    own = nets.ResNet(nets.BasicBlock, [2, 2, 2, 2], channel=3, num_classes=10, norm="batchnorm", res=32)
+    x = torch.randn(2, 3, 32, 32)
+    for model, folder in ((tv, "teacher"), (own, "teacher-ddranking-resnet")):
+        model.load_state_dict(torch.load(tmp_path / "dd" / folder / "ImageWoof" / "ResNet-18-BN" / "ckpt_best.pt",
+                                         weights_only=True))
+        with torch.no_grad():
+            assert torch.allclose(model.eval()(x), net.eval()(x)[:, rows], atol=1e-4)
+    with pytest.raises(Exception, match="not empty; pass --force"):
+        ddr.export(tmp_path / "out", tmp_path / "dd", dataset="imagewoof")
+    again = ddr.export(tmp_path / "out", tmp_path / "dd", dataset="imagewoof", force=True, cache_dir=tmp_path / "none")
+    assert again["teacher"] is None and not (tmp_path / "dd" / "teacher").exists()  # replaced whole
+
+
+def test_export_finds_the_teacher_vlcp_trained(tmp_path):
+    """No teacher given: the named file of the set's rded evaluation, else the cache's file for the same data; the
+    rows follow the class order recorded in the file's .json (here not sorted), not an assumed one."""
+    from dataclasses import replace
+
+    import torch
+
+    from vlcp.data.datasets import IMAGEWOOF, ClassInfo, Dataset
+    from vlcp.evaluation.protocols import make_protocol
+    from vlcp.evaluation.teacher import save_teacher_file
+    from vlcp.store.tensors import state_to_numpy
+
+    ds = Dataset("imagewoof", "train", None, [ClassInfo(w, n) for w, n in reversed(IMAGEWOOF)], [])
+    woof_set(tmp_path / "out")
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps({"vlcp_version": "0", "dataset": ds.identity()}))
+    _, net = teacher_file(tmp_path / "t.safetensors", "convnet3", 8)
+    tp = replace(make_protocol("rded", "imagewoof", 2, "convnet3"), image_size=8, sources={})
+    saved = save_teacher_file(tmp_path / "cache", ds, tp, "k" * 32, state_to_numpy(net.state_dict()), {})
+    rec = ddr.export(tmp_path / "out", tmp_path / "dd", cache_dir=tmp_path / "cache")
+    rows = [[c.folder for c in ds.classes].index(w) for w in WOOF_MINIMAX]
+    assert rec["teacher"]["source"] == str(saved) and rec["teacher"]["rows"] == rows
+    assert rec["teacher"]["image_size"] == 8
+    state = torch.load(tmp_path / "dd" / "teacher" / "ImageWoof" / "ConvNet-3" / "ckpt_best.pt", weights_only=True)
+    assert state["classifier.bias"].tolist() == [float(r) for r in rows]
+    moved = tmp_path / "elsewhere.safetensors"
+    saved.rename(moved)
+    saved.with_suffix(".json").rename(moved.with_suffix(".json"))
+    (tmp_path / "out" / "evaluations").mkdir()
+    (tmp_path / "out" / "evaluations" / "rded-convnet3-x.json").write_text(json.dumps(
+        {"protocol": {"name": "rded"}, "dataset": {"name": "imagewoof"}, "teacher": {"file": str(moved)}}))
+    rec = ddr.export(tmp_path / "out", tmp_path / "dd", force=True, cache_dir=tmp_path / "cache")
+    assert rec["teacher"]["source"] == str(moved) and rec["teacher"]["rows"] == rows
+
+
+def test_export_refuses_what_ddranking_cannot_read(tmp_path):
+    woof_set(tmp_path / "out")
+    with pytest.raises(ddr.EvalError, match="no dataset for vlcp's 'imageidc'"):
+        ddr.export(tmp_path / "out", tmp_path / "a", dataset="imageidc")
+    with pytest.raises(ddr.EvalError, match="pass the dataset"):
+        ddr.export(tmp_path / "out", tmp_path / "a")
+    with pytest.raises(Exception, match="overlap"):
+        ddr.export(tmp_path / "out", tmp_path / "out" / "dd", dataset="imagewoof")
+    (tmp_path / "out" / "train" / "n02086240" / "0000.png").rename(tmp_path / "x.png")
+    (tmp_path / "out" / "train" / "n02086240" / "0001.png").unlink()
+    with pytest.raises(ddr.EvalError, match="n02086240 .* hold no images"):
+        ddr.export(tmp_path / "out", tmp_path / "a", dataset="imagewoof")
+    (tmp_path / "out" / "train" / "n02086240").rmdir()
+    with pytest.raises(ddr.EvalError, match="has 10 classes; the set lacks n02086240"):
+        ddr.export(tmp_path / "out", tmp_path / "a", dataset="imagewoof")
+    teacher, _ = teacher_file(tmp_path / "t.safetensors", "resnet18", 32)
+    with pytest.raises(ddr.EvalError, match="resnet18 .* has no DD-Ranking model"):
+        ddr.architecture(ddr.load_state(teacher))
+    assert not (tmp_path / "a").exists()
+
+
+# -- the scores -----------------------------------------------------------------------------------------------
+def score_lines(wheel, path: str, cls: str, names: tuple[str, ...]):
+    """The assignments of ``names`` in ``cls.compute_metrics`` of the wheel's ``path``, compiled on their own."""
+    tree = ast.parse(source(wheel, path))
+    c = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls)
+    f = next(n for n in c.body if isinstance(n, ast.FunctionDef) and n.name == "compute_metrics")
+    found = sorted((n for n in ast.walk(f) if isinstance(n, ast.Assign) and len(n.targets) == 1
+                    and isinstance(n.targets[0], ast.Name) and n.targets[0].id in names), key=lambda n: n.lineno)
+    assert [n.targets[0].id for n in found] == list(names)  # each once, in this order
+    return compile(ast.Module(body=found, type_ignores=[]), f"ddranking/{path}", "exec")
+
+
+def run_lines(code, **inputs) -> dict:
+    ns = {"np": np, **inputs}
+    exec(code, ns)
+    return ns
+
+
+LRS_NAMES = ("hlr", "ior", "alpha", "lrs")
+CASES = [(0.62, 0.41, 0.55, 0.30, 0.5), (0.9, 0.2, 0.7, 0.65, 0.3), (0.5, 0.5, 0.1, 0.9, 0.8),
+         (62.0, 41.0, 55.0, 30.0, 0.5)]  # the last in percent, as ddranking 0.2.0 feeds them
+
+
+@pytest.mark.parametrize("full, syn_hard, syn_soft, rdm, w", CASES)
+def test_vlcp_scores_are_ddrankings_lines(wheel, full, syn_hard, syn_soft, rdm, w):
+    hard = score_lines(wheel, "metrics/hard_label.py", "LabelRobustScoreHard", LRS_NAMES)
+    ns = run_lines(hard, full_data_hard_label_acc=full, syn_data_hard_label_acc=syn_hard,
+                   random_data_hard_label_acc=rdm, lrs_lambda=w)
+    ours = ddr.lrs(full, syn_hard, syn_hard, rdm, w)
+    assert ours == pytest.approx({k: ns[k] for k in LRS_NAMES}, rel=1e-12, abs=1e-12)
+    soft = score_lines(wheel, "metrics/soft_label.py", "LabelRobustScoreSoft", LRS_NAMES)
+    ns = run_lines(soft, full_data_hard_label_acc=full, syn_data_hard_label_acc=syn_hard,
+                   syn_data_soft_label_acc=syn_soft, random_data_soft_label_acc=rdm, lrs_lambda=w)
+    ours = ddr.lrs(full, syn_hard, syn_soft, rdm, w)
+    assert ours == pytest.approx({k: ns[k] for k in LRS_NAMES}, rel=1e-12, abs=1e-12)
+    names = ("with_aug_score", "without_aug_score", "beta", "ars")
+    aug = score_lines(wheel, "metrics/aug_robust.py", "AugmentationRobustScore", names)
+    ns = run_lines(aug, syn_data_with_aug_acc=syn_soft, random_data_with_aug_acc=rdm, syn_data_without_aug_acc=syn_hard,
+                   random_data_without_aug_acc=full, ars_lambda=w)
+    ours = ddr.ars(syn_soft, rdm, syn_hard, full, w)
+    assert [ours[k] for k in ("with_aug", "without_aug", "beta", "ars")] == pytest.approx([ns[k] for k in names],
+                                                                                         rel=1e-12, abs=1e-12)
+
+
+def test_the_normalisation_by_hand_and_ddrankings_units(wheel):
+    assert ddr.lrs(0.7, 0.7, 0.4, 0.4)["lrs"] == pytest.approx(1 / (1 + math.e))  # alpha 0: (1 - 1/e) / (e - 1/e)
+    assert ddr.lrs(1.0, 0.0, 0.0, 1.0)["lrs"] == pytest.approx(0.0, abs=1e-15)  # alpha -1, the floor
+    assert ddr.ars(1.0, 0.0, 1.0, 0.0)["ars"] == pytest.approx(1.0)  # beta 1, the ceiling
+    assert ddr.lrs(0.62, 0.41, 0.55, 0.30)["lrs"] == pytest.approx(
+        (math.exp(0.5 * 0.25 - 0.5 * 0.21) - math.exp(-1)) / (math.exp(1) - math.exp(-1)))
+    # ddranking 0.2.0 feeds percentages (its Acc@1 is x100, its cached full-data accuracy 56.5): outside [0, 1]
+    assert "correct_k * (100.0 / batch_size)" in source(wheel, "utils/meter.py")
+    assert '"ImageNet1K-ResNet-18-BN": 56.5' in source(wheel, "utils/train_and_eval.py")
+    assert ddr.lrs(62.0, 41.0, 41.0, 30.0)["lrs"] < 0 and ddr.lrs(62.0, 41.0, 55.0, 30.0)["lrs"] > 1
+
+
+# -- the command ------------------------------------------------------------------------------------------
+def test_ddranking_command_on_digits(vlcp, tmp_path):
+    assert vlcp("baseline", "--method", "random", "--data", "digits", "--ipc", "2", "--seed", "5",
+                "--out", tmp_path / "b").exit_code == 0
+    args = ["ddranking", tmp_path / "b", "--model", "convnet3", "--runs", "1", "--epochs", "1", "--teacher-epochs", "1"]
+    r = vlcp(*args)
+    assert r.exit_code == 0, r.output
+    assert "8 trained, 0 cached" in r.output and "LRS (%)" in r.output and "ARS (%)" in r.output
+    [saved] = (tmp_path / "b" / "evaluations").glob("ddranking-*.json")
+    res = json.loads(saved.read_text())
+    assert res["kind"] == "ddranking" and res["dataset"]["name"] == "digits" and res["ipc"] == 2
+    [a] = [{k: v / 100 for k, v in acc.items()} for acc in res["accuracies"]]
+    assert sorted(a) == sorted({k for ks in ("lrs-hard", "lrs-soft", "ars") for k in
+                                __import__("vlcp.evaluation.ddranking_scores", fromlist=["x"]).NEEDS[ks]})
+    hard, soft = ddr.lrs(a["full-hard"], a["syn-hard-aug"], a["syn-hard-aug"], a["rdm-hard-aug"]), \
+        ddr.lrs(a["full-hard"], a["syn-hard"], a["syn-soft-aug"], a["rdm-soft-aug"])
+    aug = ddr.ars(a["syn-soft-aug"], a["rdm-soft-aug"], a["syn-soft-naug"], a["rdm-soft-naug"])
+    assert res["scores"]["lrs-hard"]["lrs"]["mean"] == pytest.approx(100 * hard["lrs"], abs=1e-3)
+    assert res["scores"]["lrs-soft"]["hlr"]["mean"] == pytest.approx(100 * soft["hlr"], abs=1e-3)
+    assert res["scores"]["ars"]["ars"]["mean"] == pytest.approx(100 * aug["ars"], abs=1e-3)
+    assert res["teacher"]["source"].startswith("trained by vlcp")
+    again = vlcp(*args)
+    assert "0 trained, 8 cached" in again.output  # every accuracy memoised
+    assert json.loads(saved.read_text())["scores"] == res["scores"]
+    r = vlcp("ddranking", tmp_path / "b", "--protocol", "dc")
+    assert r.exit_code == 2 and "lrs-soft and ars need --protocol rded" in r.output
+    (tmp_path / "plain" / "0").mkdir(parents=True)
+    r = vlcp("ddranking", tmp_path / "plain")
+    assert r.exit_code == 2 and "pass --dataset" in r.output
