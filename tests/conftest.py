@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from vlcp.cli.main import cli
 from vlcp.cli.threads import calm_threads
 
 calm_threads()  # commands run in-process here: the waits `vlcp` sets, before anything imports torch
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
+    # several workers (the README's `-n auto`) already fill the cores: one torch thread each (the subprocesses
+    # they start inherit it), so no worker's threads wait on cores another holds. Set before torch loads.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -74,12 +74,14 @@ def test_the_main_job_its_output_and_its_rerun(tmp_path, tiny_models_dir, monkey
     (last,) = re.findall(r"its last line names the page to open, `([^`]+)`", flat(README))
     assert r.stdout.strip().splitlines()[-1] == last == f"report: {Path('out/digits-ipc10/report.html')}"
     assert (tmp_path / last.split(": ", 1)[1]).is_file()
-    # "the set as an ImageFolder in `DIR/train/<class id>/<index>.png`, with `DIR/train/metadata.jsonl` (...), and
-    # beside it `manifest.json`, `prototypes.json`, `preview.png` and `report.html`"
-    (names,) = re.findall(r"holds the set as an ImageFolder in `DIR/train/<class id>/<index>.png`, with "
-                          r"`DIR/train/metadata.jsonl` \(.*?\), and beside it (.*?): one page", flat(README))
-    assert re.findall(r"`([^`]+)`", names) == ["manifest.json", "prototypes.json", "preview.png", "report.html"]
-    assert all((out / n).is_file() for n in re.findall(r"`([^`]+)`", names))
+    # "## Output layout": the block's paths, DIR = --out (evaluations/, soft_labels/, ranks/ come later)
+    (layout,) = re.findall(r"^## Output layout\n\n```\n(.*?)^```", README, re.S | re.M)
+    paths = [line.split()[0].rstrip(",") for line in layout.splitlines()]
+    assert paths == ["DIR/train/<class", "DIR/train/metadata.jsonl", "DIR/README.md", "DIR/manifest.json"]
+    assert (out / "train" / "metadata.jsonl").is_file() and (out / "README.md").read_text().startswith("---\n")
+    root_files = re.findall(r"(?:DIR/)?([\w.]+\.(?:json|png|html))", layout.splitlines()[-1])
+    assert root_files == ["manifest.json", "prototypes.json", "preview.png", "report.html"]
+    assert all((out / n).is_file() for n in root_files)
     assert [p.name for p in out.iterdir() if p.is_dir()] == ["train"]
     assert sorted(p.name for p in (out / "train").iterdir()) == [str(c) for c in range(10)] + ["metadata.jsonl"]
     assert all(sorted(q.name for q in (out / "train" / str(c)).iterdir()) == [f"{j:04d}.png" for j in range(10)]

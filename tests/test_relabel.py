@@ -167,6 +167,12 @@ def test_evaluate_on_stored_soft_labels(world):
     saved = {json.loads(p.read_text()).get("soft_labels", {}).get("sha256"): p.name
              for p in (world.set / "evaluations").glob("dc-convnet3-*.json")}
     assert saved.keys() >= {None, meta["sha256"]} and len(set(saved.values())) == len(saved)  # a file each
+    from vlcp.report.folder import load
+    from vlcp.report.sections import evaluation_section
+
+    section = evaluation_section(load(world.set))  # the report: its own row, never the headline's "ours"
+    assert sorted(r.protocol for r in section.rows if r.protocol.startswith("dc")) == ["dc", "dc, soft labels auto"]
+    assert all(r.paper is None for r in section.rows if "soft labels" in r.protocol)
     for suffix in (".json", ".safetensors"):  # a second set of labels: the name is needed
         shutil.copy(world.set / "soft_labels" / f"auto{suffix}", world.set / "soft_labels" / f"copy{suffix}")
     r = world("evaluate", world.set, "--soft-labels", *common)
@@ -181,16 +187,34 @@ def test_bad_input(world, tmp_path):
     assert r.exit_code == 2 and "no class folders" in r.output
     r = world("relabel", world.set, "--teacher", tmp_path / "nope.safetensors")
     assert r.exit_code == 2 and "neither auto nor a file" in r.output
+    (tmp_path / "teacher.pt").write_bytes(b"PK\x03\x04 a pickle, never read")
+    r = world("relabel", world.set, "--teacher", tmp_path / "teacher.pt", "--name", "pt")
+    assert r.exit_code == 2 and "vlcp reads safetensors only" in r.output and "Traceback" not in r.output  # a bad value
     r = world("relabel", world.set, "--teacher", "auto", "--crops", "3", "--name", "auto")
     assert r.exit_code == 2 and "exists; pass --force" in r.output
     plain = tmp_path / "plain"
-    shutil.copytree(world.set / "train", plain)
+    shutil.copytree(world.set / "train", plain / "train")
     r = world("relabel", plain, "--teacher", "auto")
     assert r.exit_code == 2 and "--data is needed" in r.output
+    r = world("relabel", plain / "train", "--teacher", "auto", "--data", "digits")  # classes at the top
+    assert r.exit_code == 2 and "where soft_labels/ would be read as one more class" in r.output
+    assert not (plain / "train" / "soft_labels").exists()
     r = world("evaluate", "--full", "--data", "digits", "--soft-labels", "auto")
     assert r.exit_code == 2 and "give SYNTH_DIR" in r.output
     r = world("evaluate", world.set, "--data", "digits", "--soft-labels", "nope")
     assert r.exit_code == 2 and "no soft labels 'nope'" in r.output
+    broken = tmp_path / "broken"
+    shutil.copytree(world.set, broken)
+    (broken / "soft_labels" / "auto.json").write_text('["not", "a", "description"]')
+    r = world("evaluate", broken, "--data", "digits", "--soft-labels", "auto")
+    assert r.exit_code == 2 and "is not a vlcp soft-labels description" in r.output
+    meta = dict(world.labels("auto")[0])
+    meta["pictures"] = meta.pop("images")
+    (broken / "soft_labels" / "auto.json").write_text(json.dumps(meta))
+    r = world("evaluate", broken, "--data", "digits", "--soft-labels", "auto")
+    assert r.exit_code == 2 and "lacks images" in r.output
+    r = world("evaluate", world.set, "--data", "digits", "--soft-labels", "auto", "--teacher-epochs", "3", "--aug", "flip")
+    assert r.exit_code == 2 and "--teacher-epochs, --aug would be ignored" in r.output
     moved = tmp_path / "moved"
     shutil.copytree(world.set, moved)
     (moved / "train" / "3" / "0001.png").unlink()
@@ -203,15 +227,15 @@ def test_bad_input(world, tmp_path):
 
 
 def test_a_plain_image_folder_is_relabelled_and_evaluated(world, tmp_path):
-    """Any ImageFolder (class folders at its root, no manifest): --data names the dataset; the soft labels sit
-    next to the class folders and are not taken for a class."""
+    """Any ImageFolder in PLAIN/train (no manifest): --data names the dataset; the soft labels sit beside
+    train/, where ImageFolder(PLAIN/train) never sees them."""
     plain = tmp_path / "plain"
-    shutil.copytree(world.set / "train", plain)
+    shutil.copytree(world.set / "train", plain / "train")
     (weights,) = (world.root / "cache" / "teachers").glob("*.safetensors")
     r = world("relabel", plain, "--data", "digits", "--teacher", weights, "--crops", "2")
     assert r.exit_code == 0, r.output
     meta, _ = world.labels("m2-seed0-T1", plain)
-    assert meta["images"][0] == "0/0000.png" and len(meta["images"]) == 30
+    assert meta["images"][0] == "train/0/0000.png" and len(meta["images"]) == 30
     r = world("evaluate", plain, "--data", "digits", "--soft-labels", "--epochs", "1", "--seeds", "1")
     assert r.exit_code == 0, r.output
     assert "soft labels: m2-seed0-T1" in r.output and not (plain / "evaluations").exists()

@@ -429,7 +429,7 @@ def test_report_in_headless_chromium(tmp_path, tiny_run):
     (full / "evaluations").mkdir()
     (full / "evaluations" / "e.json").write_text(json.dumps(evaluation(ipc=10)))
     report.build(full)
-    with Browser(exe, tmp_path / "profile") as b:
+    with Browser(exe, tmp_path / "profile", timeout=120.0) as b:
         seen = check_in_browser(b, moved, tmp_path / "tiny_run.png")
         assert seen["classes"] == len(manifest["classes"]) == 3
         assert seen["cards"] == sum(1 for p in moved.glob("train/*/*.png")) == 6

@@ -208,7 +208,7 @@ distill_options = options(
     O("--latent-batch-size", type=click.IntRange(min=1), default=default("latent_batch_size"), show_default=True),
     O("--synthesis-batch-size", type=click.IntRange(min=1),
       help="Images per img2img call at most; on CUDA fewer when the free memory holds fewer (measured on the "
-           "first image). [default: 32; 8 with --tiny or --device cpu]"),
+           "first image); off CUDA at most 8. [default: 32; 8 with --tiny or --device cpu]"),
     O("--synthesis-compile/--no-synthesis-compile", default=default("synthesis_compile"), show_default=True,
       help="torch.compile the UNet for img2img (inductor; minutes to compile once): float rounding may differ, "
            "as with another batch size. channels_last is always on with CUDA."),

@@ -72,6 +72,11 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
         raise click.UsageError("--captioner, --clip, --fusion-caption-prompt and --tiny apply only with --caption-fusion")
     if soft_labels is not None and not synth_dir:
         raise click.UsageError("--soft-labels are the stored labels of SYNTH_DIR's images: give SYNTH_DIR, not --full")
+    ignored = [flag for flag, value in (("--teacher", teacher), ("--teacher-epochs", teacher_epochs), ("--aug", aug))
+               if soft_labels is not None and value is not None]
+    if ignored:  # the stored crops and labels replace the online teacher and the protocol's augmentation
+        raise click.UsageError(f"--soft-labels trains on the stored crops and labels: {', '.join(ignored)} would be "
+                               "ignored (relabel with another teacher instead)")
     check_data(data)
     check_model_paths(captioner=captioner, clip=clip)
     from vlcp.evaluation import evaluate as ev

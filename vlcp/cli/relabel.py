@@ -48,8 +48,9 @@ def _data_of(out: Path) -> str | None:
 @click.pass_obj
 def relabel_cmd(obj: Ctx, out: Path, teacher, data, crops, seed, temperature, min_scale, top_k, name, model,
                 teacher_epochs, force):
-    """Store a teacher's soft labels of CROPS random crops of every image of OUT (a vlcp set or any ImageFolder)
-    in OUT/soft_labels/NAME.safetensors + .json, for `vlcp evaluate OUT --soft-labels NAME`."""
+    """Store a teacher's soft labels of CROPS random crops of every image of OUT (a vlcp set, or any folder with
+    its classes in OUT/train/) in OUT/soft_labels/NAME.safetensors + .json, for `vlcp evaluate OUT --soft-labels
+    NAME`."""
     from vlcp.evaluation import relabel as rl
     from vlcp.evaluation.protocols import EvalError
 
@@ -57,6 +58,11 @@ def relabel_cmd(obj: Ctx, out: Path, teacher, data, crops, seed, temperature, mi
         rl.class_dirs(out)
     except (EvalError, OSError) as exc:
         raise usage_error(str(exc)) from None
+    from vlcp.store.output import IMAGES_DIR, images_dir
+
+    if images_dir(out) == Path(out):  # soft_labels/ beside the class folders: ImageFolder(OUT) would take it for one
+        raise usage_error(f"{out} has its class folders at the top, where soft_labels/ would be read as one more "
+                          f"class; move them into {out}/{IMAGES_DIR}/ (the layout vlcp writes) and rerun")
     if teacher != "auto" and not Path(teacher).is_file():
         raise usage_error(f"--teacher {teacher}: neither auto nor a file")
     data = data or _data_of(out)

@@ -310,9 +310,13 @@ def load_soft_labels(folder: str | os.PathLike, name: str | None, samples: list,
         meta = json.loads(side.read_text())
     except (OSError, ValueError) as exc:
         raise EvalError(f"cannot read {side}: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise EvalError(f"{side} is not a vlcp soft-labels description (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise EvalError(f"{side} is not a vlcp soft-labels description (format {got!r})")
     redo = f"rerun vlcp relabel {folder} --name {name} --force"
+    lacking = [k for k in ("sha256", "classes", "images", "image_sha256", "labels", "teacher") if k not in meta]
+    if lacking:
+        raise EvalError(f"{side} lacks {', '.join(lacking)}: {redo}")
     if file_digest(weights) != meta["sha256"]:
         raise EvalError(f"{weights} is not the file {side.name} describes (sha256 differs): {redo}")
     if meta["classes"] != [c.folder for c in ds.classes]:

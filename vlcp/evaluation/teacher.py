@@ -132,10 +132,12 @@ def load_teacher(path: str | os.PathLike, p: Protocol, ds: Dataset, device: str)
         if size != p.image_size or meta.get("protocol", {}).get("channels", p.channels) != p.channels:
             raise EvalError(f"teacher {path} takes {size} px images, this protocol trains at {p.image_size} px")
     net = networks.build(model, p.channels, len(ds.classes), size).to(device)
+    from safetensors import SafetensorError
+
     try:
         net.load_state_dict(load_file(str(path), device="cpu"))
-    except (OSError, RuntimeError) as exc:
-        raise EvalError(f"cannot load teacher weights {path}: {exc}") from None
+    except (OSError, RuntimeError, SafetensorError) as exc:  # a .pt or any non-safetensors file: SafetensorError
+        raise EvalError(f"cannot load teacher weights {path} (vlcp reads safetensors only): {exc}") from None
     net.eval()
     for param in net.parameters():
         param.requires_grad_(False)

@@ -259,7 +259,9 @@ def _evaluation(out: Path, m: dict) -> list[str]:
         proto = res.get("protocol") if isinstance(res.get("protocol"), dict) else {}
         acc = res.get("accuracy") if isinstance(res.get("accuracy"), dict) else {}
         runs = len(acc.get("per_seed") or []) or len(res.get("seeds") or [])
-        lines.append(f"| {md(proto.get('name', '?'))} | {md(proto.get('model', '?'))} | {md(proto.get('epochs', '?'))}"
+        soft = res.get("soft_labels") if isinstance(res.get("soft_labels"), dict) else {}
+        label = proto.get("name", "?") if not soft else f"{proto.get('name', '?')}, soft labels {soft.get('name', '?')}"
+        lines.append(f"| {md(label)} | {md(proto.get('model', '?'))} | {md(proto.get('epochs', '?'))}"
                      f" | {_pm(acc)} | {runs} | {md(name)} |")
         if isinstance(res.get("caption_fusion"), dict):
             fu = res["caption_fusion"]

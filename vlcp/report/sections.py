@@ -242,14 +242,16 @@ def evaluation_section(f: Folder) -> EvaluationSection:
     dataset = dataset_name(f.manifest)
     ipc = as_dict(f.manifest.get("parameters")).get("ipc")
     rows, evals = [], [evaluation_record(n, r) for n, r in f.evaluations]
-    for e in evals:
-        paper = [p for p in matching_published(f, e["dataset"] or dataset, e["ipc"], e["protocol"], e["model"])
-                 if p.get("method") == "VLCP"]
+    soft = [as_dict(r.get("soft_labels")).get("name") for _, r in f.evaluations]  # `vlcp evaluate --soft-labels`
+    for e, labels in zip(evals, soft):
+        paper = [] if labels else [  # stored soft labels are another protocol than the paper's: no comparison
+            p for p in matching_published(f, e["dataset"] or dataset, e["ipc"], e["protocol"], e["model"])
+            if p.get("method") == "VLCP"]
         rows.append(EvaluationRow(
-            e["model"], e["protocol"], num(e["ipc"]), num(e["epochs"]), num(e["seeds"]), e["final"], e["best"],
-            e["best_label"], e["per_seed"], pm(paper[0]) if paper else None,
-            str(paper[0].get("source", "")) if paper else "", e["file"]))
-    ours = {(e["protocol"], e["model"]): e["final"] for e in evals}
+            e["model"], f"{e['protocol']}, soft labels {labels}" if labels else e["protocol"], num(e["ipc"]),
+            num(e["epochs"]), num(e["seeds"]), e["final"], e["best"], e["best_label"], e["per_seed"],
+            pm(paper[0]) if paper else None, str(paper[0].get("source", "")) if paper else "", e["file"]))
+    ours = {(e["protocol"], e["model"]): e["final"] for e, labels in zip(evals, soft) if not labels}
     return EvaluationSection(dataset, rows, fusion_items(f.evaluations), published_table(f, dataset, ipc, ours))
 
 

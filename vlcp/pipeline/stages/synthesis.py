@@ -31,6 +31,9 @@ def synthesis(run: Run, step: Step) -> None:
     st.images = Arrays.stored(entries, "image")
 
 
+OFF_CUDA_BATCH = 8  # a CPU-only machine on --device auto gets the CUDA default (32) of the chunk size
+
+
 def generate(run: Run, idx: list[int], lat, texts: list[str], seeds: list[int]):
     """(meta, tensors) per generated image: shared by synthesis and refinement candidates. The meta
     records the image's content hash (``vlcp.store.arrays``): the stages that key images by content need not
@@ -41,7 +44,9 @@ def generate(run: Run, idx: list[int], lat, texts: list[str], seeds: list[int]):
     p = run.st.synth_params  # the synthesis stage's keyed parameters: every key of these images holds them
     pipe = run.models["synth"]()
     # how it runs, not what it makes (unkeyed): channels_last and the memory fit on CUDA, --synthesis-compile
-    speed = syn.speed_for(pipe.device.type, run.cfg.synthesis_compile)  # read by post_sampling and refinement too
+    cuda = pipe.device.type == "cuda"  # off CUDA nothing measures memory: at most 8 images per call
+    speed = syn.speed_for(pipe.device.type, run.cfg.synthesis_compile,  # read by post_sampling and refinement too
+                          max_batch=None if cuda else OFF_CUDA_BATCH)
     imgs = syn.sample(pipe, np.stack([lat[i] for i in idx]), [texts[i] for i in idx], [seeds[i] for i in idx],
                       syn.Sampling(p.negative_prompt, p.strength, p.guidance_scale, p.steps, p.long_prompts), speed)
     return (({"prompt": texts[i], "seed": seeds[i], "hashes": {"image": array_hash(im)}}, {"image": im})
