@@ -221,7 +221,9 @@ def relabel(cfg: RelabelConfig, cache) -> dict:
     tensors.update({"topk_values": values, "topk_indices": indices} if top_k else {"soft_labels": values})
     top1 = indices[..., 0] if top_k else values.argmax(-1)
     weights, side = soft_paths(out, name)
-    digest = _write(weights, tensors)
+    from vlcp.store.tensors import publish_safetensors
+
+    digest = publish_safetensors(weights, tensors)
     record = {
         "format": FORMAT, "name": name, "file": weights.name, "sha256": digest, "vlcp_version": __version__,
         "teacher": tinfo, "dataset": ds.identity(), "classes": [c.folder for c in ds.classes],
@@ -239,22 +241,6 @@ def relabel(cfg: RelabelConfig, cache) -> dict:
     }
     write_json(side, record)
     return record
-
-
-def _write(path: Path, tensors: dict) -> str:
-    """One safetensors file, written to a temp file beside it and renamed; returns its sha256."""
-    from vlcp.store.files import new_file
-    from vlcp.store.tensors import write_safetensors
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = new_file(path.parent, ".tmp-", ".safetensors")
-    os.close(fd)
-    try:
-        digest = write_safetensors(Path(tmp), tensors, {k: (v.shape, v.dtype) for k, v in tensors.items()})
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return digest
 
 
 @dataclass

@@ -84,20 +84,12 @@ def save_teacher_file(cache_root, ds: Dataset, tp: Protocol, key: str, state: di
     """Write the named file of a trained teacher (weights, then its ``.json``), each atomically; kept if there."""
     from vlcp import __version__
     from vlcp.store.cache import atomic_write_text
-    from vlcp.store.files import new_file
-    from vlcp.store.tensors import write_safetensors
+    from vlcp.store.tensors import publish_safetensors
 
     path = teacher_file(cache_root, ds.name, tp.model, key)
     if path.is_file() and path.with_suffix(".json").is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = new_file(path.parent, ".tmp-", ".safetensors")
-    os.close(fd)
-    try:
-        digest = write_safetensors(Path(tmp), state, {k: (v.shape, v.dtype) for k, v in state.items()})
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    digest = publish_safetensors(path, state)
     meta = {"format": FILE_FORMAT, "weights": path.name, "sha256": digest, "model": tp.model,
             "classes": [c.folder for c in ds.classes], "class_names": [c.name for c in ds.classes],
             "dataset": ds.identity(), "accuracy": info.get("accuracy"), "epochs": info.get("epochs"),

@@ -76,3 +76,20 @@ def write_safetensors(path: Path, items: Mapping[str, Callable[[], np.ndarray] |
         f.flush()
         os.fsync(f.fileno())
     return h.hexdigest()
+
+
+def publish_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> str:
+    """Write numpy ``tensors`` to ``path`` through a temp file beside it and a rename (a reader never sees half a
+    file; the mode follows the umask, ``vlcp.store.files``); return the file's sha256."""
+    from vlcp.store.files import new_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = new_file(path.parent, ".tmp-", ".safetensors")
+    os.close(fd)
+    try:
+        digest = write_safetensors(Path(tmp), tensors, {k: (v.shape, v.dtype) for k, v in tensors.items()})
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return digest
