@@ -51,6 +51,7 @@ def test_distill_writes_a_card_huggingface_hub_reads(run):
     _, _, out = run
     path = out / "README.md"
     c = DatasetCard.load(path)
+    assert str(out.parent) not in path.read_text() and "| out | \"…/out\" |" in path.read_text()  # no local folders
     d = c.data.to_dict()
     assert d["license"] == "cc-by-4.0" and d["task_categories"] == ["image-classification"]
     assert d["tags"][:3] == ["dataset-distillation", "synthetic", "vlcp"] and "tiny-random-models" in d["tags"]
@@ -63,9 +64,9 @@ def test_distill_writes_a_card_huggingface_hub_reads(run):
     text = c.text
     assert card.MARKER in text and "6 synthetic images, 2 per class for 3 classes of **digits**" in text
     for k, v in m["parameters"].items():  # every parameter, one row each
-        assert f"| {card.md(k)} | {card.md(json.dumps(v))} |" in text
+        assert f"| {card.md(k)} | {card.md(json.dumps(card.public(v), ensure_ascii=False))} |" in text  # paths: …/name
     for role, ref in m["models"].items():
-        assert f"| {role} | {card.md(ref['name'])} | {card.md(ref['identity'])} | – |" in text
+        assert f"| {role} | {card.md(card.public(ref['name']))} | {card.md(ref['identity'])} | – |" in text
     assert "@inproceedings{zou2025vlcp" in text and "Fine-tuning: full," in text
     assert "## Evaluation" not in text  # none yet
     for folder, name, n in card.class_rows(out, m):

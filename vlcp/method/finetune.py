@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from vlcp.method.micro_batch import _batch, _flips, training_batch
 from vlcp.store import checkpoint, ddp, scalars
 from vlcp.store.cache import StageCache, stable_hash
 from vlcp.store.tensors import numpy_to_state, state_to_numpy
@@ -60,6 +61,7 @@ class FinetuneParams:
     accumulation: int = 4  # reference: --gradient_accumulation_steps 4 (batch 8 x 4 = 32 per step)
     flip: bool = True  # reference: --random_flip
     shard: ddp.Shard = ddp.ALONE  # data-parallel: this process's share of every micro-batch (not in the key)
+    fuse: int = 1  # recipe micro-batches per forward pass (vlcp/method/micro_batch.py; memory only, not in the key)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (1e-5 if self.method == "full" else 1e-4)
@@ -81,6 +83,7 @@ class FinetuneParams:
         d = asdict(self)
         d.pop("checkpoint_every")  # changes when we save, not what we learn
         d.pop("shard")  # how many processes share the work, not what is learned
+        d.pop("fuse")  # how the update is split into passes, not what it is
         d.pop("gradient_checkpointing")
         d["lr"] = self.learning_rate()
         if not self.ema:
@@ -99,29 +102,6 @@ class Rows:
 
     def __getitem__(self, idx) -> np.ndarray:
         return np.stack([self.read(int(i)) for i in np.atleast_1d(idx)])
-
-
-def _batch(step: int, n: int, bs: int, seed: int) -> np.ndarray:
-    """The sample indices of micro-batch ``step`` (a fresh permutation per epoch)."""
-    spe = math.ceil(n / bs)
-    perm = np.random.default_rng([seed, step // spe]).permutation(n)
-    return perm[(step % spe) * bs:(step % spe + 1) * bs]
-
-
-def _flips(m: int, k: int, seed: int) -> np.ndarray:
-    """Which of the k samples of micro-batch m are flipped (probability 1/2, from (seed, m) only)."""
-    return np.random.default_rng([seed, m, 2]).random(k) < 0.5
-
-
-def training_batch(latents: np.ndarray | Rows, idx: np.ndarray, flips: np.ndarray) -> np.ndarray:
-    """The latents of samples ``idx``, ``flips`` of them mirrored: from pairs (N, 2, C, H, W) the cached
-    latent of the mirrored crop ([:, 1]); from single latents (N, C, H, W) the latent flipped along its width."""
-    rows = latents[idx]  # one read per sample (Rows: a micro-batch at a time)
-    if rows.ndim == 5:
-        return np.ascontiguousarray(rows[np.arange(len(idx)), flips.astype(int)])
-    rows = np.array(rows, copy=True)
-    rows[flips] = rows[flips][..., ::-1]
-    return rows
 
 
 def add_lora(unet, rank: int) -> None:
@@ -303,7 +283,13 @@ def train(pipe, latents: np.ndarray | Rows, captions: list[str], p: FinetunePara
     t0 = time.perf_counter()
     for step in bar:
         micro = range(step * p.accumulation, min((step + 1) * p.accumulation, n_micro))
-        mine = sum(_micro_step(s, latents, captions, p, m, 1 / len(micro)) for m in micro) / len(micro)
+        if p.fuse > 1:  # the same micro-batches, `fuse` of them per pass
+            from vlcp.method.micro_batch import fused_micro_step
+
+            mine = sum(fused_micro_step(s, latents, captions, p, micro[i:i + p.fuse], 1 / len(micro))
+                       for i in range(0, len(micro), p.fuse)) / len(micro)
+        else:
+            mine = sum(_micro_step(s, latents, captions, p, m, 1 / len(micro)) for m in micro) / len(micro)
         loss = ddp.sum_value(mine, p.shard)  # the whole micro-batches' mean, whatever the process count
         _optimizer_step(s, p)
         s.losses.append(round(loss, 6))
