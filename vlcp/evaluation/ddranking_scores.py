@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -114,9 +114,47 @@ def scores_of(runs: list[dict[str, float]], which, lrs_weight: float, ars_weight
     return out
 
 
+@dataclass
+class _Trainings:
+    """The final test accuracy (fraction) of one training of ``run``, memoised in the cache; counts what it
+    trained and what it found (``trained``: {"new", "cached"})."""
+    cfg: ScoreConfig
+    cache: object
+    kinds: dict
+    base: dict
+    n: int
+    dev: str
+    test: tuple
+    tnet: object
+    trained: dict = field(default_factory=lambda: {"new": 0, "cached": 0})
+
+    def __call__(self, name: str, seed: int, data_key, data) -> float:
+        from vlcp.evaluation.training import train
+        from vlcp.store.cache import stable_hash
+
+        cfg, trained = self.cfg, self.trained
+        variant, uses_teacher = self.kinds[name.split("-", 1)[1]]
+        if name == "full-hard" and cfg.full_epochs:
+            variant = replace(variant, epochs=cfg.full_epochs)
+        proto = {k: v for k, v in asdict(variant).items() if k != "sources"}
+        key = stable_hash({**self.base, "what": name, "protocol": proto, "train": data_key, "seed": seed,
+                           "teacher": self.base["teacher"] if uses_teacher else None})
+
+        def compute() -> float:
+            trained["new"] += 1
+            _, res = train(variant, (*data(), self.n), seed, self.dev, test=self.test,
+                           teacher=self.tnet if uses_teacher else None,
+                           progress=cfg.progress and f"{name} run {seed}", curve=f"ddranking/{name}/run{seed}")
+            return float(res["accuracy"])
+
+        before = trained["new"]
+        value = self.cache.memo("ddranking", key, compute)
+        trained["cached"] += trained["new"] == before
+        return float(value)
+
+
 def run(cfg: ScoreConfig, cache) -> dict:
     """Train what the requested scores need, ``cfg.runs`` times, and score it."""
-    from vlcp import __version__
     from vlcp.data.datasets import load_dataset
     from vlcp.evaluation.protocols import make_protocol
     from vlcp.evaluation.samples import (
@@ -149,32 +187,9 @@ def run(cfg: ScoreConfig, cache) -> dict:
     if soft:
         tnet, tinfo = teacher_net(p, train_ds, lambda: train_tensors(train_ds.samples, p, cfg.progress), test, dev,
                                   cache, cfg.teacher, cfg.progress)
-    kinds = variants(p)
     base = {"v": MEMO_VERSION, "test": test_ds.identity()["digest"], "classes": n,
             "teacher": {k: (tinfo or {}).get(k) for k in ("source", "key", "sha256")}}
-    trained = {"new": 0, "cached": 0}
-
-    def accuracy(name: str, seed: int, data_key, data) -> float:
-        """The final test accuracy (fraction) of one training, memoised in the cache."""
-        from vlcp.evaluation.training import train
-
-        variant, uses_teacher = kinds[name.split("-", 1)[1]]
-        if name == "full-hard" and cfg.full_epochs:
-            variant = replace(variant, epochs=cfg.full_epochs)
-        proto = {k: v for k, v in asdict(variant).items() if k != "sources"}
-        key = stable_hash({**base, "what": name, "protocol": proto, "train": data_key, "seed": seed,
-                           "teacher": base["teacher"] if uses_teacher else None})
-
-        def compute() -> float:
-            trained["new"] += 1
-            _, res = train(variant, (*data(), n), seed, dev, test=test, teacher=tnet if uses_teacher else None,
-                           progress=cfg.progress and f"{name} run {seed}", curve=f"ddranking/{name}/run{seed}")
-            return float(res["accuracy"])
-
-        before = trained["new"]
-        value = cache.memo("ddranking", key, compute)
-        trained["cached"] += trained["new"] == before
-        return float(value)
+    accuracy = _Trainings(cfg, cache, variants(p), base, n, dev, test, tnet)
 
     needed = [k for s in cfg.scores for k in NEEDS[s]]
     needed = [k for i, k in enumerate(needed) if k not in needed[:i]]
@@ -202,6 +217,14 @@ def run(cfg: ScoreConfig, cache) -> dict:
             elif name.startswith("rdm-"):
                 accs[name] = accuracy(name, i, rdm_key, rdm_data)
         runs.append(accs)
+    return _record(cfg, p, train_ds, test_ds, counts, ipc, dev, tinfo, full, runs, accuracy.trained, t0)
+
+
+def _record(cfg: ScoreConfig, p: Protocol, train_ds, test_ds, counts: dict, ipc: int, dev: str, tinfo: dict | None,
+            full: float | None, runs: list[dict], trained: dict, t0: float) -> dict:
+    """What ``vlcp ddranking`` saves: the setting, every accuracy (percent) and the scores."""
+    from vlcp import __version__
+
     full_source = None if full is None else "user (--full-accuracy)" if cfg.full_accuracy is not None else \
         f"vlcp: trained once (seed 0), {cfg.full_epochs or p.epochs} epochs, hard labels, no augmentation"
     return {

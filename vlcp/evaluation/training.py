@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -131,6 +133,65 @@ def _soft_loss(net, xb, target, temperature: float):
     return F.kl_div(F.log_softmax(out / temperature, 1), target, reduction="batchmean"), out
 
 
+
+@dataclass
+class _Epoch:
+    """One epoch of ``train``: its batches in a fresh permutation, the lr of each step, one optimizer step
+    each; returns (summed loss, correct, seen) and appends the epoch's first lr to ``lrs``."""
+    net: Any
+    opt: Any
+    scaler: Any
+    p: Protocol
+    g: Any  # the training generator: permutation, augmentation and mixing draw from it in this order
+    mix: Any
+    teacher: Any
+    soft: Any
+    mean: Any
+    std: Any
+    device: str
+
+    def __call__(self, xt, yt, epoch: int, bs: int, steps: int, lrs: list) -> tuple[float, int, int]:
+        import torch
+
+        p, opt, cuda = self.p, self.opt, self.device.startswith("cuda")
+        perm = torch.randperm(len(xt), generator=self.g)
+        tot, correct, seen = 0.0, 0, 0
+        for s in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = p.lr * lr_factor(p, epoch, epoch * steps + s, steps)
+            if s == 0:
+                lrs.append(opt.param_groups[0]["lr"])
+            idx = perm[s * bs:(s + 1) * bs]
+            loss, out, yb = self._step(xt, yt, idx, epoch, cuda)
+            tot += float(loss.detach()) * len(idx)
+            correct += int((out.argmax(1) == yb).sum())
+            seen += len(idx)
+        return tot, correct, seen
+
+    def _step(self, xt, yt, idx, epoch: int, cuda: bool):
+        import torch
+
+        p, device = self.p, self.device
+        if self.soft is None:
+            xb = _augment(xt[idx].to(device).float() / 255, p, self.g, self.mean, self.std)
+        else:  # this epoch's stored crops and their soft labels: no other augmentation, no mixing
+            xb, target = self.soft.inputs(xt, idx, epoch, p.image_size, device)
+            xb = (xb - self.mean) / self.std
+        yb = yt[idx].to(device)
+        if cuda:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.split(":")[0], enabled=cuda):
+            if self.soft is None:
+                loss, out = _loss(self.net, xb, yb, p, self.g, self.mix, self.teacher)
+            else:
+                loss, out = _soft_loss(self.net, xb, target, self.soft.temperature)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return loss, out, yb
+
+
 def train(p: Protocol, data: tuple[np.ndarray, np.ndarray, int], seed: int, device: str,
           test: tuple[np.ndarray, np.ndarray] | None = None, teacher=None, progress: bool | str = True,
           resume: tuple | None = None, curve: str | None = None, soft=None):
@@ -181,34 +242,8 @@ def train(p: Protocol, data: tuple[np.ndarray, np.ndarray, int], seed: int, devi
     bar = tqdm(range(start, p.epochs), desc=progress if isinstance(progress, str) else "train", initial=start,
                total=p.epochs, leave=False, disable=progress is False)
     for epoch in bar:
-        perm = torch.randperm(len(x), generator=g)
-        tot, correct, seen = 0.0, 0, 0
-        for s in range(steps):
-            for group in opt.param_groups:
-                group["lr"] = p.lr * lr_factor(p, epoch, epoch * steps + s, steps)
-            if s == 0:
-                state["lrs"].append(opt.param_groups[0]["lr"])
-            idx = perm[s * bs:(s + 1) * bs]
-            if soft is None:
-                xb = _augment(xt[idx].to(device).float() / 255, p, g, mean, std)
-            else:  # this epoch's stored crops and their soft labels: no other augmentation, no mixing
-                xb, target = soft.inputs(xt, idx, epoch, p.image_size, device)
-                xb = (xb - mean) / std
-            yb = yt[idx].to(device)
-            if cuda:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.split(":")[0], enabled=cuda):
-                if soft is None:
-                    loss, out = _loss(net, xb, yb, p, g, mix, teacher)
-                else:
-                    loss, out = _soft_loss(net, xb, target, soft.temperature)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            tot += float(loss.detach()) * len(xb)
-            correct += int((out.argmax(1) == yb).sum())
-            seen += len(xb)
+        run = _Epoch(net, opt, scaler, p, g, mix, teacher, soft, mean, std, device)
+        tot, correct, seen = run(xt, yt, epoch, bs, steps, state["lrs"])
         state["losses"].append(tot / seen)
         post = {"loss": f"{tot / seen:.3f}", "train_acc": f"{correct / seen:.3f}"}
         if test is not None and epoch + 1 in due and epoch + 1 < p.epochs:
