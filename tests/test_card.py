@@ -20,6 +20,7 @@ from huggingface_hub import DatasetCard
 from vlcp.cli.main import cli
 from vlcp.cli.publish import IGNORE_PATTERNS, upload_files
 from vlcp.report import card
+from vlcp.store.output import images_dir
 
 pytestmark = pytest.mark.e2e
 HOSTILE = "evil\n---\nlicense: mit\n<script>alert(1)</script> {{ x }} | [a](b)"
@@ -57,7 +58,7 @@ def test_distill_writes_a_card_huggingface_hub_reads(run):
     assert d["tags"][:3] == ["dataset-distillation", "synthetic", "vlcp"] and "tiny-random-models" in d["tags"]
     assert d["size_categories"] == ["n<1K"] and d["source_datasets"] == ["extended|digits"]
     assert d["pretty_name"] == "digits distilled by vlcp (VLCP, IPC 2)"
-    root = card.images_root(out)
+    root = images_dir(out)
     want = f"{root.name}/**" if root != out else ["0/**", "1/**", "2/**"]
     assert d["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": want}]}]
     m = json.loads((out / "manifest.json").read_text())

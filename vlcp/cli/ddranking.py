@@ -2,7 +2,6 @@
 synthetic set, from accuracies vlcp's own evaluation produces (``vlcp.evaluation.ddranking_scores``)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -14,19 +13,6 @@ MODELS = ["convnet3", "convnet6", "resnetap10", "resnet18", "resnet18-modified",
 LABELS = {"hlr": "HLR (pp)", "ior": "IOR (pp)", "alpha": "alpha (x100)", "lrs": "LRS (%)",
           "with_aug": "syn - rdm, with aug (pp)", "without_aug": "syn - rdm, without aug (pp)", "beta": "beta (x100)",
           "ars": "ARS (%)"}
-
-
-def _set_data(out: Path) -> str | None:
-    """The dataset a vlcp set was made from: its manifest's ``--data``, else its dataset's name."""
-    try:
-        m = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(m, dict):
-        return None
-    params = m.get("parameters") if isinstance(m.get("parameters"), dict) else {}
-    ident = m.get("dataset") if isinstance(m.get("dataset"), dict) else {}
-    return params.get("data") or ident.get("name")
 
 
 @click.command("ddranking")
@@ -64,7 +50,9 @@ def ddranking(obj: Ctx, out: Path, dataset, scores, protocol, model, runs, epoch
     IPC and on the full real set. Results of a folder vlcp made also go to OUT/evaluations/ddranking-<hash>.json.
     """
     scores = tuple(scores) or SCORES
-    dataset = dataset or _set_data(out)
+    from vlcp.store.output import set_data
+
+    dataset = dataset or set_data(out)
     if not dataset:
         raise usage_error(f"{out} has no vlcp manifest naming its dataset: pass --dataset")
     check_data(dataset)

@@ -3,7 +3,6 @@ for ``vlcp evaluate --soft-labels``. The work is ``vlcp.evaluation.relabel``; th
 (the folder, the options, an existing output) before torch is imported."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -11,17 +10,6 @@ import click
 from vlcp.cli.common import Ctx, check_data, usage_error, user_errors
 
 MODELS = ["convnet3", "convnet6", "resnetap10", "resnet18", "resnet18-modified", "resnet18-bn"]
-
-
-def _data_of(out: Path) -> str | None:
-    """The dataset a vlcp set was made from (its manifest), or None."""
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict):
-        return None
-    return (manifest.get("parameters") or {}).get("data") or (manifest.get("dataset") or {}).get("name")
 
 
 @click.command("relabel")
@@ -65,7 +53,9 @@ def relabel_cmd(obj: Ctx, out: Path, teacher, data, crops, seed, temperature, mi
                           f"class; move them into {out}/{IMAGES_DIR}/ (the layout vlcp writes) and rerun")
     if teacher != "auto" and not Path(teacher).is_file():
         raise usage_error(f"--teacher {teacher}: neither auto nor a file")
-    data = data or _data_of(out)
+    from vlcp.store.output import set_data
+
+    data = data or set_data(out)
     if not data:
         raise click.UsageError("--data is needed: OUT has no vlcp manifest naming its dataset")
     check_data(data)

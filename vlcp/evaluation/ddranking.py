@@ -97,14 +97,6 @@ def ars(syn_aug: float, rdm_aug: float, syn_naug: float, rdm_naug: float, weight
 
 
 # -- export -----------------------------------------------------------------------------------------------
-def _manifest(out: Path) -> dict:
-    try:
-        m = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return m if isinstance(m, dict) else {}
-
-
 def _set_dataset(manifest: dict) -> dict:
     d = manifest.get("dataset")
     return d if isinstance(d, dict) else {}
@@ -164,7 +156,9 @@ def export(out: Path, dest: Path, *, dataset: str | None = None, teacher: Path |
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not force)):
         raise OutputError(f"{dest} is a file" if not dest.is_dir() else
                           f"{dest} is not empty; pass --force to replace it")
-    manifest = _manifest(out)
+    from vlcp.store.output import read_manifest
+
+    manifest = read_manifest(out)
     dataset = dataset or _set_dataset(manifest).get("name")
     if not dataset:
         raise EvalError(f"{out} has no vlcp manifest naming its dataset: pass the dataset")

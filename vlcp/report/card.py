@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from vlcp import __version__
+from vlcp.store.output import IMAGE_SUFFIXES, images_dir
 
 CARD = "README.md"
 MARKER = ("<!-- vlcp dataset card: rewritten by vlcp distill / evaluate / publish; "
@@ -28,7 +29,6 @@ LICENSES = {"digits": ("cc-by-4.0", "UCI ML hand-written digits (Optical Recogni
 SIZES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
          (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M")]
 MAX_PROMPTS = 200  # prompts listed in the card; more: prototypes.json has them
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 VLCP_BIBTEX = """@inproceedings{zou2025vlcp,
   title     = {Dataset Distillation via Vision-Language Category Prototype},
   author    = {Zou, Yawen and Li, Guang and Su, Duo and Wang, Zi and Yu, Jun and Zhang, Chao},
@@ -72,16 +72,9 @@ def read_manifest(out: Path) -> dict:
     return m
 
 
-def images_root(out: Path) -> Path:
-    """Where the class folders are: OUT/train (the layout since issue 23), else OUT itself."""
-    from vlcp.store.output import images_dir
-
-    return images_dir(Path(out))
-
-
 def class_rows(out: Path, m: dict) -> list[tuple[str, str, int]]:
     """(folder, name, images on disk) per class of the manifest."""
-    root, rows = images_root(out), []
+    root, rows = images_dir(Path(out)), []
     for c in m["classes"]:
         c = c if isinstance(c, dict) else {}
         folder = str(c.get("folder", ""))
@@ -166,7 +159,7 @@ def render(out: Path, repo_id: str | None = None) -> str:
     out = Path(out)
     m = read_manifest(out)
     rows = class_rows(out, m)
-    root = images_root(out)
+    root = images_dir(Path(out))
     sub = root.name if root != out else None
     meta = front_matter(m, sum(n for *_, n in rows), sub)
     head = yaml.safe_dump(meta, sort_keys=False, allow_unicode=False, width=1000)

@@ -129,6 +129,23 @@ def check_out(out: Path, force: bool) -> None:
         raise OutputError(f"--out {out} is not empty; pass --force to replace it")
 
 
+def read_manifest(root: Path) -> dict:
+    """``root/manifest.json`` as a dict; {} when it is missing, unreadable or not an object (a plain folder)."""
+    try:
+        m = json.loads((Path(root) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return m if isinstance(m, dict) else {}
+
+
+def set_data(root: Path) -> str | None:
+    """The dataset a vlcp set was made from: its manifest's ``--data``, else its dataset's name (None: unknown)."""
+    m = read_manifest(root)
+    params = m.get("parameters") if isinstance(m.get("parameters"), dict) else {}
+    ident = m.get("dataset") if isinstance(m.get("dataset"), dict) else {}
+    return params.get("data") or ident.get("name")
+
+
 def write_json(path: Path, obj) -> None:
     from vlcp.store.cache import atomic_write_text
 
