@@ -82,3 +82,16 @@ SLOW_FIRST = ("test_readme_claims.py", "test_invalidation.py", "test_ddp.py", "t
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: file order otherwise kept
+
+
+def cli_in(base: Path, tiny_models: Path):
+    """For a module-scoped run: ``base/cache`` holding the tiny models, and ``vlcp(*args, cache=None)``, the CLI
+    in-process on that cache (or ``cache``) with ``base/data`` as its data folder."""
+    shutil.copytree(tiny_models, base / "cache" / "models")
+    runner = CliRunner()
+
+    def vlcp(*args, cache=None):
+        pre = ["--cache-dir", str(cache or base / "cache"), "--data-dir", str(base / "data")]
+        return runner.invoke(cli, pre + [str(a) for a in args], catch_exceptions=False)
+
+    return vlcp

@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from huggingface_hub import DatasetCard
 
-from vlcp.cli.main import cli
+from tests.conftest import cli_in
 from vlcp.cli.publish import IGNORE_PATTERNS, upload_files
 from vlcp.report import card
 from vlcp.store.output import images_dir
@@ -30,13 +29,7 @@ HOSTILE = "evil\n---\nlicense: mit\n<script>alert(1)</script> {{ x }} | [a](b)"
 def run(tmp_path_factory, tiny_models_dir):
     """(cli runner, cache dir, OUT) of one tiny distillation, fine-tuning included."""
     base = tmp_path_factory.mktemp("card")
-    shutil.copytree(tiny_models_dir, base / "cache" / "models")
-    runner = CliRunner()
-
-    def vlcp(*args, cache=None):
-        pre = ["--cache-dir", str(cache or base / "cache"), "--data-dir", str(base / "data")]
-        return runner.invoke(cli, pre + [str(a) for a in args], catch_exceptions=False)
-
+    vlcp = cli_in(base, tiny_models_dir)
     r = vlcp("distill", "--data", "digits", "--tiny", "--classes", "0,1,2", "--max-per-class", "6", "--ipc", "2",
              "--out", base / "out")
     assert r.exit_code == 0, r.output

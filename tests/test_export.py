@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from vlcp.cli.main import cli
+from tests.conftest import cli_in
 from vlcp.store.cache import StageCache
 
 pytestmark = pytest.mark.e2e
@@ -26,13 +24,7 @@ RUN = ["distill", "--data", "digits", "--tiny", "--classes", "0,1", "--max-per-c
 def runs(tmp_path_factory, tiny_models_dir):
     """(cli runner, cache dir, {"full": OUT, "lora": OUT})."""
     base = tmp_path_factory.mktemp("export")
-    shutil.copytree(tiny_models_dir, base / "cache" / "models")
-    runner = CliRunner()
-
-    def vlcp(*args, cache=None):
-        pre = ["--cache-dir", str(cache or base / "cache"), "--data-dir", str(base / "data")]
-        return runner.invoke(cli, pre + [str(a) for a in args], catch_exceptions=False)
-
+    vlcp = cli_in(base, tiny_models_dir)
     outs = {}
     for method in ("full", "lora"):
         outs[method] = base / method
