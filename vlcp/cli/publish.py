@@ -1,13 +1,17 @@
 """``vlcp publish OUT REPO_ID``: a distilled set to a Hugging Face dataset repository, with its card.
 
 The card (``OUT/README.md``, ``vlcp.report.card``) is rewritten first, naming REPO_ID in its loading example;
-then huggingface_hub creates the repository (``exist_ok``) and uploads OUT in one commit, leaving out the
-per-process reports (``ranks/``) and anything hidden. ``hf upload REPO_ID OUT . --repo-type dataset`` does
-the same upload by hand (without the card refresh or the exclusions).
+then huggingface_hub creates the repository (``exist_ok``) and commits OUT in one commit, leaving out the
+per-process reports (``ranks/``) and anything hidden. The JSON files go as public copies: every string value
+that is an absolute local path (``/…``, ``~…``, ``C:\\…``; the card's ``public`` decides) is sent as the card
+shows it, ``…/<last part>``; the files on disk keep their full paths. ``hf upload REPO_ID OUT . --repo-type
+dataset`` does the upload by hand (without the card refresh, the exclusions or the hidden paths).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -28,7 +32,8 @@ IGNORE_PATTERNS = ["ranks/*", ".*", "*/.*"]
 @click.pass_obj
 def publish_cmd(obj: Ctx, out: Path, repo_id: str, private: bool, revision: str | None, token: str | None):
     """Upload the distilled set OUT to the Hugging Face dataset repository REPO_ID (user/name), with its
-    dataset card OUT/README.md (rewritten first unless you edited it and removed its vlcp marker line)."""
+    dataset card OUT/README.md (rewritten first unless you edited it and removed its vlcp marker line). The JSON
+    files go with their absolute local paths shown as .../name, as the card shows them; OUT itself is unchanged."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -46,9 +51,10 @@ def publish_cmd(obj: Ctx, out: Path, repo_id: str, private: bool, revision: str 
         raise click.ClickException(f"could not write {out / 'README.md'}: {exc}") from None
     if not obj.quiet:
         click.echo(f"card: {card}" if card else f"card: {out / 'README.md'} (edited by hand: left as it is)")
-    url = upload(out, repo_id, private=private, revision=revision, token=token)
+    url, ops = upload(out, repo_id, private=private, revision=revision, token=token)
     if not obj.quiet:
-        click.echo(f"uploaded {len(upload_files(out))} files to {url}")
+        hidden = sum(isinstance(op.path_or_fileobj, bytes) for op in ops)
+        click.echo(f"uploaded {len(ops)} files to {url} (local paths hidden in {hidden} JSON files)")
 
 
 def upload_files(out: Path) -> list[str]:
@@ -59,21 +65,65 @@ def upload_files(out: Path) -> list[str]:
     return list(filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS))
 
 
+def hide_paths(value: Any) -> Any:
+    """``value`` with every string of it (nested in lists and dicts, keys left as they are) passed through the
+    card's ``public``: an absolute local path becomes ``…/<its last part>``, any other string stays."""
+    from vlcp.report.card import public
+
+    if isinstance(value, dict):
+        return {k: hide_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [hide_paths(v) for v in value]
+    return public(value)
+
+
+def public_json(path: Path) -> bytes | None:
+    """The public copy of the JSON file ``path`` (its values with local paths hidden, written as
+    ``vlcp.store.output.write_json`` writes, so a vlcp file changes only where a path was), or None when it
+    names no local path (then the file goes as it is). A file that is not JSON cannot be checked: ValueError."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc.__class__.__name__}: {exc}): cannot check it for "
+                         f"local paths; fix or remove it before publishing") from None
+    hidden = hide_paths(value)
+    return None if hidden is value or hidden == value else (json.dumps(hidden, indent=2) + "\n").encode()
+
+
+def commit_operations(out: Path) -> list:
+    """What the upload commits (huggingface_hub ``CommitOperationAdd``s, in ``upload_files`` order): a JSON file
+    (``*.json``) that names a local path as its public copy (bytes), every other file from its path on disk.
+    Nothing on disk changes: ``vlcp`` still reads the manifest's full paths (e.g. ``data_dir``)."""
+    from huggingface_hub import CommitOperationAdd
+
+    ops = []
+    for rel in upload_files(out):
+        path = Path(out) / rel
+        copy = public_json(path) if rel.lower().endswith(".json") else None
+        ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=path if copy is None else copy))
+    return ops
+
+
 def upload(out: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-           token: str | None = None) -> str:
-    """Create the dataset repository (if missing) and upload OUT in one commit; returns the repository URL.
-    Any failure on the way (offline mode, the network, authentication, permissions) is one line, exit code 1."""
+           token: str | None = None) -> tuple[str, list]:
+    """Create the dataset repository (if missing) and commit ``commit_operations(out)`` in one commit; returns
+    the repository URL and the operations. Any failure on the way (a JSON file that is not JSON, offline mode,
+    the network, authentication, permissions) is one line, exit code 1."""
     from huggingface_hub import HfApi
 
     from vlcp import __version__
 
+    try:
+        ops = commit_operations(out)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private)
         if revision:
             api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=out, repo_type="dataset", revision=revision,
-                          ignore_patterns=IGNORE_PATTERNS, commit_message=f"vlcp {__version__}: upload {out.name}")
+        api.create_commit(repo_id, ops, repo_type="dataset", revision=revision,
+                          commit_message=f"vlcp {__version__}: upload {out.name}")
     except Exception as exc:  # noqa: BLE001 - huggingface_hub's, httpx's and OS errors alike: one line, no traceback
         raise click.ClickException(f"upload to {repo_id} failed: {exc.__class__.__name__}: {exc}") from None
-    return str(url)
+    return str(url), ops

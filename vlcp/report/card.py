@@ -190,11 +190,21 @@ def body(out: Path, m: dict, rows: list[tuple[str, str, int]], sub: str | None, 
 
 
 def public(value: Any) -> Any:
-    """A local absolute path as ``…/<its last part>``: a published card names no user's folders (the manifest,
-    uploaded beside it, still records them in full)."""
+    """A local absolute path (``/…``, ``~…``, ``C:\\…``) as ``…/<its last part>``: a published card names no
+    user's folders; ``vlcp publish`` hides the paths in the JSON files it uploads by this same rule."""
     if isinstance(value, str) and (value.startswith(("/", "~")) or (len(value) > 2 and value[1:3] in (":\\", ":/"))):
         return "…/" + value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     return value
+
+
+def public_values(value: Any) -> Any:
+    """``value`` with every string in it (nested in lists and dicts; keys kept) passed through ``public``: what
+    the report shows of a manifest's parameters."""
+    if isinstance(value, dict):
+        return {k: public_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public_values(v) for v in value]
+    return public(value)
 
 
 def _load(sub: str | None, repo_id: str | None) -> list[str]:
