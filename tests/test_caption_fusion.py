@@ -4,14 +4,24 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vlcp.data.datasets import load_dataset
 from vlcp.evaluation import caption_fusion as cf
 from vlcp.evaluation.evaluate import EvalConfig
 from vlcp.evaluation.protocols import make_protocol
 from vlcp.evaluation.samples import tensors_from_samples
+from vlcp.store import scalars
 from vlcp.store.cache import StageCache
+
+
+def curves(folder) -> dict[str, list[tuple[int, float]]]:
+    """Tag -> [(step, value)] of a TensorBoard run folder, read back with TensorBoard's own reader."""
+    ea = EventAccumulator(str(folder))
+    ea.Reload()
+    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
 
 
 def test_the_fused_head_sees_features_plus_text():
@@ -48,6 +58,8 @@ def test_one_hot_text_makes_noise_images_classifiable(tmp_path):
     _, blind = cf.train_fused(p, (noise, y[idx], 0 * eye[y[idx]], 10), (xt, yt, 0 * eye[yt]), 0, "cpu")
     assert text["accuracy"] > 0.98 and blind["accuracy"] < 0.3
     assert text["head_input"] == 128 + 10 and len(text["losses"]) == 5
+    # dc: SGD 0.01, x 0.1 from step 25 of 50 (10 per epoch): each epoch's first lr
+    assert text["lrs"] == pytest.approx([0.01, 0.01, 0.01, 0.001, 0.001])
 
 
 def test_prompts_of_a_distill_folder(tmp_path):
@@ -108,11 +120,24 @@ def test_fusion_row_is_separate_labelled_and_leaves_the_headline_unchanged(vlcp,
         str(c): {"name": str(c), "clusters": [{"prompt": f"digit {c}"}, {"prompt": f"the number {c}"}]}
         for c in range(10)}}))
     again = vlcp("evaluate", tmp_path / "d", "--data", "digits", "--seeds", "1", "--epochs", "2", "--caption-fusion",
-                 "--tiny", "--json", tmp_path / "d.json")
+                 "--tiny", "--json", tmp_path / "d.json", "--log-dir", tmp_path / "logs")
     assert again.exit_code == 0, again.output
-    texts = json.loads((tmp_path / "d.json").read_text())["caption_fusion"]["texts"]
+    res = json.loads((tmp_path / "d.json").read_text())
+    texts = res["caption_fusion"]["texts"]
     assert texts == {"train": {"prompts": 20, "captions": 0, "computed": 0, "cached": 0},
                      "test": {"prompts": 0, "captions": 359, "computed": 0, "cached": 359}}
+    # --log-dir: the fused classifier's curves beside the headline's, equal to what the JSON records
+    (run,) = (tmp_path / "logs").iterdir()
+    c = curves(run)
+    (seed,) = res["caption_fusion"]["seeds"]
+    assert sorted(t for t in c if "caption_fusion" in t) == [f"evaluate/caption_fusion/run0/{t}"
+                                                            for t in ("loss", "lr", "test_accuracy")]
+    assert "evaluate/dc-convnet3/run0/loss" in c
+    assert c["evaluate/caption_fusion/run0/loss"] == [(e + 1, pytest.approx(v, rel=1e-6))
+                                                      for e, v in enumerate(seed["losses"])]
+    assert c["evaluate/caption_fusion/run0/lr"] == [(1, pytest.approx(seed["lrs"][0])), (2, pytest.approx(seed["lrs"][1]))]
+    assert c["evaluate/caption_fusion/run0/test_accuracy"] == [(2, pytest.approx(seed["accuracy"], rel=1e-6))]
+    assert seed["accuracy"] * 100 == pytest.approx(res["caption_fusion"]["accuracy"]["per_seed"][0], abs=0.006)
 
 
 def test_fusion_bad_input_is_one_line(vlcp, tmp_path, monkeypatch):
@@ -161,3 +186,25 @@ def test_a_protocol_that_mixes_trains_the_fusion_row_without_cutmix(cache_dir):
     dc = cf.prepare(EvalConfig(data="digits", caption_fusion=True, tiny=True), make_protocol("dc", "digits", 2),
                     StageCache(cache_dir), "cpu")
     assert dc.changes == {} and dc.max_tokens == 32 and dc.prompt == cf.DEFAULT_PROMPT
+
+
+def test_fused_training_logs_loss_lr_and_test_accuracy_as_it_records_them(tmp_path, monkeypatch):
+    """train_fused in a --log-dir block: caption_fusion/run<seed>/ loss and lr per epoch (the lr x 0.1 from half the
+    steps, dc's schedule), the final test accuracy; no block: nothing written, not even TensorBoard's ./runs."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (20, 1, 8, 8), dtype=np.uint8), np.arange(20) % 10
+    eye = np.eye(10, dtype=np.float32)
+    p = make_protocol("dc", "digits", 2, aug="none", epochs=4, batch_size=10)
+    data, test = (x, y, eye[y], 10), (x[:10], y[:10], eye[y[:10]])
+    with scalars.logging_to(tmp_path / "logs", "evaluate-x") as log:
+        _, res = cf.train_fused(p, data, test, 3, "cpu")
+    c = curves(log.folder)
+    assert sorted(c) == [f"caption_fusion/run3/{t}" for t in ("loss", "lr", "test_accuracy")]
+    assert c["caption_fusion/run3/loss"] == [(e + 1, pytest.approx(v, rel=1e-6)) for e, v in enumerate(res["losses"])]
+    assert res["lrs"] == pytest.approx([0.01, 0.01, 0.001, 0.001])
+    assert c["caption_fusion/run3/lr"] == [(e + 1, pytest.approx(v, rel=1e-6)) for e, v in enumerate(res["lrs"])]
+    assert c["caption_fusion/run3/test_accuracy"] == [(4, pytest.approx(res["accuracy"], rel=1e-6))]
+    monkeypatch.chdir(tmp_path / "logs")
+    _, plain = cf.train_fused(p, data, test, 3, "cpu")
+    assert plain["losses"] == res["losses"]  # logging changes nothing
+    assert [f.name for f in (tmp_path / "logs").iterdir()] == ["evaluate-x"]

@@ -310,3 +310,51 @@ def test_ddranking_command_on_digits(vlcp, tmp_path):
     (tmp_path / "plain" / "0").mkdir(parents=True)
     r = vlcp("ddranking", tmp_path / "plain")
     assert r.exit_code == 2 and "pass --dataset" in r.output
+
+
+def test_each_full_accuracy_value_is_its_own_result(vlcp, tmp_path):
+    """--full-accuracy is a setting by its value: 80 and 90 land in two files, each with its own value and HLR;
+    80 again is the same file, every training memoised (nothing retrained)."""
+    assert vlcp("baseline", "--method", "random", "--data", "digits", "--ipc", "1", "--out", tmp_path / "b").exit_code == 0
+    args = ["ddranking", tmp_path / "b", "--score", "lrs-hard", "--model", "convnet3", "--runs", "1", "--epochs", "1"]
+    evals = tmp_path / "b" / "evaluations"
+
+    def run(value):
+        r = vlcp(*args, "--full-accuracy", value)
+        assert r.exit_code == 0, r.output
+        (path,) = [line.removeprefix("wrote ") for line in r.output.splitlines() if line.startswith("wrote ")]
+        return Path(path), json.loads(Path(path).read_text()), r.output
+
+    p80, r80, out80 = run(80)
+    p90, r90, out90 = run(90)
+    assert p80 != p90 and sorted(evals.glob("ddranking-*.json")) == sorted([p80, p90])
+    assert "2 trained, 0 cached" in out80 and "0 trained, 2 cached" in out90  # syn and rdm: not the full set
+    for res, value in ((r80, 80.0), (r90, 90.0)):
+        assert res["full_accuracy"] == {"value": value, "source": "user (--full-accuracy)"}
+        acc = res["accuracies"][0]
+        assert acc["full-hard"] == value
+        assert res["scores"]["lrs-hard"]["hlr"]["mean"] == pytest.approx(value - acc["syn-hard-aug"], abs=1e-3)
+    assert json.loads(p80.read_text()) == r80  # the 90 run left the 80 file as it was
+    again, r80b, out = run(80)
+    assert again == p80 and "0 trained, 2 cached" in out and len(list(evals.glob("ddranking-*.json"))) == 2
+    assert r80b["scores"] == r80["scores"] and r80b["accuracies"] == r80["accuracies"]
+
+
+def test_result_names_of_the_trained_full_accuracy_are_unchanged(tmp_path):
+    """A folder's existing result of the full-data accuracy vlcp trains keeps its name (the name never held the
+    value, only its source), so a rerun with those settings replaces it rather than adding a second file."""
+    from vlcp.evaluation.ddranking_scores import result_path
+    from vlcp.store.cache import stable_hash
+
+    source = "vlcp: trained once (seed 0), 3 epochs, hard labels, no augmentation"
+    res = {"protocol": {"name": "rded", "epochs": 3, "sources": {"x": "y"}}, "runs": 2, "images_per_class": {"0": 1},
+           "scores": {"ars": {}, "lrs-hard": {}}, "weights": {"lrs": 0.5, "ars": 0.5}, "teacher": {"source": "t"},
+           "full_accuracy": {"value": 71.25, "source": source}}
+    old = {"protocol": {"name": "rded", "epochs": 3}, "runs": 2, "images_per_class": {"0": 1},
+           "scores": ["ars", "lrs-hard"], "weights": {"lrs": 0.5, "ars": 0.5}, "teacher": "t", "full": source}
+    assert result_path(tmp_path, res) == tmp_path / "evaluations" / f"ddranking-{stable_hash(old, 10)}.json"
+    res["full_accuracy"]["value"] = 12.5  # the accuracy it reached is a result, not a setting
+    assert result_path(tmp_path, res).name == f"ddranking-{stable_hash(old, 10)}.json"
+    user = {**res, "full_accuracy": {"value": 71.25, "source": "user (--full-accuracy)"}}
+    other = {**res, "full_accuracy": {"value": 71.5, "source": "user (--full-accuracy)"}}
+    assert len({result_path(tmp_path, r) for r in (res, user, other)}) == 3

@@ -253,3 +253,50 @@ def test_bad_arguments_are_found_before_torch_is_imported(world):
         out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                              check=True).stdout.split()
         assert out == ["2", "False"], args
+
+
+def test_a_teacher_relabel_trains_logs_its_curves_and_one_from_the_cache_none(world, tmp_path):
+    """--log-dir: `--teacher auto` with no teacher in the cache trains one (vlcp.evaluation.training.train) and logs
+    relabel/rded-convnet3/teacher/...: the losses and lrs a rerun of the same training records, the test accuracy
+    its JSON records; the rerun that finds the teacher file trains nothing and makes no run folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vlcp.data.datasets import load_dataset
+    from vlcp.evaluation.protocols import Protocol
+    from vlcp.evaluation.samples import test_tensors, train_tensors
+    from vlcp.evaluation.training import train
+
+    shutil.copytree(world.set, tmp_path / "set", ignore=shutil.ignore_patterns("soft_labels", "evaluations"))
+    logs, data = tmp_path / "logs", world.root / "data"
+
+    def relabel(name):  # a cache of its own: no teacher yet (the module's world has one)
+        args = ["--cache-dir", tmp_path / "cache", "--data-dir", data, "relabel", tmp_path / "set", "--teacher", "auto",
+                "--crops", "2", "--name", name, "--model", "convnet3", "--teacher-epochs", "2", "--log-dir", logs]
+        r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    out = relabel("a")
+    (run,) = sorted(logs.iterdir())
+    assert run.name.startswith("relabel-set-") and f"training curves: {run}" in out
+    ea = EventAccumulator(str(run))
+    ea.Reload()
+    c = {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+    tag = "relabel/rded-convnet3/teacher/"
+    assert sorted(c) == [tag + t for t in ("accuracy", "loss", "lr", "test_accuracy")]
+    meta, _ = world.labels("a", tmp_path / "set")
+    tfile = json.loads(Path(meta["teacher"]["file"]).with_suffix(".json").read_text())
+    assert tfile["epochs"] == 2 and meta["teacher"]["file"].startswith(str((tmp_path / "cache").resolve()))
+    assert c[tag + "test_accuracy"] == [(2, pytest.approx(meta["teacher"]["accuracy"] / 100, abs=6e-5))]
+    # the same training again (CPU, same seed, same protocol as the teacher's JSON records): the same numbers
+    tp = Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in tfile["protocol"].items()})
+    ds = load_dataset("digits", data, "train")
+    _, res = train(tp, (*train_tensors(ds.samples, tp, False), 10), 0, "cpu",
+                   test=test_tensors(load_dataset("digits", data, "test").samples, tp, False), progress=False)
+    assert c[tag + "loss"] == [(1, pytest.approx(res["losses"][0], rel=1e-6)),
+                               (2, pytest.approx(res["losses"][1], rel=1e-6))]
+    assert c[tag + "lr"] == [(e, pytest.approx(v, rel=1e-6)) for e, v in zip((1, 2), res["lrs"])]
+    assert res["accuracy"] * 100 == pytest.approx(meta["teacher"]["accuracy"], abs=0.006)
+    again = relabel("b")  # the teacher file is found: nothing trains, no folder
+    assert world.labels("b", tmp_path / "set")[0]["teacher"]["file"] == meta["teacher"]["file"]
+    assert sorted(logs.iterdir()) == [run] and "training curves: none, nothing was trained" in again

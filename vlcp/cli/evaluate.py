@@ -15,8 +15,10 @@ log = logging.getLogger("vlcp")
 
 
 EVALUATE_LOG_DIR = log_dir_option("evaluate", "loss, lr and training accuracy per epoch and the test accuracy "
-                                              "when tested, as evaluate/<protocol>-<model>/run<seed>/..., and those "
-                                              "of a teacher vlcp trains", "<SYNTH_DIR name>")
+                                              "when tested, as evaluate/<protocol>-<model>/run<seed>/..., those "
+                                              "of a teacher vlcp trains, and with --caption-fusion the fused "
+                                              "classifier's, as evaluate/caption_fusion/run<seed>/...",
+                                              "<SYNTH_DIR name>")
 BASELINE_LOG_DIR = log_dir_option("baseline", "dm/dc: matching/loss per iteration; herding/kcenter: the feature "
                                               "net's loss, lr and accuracy per epoch")
 

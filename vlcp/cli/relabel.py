@@ -8,8 +8,13 @@ from pathlib import Path
 import click
 
 from vlcp.cli.common import Ctx, check_data, usage_error, user_errors
+from vlcp.cli.distill_options import log_dir as log_dir_option
+from vlcp.cli.distill_options import say_where_curves_went
 
 MODELS = ["convnet3", "convnet6", "resnetap10", "resnet18", "resnet18-modified", "resnet18-bn"]
+RELABEL_LOG_DIR = log_dir_option("relabel", "--teacher auto, when it trains the teacher: its loss, lr and training "
+                                            "accuracy per epoch and its test accuracy, as "
+                                            "relabel/rded-<model>/teacher/...")
 
 
 @click.command("relabel")
@@ -33,9 +38,10 @@ MODELS = ["convnet3", "convnet6", "resnetap10", "resnet18", "resnet18-modified",
                    "[default: auto: any vlcp teacher of the data, else rded's network].")
 @click.option("--teacher-epochs", type=click.IntRange(min=1), help="auto: epochs of a teacher vlcp trains [default: 50].")
 @click.option("--force", is_flag=True, help="Replace soft labels of the same name.")
+@click.option(*RELABEL_LOG_DIR[0], **RELABEL_LOG_DIR[1])
 @click.pass_obj
 def relabel_cmd(obj: Ctx, out: Path, teacher, data, crops, seed, temperature, min_scale, top_k, name, model,
-                teacher_epochs, force):
+                teacher_epochs, force, log_dir):
     """Store a teacher's soft labels of CROPS random crops of every image of OUT (a vlcp set, or any folder with
     its classes in OUT/train/) in OUT/soft_labels/NAME.safetensors + .json, for `vlcp evaluate OUT --soft-labels
     NAME`."""
@@ -67,8 +73,13 @@ def relabel_cmd(obj: Ctx, out: Path, teacher, data, crops, seed, temperature, mi
     cfg = rl.RelabelConfig(out=str(out), data=data, teacher=teacher, crops=crops, seed=seed, temperature=temperature,
                         min_scale=min_scale, top_k=top_k, name=name, model=model, teacher_epochs=teacher_epochs,
                         data_dir=str(obj.data_dir), device=obj.device, progress=not obj.quiet)
-    with user_errors():
+    from vlcp.store import scalars
+
+    # only a teacher `--teacher auto` trains now logs: one taken from the cache (or a file) trains nothing
+    with user_errors(), scalars.logging_to(log_dir, scalars.run_name("relabel", out)) as curves, \
+            scalars.section("relabel"):
         rec = rl.relabel(cfg, obj.cache())
+    say_where_curves_went(curves, obj.quiet)
     if obj.quiet:
         return
     t, a = rec["teacher"], rec["agreement"]

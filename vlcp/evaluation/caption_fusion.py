@@ -40,6 +40,7 @@ import numpy as np
 
 from vlcp.evaluation.protocols import EvalError
 from vlcp.models import captioner as captions
+from vlcp.store import scalars
 
 LABEL = ("caption concatenation [visual features ; CLIP text embedding of the image's caption]: vlcp's reading of "
          "the multi-modal paper's abstract (arXiv 2505.08605), not the authors' method")
@@ -225,9 +226,12 @@ def fused_accuracy(net, test: tuple, p, device: str, batch: int = 500) -> float:
     return correct / len(x)
 
 
-def train_fused(p, data: tuple, test: tuple, seed: int, device: str, progress: bool | str = False) -> tuple:
+def train_fused(p, data: tuple, test: tuple, seed: int, device: str, progress: bool | str = False,
+                curve: str | None = None) -> tuple:
     """Train a fresh fused net: ``data = (x, y, text, classes)``, ``test = (x, y, text)``; (net, result).
-    The protocol's optimiser, lr schedule, batch size and image augmentation; every random choice seeded."""
+    The protocol's optimiser, lr schedule, batch size and image augmentation; every random choice seeded.
+    ``curve``: the TensorBoard section (``--log-dir``) of its per-epoch ``loss`` and ``lr`` (the epoch's first, as
+    ``training.train`` records it) and its final ``test_accuracy``, by default ``caption_fusion/run<seed>``."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -245,13 +249,15 @@ def train_fused(p, data: tuple, test: tuple, seed: int, device: str, progress: b
     mean = torch.tensor(p.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(p.std, device=device).view(1, -1, 1, 1)
     xt, yt, tt = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(np.asarray(text, np.float32))
-    losses = []
+    losses, lrs = [], []
     for epoch in tqdm(range(p.epochs), desc=progress if isinstance(progress, str) else "fusion", leave=False,
                       disable=progress is False):
         perm, tot = torch.randperm(len(x), generator=g), 0.0
         for s in range(steps):
             for group in opt.param_groups:
                 group["lr"] = p.lr * lr_factor(p, epoch, epoch * steps + s, steps)
+            if s == 0:
+                lrs.append(opt.param_groups[0]["lr"])
             idx = perm[s * bs:(s + 1) * bs]
             xb = _augment(xt[idx].to(device).float() / 255, p, g, mean, std)
             loss = F.cross_entropy(net(xb, tt[idx].to(device)), yt[idx].to(device))
@@ -260,8 +266,14 @@ def train_fused(p, data: tuple, test: tuple, seed: int, device: str, progress: b
             opt.step()
             tot += float(loss.detach()) * len(idx)
         losses.append(tot / len(x))
-    return net, {"accuracy": fused_accuracy(net, test, p, device), "best_during_training": None,
-                 "losses": losses, "head_input": net.head.in_features}
+        with scalars.section(curve or f"caption_fusion/run{seed}"):
+            scalars.add("loss", losses[-1], epoch + 1)
+            scalars.add("lr", lrs[-1], epoch + 1)
+    acc = fused_accuracy(net, test, p, device)
+    with scalars.section(curve or f"caption_fusion/run{seed}"):
+        scalars.add("test_accuracy", acc, p.epochs)
+    return net, {"accuracy": acc, "best_during_training": None, "losses": losses, "lrs": lrs,
+                 "head_input": net.head.in_features}
 
 
 def evaluate_fused(fu: Fusion, cache, train: Split, test: Split, num_classes: int, seeds: int,

@@ -39,6 +39,7 @@ NEEDS = {"lrs-hard": ("syn-hard-aug", "rdm-hard-aug", "full-hard"),
          "lrs-soft": ("full-hard", "syn-hard", "syn-soft-aug", "rdm-soft-aug"),
          "ars": ("syn-soft-aug", "rdm-soft-aug", "syn-soft-naug", "rdm-soft-naug")}
 MEMO_VERSION = 1
+USER_FULL = "user (--full-accuracy)"  # full_accuracy.source of a value the user gave
 
 
 @dataclass
@@ -225,7 +226,7 @@ def _record(cfg: ScoreConfig, p: Protocol, train_ds, test_ds, counts: dict, ipc:
     """What ``vlcp ddranking`` saves: the setting, every accuracy (percent) and the scores."""
     from vlcp import __version__
 
-    full_source = None if full is None else "user (--full-accuracy)" if cfg.full_accuracy is not None else \
+    full_source = None if full is None else USER_FULL if cfg.full_accuracy is not None else \
         f"vlcp: trained once (seed 0), {cfg.full_epochs or p.epochs} epochs, hard labels, no augmentation"
     return {
         "kind": "ddranking", "vlcp_version": __version__, "synthetic": str(cfg.out), "dataset": train_ds.identity(),
@@ -242,11 +243,15 @@ def _record(cfg: ScoreConfig, p: Protocol, train_ds, test_ds, counts: dict, ipc:
 
 
 def result_path(folder: Path, res: dict) -> Path:
-    """``FOLDER/evaluations/ddranking-<hash of the settings>.json``."""
+    """``FOLDER/evaluations/ddranking-<hash of the settings>.json``. A user's ``--full-accuracy`` is a setting
+    by its value (as recorded, percent to 4 decimals): 80 and 90 are two results, 80 again the same file. The
+    full-data accuracy vlcp trains is named by its source, which holds its epochs (the name files of that
+    path always had); the value it reached is a result, not a setting."""
     from vlcp.store.cache import stable_hash
 
+    full = res["full_accuracy"]
     settings = {"protocol": {k: v for k, v in res["protocol"].items() if k != "sources"}, "runs": res["runs"],
                 "images_per_class": res["images_per_class"], "scores": sorted(res["scores"]),
                 "weights": res["weights"], "teacher": (res["teacher"] or {}).get("source"),
-                "full": res["full_accuracy"]["source"]}
+                "full": [full["source"], full["value"]] if full["source"] == USER_FULL else full["source"]}
     return Path(folder) / "evaluations" / f"ddranking-{stable_hash(settings, 10)}.json"
