@@ -18,9 +18,11 @@ ImageNet-1K, on 1 and 8 GPUs, follow from the rates.
     nice -n 10 python benchmarks/real_shapes.py --device cpu --quick   # a reduced smoke run, ~2 min on 2 cores
 
 ``--compare`` runs, in one process, the paths vlcp ran before issue 25 (greedy at batch 32 with the dynamic
-cache, reference captions one image per call, img2img in calls of 8 without channels_last) next to the new
+cache, reference captions one image per call, the VAE and img2img in NCHW, img2img in calls of 8) next to the new
 ones (batch from memory, hf and hf-static; reference batched with a generator per row; img2img in calls of
-32 with channels_last, then with the compiled UNet), prints the ratios and how many captions / pixels agree.
+32 with channels_last, then with the compiled UNet; full fine-tuning as 8 x 4 passes with checkpointing and
+AdamW's foreach kernel next to ``micro_batch.speed_for``'s plan from memory, channels_last and fused AdamW,
+then compiled), prints the ratios and how many captions / pixels agree.
 
 ``--quick`` is REDUCED and says so: LLaVA with 2 narrow layers per tower, 8 new tokens, batch 2; the UNet,
 VAE and fine-tuning at 64 px with 3 denoising steps, LoRA with checkpointing only. Its figures check the
@@ -175,28 +177,46 @@ def build_sd(s: rf.Setup, dtype=None):
     return pipe.to(s.device, dtype)
 
 
-def bench_latents(s: rf.Setup, pipe, res: int) -> float:
+def bench_latents(s: rf.Setup, pipe, res: int, channels_last: bool | None = None, tag: str = "") -> float:
+    """Images/s of ``latents.encode_images`` (``channels_last`` None: as vlcp runs it, NHWC on CUDA)."""
     from vlcp.method.latents import encode_images
 
     b = 1 if s.quick else 16
     imgs = rf.images(b)
     rf.reset_peak(s)
-    sec = rf.timed(s, lambda: encode_images(pipe.vae, imgs, res))
-    flops = rf.count_flops(lambda: encode_images(pipe.vae, imgs[:1], res))
-    s.rows.append((f"VAE encode, {res} px, batch {b}", f"{b / sec:.2f} images/s", rf.peak_gb(s),
+    sec = rf.timed(s, lambda: encode_images(pipe.vae, imgs, res, channels_last=channels_last))
+    flops = rf.count_flops(lambda: encode_images(pipe.vae, imgs[:1], res, channels_last=channels_last))
+    s.rows.append((f"VAE encode, {res} px, batch {b}{tag}", f"{b / sec:.2f} images/s", rf.peak_gb(s),
                    f"{rf.percent(rf.fraction(s, lambda g: rf.compute_fraction(g, flops, b / sec)))} of FLOP/s"))
     return b / sec
 
 
-def bench_finetune(s: rf.Setup, pipe, method: str, checkpointing: bool, res: int) -> float | None:
+def latents_section(s: rf.Setup, pipe, res: int, compare: bool) -> float:
+    """The VAE encoding rate as vlcp runs it; with ``compare``, first the NCHW path it ran before issue 25
+    (timed before the VAE is turned NHWC: the switch is one-way per model)."""
+    old = bench_latents(s, pipe, res, channels_last=False, tag=" (old: NCHW)") if compare else None
+    new = bench_latents(s, pipe, res)
+    if old:
+        s.compare.append(("VAE encode (channels_last on CUDA)", old, new, "images/s", "1e-5 on CPU "
+                          "(tests/test_throughput.py)"))
+    return new
+
+
+def bench_finetune(s: rf.Setup, pipe, method: str, checkpointing: bool | None, res: int, speed=None,
+                   accumulation: int = 1, tag: str = "") -> float | None:
+    """Seconds per micro-batch of ``b`` samples (an optimizer step of ``accumulation`` of them, divided), the
+    first step (warm-up, the memory probe, compilation) left out. ``speed``: a ``micro_batch.TrainSpeed``
+    (default: the plain eager path); ``checkpointing`` None lets ``micro_batch.plan`` choose."""
     import torch
 
     from vlcp.method import finetune
+    from vlcp.method.micro_batch import TrainSpeed
     from vlcp.store.cache import StageCache
 
     b = 1 if s.quick else 8
     steps = 1 if s.quick else 6
-    lat = np.random.default_rng(0).normal(size=(b * (steps + 1), 4, res // 8, res // 8)).astype(np.float32)
+    lat = np.random.default_rng(0).normal(size=(b * accumulation * (steps + 1), 4, res // 8, res // 8))
+    lat = lat.astype(np.float32)
     caps = ["a tench, a large fish held by a man in a green field"] * len(lat)
     unet0 = pipe.unet
     master = None
@@ -204,8 +224,9 @@ def bench_finetune(s: rf.Setup, pipe, method: str, checkpointing: bool, res: int
         master = type(unet0)(**_config("sd-v1-5-unet.json")).to(s.device, torch.float32)  # the fp32 master
     else:
         pipe.unet = type(unet0)(**_config("sd-v1-5-unet.json")).to(s.device, s.dtype)  # a fresh base per run
-    p = finetune.FinetuneParams(method=method, epochs=1, batch_size=b, accumulation=1, max_steps=steps + 1,
-                                gradient_checkpointing=checkpointing, checkpoint_every=10 ** 9)
+    p = finetune.FinetuneParams(method=method, epochs=1, batch_size=b, accumulation=accumulation,
+                                max_steps=steps + 1, gradient_checkpointing=checkpointing, checkpoint_every=10 ** 9,
+                                speed=speed or TrainSpeed())
     with tempfile.TemporaryDirectory() as d:
         rf.reset_peak(s)
         t = {}
@@ -220,19 +241,52 @@ def bench_finetune(s: rf.Setup, pipe, method: str, checkpointing: bool, res: int
 
         finetune._optimizer_step, real = clock(), finetune._optimizer_step
         try:
-            finetune.train(pipe, lat, caps, p, StageCache(d), "bench", progress=False, master_unet=master)
+            _, meta = finetune.train(pipe, lat, caps, p, StageCache(d), "bench", progress=False, master_unet=master)
         finally:
             finetune._optimizer_step = real
-        sec = float(np.mean(np.diff(t["steps"])))  # the first step (warm-up) is left out
+        sec = float(np.mean(np.diff(t["steps"]))) / accumulation  # the first step (warm-up) is left out
         peak = rf.peak_gb(s)
     pipe.unet = unet0
     del master
     fwd = _unet_flops(pipe, b, res)
-    k = 4 if checkpointing else 3  # backward ~ 2 forwards; checkpointing recomputes the forward once more
+    ran = meta["passes"]
+    k = 4 if ran["gradient_checkpointing"] else 3  # backward ~ 2 forwards; checkpointing recomputes the forward
     share = rf.fraction(s, lambda g: rf.compute_fraction(g, k * fwd, 1 / sec))
-    label = f"fine-tune {method}, batch {b}, {res} px, gradient checkpointing {'on' if checkpointing else 'off'}"
-    s.rows.append((label, f"{sec:.2f} s/step", peak, f"{rf.percent(share)} of FLOP/s ({k}x forward FLOPs)"))
+    label = f"fine-tune {method}, batch {b}, {res} px, gradient checkpointing " \
+            f"{'on' if ran['gradient_checkpointing'] else 'off'}"
+    if accumulation > 1:
+        label = f"fine-tune {method}, {b} x {accumulation} per step as {ran['micro_batch']} per pass, {res} px, " \
+                f"checkpointing {'on' if ran['gradient_checkpointing'] else 'off'}{tag}"
+    s.rows.append((label, f"{sec:.2f} s/step" if accumulation == 1 else f"{b / sec:.1f} samples/s", peak,
+                   f"{rf.percent(share)} of FLOP/s ({k}x forward FLOPs)"))
     return sec
+
+
+def finetune_section(s: rf.Setup, pipe, res: int, compare: bool) -> dict:
+    """{(method, checkpointing): (seconds per micro-batch of 8, peak GB)}: the rows of the stage table; with
+    ``compare``, full fine-tuning as it ran before issue 25 (8 x 4 passes, checkpointing on, eager, AdamW's
+    foreach kernel) and as ``vlcp distill`` runs it now (``micro_batch.speed_for``: the plan from memory,
+    channels_last, fused AdamW), then also compiled; their key is (method, "old"/"new"/"compiled")."""
+    from vlcp.method.micro_batch import speed_for
+
+    ft = {}
+    for method in ["lora"] if s.quick else ["full", "lora"]:
+        for ckpt in (True,) if s.quick else (True, False):
+            ft[(method, ckpt)] = (bench_finetune(s, pipe, method, ckpt, res), s.rows[-1][2])
+    if not compare:
+        return ft
+    method, acc, b = ("lora", 2, 1) if s.quick else ("full", 4, 8)
+    new = speed_for(s.device.split(":")[0])
+    runs = [("old", True, None, ""), ("new", None, new, " (new)")]
+    if not s.quick:  # inductor on a CPU compiles for minutes: the reduced run checks the eager paths only
+        runs.append(("compiled", None, speed_for(s.device.split(":")[0], compile_unet=True), " (new, compiled)"))
+    for name, ckpt, speed, tag in runs:
+        ft[(method, name)] = (bench_finetune(s, pipe, method, ckpt, res, speed, acc, tag or " (old)"), s.rows[-1][2])
+    old = ft[(method, "old")][0]
+    for name in [r[0] for r in runs[1:]]:
+        s.compare.append((f"fine-tuning {method} ({name})", b / old, b / ft[(method, name)][0], "samples/s",
+                          "the same update (tests/test_micro_batch.py)"))
+    return ft
 
 
 def _unet_flops(pipe, batch: int, res: int) -> int:
@@ -318,9 +372,9 @@ def estimate(rates: dict, ft_sec: dict, ipc: int = 10) -> list[tuple[str, float,
     micro = p.micro_batches(IMAGENETTE_IMAGES)  # 8 epochs x ceil(9469 / 8) micro-batches of 8
     out = [("captions", IMAGENETTE_IMAGES / rates["captions"][0] / 3600, rates["captions"][1]),
            ("latents", IMAGENETTE_IMAGES / rates["latents"][0] / 3600, rates["latents"][1])]
-    for (method, ckpt), (sec, peak) in ft_sec.items():
-        out.append((f"finetune {method} (ckpt {'on' if ckpt else 'off'}; {micro} micro-batches)",
-                    micro * sec / 3600, peak))
+    for (method, how), (sec, peak) in ft_sec.items():
+        how = {True: "ckpt on", False: "ckpt off"}.get(how, how)  # or old / new / compiled (--compare)
+        out.append((f"finetune {method} ({how}; {micro} micro-batches)", micro * sec / 3600, peak))
     n = ipc * IMAGENETTE_CLASSES
     out.append((f"synthesis ({n} images)", n / rates["synthesis"][0] / 3600, rates["synthesis"][1]))
     return out
@@ -356,10 +410,9 @@ def main(argv=None) -> int:
     res = 64 if a.quick else 512
     pipe = build_sd(s) if {"latents", "finetune", "synthesis"} & set(a.stages) else None
     if "latents" in a.stages:
-        rates["latents"] = (bench_latents(s, pipe, res), s.rows[-1][2])
-    for method in (["lora"] if a.quick else ["full", "lora"]) if "finetune" in a.stages else []:
-        for ckpt in ((True,) if a.quick else (True, False)):
-            ft[(method, ckpt)] = (bench_finetune(s, pipe, method, ckpt, res), s.rows[-1][2])
+        rates["latents"] = (latents_section(s, pipe, res, a.compare), s.rows[-1][2])
+    if "finetune" in a.stages:
+        ft = finetune_section(s, pipe, res, a.compare)
     if "synthesis" in a.stages:
         rates["synthesis"] = synthesis_section(s, pipe, res, a.compare)
     if "detector" in a.stages:

@@ -171,6 +171,28 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def test_vae_encoding_in_channels_last_is_the_plain_encoding(tiny_models_dir, tmp_path, images):
+    """The latents and training_latents stages on CUDA put the VAE and its input in NHWC: the same latents."""
+    import torch
+
+    from vlcp.method import latents
+    from vlcp.models.loading import load_img2img, resolve
+    from vlcp.models.tiny import TINY_SD
+    from vlcp.store.cache import StageCache
+
+    vae = load_img2img(resolve(str(tiny_models_dir / TINY_SD), StageCache(tmp_path / "c")), "cpu").vae
+    plain = latents.encode_images(vae, images, 32, channels_last=False)
+    pairs = latents.encode_training_pairs(vae, images, 32, channels_last=False)
+    assert not vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    fast = latents.encode_images(vae, images, 32, channels_last=True)
+    assert vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    fast_pairs = latents.encode_training_pairs(vae, images, 32, channels_last=True)
+    assert fast.shape == plain.shape == (6, 4, 16, 16) and pairs.shape == fast_pairs.shape == (6, 2, 4, 16, 16)
+    assert np.abs(plain).max() > 0.1 and not np.allclose(pairs[:, 0], pairs[:, 1])  # not flat: it can fail
+    np.testing.assert_allclose(fast, plain, atol=1e-5)
+    np.testing.assert_allclose(fast_pairs, pairs, atol=1e-5)
+
+
 @pytest.mark.skipif(not _cuda(), reason="needs CUDA: runs in benchmarks/cuda_checks.sh")
 def test_on_cuda_the_fast_paths_make_the_plain_paths_outputs(tiny_models_dir, tmp_path, images):
     """What decides whether hf-static may become the CUDA default: in fp16 on the GPU, the compiled static
@@ -197,3 +219,24 @@ def test_on_cuda_the_fast_paths_make_the_plain_paths_outputs(tiny_models_dir, tm
     fast = syn.sample(pipe, lat, prompts, [1, 2, 3, 4, 5], s, syn.speed_for("cuda"))
     assert pipe._vlcp_image_bytes[(4, 16, 16)] > 0  # the first call measured one image's peak
     assert np.abs(ref.astype(int) - fast.astype(int)).max() <= 2
+    # fine-tuning: the pass measured on the GPU (fits), fused AdamW, channels_last, no checkpointing where it fits
+    from dataclasses import replace
+
+    from vlcp.method import finetune
+    from vlcp.method import micro_batch as mb
+
+    lat = np.random.default_rng(2).normal(size=(20, 4, 16, 16)).astype(np.float32)
+    caps = [f"digit {i % 10}" for i in range(20)]
+    old = finetune.FinetuneParams(epochs=2, batch_size=4, accumulation=2, lr=1e-4, ema=False,
+                                  gradient_checkpointing=True)
+    runs = {}
+    for name, p in (("old", old), ("new", replace(old, gradient_checkpointing=None, speed=mb.speed_for("cuda")))):
+        pipe = load_img2img(resolve(str(tiny_models_dir / TINY_SD), cache, probe_file="model_index.json"), "cuda")
+        runs[name] = finetune.train(pipe, lat, caps, p, StageCache(tmp_path / name), "k", progress=False)
+    (w_old, m_old), (w_new, m_new) = runs["old"], runs["new"]
+    ran = m_new["passes"]
+    assert ran["fits"] >= 8 and ran["micro_batch"] == 8 and not ran["gradient_checkpointing"] and ran["halved"] == 0
+    assert ran["fused_optimizer"] and ran["channels_last"] and m_old["passes"]["gradient_checkpointing"]
+    np.testing.assert_allclose(m_new["losses"], m_old["losses"], rtol=2e-2)
+    worst = max(float(np.abs(w_new[k] - w_old[k]).max()) for k in w_old)
+    assert worst < 1e-3, worst  # 5 AdamW steps of lr 1e-4: rounding, not another update

@@ -117,6 +117,17 @@ distill_options = options(
     O("--finetune-lora-rank", type=click.IntRange(min=1), default=default("finetune_lora_rank"), show_default=True),
     O("--finetune-checkpoint-every", type=click.IntRange(min=1), default=default("finetune_checkpoint_every"),
       show_default=True, help="Steps between resumable checkpoints in the cache."),
+    O("--finetune-micro-batch", type=click.IntRange(min=1),
+      help="Samples per forward/backward pass: a multiple of --finetune-batch-size dividing batch size x "
+           "accumulation. The update is the same (the samples, flips, noise and weights of the recipe's "
+           "micro-batches), so it is in no key. [default: on CUDA the largest split that fits the free memory, "
+           "measured on one pass; elsewhere --finetune-batch-size]"),
+    O("--finetune-compile/--no-finetune-compile", default=default("finetune_compile"), show_default=True,
+      help="torch.compile the UNet being fine-tuned (inductor; minutes to compile once): float rounding may "
+           "differ. On CUDA, channels_last and fused AdamW are always on."),
+    O("--finetune-precision", type=choice("finetune_precision"), default=default("finetune_precision"),
+      show_default=True, help="Autocast while fine-tuning: fp16 with loss scaling as the reference (on CUDA; "
+                              "fp32 elsewhere), or bf16 (any device): a difference from the paper, in the key."),
     O("--finetune-ema/--no-finetune-ema", default=default("finetune_ema"), show_default=True,
       help="Keep an EMA of the weights and synthesise with it (the reference's --use_ema)."),
     O("--finetune-ema-decay", type=float, default=default("finetune_ema_decay"), show_default=True),
@@ -215,7 +226,8 @@ distill_options = options(
     O("--clip-batch-size", type=click.IntRange(min=1), default=default("clip_batch_size"), show_default=True),
     O("--mask-batch-size", type=click.IntRange(min=1), default=default("mask_batch_size"), show_default=True),
     O("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
-      help="Trade compute for UNet memory while fine-tuning. [default: on with CUDA, off on CPU]"),
+      help="Trade compute for UNet memory while fine-tuning. [default: on CUDA only when the micro-batch does not "
+           "fit without it (measured on one pass); off elsewhere]"),
     O(*DISTILL_LOG_DIR[0], **DISTILL_LOG_DIR[1]),
 
     optgroup.group("Output and run control",

@@ -29,18 +29,27 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from vlcp.method.micro_batch import _batch, _flips, training_batch
+from vlcp.method.micro_batch import (
+    Plan,
+    TrainSpeed,
+    _batch,
+    _flips,
+    as_layout,
+    prepare,
+    training_batch,
+)
 from vlcp.store import checkpoint, ddp, scalars
 from vlcp.store.cache import StageCache, stable_hash
 from vlcp.store.tensors import numpy_to_state, state_to_numpy
 
 VERSION = 2  # 2: EMA, clipping, accumulation, flips (the reference recipe)
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+PRECISIONS = ("fp16", "bf16")  # fp16: the reference's mixed precision (CUDA; fp32 elsewhere); bf16: a difference
 CHECKPOINT_STAGE = "finetune_checkpoint"
 
 
@@ -52,7 +61,7 @@ class FinetuneParams:
     lr: float | None = None  # default: 1e-5 full, 1e-4 lora
     max_steps: int | None = None  # optimizer steps
     lora_rank: int = 4
-    gradient_checkpointing: bool | None = None  # None: on for CUDA (reference), off on CPU (same result)
+    gradient_checkpointing: bool | None = None  # None: on CUDA only when needed to fit (plan), off elsewhere
     checkpoint_every: int = 1000  # optimizer steps between checkpoints (UNet + AdamW + EMA: ~14 GB each)
     seed: int = 0
     ema: bool = True  # reference: --use_ema
@@ -61,7 +70,8 @@ class FinetuneParams:
     accumulation: int = 4  # reference: --gradient_accumulation_steps 4 (batch 8 x 4 = 32 per step)
     flip: bool = True  # reference: --random_flip
     shard: ddp.Shard = ddp.ALONE  # data-parallel: this process's share of every micro-batch (not in the key)
-    fuse: int = 1  # recipe micro-batches per forward pass (vlcp/method/micro_batch.py; memory only, not in the key)
+    speed: TrainSpeed = TrainSpeed()  # how passes run (vlcp/method/micro_batch.py): memory and time, not in the key
+    precision: str = "fp16"  # autocast: fp16 as the reference (on CUDA), or bf16 (any device; changes results)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (1e-5 if self.method == "full" else 1e-4)
@@ -83,7 +93,9 @@ class FinetuneParams:
         d = asdict(self)
         d.pop("checkpoint_every")  # changes when we save, not what we learn
         d.pop("shard")  # how many processes share the work, not what is learned
-        d.pop("fuse")  # how the update is split into passes, not what it is
+        d.pop("speed")  # how the update is split into passes and run, not what it is
+        if self.precision == "fp16":
+            d.pop("precision")  # the default: keys made before the option stay valid
         d.pop("gradient_checkpointing")
         d["lr"] = self.learning_rate()
         if not self.ema:
@@ -174,6 +186,8 @@ class _State:
     ema: EMA | None
     sched: Any
     cuda: bool
+    amp: Any = None  # autocast dtype (None: fp32)
+    plan: Plan | None = None
     losses: list = field(default_factory=list)
 
 
@@ -196,14 +210,14 @@ def _setup(pipe, p: FinetuneParams, master_unet) -> _State:
             cast_training_params(unet, dtype=torch.float32)  # base stays half, adapter in fp32
     elif unet.dtype != torch.float32:
         unet.to(torch.float32)  # fallback without master_unet: fp16-rounded weights upcast (say so in meta)
-    if p.uses_gradient_checkpointing(device.type):
-        unet.enable_gradient_checkpointing()
     params = [q for q in unet.parameters() if q.requires_grad]
     ddp.same_start(params, p.shard)  # before the EMA copies them
-    opt = torch.optim.AdamW(params, lr=p.learning_rate(), weight_decay=1e-2)
-    scaler = torch.amp.GradScaler(device.type, enabled=cuda)
+    opt = torch.optim.AdamW(params, lr=p.learning_rate(), weight_decay=1e-2,
+                            **({"fused": True} if p.speed.fused_optimizer else {}))
+    amp = torch.bfloat16 if p.precision == "bf16" else torch.float16 if cuda else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # bf16 needs no loss scaling
     ema = EMA(params, p.ema_decay) if p.ema else None
-    return _State(pipe, unet, params, opt, scaler, ema, DDPMScheduler.from_config(pipe.scheduler.config), cuda)
+    return _State(pipe, unet, params, opt, scaler, ema, DDPMScheduler.from_config(pipe.scheduler.config), cuda, amp)
 
 
 def _micro_step(s: _State, latents: np.ndarray, captions: list[str], p: FinetuneParams, m: int, weight: float) -> float:
@@ -232,8 +246,8 @@ def _micro_step(s: _State, latents: np.ndarray, captions: list[str], p: Finetune
     with torch.no_grad():
         cond = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].to(device)
     target = noise if s.sched.config.prediction_type == "epsilon" else s.sched.get_velocity(z, noise, t)
-    with torch.autocast(device.type, enabled=s.cuda):
-        pred = unet(s.sched.add_noise(z, noise, t), t, cond).sample
+    with torch.autocast(device.type, dtype=s.amp, enabled=s.amp is not None):
+        pred = unet(as_layout(s.sched.add_noise(z, noise, t), p), t, cond).sample
     loss = F.mse_loss(pred.float(), target)  # Eq. 1
     s.scaler.scale(loss * (weight * share)).backward()
     return float(loss.detach()) * share
@@ -278,18 +292,13 @@ def train(pipe, latents: np.ndarray | Rows, captions: list[str], p: FinetunePara
         start, s.losses = saved["step"], saved["losses"]
         if s.ema:
             s.ema.updates = start
+    prepare(s, p, latents)
     s.unet.train()
     bar = tqdm(range(start, total), desc="finetune", initial=start, total=total, leave=False, disable=not progress)
     t0 = time.perf_counter()
     for step in bar:
         micro = range(step * p.accumulation, min((step + 1) * p.accumulation, n_micro))
-        if p.fuse > 1:  # the same micro-batches, `fuse` of them per pass
-            from vlcp.method.micro_batch import fused_micro_step
-
-            mine = sum(fused_micro_step(s, latents, captions, p, micro[i:i + p.fuse], 1 / len(micro))
-                       for i in range(0, len(micro), p.fuse)) / len(micro)
-        else:
-            mine = sum(_micro_step(s, latents, captions, p, m, 1 / len(micro)) for m in micro) / len(micro)
+        mine = _gradients(s, latents, captions, p, micro)
         loss = ddp.sum_value(mine, p.shard)  # the whole micro-batches' mean, whatever the process count
         _optimizer_step(s, p)
         s.losses.append(round(loss, 6))
@@ -299,6 +308,31 @@ def train(pipe, latents: np.ndarray | Rows, captions: list[str], p: FinetunePara
             _save(s, cache, ckpt_key, step + 1)  # the weights are the same in every process: one writes
     bar.close()
     return _finish(s, p, pipe, start, total, time.perf_counter() - t0, latents.ndim == 5)
+
+
+def _gradients(s: _State, latents, captions: list[str], p: FinetuneParams, micro: range) -> float:
+    """The accumulated gradients of one optimizer step's micro-batches, ``s.plan.fuse`` of them per pass;
+    returns this process's mean loss. A fused pass out of memory redoes the step at half the fuse (the draws
+    depend on (seed, m) only, so the step is the same); a single micro-batch out of memory is the error."""
+    import torch
+
+    from vlcp.method.micro_batch import fused_micro_step
+
+    while True:
+        fuse = s.plan.fuse
+        try:
+            if fuse == 1:
+                return sum(_micro_step(s, latents, captions, p, m, 1 / len(micro)) for m in micro) / len(micro)
+            return sum(fused_micro_step(s, latents, captions, p, micro[i:i + fuse], 1 / len(micro))
+                       for i in range(0, len(micro), fuse)) / len(micro)
+        except torch.OutOfMemoryError:
+            if fuse == 1:
+                raise
+            s.opt.zero_grad(set_to_none=True)
+            if s.cuda:
+                torch.cuda.empty_cache()
+            half = max(1, fuse // 2)
+            s.plan = replace(s.plan, micro_batch=half * p.batch_size, fuse=half, halved=s.plan.halved + 1)
 
 
 def _curves(s: _State, done: int) -> None:
@@ -322,6 +356,8 @@ def _finish(s: _State, p: FinetuneParams, pipe, start: int, total: int, seconds:
         q.grad = None
     s.opt.state.clear()
     s.unet.eval()
+    if p.speed.compile and s.unet is pipe.unet:  # LoRA: the pipeline's own UNet goes on to synthesis uncompiled
+        s.unet._compiled_call_impl = None  # what nn.Module.compile set (torch has no public undo)
     weights = trained_weights(s.unet, p.method)
     if s.unet is not pipe.unet:  # the fp32 master: its weights go into the pipeline's half-precision UNet
         pipe.unet.load_state_dict(s.unet.state_dict())
@@ -333,7 +369,8 @@ def _finish(s: _State, p: FinetuneParams, pipe, start: int, total: int, seconds:
             "params": p.key_parts(), "processes": p.shard.size,
             "trainable_parameters": sum(q.numel() for q in s.params),
             "flip": ("encoded" if encoded_flips else "latent-mirror") if p.flip else "off",
-            "master_weights": "upcast from half precision" if upcast else "fp32"}
+            "master_weights": "upcast from half precision" if upcast else "fp32",
+            "passes": {**asdict(s.plan), **{k: v for k, v in asdict(p.speed).items() if k != "micro_batch"}}}
     s.ema = None
     s.opt = None
     if s.cuda:
@@ -344,25 +381,3 @@ def _finish(s: _State, p: FinetuneParams, pipe, start: int, total: int, seconds:
 def drop_checkpoint(cache: StageCache, ckpt_key: str) -> bool:
     """Delete the fine-tuning checkpoint: call once the final weights are in the cache."""
     return checkpoint.drop(cache, CHECKPOINT_STAGE, ckpt_key)
-
-
-def loss_plot(losses: list[float], path_png, path_csv) -> str:
-    """finetune_loss.csv always (the report draws it as SVG), finetune_loss.png too when matplotlib is
-    installed; returns the name of the picture, or of the CSV without matplotlib."""
-    path_csv.write_text("step,loss\n" + "".join(f"{i},{v}\n" for i, v in enumerate(losses)))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return path_csv.name
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(len(losses)), losses, lw=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("denoising loss (Eq. 1)")
-    ax.set_title("vlcp finetune")
-    fig.tight_layout()
-    fig.savefig(path_png, dpi=100)
-    plt.close(fig)
-    return path_png.name

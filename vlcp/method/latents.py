@@ -30,13 +30,26 @@ def preprocess(img, resolution: int, crop: str = "none") -> np.ndarray:
     return a.transpose(2, 0, 1)
 
 
-def encode_images(vae, images: list, resolution: int, crop: str = "none") -> np.ndarray:
+def encode_images(vae, images: list, resolution: int, crop: str = "none",
+                  channels_last: bool | None = None) -> np.ndarray:
+    x = np.stack([preprocess(im, resolution, crop) for im in images])
+    return _encode(vae, x, channels_last)
+
+
+def _encode(vae, x: np.ndarray, channels_last: bool | None) -> np.ndarray:
+    """Posterior means x scaling factor of the CHW batch ``x``. ``channels_last`` (None: on CUDA, issue 25):
+    the VAE and its input in NHWC, the layout cuDNN's fast fp16 convolutions take; the same latents to
+    float rounding (tests/test_throughput.py)."""
     import torch
 
-    x = torch.from_numpy(np.stack([preprocess(im, resolution, crop) for im in images]))
-    x = x.to(vae.device, vae.dtype)
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(vae.device, vae.dtype)
+    if vae.device.type == "cuda" if channels_last is None else channels_last:
+        if not getattr(vae, "_vlcp_channels_last", False):
+            vae.to(memory_format=torch.channels_last)
+            vae._vlcp_channels_last = True
+        t = t.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        z = vae.encode(t).latent_dist.mean * vae.config.scaling_factor
     return z.float().cpu().numpy()
 
 
@@ -53,7 +66,7 @@ def training_view(img, resolution: int) -> np.ndarray:
     return (a / 127.5 - 1.0).transpose(2, 0, 1)
 
 
-def encode_training_pairs(vae, images: list, resolution: int) -> np.ndarray:
+def encode_training_pairs(vae, images: list, resolution: int, channels_last: bool | None = None) -> np.ndarray:
     """(N, 2, C, h, w) latents for fine-tuning: [:, 0] of the centre crop, [:, 1] of its mirror.
 
     The reference fine-tunes on centre crops (512 px; 32 px for CIFAR) with random horizontal flips,
@@ -62,12 +75,7 @@ def encode_training_pairs(vae, images: list, resolution: int) -> np.ndarray:
     different: the cached latent is the posterior *mean*, where the reference encodes a fresh sample
     (``latent_dist.sample()``) every step. Prototype latents stay as ``encode_images`` makes them.
     """
-    import torch
-
     x = np.stack([training_view(im, resolution) for im in images])
-    both = np.concatenate([x, x[..., ::-1]])  # CHW: the last axis is the width
-    t = torch.from_numpy(np.ascontiguousarray(both)).to(vae.device, vae.dtype)
-    with torch.inference_mode():
-        z = (vae.encode(t).latent_dist.mean * vae.config.scaling_factor).float().cpu().numpy()
+    z = _encode(vae, np.concatenate([x, x[..., ::-1]]), channels_last)  # CHW: the last axis is the width
     n = len(images)
     return np.stack([z[:n], z[n:]], axis=1)

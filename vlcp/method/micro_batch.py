@@ -1,16 +1,25 @@
-"""The fine-tuning micro-batch from memory, with the recipe's effective batch kept.
+"""How fine-tuning runs (issue 25): the micro-batch from memory, gradient checkpointing only when needed,
+channels_last, fused AdamW, a compiled UNet; the recipe's effective batch and update are kept.
 
 The reference updates once per 8 x 4 = 32 samples. SD's UNet normalises with GroupNorm (no batch
 statistics), so one forward/backward of 32 samples gives the same update as 4 of 8 when memory allows.
 To make it the *same* update and not just the same kind: a fused pass runs ``fuse`` consecutive recipe
 micro-batches (``FinetuneParams.batch_size`` each) in one forward/backward, each drawing its samples,
 flips, noise and timesteps from (seed, its recipe index m) exactly as ``finetune._micro_step`` does, and
-each weighted as that micro-step would weight it. Only memory use and float rounding change, so ``fuse``
-stays out of the cache key.
+each weighted as that micro-step would weight it. Only memory use and float rounding change, so nothing
+here is in the cache key.
+
+On CUDA ``plan`` measures the peak of one pass (zeros in, no optimizer step, gradients dropped after):
+first without gradient checkpointing, which is turned on only when the recipe's micro-batch does not fit
+next to the optimizer state; then it takes the largest whole split that fits. A pass that still runs out of
+memory is redone at half the size (``finetune._gradients``): the draws depend only on (seed, m), so the
+step is the same.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,7 +27,129 @@ import numpy as np
 from vlcp.store.cache import stable_hash
 
 if TYPE_CHECKING:
-    from vlcp.method.finetune import FinetuneParams, Rows
+    from vlcp.method.finetune import FinetuneParams, Rows, _State
+
+HEADROOM = 0.85  # of the memory left for passes: allocator fragmentation, cuDNN workspaces, the text encoder
+
+
+@dataclass(frozen=True)
+class TrainSpeed:
+    """How fine-tuning runs, never what it learns beyond float rounding: none of it is in the cache key."""
+    micro_batch: int | None = None  # samples per forward/backward; None: from memory (fit_memory) or the recipe's
+    fit_memory: bool = False  # CUDA: measure one pass, choose checkpointing and the micro-batch from it
+    channels_last: bool = False  # UNet and latents in NHWC, the layout cuDNN's fast convolutions use
+    fused_optimizer: bool = False  # AdamW's fused kernel: one launch for all parameters, not one per tensor
+    compile: str | None = None  # torch.compile backend of the UNet being trained (None: eager)
+
+
+def speed_for(device_type: str, micro_batch: int | None = None, compile_unet: bool = False) -> TrainSpeed:
+    """What ``vlcp distill`` runs: on CUDA the memory fit, channels_last and fused AdamW; inductor when asked."""
+    cuda = device_type == "cuda"
+    return TrainSpeed(micro_batch, fit_memory=cuda, channels_last=cuda, fused_optimizer=cuda,
+                      compile="inductor" if compile_unet else None)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``plan`` chose, recorded in the fine-tuning meta (``manifest.json``'s ``finetune.passes``)."""
+    micro_batch: int  # samples per pass
+    fuse: int  # recipe micro-batches per pass
+    gradient_checkpointing: bool
+    fits: int | None = None  # samples one pass may hold, as measured (None: not measured)
+    halved: int = 0  # times a pass ran out of memory and the step was redone at half the size
+
+
+def check_micro_batch(micro: int, batch_size: int, accumulation: int) -> None:
+    """An explicit ``--finetune-micro-batch`` must be whole recipe micro-batches and divide the update."""
+    effective = batch_size * accumulation
+    if micro % batch_size or effective % micro:
+        raise ValueError(f"must be a multiple of --finetune-batch-size ({batch_size}) that divides the update of "
+                         f"{effective} samples (batch size x accumulation), got {micro}")
+
+
+def plan(p: FinetuneParams, device_type: str, measure: Callable[[bool, int], float | None] | None = None,
+         available: float = 0.0) -> Plan:
+    """The passes of one optimizer step. ``measure(checkpointing, n)``: the peak bytes one pass of n samples
+    adds (None: out of memory); ``available``: the bytes passes may use. Without ``measure`` (off CUDA, or
+    not asked): the explicit micro-batch or the recipe's, checkpointing as configured (default on CUDA only)."""
+    requested = p.speed.micro_batch
+    if requested is not None:
+        check_micro_batch(requested, p.batch_size, p.accumulation)
+    if measure is None:
+        micro = requested or p.batch_size
+        return Plan(micro, micro // p.batch_size, p.uses_gradient_checkpointing(device_type))
+    probe = requested or p.batch_size
+    choices = [p.gradient_checkpointing] if p.gradient_checkpointing is not None else [False, True]
+    for ckpt in choices:
+        peak = measure(ckpt, probe)
+        fits = 0 if peak is None else int(available * HEADROOM // (peak / probe))
+        if fits >= probe:  # without checkpointing when the probed pass fits next to the optimizer state
+            break
+    micro = requested or micro_batch(p.batch_size * p.accumulation, p.batch_size, fits)[0]
+    return Plan(micro, micro // p.batch_size, ckpt, fits)
+
+
+def cuda_measure(s, p: FinetuneParams, shape: tuple) -> tuple[Callable[[bool, int], float | None], float]:
+    """(measure, available) for ``plan`` on the training's own UNet: one forward/backward of zeros with the
+    real text-conditioning shape; ``available`` leaves out the gradients and the AdamW state still to come."""
+    import torch
+
+    unet, dev = s.unet, s.unet.device
+
+    def measure(ckpt: bool, n: int) -> float | None:
+        set_checkpointing(unet, ckpt)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        try:
+            z = torch.zeros((n, *shape), device=dev)
+            ids = s.pipe.tokenizer([""] * n, padding="max_length", max_length=s.pipe.tokenizer.model_max_length,
+                                   return_tensors="pt").input_ids
+            with torch.no_grad():
+                cond = s.pipe.text_encoder(ids.to(s.pipe.text_encoder.device))[0].to(dev)
+            with torch.autocast(dev.type, dtype=s.amp, enabled=s.amp is not None):
+                pred = unet(z, torch.zeros(n, dtype=torch.long, device=dev), cond).sample
+            pred.float().pow(2).mean().backward()
+            torch.cuda.synchronize(dev)
+            grads = sum(q.grad.numel() * q.grad.element_size() for q in s.params if q.grad is not None)
+            return max(torch.cuda.max_memory_allocated(dev) - before - grads, 1)
+        except torch.OutOfMemoryError:
+            return None
+        finally:
+            for q in s.params:
+                q.grad = None
+            torch.cuda.empty_cache()
+
+    free, _ = torch.cuda.mem_get_info(dev)
+    free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    grads = sum(q.numel() * q.element_size() for q in s.params)
+    adam = 0 if s.opt.state else 2 * sum(q.numel() * 4 for q in s.params)  # exp_avg, exp_avg_sq in fp32
+    return measure, free - grads - adam
+
+
+def prepare(s: _State, p: FinetuneParams, latents) -> None:
+    """The passes (``micro_batch.plan``: measured on CUDA), then checkpointing, layout and compilation."""
+    import torch
+
+    measure, available = None, 0.0
+    s.unet.train()  # the probe runs the UNet as training will (checkpointing, if any, acts in training mode)
+    if p.speed.fit_memory and s.cuda:
+        shape = training_batch(latents, np.zeros(1, int), np.zeros(1, bool)).shape[1:]
+        measure, available = cuda_measure(s, p, shape)
+    s.plan = plan(p, s.unet.device.type, measure, available)
+    set_checkpointing(s.unet, s.plan.gradient_checkpointing)
+    if p.speed.channels_last:
+        s.unet.to(memory_format=torch.channels_last)
+    if p.speed.compile:
+        s.unet.compile(backend=p.speed.compile)
+
+
+def set_checkpointing(unet, on: bool) -> None:
+    if on:
+        unet.enable_gradient_checkpointing()
+    elif getattr(unet, "is_gradient_checkpointing", False):
+        unet.disable_gradient_checkpointing()
 
 
 def micro_batch(effective: int, requested_micro: int, fits: int | None) -> tuple[int, int]:
@@ -36,12 +167,6 @@ def micro_batch(effective: int, requested_micro: int, fits: int | None) -> tuple
     best = max((requested_micro * u for u in range(1, units + 1) if units % u == 0 and requested_micro * u <= fits),
                default=requested_micro)
     return best, effective // best
-
-
-def fuse_for(p: FinetuneParams, fits: int | None) -> int:
-    """How many recipe micro-batches one pass runs (``FinetuneParams.fuse``) when ``fits`` samples fit."""
-    micro, _ = micro_batch(p.batch_size * p.accumulation, p.batch_size, fits)
-    return micro // p.batch_size
 
 
 def fused_micro_step(s, latents, captions: list[str], p: FinetuneParams, ms: range | list[int],
@@ -76,12 +201,19 @@ def fused_micro_step(s, latents, captions: list[str], p: FinetuneParams, ms: ran
     with torch.no_grad():
         cond = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].to(device)
     target = noise if s.sched.config.prediction_type == "epsilon" else s.sched.get_velocity(z, noise, t)
-    with torch.autocast(device.type, enabled=s.cuda):
-        pred = unet(s.sched.add_noise(z, noise, t), t, cond).sample
+    with torch.autocast(device.type, dtype=s.amp, enabled=s.amp is not None):
+        pred = unet(as_layout(s.sched.add_noise(z, noise, t), p), t, cond).sample
     per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)  # Eq. 1 per sample
     loss = (per_sample * c).sum()
     s.scaler.scale(loss * weight).backward()
     return float(loss.detach())
+
+
+def as_layout(x, p: FinetuneParams):
+    """The UNet's input in the memory layout the UNet was put in (``TrainSpeed.channels_last``)."""
+    import torch
+
+    return x.contiguous(memory_format=torch.channels_last) if p.speed.channels_last else x
 
 
 # The draws of one recipe micro-batch, shared with vlcp/method/finetune.py (which imports them from here, so

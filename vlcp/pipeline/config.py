@@ -93,7 +93,10 @@ class DistillConfig:
     finetune_flip: bool = True  # the reference's --random_flip (flipped latents)
     finetune_data: str = "center-crop-pairs"  # the reference's Resize + CenterCrop + flip, or the prototype latents
     finetune_resolution: int | None = None  # center-crop-pairs: per dataset (32 CIFAR); None: the latents' resolution
-    gradient_checkpointing: bool | None = None  # None: on for CUDA (the reference), off on CPU
+    gradient_checkpointing: bool | None = None  # None: on CUDA only when needed to fit (measured), off on CPU
+    finetune_micro_batch: int | None = None  # samples per forward/backward; None: from memory on CUDA (same update)
+    finetune_compile: bool = False  # torch.compile the UNet being fine-tuned: speed only, in no key
+    finetune_precision: str = "fp16"  # the reference's fp16 mixed precision; bf16 changes results (keyed)
     object_masks: bool = False  # vlcp's reading of the multi-modal paper: foreground-weighted LOF/K-Means
     mask_prompt: str | None = None  # what CLIPSeg segments; None: the class name
     segmenter: str | None = None  # default CIDAS/clipseg-rd64-refined; a tiny one with --tiny
@@ -134,6 +137,14 @@ class DistillConfig:
         for name, allowed in CHOICES.items():
             if name != "detector_arch" or self.detector_arch is not None:  # None: chosen from the image size
                 _choice("--" + name.replace("_", "-"), getattr(self, name), allowed)
+        _at_least("--finetune-micro-batch", self.finetune_micro_batch, 1)
+        if self.finetune_micro_batch is not None:
+            from vlcp.method.micro_batch import check_micro_batch
+
+            try:
+                check_micro_batch(self.finetune_micro_batch, self.finetune_batch_size, self.finetune_accumulation)
+            except ValueError as exc:
+                raise ConfigError("--finetune-micro-batch", str(exc)) from None
         if self.finetune_resolution is not None and self.finetune_data != "center-crop-pairs":
             raise ConfigError("--finetune-resolution", "applies to --finetune-data center-crop-pairs "
                                                        "(prototype-latents trains on the prototype latents)")
@@ -257,6 +268,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "text_strategy": ("dcs", "label", "label+keywords", "llm"),
     "finetune_method": ("full", "lora"),
     "finetune_data": ("center-crop-pairs", "prototype-latents"),
+    "finetune_precision": ("fp16", "bf16"),
     "post_sample": ("none", "sas"),
     "select": ("sas", "relevance", "random"),
     "sas_anchor": ("prompt", "prototype", "centroid"),

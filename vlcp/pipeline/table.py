@@ -77,8 +77,9 @@ def _stages() -> list[Stage]:
               params=("finetune_method", "finetune_epochs", "finetune_batch_size", "finetune_lr",
                       "finetune_max_steps", "finetune_lora_rank", "finetune_ema", "finetune_ema_decay",
                       "finetune_max_grad_norm", "finetune_accumulation", "finetune_flip", "finetune_data",
-                      "clean_captions", "seed"),
-              unkeyed=("finetune_checkpoint_every", "gradient_checkpointing", "device"),
+                      "clean_captions", "seed"), selects=("finetune_precision",),
+              unkeyed=("finetune_checkpoint_every", "gradient_checkpointing", "finetune_micro_batch",
+                       "finetune_compile", "device"),
               inputs="caption keys, training latent keys (or the prototype latent keys with `--finetune-data "
                      "prototype-latents`), diffusion id@commit", models=("pipe",), enabled_by="finetune"),
         Stage("synthesis", synthesis, 1, "img2img from each prototype latent (noised to `--strength`, denoised "

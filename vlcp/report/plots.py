@@ -1,5 +1,6 @@
-"""The fine-tuning loss curve's geometry for the inline SVG that ``templates/report.html.j2`` draws:
-numbers only (no text from the folder), so the page needs no image file and no plotting library."""
+"""The fine-tuning loss curve: its geometry for the inline SVG that ``templates/report.html.j2`` draws
+(numbers only, no text from the folder, so the page needs no image file and no plotting library), and
+the CSV/PNG files ``vlcp distill`` writes into OUT."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,3 +48,25 @@ def loss_plot(losses: list[float], width: int = 720, height: int = 260) -> LossP
     return LossPlot(width=width, height=height, left=left, top=top, plot_width=pw, plot_height=ph,
                     raw=" ".join(xy(i, v) for i, v in pts), avg=" ".join(xy(i, v) for i, v in smooth),
                     high=f"{hi:.4g}", low=f"{lo:.4g}", last_step=n - 1, middle=left + pw / 2, window=window)
+
+
+def write_loss_files(losses: list[float], path_png, path_csv) -> str:
+    """The fine-tuning curve as files: finetune_loss.csv always (the report draws it as SVG), finetune_loss.png
+    too when matplotlib is installed; returns the name of the picture, or of the CSV without matplotlib."""
+    path_csv.write_text("step,loss\n" + "".join(f"{i},{v}\n" for i, v in enumerate(losses)))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return path_csv.name
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(len(losses)), losses, lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("denoising loss (Eq. 1)")
+    ax.set_title("vlcp finetune")
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=100)
+    plt.close(fig)
+    return path_png.name

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from vlcp.report.plots import write_loss_files
 from vlcp.store.cache import stable_hash
 
 if TYPE_CHECKING:
@@ -12,24 +13,30 @@ if TYPE_CHECKING:
 def finetune(run: Run, step: Step) -> None:
     """Fine-tune the UNet (or a LoRA adapter) on all (latent, caption) pairs with Eq. 1 (Algorithm 1, step 3)."""
     from vlcp.method import finetune as ft
+    from vlcp.method import micro_batch as mb
     from vlcp.method import text_prototypes as tp
 
     p, st = step.p, run.st
     fp = ft.FinetuneParams(p.finetune_method, p.finetune_epochs, p.finetune_batch_size, p.finetune_lr,
                            p.finetune_max_steps, p.finetune_lora_rank, p.gradient_checkpointing,
                            p.finetune_checkpoint_every, p.seed, p.finetune_ema, p.finetune_ema_decay,
-                           p.finetune_max_grad_norm, p.finetune_accumulation, p.finetune_flip)
+                           p.finetune_max_grad_norm, p.finetune_accumulation, p.finetune_flip,
+                           precision=p.finetune_precision)
     pairs = p.finetune_data == "center-crop-pairs"  # else the prototype latents, their mirror for a flip
     data_keys = st.train_keys if pairs else st.lat_keys
+    precision = {} if p.finetune_precision == "fp16" else {"precision": p.finetune_precision}  # fp16: keys as before
     st.ft_key = step.key(captions=stable_hash(st.cap_keys), latents=stable_hash(data_keys),
-                         model=run.refs.diffusion.identity)
+                         model=run.refs.diffusion.identity, **precision)
 
     texts = [tp.clean_caption(t) if p.clean_captions else t for t in st.captions]
 
     def compute(fp=fp):
+        from dataclasses import replace
+
         from vlcp.models import loading as models
 
-        st.trained_now = True
+        st.trained_now = True  # how the passes run: known once the device is (resolving auto imports torch)
+        fp = replace(fp, speed=mb.speed_for(_device_type(p.device), p.finetune_micro_batch, p.finetune_compile))
         full_fp32 = p.finetune_method == "full" and models.half_precision(models.torch_device(p.device))
         master = models.load_unet(run.refs.diffusion, p.device) if full_fp32 else None  # fp32 master weights
         if pairs:  # read per micro-batch
@@ -49,7 +56,16 @@ def finetune(run: Run, step: Step) -> None:
                                                                       "last_loss") if k in st.ft_entry.meta}}
     run.manifest["finetune"] = {k: v for k, v in st.ft_entry.meta.items() if k != "losses"}
     losses = st.ft_entry.meta["losses"]
-    run.writers.append(lambda tmp: ft.loss_plot(losses, tmp / "finetune_loss.png", tmp / "finetune_loss.csv"))
+    run.writers.append(lambda tmp: write_loss_files(losses, tmp / "finetune_loss.png", tmp / "finetune_loss.csv"))
+
+
+def _device_type(device: str) -> str:
+    """``cuda``, ``cpu`` or ``mps`` for the configured ``--device`` (``auto`` resolved), without loading a model."""
+    if device != "auto" and ":" not in device:
+        return device
+    from vlcp.models import loading as models
+
+    return models.torch_device(device).split(":")[0]
 
 
 def _train_together(run: Run, key: str, fp, compute):
