@@ -2,8 +2,10 @@
 no torch, speed, and the page as a person sees it in headless Chromium."""
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -109,6 +111,12 @@ class Page(HTMLParser):
 
     def text(self, key: str) -> str:
         return "".join(self.texts.get(key, []))
+
+
+def parameters(text: str) -> dict[str, str]:
+    """The "All parameters" table: name -> the JSON text shown."""
+    return {html.unescape(k): html.unescape(v) for k, v in
+            re.findall(r"<tr><th>([^<]*)</th><td>([^<]*)</td></tr>", text.split('<table class="params">', 1)[1])}
 
 
 def build_page(folder: Path) -> tuple[str, Page]:
@@ -271,6 +279,48 @@ def test_class_name_folder_and_caption_are_escaped(tmp_path):
     assert (folder / "train" / "a'b\"c" / "0000.png").is_file()
 
 
+def test_local_paths_show_as_the_card_shows_them_and_nothing_else_changes(tmp_path):
+    """Every field that can hold a local path (dataset folder, models, OUT, sources, detector, fine-tuning, the
+    SAS pool, a prototype's member) shows ``…/<name>``; model ids, URLs, class names with / stay; escaped."""
+    home = Path.home()
+    data = tmp_path / "my data" / "pets <img src=x onerror=alert(1)>"
+    extra = {"parameters": {"data": str(data), "ipc": 2, "text_strategy": "dcs", "out": str(tmp_path / "out"),
+                            "captions_from": [str(tmp_path / "caps.jsonl"), "~/caps2.jsonl"],
+                            "clip": "openai/clip-vit-base-patch32", "url": "https://example.org/a/b.tgz"},
+             "dataset": {"name": str(data), "root": str(data), "images": 4},
+             "models": {"diffusion": {"name": str(home / ".cache" / "vlcp" / "sd15"), "identity": "local:abc"},
+                        "clip": {"name": "openai/clip-vit-base-patch32", "identity": "openai/clip-vit-base-patch32@c1",
+                                 "revision": "c1"}},
+             "skipped_images": [{"source": str(data / "cat" / "bad.jpg"), "error": "bad.jpg: truncated"}],
+             "refinement": {"detector": {"model": "resnet18", "source": "C:\\Users\\me\\det.pt"},
+                            "replacements": {}, "per_class": {}},
+             "post_sampling": {"method": "sas", "pool": str(tmp_path / "pool")},
+             "finetune": {"base": str(home / "models" / "sd15-base"), "steps": 3}}
+    folder = make_folder(tmp_path / "out", classes=(("acdc", "AC/DC"), ("n02102040", "springer")), extra=extra)
+    protos = json.loads((folder / "prototypes.json").read_text())
+    protos["classes"]["acdc"]["clusters"][0]["member"] = str(data / "acdc" / "7.png")
+    (folder / "prototypes.json").write_text(json.dumps(protos))
+    text, page = build_page(folder)
+    for local in (str(tmp_path), f"{home}/", "C:", "~/"):
+        assert local not in text
+    name = "…/pets <img src=x onerror=alert(1)>"
+    assert "<img src=x" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text  # still escaped
+    assert page.text("title") == f"vlcp report: {name} IPC 2"
+    run = dict(zip(page.texts["dt"], page.texts["dd"]))
+    assert run["dataset"] == run["source"] == name and run["detector source"] == "…/det.pt"
+    assert run["pool"] == "…/pool" and run["base"] == "…/sd15-base" and run["detector"] == "resnet18"
+    assert "<td>diffusion</td><td>…/sd15</td><td>local:abc</td>" in text
+    assert "<td>clip</td><td>openai/clip-vit-base-patch32</td><td>openai/clip-vit-base-patch32@c1</td>" in text
+    assert page.text("ul.warn").endswith("…/bad.jpg: bad.jpg: truncated")
+    assert "score 3.00 · from …/7.png" in page.texts["p.meta"]
+    assert page.text("h3").count("AC/DC") == 1
+    assert f"--data {name} --json" in html.unescape(text)  # the "no evaluation yet" hint
+    assert parameters(text) == {
+        "data": f'"{name}"', "ipc": "2", "text_strategy": '"dcs"', "out": '"…/out"',
+        "captions_from": '["…/caps.jsonl", "…/caps2.jsonl"]', "clip": '"openai/clip-vit-base-patch32"',
+        "url": '"https://example.org/a/b.tgz"'}
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "has no manifest.json: not a folder written by vlcp distill"),
     ("{not json", "manifest.json is unreadable (JSONDecodeError"),
@@ -377,9 +427,14 @@ def test_500_images_under_2_seconds_without_torch(tmp_path):
 
 # in a browser --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
+def chromium() -> str:
+    """The browser, or a skip before the tiny run is made for nothing (module scope: it is asked first)."""
+    return browser_or_skip()
+
+
+@pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_models_dir):
-    """A real (tiny) distillation: 3 digit classes, IPC 2 (only made where the browser test can run)."""
-    browser_or_skip()
+    """A real (tiny) distillation: 3 digit classes, IPC 2; its cache and OUT are absolute local paths."""
     root = tmp_path_factory.mktemp("tiny_run")
     shutil.copytree(tiny_models_dir, root / "cache" / "models")
     res = CliRunner().invoke(cli, ["-q", "--cache-dir", str(root / "cache"), "distill", "--data", "digits", "--tiny",
@@ -414,8 +469,23 @@ def check_in_browser(browser: Browser, folder: Path, shot: Path) -> dict:
     return seen
 
 
-def test_report_in_headless_chromium(tmp_path, tiny_run):
-    exe = browser_or_skip()
+def test_a_real_report_names_no_local_folder(tiny_run):
+    """The page vlcp distill wrote (and `vlcp publish` uploads as it is) shows the cache's models and OUT as the
+    card does, ``…/<name>``: no absolute path of this machine, no home folder."""
+    text = (tiny_run / "report.html").read_text(encoding="utf-8")
+    cache = tiny_run.parent / "cache"
+    for local in (str(tiny_run.parent), str(cache), f"{Path.home()}/"):
+        assert local not in text
+    rows = parameters(text)
+    assert rows["out"] == '"…/out"'
+    assert rows["captioner"] == '"…/tiny-llava-v3"' and rows["diffusion"] == '"…/tiny-sd-v3"'
+    assert rows["data"] == '"digits"' and rows["data_dir"] == '"data"'  # not local paths: unchanged
+    assert "<td>captioner</td><td>…/tiny-llava-v3</td>" in text  # the models table
+    assert "<td>diffusion</td><td>…/tiny-sd-v3</td>" in text
+
+
+def test_report_in_headless_chromium(tmp_path, chromium, tiny_run):
+    exe = chromium
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     report.build(tiny_run)
     moved = tmp_path / "moved" / "run"  # the folder zipped and moved elsewhere still renders

@@ -66,15 +66,11 @@ def upload_files(out: Path) -> list[str]:
 
 
 def hide_paths(value: Any) -> Any:
-    """``value`` with every string of it (nested in lists and dicts, keys left as they are) passed through the
-    card's ``public``: an absolute local path becomes ``…/<its last part>``, any other string stays."""
-    from vlcp.report.card import public
+    """``value`` with every string of it (nested in lists and dicts, keys left as they are) shown as the card and
+    the report show it (``vlcp.report.card.public_values``): an absolute local path becomes ``…/<its last part>``."""
+    from vlcp.report.card import public_values
 
-    if isinstance(value, dict):
-        return {k: hide_paths(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [hide_paths(v) for v in value]
-    return public(value)
+    return public_values(value)
 
 
 def public_json(path: Path) -> bytes | None:

@@ -183,7 +183,8 @@ def body(out: Path, m: dict, rows: list[tuple[str, str, int]], sub: str | None, 
               *_evaluation(out, m), *_readings(out, m), "## Parameters", "",
               "Every parameter of the run, as `manifest.json` records it (`vlcp distill --config manifest.json` "
               "reruns it):", "", "| parameter | value |", "|---|---|",
-              *[f"| {md(k)} | {md(json.dumps(public(v), default=str, ensure_ascii=False))} |" for k, v in p.items()], "",
+              *[f"| {md(k)} | {md(json.dumps(public_values(v), default=str, ensure_ascii=False))} |"
+                for k, v in p.items()], "",
               *_license(m, name), "", "## Citation", "", "```bibtex", VLCP_BIBTEX, "", TOOL_BIBTEX % __version__,
               "```", ""]
     return "\n".join(parts)
@@ -199,7 +200,7 @@ def public(value: Any) -> Any:
 
 def public_values(value: Any) -> Any:
     """``value`` with every string in it (nested in lists and dicts; keys kept) passed through ``public``: what
-    the report shows of a manifest's parameters."""
+    the card and the report show of a manifest's parameters, and what ``vlcp publish`` sends of a JSON file."""
     if isinstance(value, dict):
         return {k: public_values(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -1,5 +1,6 @@
 """The data of the report's class grid: per class its synthetic images as cards, each with its cluster's
-text prototype (caption split into marked and plain words), refinement verdict and post-sampling scores."""
+text prototype (caption split into marked and plain words), refinement verdict and post-sampling scores. A
+source image's local absolute path shows as ``…/<file>`` (``card.public``)."""
 from __future__ import annotations
 
 import re
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from vlcp.report.card import public
 from vlcp.report.folder import Folder, as_dict, as_list, image_src
 from vlcp.report.sections import num
 
@@ -82,7 +84,7 @@ def prototype(rec: dict) -> Prototype:
     if "score" in rec:
         meta.append(f"score {num(rec.get('score'))}" + (_fallback(rec) if rec.get("fallback") else ""))
     if rec.get("member"):
-        meta.append(f"from {rec['member']}")
+        meta.append(f"from {public(rec['member'])}")
     prompt = rec.get("prompt")
     return Prototype(highlight(caption, rep, non) if caption else [], [(w, num(c)) for w, c in rw],
                      ", ".join(str(w) for w in non), " · ".join(meta),
@@ -106,7 +108,7 @@ def verdict(rep: dict | None, refined: bool, from_pool: dict | None = None) -> t
 
 def score_items(scores: dict | None) -> list[tuple[str, str]]:
     """Post-sampling scores of one image, whatever their names."""
-    return [(str(k), num(v, 3)) for k, v in (scores or {}).items()
+    return [(str(k), num(public(v), 3)) for k, v in (scores or {}).items()
             if isinstance(v, (str, int, float, bool)) or v is None]
 
 

@@ -10,7 +10,8 @@ exists and says what is missing or unreadable. Never imports torch: it runs at t
 
 This module reads the folder (``folder.py``), builds each section's data (``sections.py``,
 ``classes.py``, ``plots.py``) and renders ``templates/report.html.j2`` with autoescaping, so no class
-name, caption, prompt or path from the folder can add markup.
+name, caption, prompt or path from the folder can add markup; a local absolute path (dataset folder, models,
+OUT) shows as ``…/<its last part>`` (``card.public``, as on the card), since ``vlcp publish`` uploads the page.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
+from vlcp.report.card import public
 from vlcp.report.classes import classes_section
 from vlcp.report.folder import Folder, ReportError, load
 from vlcp.report.sections import (
@@ -73,7 +75,7 @@ def render(f: Folder) -> str:
             sections.append(Section(name, template, fn(f)))
         except Exception as exc:  # noqa: BLE001 - odd data in one section must not lose the page
             sections.append(Section(name, template, None, f"{exc.__class__.__name__}: {exc}"))
-    title = f"vlcp report: {dataset_name(f.manifest)} IPC {ipc_text(f)}"
+    title = f"vlcp report: {public(dataset_name(f.manifest))} IPC {ipc_text(f)}"
     return environment().get_template("report.html.j2").render(title=title, problems=f.problems, sections=sections)
 
 

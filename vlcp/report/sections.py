@@ -1,12 +1,15 @@
 """The data of the report's sections above the class grid (run, post-sampling, fine-tuning, refinement,
 evaluation): plain strings and dataclasses, formatted here so the templates only lay them out. None
-means the section has nothing to show; odd manifest values become text, never markup."""
+means the section has nothing to show; odd manifest values become text, never markup. A local absolute path
+(dataset folder, models, OUT, sources) shows as the card shows it (``card.public``: ``…/<its last part>``): the
+page is uploaded by ``vlcp publish`` as it is."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from typing import Any
 
+from vlcp.report.card import public, public_values
 from vlcp.report.folder import Folder, as_dict, as_list
 from vlcp.report.plots import LossPlot, loss_plot
 
@@ -75,25 +78,27 @@ def run_section(f: Folder) -> RunSection:
     """Dataset, IPC, models with revisions, stage table, warnings, skipped images, parameters."""
     m = f.manifest
     ds = as_dict(m.get("dataset"))
-    facts = [("dataset", dataset_name(m)), ("source", ds.get("source") or ds.get("root")),
+    facts = [("dataset", public(dataset_name(m))), ("source", public(ds.get("source") or ds.get("root"))),
              ("training images", ds.get("images")), ("IPC", ipc_text(f)), ("classes", len(f.images)),
              ("synthetic images", sum(len(v) for v in f.images.values())), ("vlcp", m.get("vlcp_version")),
              ("tiny models", "yes (noise, for tests)" if m.get("tiny") else None),
              ("total seconds", m.get("seconds")), ("defaults", m.get("defaults_source"))]
-    models = [[str(k), str(as_dict(v).get("name", v)), str(as_dict(v).get("identity", "")),
+    models = [[str(k), str(public(as_dict(v).get("name", v))), str(public(as_dict(v).get("identity", ""))),
                str(as_dict(v).get("revision") or "–")] for k, v in as_dict(m.get("models")).items()]
     stages = []
     for name, s in as_dict(m.get("stages")).items():
         s = as_dict(s)
         stages.append([str(name), "cached" if s.get("cached") else "computed", num(s.get("items_computed")),
                        num(s.get("items_cached")), "loaded" if s.get("model_loaded") else "–", num(s.get("seconds"))])
-    skipped = [f"{as_dict(s).get('source', s)}: {as_dict(s).get('error', '')}" for s in as_list(m.get("skipped_images"))]
+    skipped = [f"{public(as_dict(s).get('source', s))}: {as_dict(s).get('error', '')}"
+               for s in as_list(m.get("skipped_images"))]
     return RunSection(
         facts=[(k, num(v)) for k, v in facts if v not in (None, "")],
         models=Table(["role", "model", "identity", "revision"], models) if models else None, stages=stages,
         warnings=listing("Warnings", [str(w) for w in as_list(m.get("warnings"))]),
         skipped=listing("Skipped images", skipped),
-        parameters=[(str(k), json.dumps(v, default=str)) for k, v in as_dict(m.get("parameters")).items()])
+        parameters=[(str(k), json.dumps(public_values(v), default=str, ensure_ascii=False))
+                    for k, v in as_dict(m.get("parameters")).items()])
 
 
 # post-sampling and fine-tuning ---------------------------------------------------------------------
@@ -113,7 +118,7 @@ def post_sampling_section(f: Folder) -> PostSamplingSection | None:
     sheet = (f.root / "preview_pool.png").is_file()
     if not scalars and not sheet:
         return None
-    return PostSamplingSection([(str(k), num(v, 4)) for k, v in scalars.items()], sheet)
+    return PostSamplingSection([(str(k), num(public(v), 4)) for k, v in scalars.items()], sheet)
 
 
 @dataclass
@@ -130,7 +135,8 @@ def finetune_section(f: Folder) -> FinetuneSection | None:
     png = (f.root / "finetune_loss.png").is_file()
     if not f.losses and not ft and not png:
         return None
-    facts = [(str(k), num(v, 4)) for k, v in ft.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)]
+    facts = [(str(k), num(public(v), 4)) for k, v in ft.items()
+             if isinstance(v, (str, int, float)) and not isinstance(v, bool)]
     return FinetuneSection(facts, loss_plot(f.losses) if f.losses else None, png, len(f.losses), f.loss_source)
 
 
@@ -148,7 +154,7 @@ def refinement_section(f: Folder) -> RefinementSection | None:
     if not r:
         return None
     det = as_dict(r.get("detector"))
-    facts = [("detector", det.get("model")), ("detector source", det.get("source")),
+    facts = [("detector", public(det.get("model"))), ("detector source", public(det.get("source"))),
              ("detector epochs", det.get("epochs")), ("detector test accuracy (%)", det.get("accuracy")),
              ("β (defective if p ≤ β)", r.get("beta")), ("candidates per defective image", r.get("candidates")),
              ("top-k", r.get("top_k")), ("images replaced", len(as_dict(r.get("replacements"))))]
@@ -248,11 +254,13 @@ def evaluation_section(f: Folder) -> EvaluationSection:
             p for p in matching_published(f, e["dataset"] or dataset, e["ipc"], e["protocol"], e["model"])
             if p.get("method") == "VLCP"]
         rows.append(EvaluationRow(
-            e["model"], f"{e['protocol']}, soft labels {labels}" if labels else e["protocol"], num(e["ipc"]),
+            public(e["model"]), f"{e['protocol']}, soft labels {public(labels)}" if labels else e["protocol"],
+            num(e["ipc"]),
             num(e["epochs"]), num(e["seeds"]), e["final"], e["best"], e["best_label"], e["per_seed"],
             pm(paper[0]) if paper else None, str(paper[0].get("source", "")) if paper else "", e["file"]))
     ours = {(e["protocol"], e["model"]): e["final"] for e, labels in zip(evals, soft) if not labels}
-    return EvaluationSection(dataset, rows, fusion_items(f.evaluations), published_table(f, dataset, ipc, ours))
+    return EvaluationSection(public(dataset), rows, fusion_items(f.evaluations),
+                             published_table(f, dataset, ipc, ours))
 
 
 def fusion_items(evaluations: list[tuple[str, dict]]) -> list[FusionItem]:
@@ -261,7 +269,7 @@ def fusion_items(evaluations: list[tuple[str, dict]]) -> list[FusionItem]:
     for name, res in evaluations:
         fu, p = as_dict(res.get("caption_fusion")), as_dict(res.get("protocol"))
         if fu:
-            items.append(FusionItem(str(p.get("model", "?")), str(p.get("name", "?")), pm(fu.get("accuracy")),
+            items.append(FusionItem(str(public(p.get("model", "?"))), str(p.get("name", "?")), pm(fu.get("accuracy")),
                                     str(fu.get("note", "")), str(fu.get("label", "")), name))
     return items
 
@@ -281,4 +289,4 @@ def published_table(f: Folder, dataset: str, ipc: Any, ours: dict[tuple[str, str
     rows = [(model, proto, ours.get((proto, model)), [cells[(proto, model)].get(m, "–") for m in methods])
             for (proto, model) in cells]
     sources = "; ".join(sorted({str(e.get("source", "")) for e in entries}))
-    return PublishedTable(dataset, num(ipc), methods, rows, sources)
+    return PublishedTable(public(dataset), num(ipc), methods, rows, sources)
