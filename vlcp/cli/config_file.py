@@ -21,8 +21,14 @@ MANIFEST_SKIPS = ("data_dir", "device", "force", "progress", "warnings")
 def shipped() -> dict[str, object]:
     """The configs shipped in ``vlcp/configs`` (the paper's settings), by name (file name less .yaml)."""
     folder = resources.files("vlcp.configs")
-    return {f.name[:-len(".yaml")]: f for f in sorted(folder.iterdir(), key=lambda f: f.name)
+    return {f.name[:-len(".yaml")]: f for f in sorted(folder.iterdir(), key=lambda f: _order(f.name))
             if f.name.endswith(".yaml")}
+
+
+def _order(name: str) -> tuple:
+    """imagewoof-ipc10 before imagewoof-ipc20 before imagewoof-ipc100: the IPC as a number."""
+    stem, _, ipc = name.removesuffix(".yaml").rpartition("-ipc")
+    return (stem, int(ipc)) if ipc.isdigit() else (name, 0)
 
 
 def describe(text: str) -> str:
