@@ -328,11 +328,12 @@ def _gradients(s: _State, latents, captions: list[str], p: FinetuneParams, micro
         except torch.OutOfMemoryError:
             if fuse == 1:
                 raise
-            s.opt.zero_grad(set_to_none=True)
-            if s.cuda:
-                torch.cuda.empty_cache()
-            half = max(1, fuse // 2)
-            s.plan = replace(s.plan, micro_batch=half * p.batch_size, fuse=half, halved=s.plan.halved + 1)
+        # past the handler, so the failed pass's frames and activations are freed before the retry
+        s.opt.zero_grad(set_to_none=True)
+        if s.cuda:
+            torch.cuda.empty_cache()
+        half = max(1, fuse // 2)
+        s.plan = replace(s.plan, micro_batch=half * p.batch_size, fuse=half, halved=s.plan.halved + 1)
 
 
 def _curves(s: _State, done: int) -> None:

@@ -103,23 +103,17 @@ def cuda_measure(s, p: FinetuneParams, shape: tuple) -> tuple[Callable[[bool, in
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
         try:
-            z = torch.zeros((n, *shape), device=dev)
-            ids = s.pipe.tokenizer([""] * n, padding="max_length", max_length=s.pipe.tokenizer.model_max_length,
-                                   return_tensors="pt").input_ids
-            with torch.no_grad():
-                cond = s.pipe.text_encoder(ids.to(s.pipe.text_encoder.device))[0].to(dev)
-            with torch.autocast(dev.type, dtype=s.amp, enabled=s.amp is not None):
-                pred = unet(z, torch.zeros(n, dtype=torch.long, device=dev), cond).sample
-            pred.float().pow(2).mean().backward()
+            _probe_pass(s, shape, n)
             torch.cuda.synchronize(dev)
             grads = sum(q.grad.numel() * q.grad.element_size() for q in s.params if q.grad is not None)
-            return max(torch.cuda.max_memory_allocated(dev) - before - grads, 1)
+            peak = max(torch.cuda.max_memory_allocated(dev) - before - grads, 1)
         except torch.OutOfMemoryError:
-            return None
-        finally:
-            for q in s.params:
-                q.grad = None
-            torch.cuda.empty_cache()
+            peak = None
+        # past the handler: the failed pass's frames and the tensors they held are gone
+        for q in s.params:
+            q.grad = None
+        torch.cuda.empty_cache()
+        return peak
 
     free, _ = torch.cuda.mem_get_info(dev)
     free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
@@ -143,6 +137,19 @@ def prepare(s: _State, p: FinetuneParams, latents) -> None:
         s.unet.to(memory_format=torch.channels_last)
     if p.speed.compile:
         s.unet.compile(backend=p.speed.compile)
+
+
+def _probe_pass(s, shape: tuple, n: int) -> None:
+    """One forward/backward of n zero latents with empty-prompt conditioning, as a training pass runs it."""
+    import torch
+
+    dev, tok = s.unet.device, s.pipe.tokenizer
+    ids = tok([""] * n, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        cond = s.pipe.text_encoder(ids.to(s.pipe.text_encoder.device))[0].to(dev)
+    with torch.autocast(dev.type, dtype=s.amp, enabled=s.amp is not None):
+        pred = s.unet(torch.zeros((n, *shape), device=dev), torch.zeros(n, dtype=torch.long, device=dev), cond).sample
+    pred.float().pow(2).mean().backward()
 
 
 def set_checkpointing(unet, on: bool) -> None:
