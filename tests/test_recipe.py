@@ -73,6 +73,36 @@ def test_grad_scaler_state_round_trips_through_a_checkpoint(tmp_path):
     assert fresh.state_dict() == state and torch.equal(w2, w)
 
 
+def test_a_checkpoint_resumes_into_the_kernel_this_run_chose(tmp_path):
+    """A run interrupted on one machine (AdamW's foreach kernel) resumes with this run's kernel (fused on CUDA)
+    and the saved hyper-parameters and state; the same steps follow to float rounding."""
+    def make(fused):
+        w = torch.nn.Parameter(torch.arange(4.0))
+        return w, torch.optim.AdamW([w], lr=0.1, weight_decay=1e-2, **({"fused": True} if fused else {}))
+
+    w, opt = make(False)
+    for _ in range(3):
+        (w ** 2).sum().backward()
+        opt.step(), opt.zero_grad()
+    cache = StageCache(tmp_path / "c")
+    checkpoint.save(cache, "s", "k", {"w": w}, opt, {"step": 3})
+    for fused in (True, False):
+        w2, opt2 = make(fused)
+        opt2.param_groups[0]["lr"] = 0.5  # the saved hyper-parameters win
+        checkpoint.restore(cache.get("s", "k"), {"w": w2}, opt2, "cpu")
+        assert opt2.param_groups[0]["fused"] is (True if fused else None) and opt2.param_groups[0]["lr"] == 0.1
+        assert float(opt2.state[w2]["step"]) == 3 and torch.equal(w2, w)
+        (w2 ** 2).sum().backward()
+        opt2.step()
+        if not fused:
+            (w ** 2).sum().backward()
+            opt.step()
+            assert torch.allclose(w2, w, atol=1e-7)
+        else:
+            fused_next = w2.detach().clone()
+    assert torch.allclose(fused_next, w, atol=1e-6)
+
+
 def test_resume_is_exact_with_the_reference_recipe(tiny_models_dir, tmp_path, data, monkeypatch):
     lat, caps = data  # defaults: EMA, clip 1, accumulation 4, flips; 5 epochs x 3 micro-batches = 4 steps
     p = finetune.FinetuneParams(epochs=5, batch_size=8, lr=1e-3, checkpoint_every=2)

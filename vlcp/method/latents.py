@@ -42,7 +42,9 @@ def _encode(vae, x: np.ndarray, channels_last: bool | None) -> np.ndarray:
     float rounding (tests/test_throughput.py)."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(x)).to(vae.device, vae.dtype)
+    # a copy in torch's own (64-byte aligned) memory: CPU kernels round differently with the input's
+    # alignment, and a numpy array's depends on how it was allocated
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(vae.device, vae.dtype, copy=True)
     if vae.device.type == "cuda" if channels_last is None else channels_last:
         if not getattr(vae, "_vlcp_channels_last", False):
             vae.to(memory_format=torch.channels_last)

@@ -112,7 +112,11 @@ def restore(entry: Entry, weights: dict, opt, device, scaler=None, extra: dict |
         for n in names:
             a = entry.tensors[f"opt/{pid}/{n}"]
             state[int(pid)][n] = torch.from_numpy(a.copy()).to(device if a.ndim else "cpu")  # Adam's step stays on CPU
-    opt.load_state_dict({"state": state, "param_groups": layout["param_groups"]})
+    # the hyper-parameters as saved; the kernel choice (fused / foreach) as this run made the optimizer: a
+    # checkpoint of a CPU run resumed on CUDA gets the fused kernel, and the other way round
+    kernel = ("fused", "foreach", "capturable")
+    groups = [{**g, **{k: now[k] for k in kernel if k in now}} for g, now in zip(layout["param_groups"], opt.param_groups)]
+    opt.load_state_dict({"state": state, "param_groups": groups})
     if scaler is not None and "scaler" in entry.meta:
         scaler.load_state_dict(entry.meta["scaler"])
     return entry.meta
