@@ -236,6 +236,11 @@ def test_select_skips_unreadable_images_and_lists_them(vlcp, clip_cache, tmp_pat
     assert [Path(s["source"]).name for s in m["skipped_images"]] == ["broken.png"]
     assert m["classes"]["0"]["pool_images"] == 4 and m["classes"]["0"]["usable"] == 3
     assert "skipped 1 unreadable image(s)" in r.output
+    # the file relative to the pool the user gave; PIL's message quotes its absolute path, cut to the name
+    assert m["warnings"] == ["skipped 1 unreadable image(s) in the pool, e.g. 0/broken.png: "
+                             "cannot identify image file 'broken.png'"]
+    assert m["skipped_images"][0]["error"] == "broken.png: cannot identify image file 'broken.png'"
+    assert str(tmp_path) not in json.dumps(m["warnings"])
 
 
 @pytest.mark.e2e

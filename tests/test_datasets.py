@@ -53,6 +53,25 @@ def test_awkward_image_folder(tmp_path):
         assert s.load().mode == "RGB"
 
 
+def test_stored_messages_name_files_without_the_users_folders(tmp_path):
+    """A stored warning names the file under the folder the user gave (or by its name), and a decoder's message
+    loses the absolute path PIL quotes: ``vlcp publish`` hides only values that are a whole path."""
+    from vlcp.data.images import shown_path, without_paths
+
+    root = make_awkward_folder(tmp_path / "folder")
+    err = check_image(next(s for s in load_dataset(str(root), tmp_path).samples
+                           if s.source.endswith("corrupt.jpg")))["error"]
+    assert str(root) in err  # PIL quotes the path it was given
+    assert without_paths(err) == "corrupt.jpg: cannot identify image file 'corrupt.jpg'"
+    assert without_paths("[Errno 13] Permission denied: \"/home/me/it's.png\" and '~/a/b.jpg', 'C:\\\\u\\\\c.png'") == (
+        "[Errno 13] Permission denied: \"it's.png\" and 'b.jpg', 'c.png'")
+    assert without_paths("Truncated File Read; 'a/b.png' '/'") == "Truncated File Read; 'a/b.png' '/'"
+    assert shown_path(root / "n01440764" / "corrupt.jpg", root) == "n01440764/corrupt.jpg"
+    assert shown_path(str(root / "n01440764" / "corrupt.jpg"), str(root)) == "n01440764/corrupt.jpg"
+    assert shown_path("/elsewhere/x.jpg", root) == "x.jpg" and shown_path("/a/x.jpg", None) == "x.jpg"
+    assert shown_path("digits/train/3", None) == "digits/train/3"  # not a file: as it is
+
+
 def test_empty_class_is_a_clear_error(tmp_path):
     (tmp_path / "f" / "cat").mkdir(parents=True)
     (tmp_path / "f" / "dog").mkdir()

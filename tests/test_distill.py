@@ -229,3 +229,11 @@ def test_image_folder_with_corrupt_files(vlcp, tmp_path):
     assert m["images_per_class"] == {"n01440764": 8, "n02102040": 3}
     assert "skipped 3 unreadable image(s)" in r.output
     assert sorted(p.name for p in (tmp_path / "o" / "train").iterdir() if p.is_dir()) == ["n01440764", "n02102040"]
+    # the stored warning and errors name the file under the dataset folder, never the user's folders (PIL's own
+    # message quotes the absolute path; publish hides only whole-path values)
+    assert m["warnings"] == ["skipped 3 unreadable image(s) in the dataset folder, e.g. n01440764/corrupt.jpg: "
+                             "cannot identify image file 'corrupt.jpg'"]
+    assert sorted(s["error"] for s in m["skipped_images"]) == [
+        "corrupt.jpg: cannot identify image file 'corrupt.jpg'", "empty.png: cannot identify image file 'empty.png'",
+        "truncated.jpg: Truncated File Read"]
+    assert str(tmp_path) not in (tmp_path / "o" / "report.html").read_text()

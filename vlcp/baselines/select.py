@@ -110,7 +110,7 @@ def pixel_digests(cache: StageCache, pcs: list[PoolClass]) -> list[dict]:
     """Fill each class's usable files and pixel hashes (memoised per file path, size and mtime).
 
     Returns the skipped (unreadable) files; a memo hit decodes nothing."""
-    from vlcp.data.images import BadImage
+    from vlcp.data.images import BadImage, without_paths
 
     skipped = []
     for pc in pcs:
@@ -125,7 +125,7 @@ def pixel_digests(cache: StageCache, pcs: list[PoolClass]) -> list[dict]:
 
             digest = cache.memo(PIXEL_MEMO, stable_hash([str(f.resolve()), st.st_size, st.st_mtime_ns]), compute)
             if digest.startswith("bad: "):
-                skipped.append({"source": str(f), "error": digest[5:]})
+                skipped.append({"source": str(f), "error": without_paths(digest[5:])})  # PIL quotes the path
             else:
                 pc.usable.append(f)
                 pc.digests.append(digest)
@@ -154,6 +154,7 @@ def check_counts(pcs: list[PoolClass], ipc: int, allow_duplicates: bool, classes
 def run(cfg: SelectConfig, cache: StageCache) -> dict:
     """Select, write ``cfg.out`` atomically, return the manifest."""
     from vlcp import __version__
+    from vlcp.data.images import shown_path
     from vlcp.store.output import check_out, publish
     from vlcp.store.runner import Lazy
 
@@ -176,8 +177,10 @@ def run(cfg: SelectConfig, cache: StageCache) -> dict:
     pcs = read_pool(Path(cfg.pool), name, classes)
     skipped = pixel_digests(cache, pcs)
     warnings = check_counts(pcs, cfg.ipc, cfg.allow_duplicates, classes)
-    if skipped:
-        warnings.append(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]['source']}")
+    if skipped:  # the file relative to the pool the user gave: publish hides whole-path values only
+        first, error = skipped[0]["source"], skipped[0]["error"]
+        warnings.append(f"skipped {len(skipped)} unreadable image(s) in the pool, e.g. "
+                        f"{shown_path(first, cfg.pool)}: {error.removeprefix(Path(first).name + ': ')}")
     ref = clip.resolve_clip(cfg.clip_model, cfg.tiny, cache)
     model = Lazy(lambda: clip.load_clip(ref, cfg.device))
     files = [f for pc in pcs for f in pc.usable]

@@ -1,6 +1,7 @@
 """Robust image I/O: any file PIL can read becomes an upright RGB image; anything else is BadImage."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
@@ -41,3 +42,23 @@ def open_rgb(path: str | Path):
             return to_rgb(img)
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise BadImage(f"{Path(path).name}: {exc}") from None
+
+
+# a quoted absolute path (POSIX, ~, or a drive letter), as PIL and the OS quote the file they failed on
+_QUOTED_PATH = re.compile(r"""(['"])(?:/|~|[A-Za-z]:[\\/])(?:(?!\1).)*?((?:(?!\1)[^\\/])+)\1""")
+
+
+def shown_path(path: str | Path, root: str | Path | None) -> str:
+    """``path`` relative to ``root`` (the folder the user gave), else its file name where it is absolute: what a
+    stored message names, so that the user still finds the file and a published manifest names no local folder
+    (``vlcp publish`` hides only values that are a whole path)."""
+    p = Path(path)
+    if root is not None and p.is_relative_to(root):
+        return p.relative_to(root).as_posix()
+    return p.name if p.is_absolute() else p.as_posix()
+
+
+def without_paths(text: str) -> str:
+    """``text`` with each quoted absolute path cut to its file name: a decoder's message stored as a warning or
+    a skipped image's error (a cached one may quote the path of another file with the same bytes)."""
+    return _QUOTED_PATH.sub(lambda m: f"{m[1]}{m[2]}{m[1]}", text)

@@ -75,6 +75,7 @@ def _imported_captions(run: Run, path: str | None, missing_policy: str) -> tuple
                            f"{', '.join(missing[:3])}; pass --missing-captions caption to caption them with the "
                            f"captioner")
     if missing:
-        run.warn(f"{len(missing)} of {len(rel)} images have no caption in {path}: the captioner describes them")
+        run.warn(f"{len(missing)} of {len(rel)} images have no caption in {Path(path).name} (--captions-from), e.g. "
+                 f"{', '.join(missing[:3])}: the captioner describes them")  # the name: publish hides whole paths only
     run.manifest["imported_captions"] = {"file": str(path), "matched": len(found), "captioned": len(missing)}
     return found, file_digest(path)

@@ -1,6 +1,7 @@
 """Stage ``images`` of ``vlcp distill`` (see the table); its row is in ``vlcp/pipeline/table.py``."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -10,12 +11,15 @@ if TYPE_CHECKING:
 def images(run: Run, step: Step) -> None:
     """Decode each file once (cached per content hash); drop the unreadable ones."""
     from vlcp.data.datasets import DatasetError, check_image
+    from vlcp.data.images import shown_path, without_paths
 
     ds = run.ds
     keys = [step.key(image=s.digest) for s in ds.samples]
     entries, rep = step.items(keys, lambda idx: ((check_image(ds.samples[i]), None) for i in idx), 64)
     ok = [e is None or e.meta["ok"] for e in entries]  # a dry run assumes unchecked images are fine
-    skipped = [{"source": s.source, "error": e.meta["error"]} for s, e, k in zip(ds.samples, entries, ok) if not k]
+    # the error as PIL words it quotes the file's absolute path: cut to its name (publish hides whole paths only)
+    skipped = [{"source": s.source, "error": without_paths(e.meta["error"])}
+               for s, e, k in zip(ds.samples, entries, ok) if not k]
     run.st.samples = [s for s, k in zip(ds.samples, ok) if k]
     run.st.by_class = [[] for _ in ds.classes]  # one pass: a scan per class is quadratic at 1000 classes
     for i, s in enumerate(run.st.samples):
@@ -23,7 +27,9 @@ def images(run: Run, step: Step) -> None:
     rep.details = {**rep.details, "skipped": len(skipped)}
     run.manifest["skipped_images"] = skipped
     if skipped:
-        run.warn(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]['source']}: {skipped[0]['error']}")
+        first, error = skipped[0]["source"], skipped[0]["error"]
+        run.warn(f"skipped {len(skipped)} unreadable image(s) in the dataset folder, e.g. "
+                 f"{shown_path(first, ds.root)}: {error.removeprefix(Path(first).name + ': ')}")
     for c, idx in enumerate(run.st.by_class):
         if not idx:
             raise DatasetError(f"class {ds.classes[c].folder!r} has no usable images")
