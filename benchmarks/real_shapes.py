@@ -21,8 +21,8 @@ ImageNet-1K, on 1 and 8 GPUs, follow from the rates.
 cache, reference captions one image per call, the VAE and img2img in NCHW, img2img in calls of 8) next to the new
 ones (batch from memory, hf and hf-static; reference batched with a generator per row; img2img in calls of
 32 with channels_last, then with the compiled UNet; full fine-tuning as 8 x 4 passes with checkpointing and
-AdamW's foreach kernel next to ``micro_batch.speed_for``'s plan from memory, channels_last and fused AdamW,
-then compiled), prints the ratios and how many captions / pixels agree.
+AdamW's foreach kernel next to ``micro_batch.speed_for``'s plan from memory and fused AdamW, then with
+channels_last, then compiled), prints the ratios and how many captions / pixels agree.
 
 ``--quick`` is REDUCED and says so: LLaVA with 2 narrow layers per tower, 8 new tokens, batch 2; the UNet,
 VAE and fine-tuning at 64 px with 3 denoising steps, LoRA with checkpointing only. Its figures check the
@@ -265,8 +265,8 @@ def bench_finetune(s: rf.Setup, pipe, method: str, checkpointing: bool | None, r
 def finetune_section(s: rf.Setup, pipe, res: int, compare: bool) -> dict:
     """{(method, checkpointing): (seconds per micro-batch of 8, peak GB)}: the rows of the stage table; with
     ``compare``, full fine-tuning as it ran before issue 25 (8 x 4 passes, checkpointing on, eager, AdamW's
-    foreach kernel) and as ``vlcp distill`` runs it now (``micro_batch.speed_for``: the plan from memory,
-    channels_last, fused AdamW), then also compiled; their key is (method, "old"/"new"/"compiled")."""
+    foreach kernel) and as ``vlcp distill`` runs it now (``micro_batch.speed_for``: the plan from memory, fused
+    AdamW), then with channels_last and compiled (the opt-in flags); their key is (method, "old"/"new"/...)."""
     from vlcp.method.micro_batch import speed_for
 
     ft = {}
@@ -276,10 +276,11 @@ def finetune_section(s: rf.Setup, pipe, res: int, compare: bool) -> dict:
     if not compare:
         return ft
     method, acc, b = ("lora", 2, 1) if s.quick else ("full", 4, 8)
-    new = speed_for(s.device.split(":")[0])
-    runs = [("old", True, None, ""), ("new", None, new, " (new)")]
+    dev = s.device.split(":")[0]
+    runs = [("old", True, None, ""), ("new", None, speed_for(dev), " (new)"),
+            ("channels_last", None, speed_for(dev, channels_last=True), " (new, --finetune-channels-last)")]
     if not s.quick:  # inductor on a CPU compiles for minutes: the reduced run checks the eager paths only
-        runs.append(("compiled", None, speed_for(s.device.split(":")[0], compile_unet=True), " (new, compiled)"))
+        runs.append(("compiled", None, speed_for(dev, compile_unet=True), " (new, --finetune-compile)"))
     for name, ckpt, speed, tag in runs:
         ft[(method, name)] = (bench_finetune(s, pipe, method, ckpt, res, speed, acc, tag or " (old)"), s.rows[-1][2])
     old = ft[(method, "old")][0]

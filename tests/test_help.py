@@ -63,8 +63,8 @@ def test_every_distill_option_is_in_exactly_one_section():
     options = [p.opts[0] for p in cli.commands["distill"].params
                if p.expose_value or p.name in ("config", "list_configs")]
     options = [o for o in options if o not in ("-h", "--help")]
-    assert len(options) == 86  # 78 of the flat command, --config, --list-configs, --log-dir, --caption-engine,
-    # --synthesis-compile, --finetune-micro-batch, --finetune-compile, --finetune-precision
+    assert len(options) == 87  # 78 of the flat command, --config, --list-configs, --log-dir, --caption-engine,
+    # --synthesis-compile, --finetune-micro-batch, --finetune-compile, --finetune-precision, --finetune-channels-last
     assert sorted(listed) == sorted(options) and len(listed) == len(set(listed))
     assert found[None] == ["-h"]  # only --help stands outside the sections
     assert all(found[s] for s in SECTIONS)

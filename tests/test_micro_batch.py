@@ -220,3 +220,45 @@ def test_the_cli_refuses_a_micro_batch_that_splits_the_recipe(vlcp, tmp_path):
     assert "Traceback" not in r.output and not (tmp_path / "o").exists()
     r = vlcp(*run, "--finetune-precision", "fp8")
     assert r.exit_code == 2 and "fp16" in r.output and "bf16" in r.output
+
+
+def test_a_resumed_run_in_channels_last_with_fused_adamw_is_the_uninterrupted_one(tiny_models_dir, tmp_path, data,
+                                                                                   monkeypatch):
+    """The checkpoint's AdamW state comes back NCHW; the weights are turned channels_last after it: the state must
+    follow (the fused kernel pairs elements by memory order: on the CPU a mismatch silently mixes them up)."""
+    lat, caps = data
+    p = finetune.FinetuneParams(epochs=4, batch_size=8, lr=1e-4, accumulation=4, max_steps=3, ema=False,
+                                checkpoint_every=1, speed=TrainSpeed(channels_last=True, fused_optimizer=True))
+    whole_w, whole = _train(tiny_models_dir, tmp_path / "whole", data, p)
+    real = finetune._micro_step
+
+    def dies_in_step_3(s, latents, captions, p, m, weight):
+        if m == 8:
+            raise KeyboardInterrupt
+        return real(s, latents, captions, p, m, weight)
+
+    monkeypatch.setattr(finetune, "_micro_step", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_models_dir, tmp_path / "cut", data, p)
+    monkeypatch.setattr(finetune, "_micro_step", real)
+    w, resumed = _train(tiny_models_dir, tmp_path / "cut", data, p)
+    assert whole["steps"] == 3 and resumed["resumed_from"] == 2
+    np.testing.assert_allclose(resumed["losses"], whole["losses"], rtol=1e-6)
+    worst = max(float(np.abs(w[k] - whole_w[k]).max()) for k in w)
+    assert worst <= 1e-6, worst
+
+
+def test_the_probe_pass_fills_every_trainable_gradient(tiny_models_dir, tmp_path):
+    """What cuda_measure runs (here on the CPU): one pass of zeros through the training UNet, in its layout, with
+    checkpointing switched as asked and back."""
+    s = finetune._setup(_pipe(tiny_models_dir, tmp_path, "probe"), finetune.FinetuneParams(), None)
+    p = finetune.FinetuneParams(speed=TrainSpeed(channels_last=True))
+    s.unet.to(memory_format=torch.channels_last)
+    for ckpt in (True, False):
+        mb.set_checkpointing(s.unet, ckpt)
+        assert s.unet.is_gradient_checkpointing is ckpt
+        mb._probe_pass(s, p, (4, 16, 16), 3)
+        assert all(q.grad is not None for q in s.params)  # every gradient buffer a real pass allocates
+        assert sum(float(q.grad.abs().sum()) > 0 for q in s.params) > len(s.params) // 2  # (zeros in: conv_in's is 0)
+        for q in s.params:
+            q.grad = None

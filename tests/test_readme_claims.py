@@ -201,7 +201,8 @@ def test_the_memory_goal_names_the_default_method():
     from vlcp.pipeline.config import default
 
     text = flat((ROOT / "docs" / "measurements.md").read_text())
-    (peak,) = re.findall(r"The default run \(`--finetune-method full`[^)]*\) peaks at \*\*([\d.]+) GB\*\*", text)
+    (peak,) = re.findall(r"The default run \(`--finetune-method full`\) needs \*\*([\d.]+) GB\*\* while "
+                         r"fine-tuning with gradient checkpointing", text)
     assert default("finetune_method") == "full"
     from vlcp.cli.needs import FINETUNE
 

@@ -124,7 +124,10 @@ distill_options = options(
            "measured on one pass; elsewhere --finetune-batch-size]"),
     O("--finetune-compile/--no-finetune-compile", default=default("finetune_compile"), show_default=True,
       help="torch.compile the UNet being fine-tuned (inductor; minutes to compile once): float rounding may "
-           "differ. On CUDA, channels_last and fused AdamW are always on."),
+           "differ. On CUDA, fused AdamW is always on."),
+    O("--finetune-channels-last/--no-finetune-channels-last", default=default("finetune_channels_last"),
+      show_default=True, help="The UNet being fine-tuned and its input in channels_last (NHWC) on CUDA: float "
+                              "rounding may differ; not measured yet (every GroupNorm converts the layout)."),
     O("--finetune-precision", type=choice("finetune_precision"), default=default("finetune_precision"),
       show_default=True, help="Autocast while fine-tuning: fp16 with loss scaling as the reference (on CUDA; "
                               "fp32 elsewhere), or bf16 (any device): a difference from the paper, in the key."),

@@ -107,9 +107,11 @@ def _memory(cfg, runs: set[str], captioning: bool, finetuning: bool) -> list[tup
     if "latents" in runs:
         out.append((LATENTS[1], "VAE encode"))
     if finetuning:
-        ckpt = cfg.gradient_checkpointing is not False
+        ckpt = cfg.gradient_checkpointing is not False  # None: on where the memory needs it, so this is the least
+        how = "on" if cfg.gradient_checkpointing else "off" if cfg.gradient_checkpointing is False else \
+            "on; off where more memory is free"
         out.append((FINETUNE[cfg.finetune_method, ckpt][1], f"fine-tuning, {cfg.finetune_method}, gradient "
-                                                            f"checkpointing {'on' if ckpt else 'off'}"))
+                                                            f"checkpointing {how}"))
     if "synthesis" in runs:
         out.append((SYNTHESIS[1], "img2img"))
     if "detector" in runs and cfg.refine:

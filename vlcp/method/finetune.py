@@ -7,7 +7,8 @@ paper, batch 8, 8 epochs); ``lora`` trains a LoRA adapter through diffusers + pe
 The recipe defaults follow the reference (diffusers' ``train_text_to_image.py`` as its scripts call
 it): EMA weights (decay 0.9999 with diffusers' ``(1 + s) / (10 + s)`` warm-up; the EMA weights are
 the result), gradients clipped to norm 1, 4 micro-batches accumulated per optimizer step, random
-horizontal flips, constant learning rate, fp16 autocast and gradient checkpointing on CUDA. What
+horizontal flips, constant learning rate, fp16 autocast on CUDA (gradient checkpointing there only when
+the pass does not fit without it: vlcp/method/micro_batch.py, which also fuses micro-batches). What
 differs because training reads cached latents: the reference centre-crops and flips *pixels* and
 encodes a fresh VAE sample every step; here a flipped sample uses the cached latent of the mirrored crop
 when the caller supplies pairs (a 5-D ``latents`` array, ``[:, 1]`` the mirror: the pipeline's default,

@@ -42,10 +42,13 @@ class TrainSpeed:
     compile: str | None = None  # torch.compile backend of the UNet being trained (None: eager)
 
 
-def speed_for(device_type: str, micro_batch: int | None = None, compile_unet: bool = False) -> TrainSpeed:
-    """What ``vlcp distill`` runs: on CUDA the memory fit, channels_last and fused AdamW; inductor when asked."""
+def speed_for(device_type: str, micro_batch: int | None = None, compile_unet: bool = False,
+              channels_last: bool = False) -> TrainSpeed:
+    """What ``vlcp distill`` runs: on CUDA the memory fit and fused AdamW; inductor and channels_last when asked
+    (channels_last is opt-in for training: CUDA's GroupNorm has no NHWC kernel, so every GroupNorm of the UNet
+    converts layouts, forward and backward; whether it pays is for ``benchmarks/real_shapes.py --compare``)."""
     cuda = device_type == "cuda"
-    return TrainSpeed(micro_batch, fit_memory=cuda, channels_last=cuda, fused_optimizer=cuda,
+    return TrainSpeed(micro_batch, fit_memory=cuda, channels_last=channels_last, fused_optimizer=cuda,
                       compile="inductor" if compile_unet else None)
 
 
@@ -90,23 +93,25 @@ def plan(p: FinetuneParams, device_type: str, measure: Callable[[bool, int], flo
 
 
 def cuda_measure(s, p: FinetuneParams, shape: tuple) -> tuple[Callable[[bool, int], float | None], float]:
-    """(measure, available) for ``plan`` on the training's own UNet: one forward/backward of zeros with the
-    real text-conditioning shape; ``available`` leaves out the gradients and the AdamW state still to come."""
+    """(measure, available) for ``plan`` on the training's own UNet: the peak one forward/backward of zeros with
+    the real text-conditioning shape adds to the weights, the EMA and the gradients; ``available`` is the free
+    memory less the gradients and the AdamW state still to come."""
     import torch
 
     unet, dev = s.unet, s.unet.device
 
     def measure(ckpt: bool, n: int) -> float | None:
         set_checkpointing(unet, ckpt)
+        for q in s.params:  # allocated before the baseline, as they are while micro-batches accumulate into them
+            q.grad = torch.zeros_like(q)
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
         try:
-            _probe_pass(s, shape, n)
+            _probe_pass(s, p, shape, n)
             torch.cuda.synchronize(dev)
-            grads = sum(q.grad.numel() * q.grad.element_size() for q in s.params if q.grad is not None)
-            peak = max(torch.cuda.max_memory_allocated(dev) - before - grads, 1)
+            peak = max(torch.cuda.max_memory_allocated(dev) - before, 1)
         except torch.OutOfMemoryError:
             peak = None
         # past the handler: the failed pass's frames and the tensors they held are gone
@@ -123,23 +128,37 @@ def cuda_measure(s, p: FinetuneParams, shape: tuple) -> tuple[Callable[[bool, in
 
 
 def prepare(s: _State, p: FinetuneParams, latents) -> None:
-    """The passes (``micro_batch.plan``: measured on CUDA), then checkpointing, layout and compilation."""
+    """Layout, then the passes (``micro_batch.plan``: measured on CUDA in that layout), checkpointing and
+    compilation. Runs after a checkpoint is restored: the optimizer state follows the weights' new layout."""
     import torch
 
     measure, available = None, 0.0
-    s.unet.train()  # the probe runs the UNet as training will (checkpointing, if any, acts in training mode)
+    s.unet.train()
+    if p.speed.channels_last:
+        s.unet.to(memory_format=torch.channels_last)
+        match_layout(s.opt)
     if p.speed.fit_memory and s.cuda:
         shape = training_batch(latents, np.zeros(1, int), np.zeros(1, bool)).shape[1:]
         measure, available = cuda_measure(s, p, shape)
     s.plan = plan(p, s.unet.device.type, measure, available)
     set_checkpointing(s.unet, s.plan.gradient_checkpointing)
-    if p.speed.channels_last:
-        s.unet.to(memory_format=torch.channels_last)
     if p.speed.compile:
         s.unet.compile(backend=p.speed.compile)
 
 
-def _probe_pass(s, shape: tuple, n: int) -> None:
+def match_layout(opt) -> None:
+    """Each optimizer state tensor shaped like its parameter in the parameter's memory layout: a fused AdamW
+    kernel requires it (CUDA refuses; the CPU kernel silently mis-pairs elements), and a restored state comes
+    back NCHW while the weights were turned channels_last."""
+    import torch
+
+    for q, st in opt.state.items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.shape == q.shape and v.stride() != q.stride():
+                st[k] = torch.empty_like(q, dtype=v.dtype).copy_(v)
+
+
+def _probe_pass(s, p: FinetuneParams, shape: tuple, n: int) -> None:
     """One forward/backward of n zero latents with empty-prompt conditioning, as a training pass runs it."""
     import torch
 
@@ -148,7 +167,8 @@ def _probe_pass(s, shape: tuple, n: int) -> None:
     with torch.no_grad():
         cond = s.pipe.text_encoder(ids.to(s.pipe.text_encoder.device))[0].to(dev)
     with torch.autocast(dev.type, dtype=s.amp, enabled=s.amp is not None):
-        pred = s.unet(torch.zeros((n, *shape), device=dev), torch.zeros(n, dtype=torch.long, device=dev), cond).sample
+        z = as_layout(torch.zeros((n, *shape), device=dev), p)
+        pred = s.unet(z, torch.zeros(n, dtype=torch.long, device=dev), cond).sample
     pred.float().pow(2).mean().backward()
 
 

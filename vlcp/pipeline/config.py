@@ -96,6 +96,7 @@ class DistillConfig:
     gradient_checkpointing: bool | None = None  # None: on CUDA only when needed to fit (measured), off on CPU
     finetune_micro_batch: int | None = None  # samples per forward/backward; None: from memory on CUDA (same update)
     finetune_compile: bool = False  # torch.compile the UNet being fine-tuned: speed only, in no key
+    finetune_channels_last: bool = False  # NHWC UNet while fine-tuning (CUDA): speed only, in no key
     finetune_precision: str = "fp16"  # the reference's fp16 mixed precision; bf16 changes results (keyed)
     object_masks: bool = False  # vlcp's reading of the multi-modal paper: foreground-weighted LOF/K-Means
     mask_prompt: str | None = None  # what CLIPSeg segments; None: the class name

@@ -79,7 +79,7 @@ def _stages() -> list[Stage]:
                       "finetune_max_grad_norm", "finetune_accumulation", "finetune_flip", "finetune_data",
                       "clean_captions", "seed"), selects=("finetune_precision",),
               unkeyed=("finetune_checkpoint_every", "gradient_checkpointing", "finetune_micro_batch",
-                       "finetune_compile", "device"),
+                       "finetune_compile", "finetune_channels_last", "device"),
               inputs="caption keys, training latent keys (or the prototype latent keys with `--finetune-data "
                      "prototype-latents`), diffusion id@commit", models=("pipe",), enabled_by="finetune"),
         Stage("synthesis", synthesis, 1, "img2img from each prototype latent (noised to `--strength`, denoised "

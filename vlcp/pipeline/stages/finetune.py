@@ -36,7 +36,8 @@ def finetune(run: Run, step: Step) -> None:
         from vlcp.models import loading as models
 
         st.trained_now = True  # how the passes run: known once the device is (resolving auto imports torch)
-        fp = replace(fp, speed=mb.speed_for(_device_type(p.device), p.finetune_micro_batch, p.finetune_compile))
+        fp = replace(fp, speed=mb.speed_for(_device_type(p.device), p.finetune_micro_batch, p.finetune_compile,
+                                            p.finetune_channels_last))
         full_fp32 = p.finetune_method == "full" and models.half_precision(models.torch_device(p.device))
         master = models.load_unet(run.refs.diffusion, p.device) if full_fp32 else None  # fp32 master weights
         if pairs:  # read per micro-batch
