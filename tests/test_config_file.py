@@ -47,8 +47,11 @@ NETS = {"ConvNet-6": "convnet6", "ResNetAP-10": "resnetap10", "ResNet-18": "resn
 
 
 def parse(*args) -> dict:
-    """The values distill would receive (options parsed, callback not run)."""
-    with cli.commands["distill"].make_context("distill", [str(a) for a in args]) as ctx:
+    """The values distill would receive (options parsed, callback not run). Under the group's context, as the CLI
+    runs it: a context without a parent would give the command click's default help names (--help only), which
+    click caches on the command and later --help pages in this process would show."""
+    parent = cli.context_class(cli, info_name="vlcp", **cli.context_settings)
+    with cli.commands["distill"].make_context("distill", [str(a) for a in args], parent=parent) as ctx:
         return dict(ctx.params)
 
 
