@@ -123,14 +123,16 @@ distill_options = options(
            "micro-batches), so it is in no key. [default: on CUDA the largest split that fits the free memory, "
            "measured on one pass; elsewhere --finetune-batch-size]"),
     O("--finetune-compile/--no-finetune-compile", default=default("finetune_compile"), show_default=True,
-      help="torch.compile the UNet being fine-tuned (inductor; minutes to compile once): float rounding may "
+      help="torch.compile the UNet being fine-tuned (inductor; minutes to compile, again for a shorter last "
+           "pass; 86 s for the tiny UNet on 2 CPU cores): float rounding may "
            "differ. On CUDA, fused AdamW is always on."),
     O("--finetune-channels-last/--no-finetune-channels-last", default=default("finetune_channels_last"),
       show_default=True, help="The UNet being fine-tuned and its input in channels_last (NHWC) on CUDA: float "
                               "rounding may differ; not measured yet (every GroupNorm converts the layout)."),
     O("--finetune-precision", type=choice("finetune_precision"), default=default("finetune_precision"),
       show_default=True, help="Autocast while fine-tuning: fp16 with loss scaling as the reference (on CUDA; "
-                              "fp32 elsewhere), or bf16 (any device): a difference from the paper, in the key."),
+                              "fp32 elsewhere), or bf16 (any device): a difference from the paper, in the key "
+                              "(with LoRA the fp16 base is also cast to bf16 in every forward)."),
     O("--finetune-ema/--no-finetune-ema", default=default("finetune_ema"), show_default=True,
       help="Keep an EMA of the weights and synthesise with it (the reference's --use_ema)."),
     O("--finetune-ema-decay", type=float, default=default("finetune_ema_decay"), show_default=True),

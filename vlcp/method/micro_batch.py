@@ -94,8 +94,9 @@ def plan(p: FinetuneParams, device_type: str, measure: Callable[[bool, int], flo
 
 def cuda_measure(s, p: FinetuneParams, shape: tuple) -> tuple[Callable[[bool, int], float | None], float]:
     """(measure, available) for ``plan`` on the training's own UNet: the peak one forward/backward of zeros with
-    the real text-conditioning shape adds to the weights, the EMA and the gradients; ``available`` is the free
-    memory less the gradients and the AdamW state still to come."""
+    the real text-conditioning shape adds to the weights, the EMA and the gradients (per n samples of the whole
+    micro-batches: in a data-parallel run this process's share of them); ``available`` is the free memory less
+    the gradients and the AdamW state still to come."""
     import torch
 
     unet, dev = s.unet, s.unet.device
@@ -109,7 +110,7 @@ def cuda_measure(s, p: FinetuneParams, shape: tuple) -> tuple[Callable[[bool, in
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
         try:
-            _probe_pass(s, p, shape, n)
+            _probe_pass(s, p, shape, -(-n // p.shard.size))  # data-parallel: this process's rows of n
             torch.cuda.synchronize(dev)
             peak = max(torch.cuda.max_memory_allocated(dev) - before, 1)
         except torch.OutOfMemoryError:
