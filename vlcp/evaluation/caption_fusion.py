@@ -236,8 +236,7 @@ def train_fused(p, data: tuple, test: tuple, seed: int, device: str, progress: b
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from vlcp.evaluation.protocols import lr_factor
-    from vlcp.evaluation.training import _augment, _optimizer
+    from vlcp.evaluation.training import _augment, _optimizer, set_lr
 
     x, y, text, num_classes = data
     torch.manual_seed(seed)
@@ -254,10 +253,7 @@ def train_fused(p, data: tuple, test: tuple, seed: int, device: str, progress: b
                       disable=progress is False):
         perm, tot = torch.randperm(len(x), generator=g), 0.0
         for s in range(steps):
-            for group in opt.param_groups:
-                group["lr"] = p.lr * lr_factor(p, epoch, epoch * steps + s, steps)
-            if s == 0:
-                lrs.append(opt.param_groups[0]["lr"])
+            set_lr(opt, p, epoch, s, steps, lrs)
             idx = perm[s * bs:(s + 1) * bs]
             xb = _augment(xt[idx].to(device).float() / 255, p, g, mean, std)
             loss = F.cross_entropy(net(xb, tt[idx].to(device)), yt[idx].to(device))

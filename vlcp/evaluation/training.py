@@ -157,10 +157,7 @@ class _Epoch:
         perm = torch.randperm(len(xt), generator=self.g)
         tot, correct, seen = 0.0, 0, 0
         for s in range(steps):
-            for group in opt.param_groups:
-                group["lr"] = p.lr * lr_factor(p, epoch, epoch * steps + s, steps)
-            if s == 0:
-                lrs.append(opt.param_groups[0]["lr"])
+            set_lr(opt, p, epoch, s, steps, lrs)
             idx = perm[s * bs:(s + 1) * bs]
             loss, out, yb = self._step(xt, yt, idx, epoch, cuda)
             tot += float(loss.detach()) * len(idx)
@@ -303,3 +300,12 @@ def best_label(best_after: float) -> str:
     if best_after:
         return f"best in last {round(100 * (1 - best_after))}% (RDED's figure)"
     return "best-during-training"
+
+
+def set_lr(opt, p: Protocol, epoch: int, step: int, steps_per_epoch: int, lrs: list) -> None:
+    """Every parameter group at the scheduled lr of (epoch, step within it); an epoch's first lr goes to ``lrs``
+    (the recorded curve). One place for the classifier and the caption-fusion loops alike."""
+    for group in opt.param_groups:
+        group["lr"] = p.lr * lr_factor(p, epoch, epoch * steps_per_epoch + step, steps_per_epoch)
+    if step == 0:
+        lrs.append(opt.param_groups[0]["lr"])
