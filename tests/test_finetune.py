@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import read_manifest
+from tests.conftest import killed_at, read_manifest
 from vlcp.method import finetune, prompts
 from vlcp.models.loading import load_img2img, resolve
 from vlcp.models.tiny import TINY_SD
@@ -90,13 +90,7 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_models_dir, tmp_path, 
     _, whole = finetune.train(_pipe(tiny_models_dir, tmp_path), lat, caps, p, StageCache(tmp_path / "a"), "k",
                               progress=False)
     real = finetune._batch
-
-    def dies_at_step_6(step, *a):
-        if step == 6:
-            raise KeyboardInterrupt
-        return real(step, *a)
-
-    monkeypatch.setattr(finetune, "_batch", dies_at_step_6)
+    killed_at(monkeypatch, finetune, "_batch", 6)
     cache = StageCache(tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
         finetune.train(_pipe(tiny_models_dir, tmp_path), lat, caps, p, cache, "k", progress=False)

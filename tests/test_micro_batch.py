@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import killed_at
 from vlcp.method import finetune
 from vlcp.method import micro_batch as mb
 from vlcp.method.micro_batch import (
@@ -231,13 +232,7 @@ def test_a_resumed_run_in_channels_last_with_fused_adamw_is_the_uninterrupted_on
                                 checkpoint_every=1, speed=TrainSpeed(channels_last=True, fused_optimizer=True))
     whole_w, whole = _train(tiny_models_dir, tmp_path / "whole", data, p)
     real = finetune._micro_step
-
-    def dies_in_step_3(s, latents, captions, p, m, weight):
-        if m == 8:
-            raise KeyboardInterrupt
-        return real(s, latents, captions, p, m, weight)
-
-    monkeypatch.setattr(finetune, "_micro_step", dies_in_step_3)
+    killed_at(monkeypatch, finetune, "_micro_step", 8)  # in step 3
     with pytest.raises(KeyboardInterrupt):
         _train(tiny_models_dir, tmp_path / "cut", data, p)
     monkeypatch.setattr(finetune, "_micro_step", real)

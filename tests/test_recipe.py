@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import killed_at
 from vlcp.method import finetune
 from vlcp.models.loading import load_img2img, load_unet, resolve
 from vlcp.models.tiny import TINY_SD
@@ -109,13 +110,7 @@ def test_resume_is_exact_with_the_reference_recipe(tiny_models_dir, tmp_path, da
     w_whole, whole = finetune.train(_pipe(tiny_models_dir, tmp_path), lat, caps, p, StageCache(tmp_path / "a"), "k",
                                     progress=False)
     real = finetune._micro_step
-
-    def dies_in_step_3(s, latents, captions, p, m, weight):
-        if m == 9:
-            raise KeyboardInterrupt
-        return real(s, latents, captions, p, m, weight)
-
-    monkeypatch.setattr(finetune, "_micro_step", dies_in_step_3)
+    killed_at(monkeypatch, finetune, "_micro_step", 9)  # in step 3
     cache = StageCache(tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
         finetune.train(_pipe(tiny_models_dir, tmp_path), lat, caps, p, cache, "k", progress=False)
