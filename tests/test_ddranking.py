@@ -140,6 +140,7 @@ def test_export_reads_back_with_ddrankings_labels_and_permutes_the_teacher(wheel
         assert torch.allclose(theirs.eval()(x), net(x)[:, rows], atol=1e-5)
     readme = (tmp_path / "dd" / "README.md").read_text()
     assert "teacher_model_names: [ConvNet-3]" in readme and "| 4 | `00004_n02086240` | `n02086240`" in readme
+    assert rec["soft_labels"] is None and not (tmp_path / "dd" / "soft_labels.pt").exists()  # OUT has none
 
 
 def test_resnet_teacher_loads_into_both_of_ddrankings_resnets(wheel, tmp_path):
@@ -223,6 +224,90 @@ def test_export_refuses_what_ddranking_cannot_read(tmp_path):
     with pytest.raises(ddr.EvalError, match="resnet18 .* has no DD-Ranking model"):
         ddr.architecture(ddr.load_state(teacher))
     assert not (tmp_path / "a").exists()
+
+
+# -- soft labels (mode S) --------------------------------------------------------------------------------
+def soft_label_file(out: Path, name: str) -> tuple[list[str], np.ndarray]:
+    """Soft labels of woof_set's images as `vlcp relabel` writes them (the JSON's checks hold): image_logits[r, k] =
+    100 r + k, row r = the r-th image of the JSON's list (relabel's order: Samoyed/ first), column k = vlcp's class k."""
+    from safetensors.numpy import save_file
+
+    from vlcp.data.datasets import IMAGEWOOF, ClassInfo, Dataset
+    from vlcp.evaluation import relabel as rl
+    from vlcp.store.cache import file_digest
+
+    ds = Dataset("imagewoof", "train", None, [ClassInfo(w, n) for w, n in sorted(IMAGEWOOF)], [])
+    samples, rel = rl.set_samples(out, ds)
+    n = len(rel)
+    logits = (100 * np.arange(n)[:, None] + np.arange(10)[None]).astype(np.float32)
+    weights, side = rl.soft_paths(out, name)
+    weights.parent.mkdir(exist_ok=True)
+    save_file({"crops": np.zeros((n, 1, 5), np.float32), "soft_labels": np.full((n, 1, 10), 0.1, np.float16),
+               "image_logits": logits}, str(weights))
+    side.write_text(json.dumps({
+        "format": rl.FORMAT, "name": name, "file": weights.name, "sha256": file_digest(weights), "teacher": {},
+        "classes": [c.folder for c in ds.classes], "images": rel, "image_sha256": [file_digest(s.source) for s in samples],
+        "crops": 1, "seed": 0, "temperature": 1.0,
+        "labels": {"kind": "full", "dtype": "float16", "tensors": ["crops", "image_logits", "soft_labels"]}}))
+    return rel, logits
+
+
+def test_export_writes_the_soft_labels_in_the_exported_order(tmp_path):
+    """soft_labels.pt row i = the soft labels of ImageFolder's i-th image of the export, its columns permuted as the
+    exported teacher's classifier rows are (the teacher's bias k is vlcp's class k, so column j - 100 r = bias j)."""
+    import torch
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    out = woof_set(tmp_path / "out")
+    rel, _ = soft_label_file(out, "m1-seed0-T1")
+    assert rel[0] == "train/Samoyed/0000.png"  # relabel's order is not the export's
+    teacher, _ = teacher_file(tmp_path / "t.safetensors", "convnet3", 8)
+    rec = ddr.export(out, tmp_path / "dd", dataset="imagewoof", teacher=teacher)
+    soft = torch.load(tmp_path / "dd" / "soft_labels.pt", weights_only=True)
+    bias = torch.load(tmp_path / "dd" / "teacher" / "ImageWoof" / "ConvNet-3" / "ckpt_best.pt",
+                      weights_only=True)["classifier.bias"]
+    assert soft.dtype == torch.float32 and soft.shape == (20, 10)
+    assert rec["soft_labels"]["columns"] == rec["teacher"]["rows"] == [5, 4, 8, 2, 0, 3, 1, 9, 6, 7]
+    vlcp_order, folder = sorted(WOOF_MINIMAX), ImageFolder(tmp_path / "dd" / "train")
+    for i, (path, label) in enumerate(folder.samples):
+        v, j = divmod(Image.open(path).getpixel((0, 0)), 20)  # vlcp's class and file of the image
+        wnid = vlcp_order[v]
+        r = rel.index(f"train/{'Samoyed' if wnid == 'n02111889' else wnid}/{j:04d}.png")
+        assert label == WOOF_MINIMAX.index(wnid)
+        assert soft[i].tolist() == [100.0 * r + k for k in rec["teacher"]["rows"]]
+        assert torch.equal(soft[i] - 100 * r, bias)
+    assert sorted({int(s[0]) // 100 for s in soft}) == list(range(20))  # every image's row once
+    readme = (tmp_path / "dd" / "README.md").read_text()
+    assert "Soft labels (`soft_label_mode: S`): `soft_labels.pt`, float32 [20, 10]" in readme
+    assert 'soft_labels=torch.load("soft_labels.pt", weights_only=True)' in readme and "`image_tensor=" in readme
+    assert json.loads((tmp_path / "dd" / "classes.json").read_text())["soft_labels"]["name"] == "m1-seed0-T1"
+
+
+def test_export_refuses_soft_labels_of_other_images(vlcp, tmp_path):
+    import torch
+    from PIL import Image
+
+    out = woof_set(tmp_path / "out")
+    rel, _ = soft_label_file(out, "a")
+    soft_label_file(out, "b")
+    args = ["export", out, tmp_path / "dd", "--format", "ddranking", "--dataset", "imagewoof"]
+    r = vlcp(*args)  # several and none named: the set and teacher alone, and the choice said
+    assert r.exit_code == 0 and "(no soft labels: OUT has several, a, b; name one with --soft-labels NAME)" in r.output
+    assert not (tmp_path / "dd" / "soft_labels.pt").exists()
+    assert "OUT has several (a, b); export again with `--soft-labels NAME`" in (tmp_path / "dd" / "README.md").read_text()
+    args[2] = tmp_path / "dd1"
+    r = vlcp(*args, "--soft-labels", "c")
+    assert r.exit_code == 2 and "no soft labels 'c'" in r.output and "found: a, b" in r.output
+    r = vlcp(*args, "--soft-labels", "b")
+    assert r.exit_code == 0 and "soft labels b" in r.output, r.output
+    assert torch.load(tmp_path / "dd1" / "soft_labels.pt", weights_only=True).shape == (20, 10)
+    Image.new("L", (4, 4), 255).save(out / rel[3])  # an image changed after relabel
+    r = vlcp(*args[:2], tmp_path / "dd2", *args[3:], "--soft-labels", "b")
+    assert r.exit_code == 2 and f"{rel[3]} changed after its soft labels 'b' were computed" in r.output
+    assert not (tmp_path / "dd2").exists()
+    r = vlcp("export", out, tmp_path / "dd3", "--format", "diffusers", "--soft-labels", "b")
+    assert r.exit_code == 2 and "--soft-labels applies only with --format ddranking" in r.output
 
 
 # -- the scores -----------------------------------------------------------------------------------------------

@@ -27,21 +27,30 @@ from vlcp.cli.common import Ctx, usage_error, user_errors
 @click.option("--dataset", help="ddranking: the dataset name [default: OUT's manifest].")
 @click.option("--teacher", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="ddranking: teacher weights to export [default: the one vlcp trained for --protocol rded, if any].")
+@click.option("--soft-labels", "soft_labels", metavar="NAME",
+              help="ddranking: which of OUT's soft labels (vlcp relabel) to write as DIR/soft_labels.pt for "
+                   "DD-Ranking's mode S [default: OUT's only ones; none: no file].")
 @click.option("--force", is_flag=True, help="Replace a non-empty DIR.")
 @click.pass_obj
-def export_cmd(obj: Ctx, out: Path, dest: Path, fmt: str, dataset, teacher, force):
+def export_cmd(obj: Ctx, out: Path, dest: Path, fmt: str, dataset, teacher, soft_labels, force):
     """Export what OUT's distillation made for other tools: the fine-tuned diffusion weights (diffusers), or the
     synthetic set for DD-Ranking."""
     if fmt == "diffusers" and (dataset or teacher):
         raise click.UsageError("--dataset and --teacher apply only with --format ddranking")
+    if fmt == "diffusers" and soft_labels is not None:
+        raise click.UsageError("--soft-labels applies only with --format ddranking")
     if fmt == "ddranking":
         with user_errors():
             from vlcp.evaluation import ddranking
 
-            done = ddranking.export(out, dest, dataset=dataset, teacher=teacher, force=force, cache_dir=obj.cache_dir)
+            done = ddranking.export(out, dest, dataset=dataset, teacher=teacher, force=force, cache_dir=obj.cache_dir,
+                                    soft_labels=soft_labels)
         if not obj.quiet:
             click.echo(f"wrote {dest}/: {done['dataset']}, IPC {done['ipc']}, {len(done['classes'])} classes"
-                       + (", teacher" if done.get("teacher") else ""))
+                       + (", teacher" if done.get("teacher") else "")
+                       + (f", soft labels {done['soft_labels']['name']}" if done.get("soft_labels") else "")
+                       + (f" (no soft labels: OUT has several, {', '.join(done['soft_label_choices'])}; name one with "
+                          "--soft-labels NAME)" if done.get("soft_label_choices") else ""))
         return
     check_dest(out, dest, force)
     m = finetuned_run(out)

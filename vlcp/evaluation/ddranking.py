@@ -138,11 +138,12 @@ def _match_folders(folders: list[str], dataset: str, order: list[str]) -> dict[s
 
 
 def export(out: Path, dest: Path, *, dataset: str | None = None, teacher: Path | None = None, force: bool = False,
-           cache_dir: Path | None = None) -> dict:
+           cache_dir: Path | None = None, soft_labels: str | None = None) -> dict:
     """Write ``dest/train/<index>_<id>/`` (hard links, or copies across file systems), ``dest/classes.json``,
     ``dest/README.md`` and, when vlcp has a teacher (``teacher``, else the one ``--protocol rded`` trained for
     this dataset: an evaluation of ``out`` or a named file under ``cache_dir``), ``dest/teacher/<Dataset>/
-    <Model>/ckpt_best.pt`` with its classifier rows in DD-Ranking's class order. Atomic; ``force`` replaces."""
+    <Model>/ckpt_best.pt`` with its classifier rows in DD-Ranking's class order, and ``dest/soft_labels.pt`` when
+    ``out`` has soft labels (``soft_labels``: their name; its only ones when None). Atomic; ``force`` replaces."""
     from vlcp.data.images import IMG_EXTENSIONS
     from vlcp.evaluation.samples import NOT_CLASSES
     from vlcp.store.output import OutputError, images_dir, publish
@@ -169,8 +170,8 @@ def export(out: Path, dest: Path, *, dataset: str | None = None, teacher: Path |
     vlcp_classes = _vlcp_classes(manifest, dataset, folders)
     order = class_order(dataset, vlcp_classes)
     ids = _match_folders(folders, dataset, order)
-    files = {f: sorted(p for p in (src / f).iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
-             for f in folders}
+    files = {f: sorted((p for p in (src / f).iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS),
+                       key=lambda p: p.name) for f in folders}  # ImageFolder's order: sorted file names
     empty = [f for f, v in files.items() if not v]
     if empty:
         raise EvalError(f"class folder(s) {', '.join(empty)} in {src} hold no images")
@@ -181,6 +182,14 @@ def export(out: Path, dest: Path, *, dataset: str | None = None, teacher: Path |
                   {"index": i, "folder": folder_name(i, c), "id": c, "from": by_id[c], "images": len(files[by_id[c]])}
                   for i, c in enumerate(order)]}
     record["ipc"] = min(c["images"] for c in record["classes"])
+    from vlcp.evaluation.ddranking_soft import mode_s_labels
+
+    soft = mode_s_labels(out, dataset, vlcp_classes, soft_labels, [p for c in order for p in files[by_id[c]]], order)
+    record["soft_labels"] = soft and soft[1]
+    if soft is None:
+        from vlcp.evaluation.relabel import soft_label_names
+
+        record["soft_label_choices"] = soft_label_names(out) if len(soft_label_names(out)) > 1 else []
     states = None
     if weights is not None:
         states, record["teacher"] = teacher_files(weights, order, name)
@@ -193,12 +202,13 @@ def export(out: Path, dest: Path, *, dataset: str | None = None, teacher: Path |
             d.mkdir(parents=True)
             for p in files[c["from"]]:
                 _link_or_copy(p, d / p.name)
-        if states:
+        saved = {**(states or {}), **({soft[1]["file"]: soft[0]} if soft else {})}  # soft[0]: a torch tensor
+        if saved:
             import torch
 
-            for rel, state in states.items():
-                (tmp / rel).parent.mkdir(parents=True)
-                torch.save(state, tmp / rel)
+            for rel, obj in saved.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                torch.save(obj, tmp / rel)
         (tmp / "classes.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(readme(record))
 
@@ -369,11 +379,16 @@ def readme(record: dict) -> str:
                   f"into DD-Ranking's order: row j = vlcp's row {t['rows']}). Set `teacher_dir: <this folder>/"
                   f"teacher`, `teacher_model_names: [{t['model']}]`, `tea_use_torchvision: "
                   f"{str(t['tea_use_torchvision']).lower()}`{size}, and "
-                  "`soft_label_mode: M` (labels from the teacher during training; `S` needs a soft-label tensor)."]
+                  "`soft_label_mode: M` (labels from the teacher during training; `S` needs a soft-label tensor"
+                  + (": below)." if record.get("soft_labels") or record.get("soft_label_choices") else
+                     ": run `vlcp relabel` and export again).")]
         if len(t["files"]) > 1:
             lines += ["", "`teacher-ddranking-resnet/` holds the same weights named for DD-Ranking's own ResNet "
                       "(`tea_use_torchvision: false`, 32 px only)."]
         lines += [""]
     else:
         lines += ["No teacher: run `vlcp evaluate OUT --protocol rded` first, or pass a teacher.", ""]
+    from vlcp.evaluation.ddranking_soft import readme_lines
+
+    lines += readme_lines(record)
     return "\n".join(lines + ["| index | folder | class | from | images |", "|---|---|---|---|---|", rows, ""])
