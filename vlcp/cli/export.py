@@ -52,7 +52,10 @@ def export_cmd(obj: Ctx, out: Path, dest: Path, fmt: str, dataset, teacher, soft
                        + (f" (no soft labels: OUT has several, {', '.join(done['soft_label_choices'])}; name one with "
                           "--soft-labels NAME)" if done.get("soft_label_choices") else ""))
         return
-    check_dest(out, dest, force)
+    from vlcp.store.output import check_export
+
+    with user_errors():
+        check_export(out, dest, force)  # DIR: a folder of its own, empty unless --force (exit code 2)
     m = finetuned_run(out)
     method = m["parameters"].get("finetune_method", "full")
     weights = cached_weights(obj, m)
@@ -61,17 +64,6 @@ def export_cmd(obj: Ctx, out: Path, dest: Path, fmt: str, dataset, teacher, soft
     if not obj.quiet:
         what = "UNet" if method == "full" else f"LoRA adapter (rank {m['parameters'].get('finetune_lora_rank')})"
         click.echo(f"wrote {dest}/: the fine-tuned {what} for diffusers ({len(weights)} tensors)")
-
-
-def check_dest(out: Path, dest: Path, force: bool) -> None:
-    """DIR: a folder of its own (not OUT, not inside it, not above it), empty unless --force (exit code 2)."""
-    o, d = out.resolve(), dest.resolve()
-    if d == o or o in d.parents or d in o.parents:
-        raise usage_error(f"DIR {dest} and OUT {out} overlap: export to a folder of its own")
-    if dest.exists() and not dest.is_dir():
-        raise usage_error(f"DIR {dest} is a file, not a folder")
-    if dest.is_dir() and any(dest.iterdir()) and not force:
-        raise usage_error(f"DIR {dest} is not empty; pass --force to replace it")
 
 
 def finetuned_run(out: Path) -> dict:

@@ -146,18 +146,12 @@ def export(out: Path, dest: Path, *, dataset: str | None = None, teacher: Path |
     ``out`` has soft labels (``soft_labels``: their name; its only ones when None). Atomic; ``force`` replaces."""
     from vlcp.data.images import IMG_EXTENSIONS
     from vlcp.evaluation.samples import NOT_CLASSES
-    from vlcp.store.output import OutputError, images_dir, publish
+    from vlcp.store.output import check_export, images_dir, publish, read_manifest
 
     out, dest = Path(out), Path(dest)
     if not out.is_dir():
         raise EvalError(f"{out} is not a directory")
-    o, d = out.resolve(), dest.resolve()
-    if d == o or o in d.parents or d in o.parents:
-        raise OutputError(f"{dest} and {out} overlap: export to a folder of its own")
-    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not force)):
-        raise OutputError(f"{dest} is a file" if not dest.is_dir() else
-                          f"{dest} is not empty; pass --force to replace it")
-    from vlcp.store.output import read_manifest
+    check_export(out, dest, force)
 
     manifest = read_manifest(out)
     dataset = dataset or _set_dataset(manifest).get("name")

@@ -121,12 +121,21 @@ def _of_type(kind: type):
     return lambda v: v if isinstance(v, kind) else kind()
 
 
-def check_out(out: Path, force: bool) -> None:
-    """Refuse an ``--out`` that is a file, or a non-empty folder without ``--force``, before any work."""
+def check_out(out: Path, force: bool, name: str = "--out") -> None:
+    """Refuse an output folder (``name``: how the command calls it) that is a file, or a non-empty folder
+    without ``--force``, before any work."""
     if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file, not a folder")
+        raise OutputError(f"{name} {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputError(f"--out {out} is not empty; pass --force to replace it")
+        raise OutputError(f"{name} {out} is not empty; pass --force to replace it")
+
+
+def check_export(out: Path, dest: Path, force: bool) -> None:
+    """``vlcp export``'s DIR: a folder of its own (not OUT, not inside it, not above it), then as ``check_out``."""
+    o, d = Path(out).resolve(), Path(dest).resolve()
+    if d == o or o in d.parents or d in o.parents:
+        raise OutputError(f"DIR {dest} and OUT {out} overlap: export to a folder of its own")
+    check_out(Path(dest), force, "DIR")
 
 
 def read_manifest(root: Path) -> dict:
