@@ -99,7 +99,7 @@ def cli_in(base: Path, tiny_models: Path):
 
 def killed_at(monkeypatch, module, name: str, index: int) -> None:
     """``module.name`` (a per-micro-batch function whose first argument after the state, or first argument, is the
-    micro-batch index m, as ``finetune._micro_step`` and ``finetune._batch``) raising KeyboardInterrupt at
+    micro-batch index m, as ``finetune._micro_step`` and ``micro_batch._batch``) raising KeyboardInterrupt at
     m == ``index``: a training killed there, as Ctrl-C would. ``monkeypatch.undo()`` or a fresh setattr restores it."""
     real = getattr(module, name)
     at = 4 if name == "_micro_step" else 0  # _micro_step(s, latents, captions, p, m, weight); _batch(step, ...)

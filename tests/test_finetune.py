@@ -6,6 +6,7 @@ import pytest
 
 from tests.conftest import killed_at, read_manifest
 from vlcp.method import finetune, prompts
+from vlcp.method import micro_batch as mb
 from vlcp.models.loading import load_img2img, resolve
 from vlcp.models.tiny import TINY_SD
 from vlcp.store.cache import StageCache
@@ -89,13 +90,13 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_models_dir, tmp_path, 
     p = finetune.FinetuneParams(epochs=3, batch_size=8, lr=1e-3, checkpoint_every=4, accumulation=1)  # 9 steps
     _, whole = finetune.train(_pipe(tiny_models_dir, tmp_path), lat, caps, p, StageCache(tmp_path / "a"), "k",
                               progress=False)
-    real = finetune._batch
-    killed_at(monkeypatch, finetune, "_batch", 6)
+    real = mb._batch  # the draws of micro-batch m live in micro_batch.py
+    killed_at(monkeypatch, mb, "_batch", 6)
     cache = StageCache(tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
         finetune.train(_pipe(tiny_models_dir, tmp_path), lat, caps, p, cache, "k", progress=False)
     assert cache.get("finetune_checkpoint", "k").meta["step"] == 4
-    monkeypatch.setattr(finetune, "_batch", real)
+    monkeypatch.setattr(mb, "_batch", real)
     w2, resumed = finetune.train(_pipe(tiny_models_dir, tmp_path), lat, caps, p, cache, "k", progress=False)
     assert resumed["resumed_from"] == 4 and len(resumed["losses"]) == 9
     # same data order, noise and optimizer state: the resumed run reproduces the uninterrupted one

@@ -12,6 +12,7 @@ from PIL import Image
 from tests.conftest import read_manifest
 from vlcp.method import finetune
 from vlcp.method.latents import preprocess, training_view
+from vlcp.method.micro_batch import training_batch
 from vlcp.pipeline.config import ConfigError, DistillConfig
 
 
@@ -42,10 +43,10 @@ def test_a_micro_batch_takes_the_cached_mirror_of_the_flipped_samples():
     crops = np.arange(5 * 2 * 1 * 1 * 3, dtype=np.float32).reshape(5, 2, 1, 1, 3)
     idx, flips = np.array([3, 0, 4]), np.array([True, False, True])
     rows = _Rows(crops)
-    got = finetune.training_batch(rows, idx, flips)
+    got = training_batch(rows, idx, flips)
     assert np.array_equal(got, np.stack([crops[3, 1], crops[0, 0], crops[4, 1]])) and sorted(rows.reads) == [0, 3, 4]
     single = crops[:, 0]
-    got = finetune.training_batch(_Rows(single), idx, flips)  # prototype latents: mirrored along the width
+    got = training_batch(_Rows(single), idx, flips)  # prototype latents: mirrored along the width
     assert np.array_equal(got, np.stack([single[3, ..., ::-1], single[0], single[4, ..., ::-1]]))
 
 

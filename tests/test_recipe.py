@@ -6,6 +6,7 @@ import torch
 
 from tests.conftest import killed_at
 from vlcp.method import finetune
+from vlcp.method import micro_batch as mb
 from vlcp.models.loading import load_img2img, load_unet, resolve
 from vlcp.models.tiny import TINY_SD
 from vlcp.store import checkpoint
@@ -193,7 +194,7 @@ def test_flips_use_the_flipped_latents_or_mirror_them(tiny_models_dir, tmp_path,
         finetune._micro_step(s, lat, caps, p, m, 1.0)
     n_flipped = 0
     for m in range(3):
-        idx, flips = finetune._batch(m, 24, 8, 0), finetune._flips(m, 8, 0)
+        idx, flips = mb._batch(m, 24, 8, 0), mb._flips(m, 8, 0)
         encoded, mirrored = s.sched.seen[2 * m].numpy(), s.sched.seen[2 * m + 1].numpy()
         for j, i in enumerate(idx):
             assert np.array_equal(encoded[j], flipped[i] if flips[j] else lat[i])
@@ -203,7 +204,7 @@ def test_flips_use_the_flipped_latents_or_mirror_them(tiny_models_dir, tmp_path,
     p.flip = False
     s.sched.seen.clear()
     finetune._micro_step(s, pairs, caps, p, 0, 1.0)
-    assert np.array_equal(s.sched.seen[0].numpy(), lat[finetune._batch(0, 24, 8, 0)])
+    assert np.array_equal(s.sched.seen[0].numpy(), lat[mb._batch(0, 24, 8, 0)])
 
 
 def test_lora_keeps_the_base_in_half_precision_and_frees_gradients(tiny_models_dir, tmp_path, data):

@@ -35,22 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from vlcp.method.micro_batch import (
-    Plan,
-    TrainSpeed,
-    _batch,
-    _flips,
-    as_layout,
-    prepare,
-    training_batch,
-)
+from vlcp.method.micro_batch import Plan, TrainSpeed, draws, predict, prepare
 from vlcp.store import checkpoint, ddp, scalars
-from vlcp.store.cache import StageCache, stable_hash
+from vlcp.store.cache import StageCache
 from vlcp.store.tensors import numpy_to_state, state_to_numpy
 
 VERSION = 2  # 2: EMA, clipping, accumulation, flips (the reference recipe)
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-PRECISIONS = ("fp16", "bf16")  # fp16: the reference's mixed precision (CUDA; fp32 elsewhere); bf16: a difference
 CHECKPOINT_STAGE = "finetune_checkpoint"
 
 
@@ -228,27 +219,13 @@ def _micro_step(s: _State, latents: np.ndarray, captions: list[str], p: Finetune
     import torch
     import torch.nn.functional as F
 
-    pipe, unet, device = s.pipe, s.unet, s.unet.device
-    idx = _batch(m, len(latents), p.batch_size, p.seed)
-    flips = _flips(m, len(idx), p.seed) if p.flip else np.zeros(len(idx), bool)
-    z = torch.from_numpy(training_batch(latents, idx, flips))
-    g = torch.Generator().manual_seed(int(stable_hash([p.seed, m], 15), 16))
-    noise = torch.randn(z.shape, generator=g)  # the whole micro-batch's, whichever rows are ours
-    t = torch.randint(0, s.sched.config.num_train_timesteps, (len(z),), generator=g)
-    rows = p.shard.rows(len(idx))
-    if not len(rows):  # more processes than rows: this one adds zero gradients
+    d = draws(s, latents, captions, p, m)
+    if d is None:  # more processes than rows: this one adds zero gradients
         return 0.0
-    share = len(rows) / len(idx)
-    if p.shard.parallel:
-        z, noise, t = z[rows], noise[rows], t[rows]
-    z, noise, t = z.to(device, torch.float32), noise.to(device), t.to(device)
-    ids = pipe.tokenizer([captions[idx[r]] for r in rows], padding="max_length", truncation=True,
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-    with torch.no_grad():
-        cond = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].to(device)
-    target = noise if s.sched.config.prediction_type == "epsilon" else s.sched.get_velocity(z, noise, t)
-    with torch.autocast(device.type, dtype=s.amp, enabled=s.amp is not None):
-        pred = unet(as_layout(s.sched.add_noise(z, noise, t), p), t, cond).sample
+    z, noise, t, texts, n = d
+    share = len(texts) / n
+    device = s.unet.device
+    pred, target = predict(s, p, z.to(device, torch.float32), noise.to(device), t.to(device), texts)
     loss = F.mse_loss(pred.float(), target)  # Eq. 1
     s.scaler.scale(loss * (weight * share)).backward()
     return float(loss.detach()) * share

@@ -5,8 +5,8 @@ The reference updates once per 8 x 4 = 32 samples. SD's UNet normalises with Gro
 statistics), so one forward/backward of 32 samples gives the same update as 4 of 8 when memory allows.
 To make it the *same* update and not just the same kind: a fused pass runs ``fuse`` consecutive recipe
 micro-batches (``FinetuneParams.batch_size`` each) in one forward/backward, each drawing its samples,
-flips, noise and timesteps from (seed, its recipe index m) exactly as ``finetune._micro_step`` does, and
-each weighted as that micro-step would weight it. Only memory use and float rounding change, so nothing
+flips, noise and timesteps from (seed, its recipe index m) with ``draws``, as ``finetune._micro_step`` does,
+and each weighted as that micro-step would weight it; both run the UNet through ``predict``. Only memory use and float rounding change, so nothing
 here is in the cache key.
 
 On CUDA ``plan`` measures the peak of one pass (zeros in, no optimizer step, gradients dropped after):
@@ -163,14 +163,10 @@ def _probe_pass(s, p: FinetuneParams, shape: tuple, n: int) -> None:
     """One forward/backward of n zero latents with empty-prompt conditioning, as a training pass runs it."""
     import torch
 
-    dev, tok = s.unet.device, s.pipe.tokenizer
-    ids = tok([""] * n, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-    with torch.no_grad():
-        cond = s.pipe.text_encoder(ids.to(s.pipe.text_encoder.device))[0].to(dev)
-    with torch.autocast(dev.type, dtype=s.amp, enabled=s.amp is not None):
-        z = as_layout(torch.zeros((n, *shape), device=dev), p)
-        pred = s.unet(z, torch.zeros(n, dtype=torch.long, device=dev), cond).sample
-    pred.float().pow(2).mean().backward()
+    dev = s.unet.device
+    zeros = torch.zeros((n, *shape), device=dev)
+    pred, target = predict(s, p, zeros, zeros, torch.zeros(n, dtype=torch.long, device=dev), [""] * n)
+    (pred.float() - target).pow(2).mean().backward()
 
 
 def set_checkpointing(unet, on: bool) -> None:
@@ -203,38 +199,61 @@ def fused_micro_step(s, latents, captions: list[str], p: FinetuneParams, ms: ran
     share-weighted loss are the sums of what ``finetune._micro_step(.., m, weight)`` gives for each m."""
     import torch
 
-    pipe, unet, device = s.pipe, s.unet, s.unet.device
+    device = s.unet.device
     zs, noises, ts, coef, texts, reported = [], [], [], [], [], 0.0
-    for m in ms:  # the draws of micro-batch m, as _micro_step makes them
-        idx = _batch(m, len(latents), p.batch_size, p.seed)
-        flips = _flips(m, len(idx), p.seed) if p.flip else np.zeros(len(idx), bool)
-        z = torch.from_numpy(training_batch(latents, idx, flips))
-        g = torch.Generator().manual_seed(int(stable_hash([p.seed, m], 15), 16))
-        noise = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, s.sched.config.num_train_timesteps, (len(z),), generator=g)
-        rows = p.shard.rows(len(idx))
-        if not len(rows):
+    for m in ms:
+        d = draws(s, latents, captions, p, m)
+        if d is None:
             continue
-        if p.shard.parallel:
-            z, noise, t = z[rows], noise[rows], t[rows]
+        z, noise, t, rows_texts, n = d
         zs.append(z), noises.append(noise), ts.append(t)
-        coef += [1 / len(idx)] * len(rows)  # mean over the rows' elements x share = sum / len(idx)
-        texts += [captions[idx[r]] for r in rows]
+        coef += [1 / n] * len(rows_texts)  # mean over the rows' elements x share = sum / n
+        texts += rows_texts
     if not zs:
         return reported
     z, noise, t = torch.cat(zs).to(device, torch.float32), torch.cat(noises).to(device), torch.cat(ts).to(device)
     c = torch.tensor(coef, dtype=torch.float32, device=device)
+    pred, target = predict(s, p, z, noise, t, texts)
+    per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)  # Eq. 1 per sample
+    loss = (per_sample * c).sum()
+    s.scaler.scale(loss * weight).backward()
+    return float(loss.detach())
+
+
+def draws(s, latents, captions: list[str], p: FinetuneParams, m: int) -> tuple | None:
+    """What recipe micro-batch m trains on, drawn from (seed, m) only, for this process's rows: (latents, noise,
+    timesteps on the CPU, their captions, the micro-batch's size); None when no row of it is this process's.
+    The noise and timesteps are the whole micro-batch's, whichever rows are ours."""
+    import torch
+
+    idx = _batch(m, len(latents), p.batch_size, p.seed)
+    flips = _flips(m, len(idx), p.seed) if p.flip else np.zeros(len(idx), bool)
+    z = torch.from_numpy(training_batch(latents, idx, flips))
+    g = torch.Generator().manual_seed(int(stable_hash([p.seed, m], 15), 16))
+    noise = torch.randn(z.shape, generator=g)
+    t = torch.randint(0, s.sched.config.num_train_timesteps, (len(z),), generator=g)
+    rows = p.shard.rows(len(idx))
+    if not len(rows):  # more processes than rows: this one adds zero gradients
+        return None
+    if p.shard.parallel:
+        z, noise, t = z[rows], noise[rows], t[rows]
+    return z, noise, t, [captions[idx[r]] for r in rows], len(idx)
+
+
+def predict(s, p: FinetuneParams, z, noise, t, texts: list[str]):
+    """(the UNet's prediction, Eq. 1's target) for latents ``z`` noised by ``noise`` at timesteps ``t`` (on the
+    UNet's device) with the captions ``texts``: one pass as training runs it (autocast, the layout)."""
+    import torch
+
+    pipe, device = s.pipe, s.unet.device
     ids = pipe.tokenizer(texts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
                          return_tensors="pt").input_ids
     with torch.no_grad():
         cond = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].to(device)
     target = noise if s.sched.config.prediction_type == "epsilon" else s.sched.get_velocity(z, noise, t)
     with torch.autocast(device.type, dtype=s.amp, enabled=s.amp is not None):
-        pred = unet(as_layout(s.sched.add_noise(z, noise, t), p), t, cond).sample
-    per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)  # Eq. 1 per sample
-    loss = (per_sample * c).sum()
-    s.scaler.scale(loss * weight).backward()
-    return float(loss.detach())
+        pred = s.unet(as_layout(s.sched.add_noise(z, noise, t), p), t, cond).sample
+    return pred, target
 
 
 def as_layout(x, p: FinetuneParams):
@@ -244,8 +263,8 @@ def as_layout(x, p: FinetuneParams):
     return x.contiguous(memory_format=torch.channels_last) if p.speed.channels_last else x
 
 
-# The draws of one recipe micro-batch, shared with vlcp/method/finetune.py (which imports them from here, so
-# the fused pass below can make them without importing fine-tuning back).
+# The draws of one recipe micro-batch (``draws`` above), here so that fine-tuning and the fused pass share
+# them without micro_batch importing fine-tuning back.
 def _batch(step: int, n: int, bs: int, seed: int) -> np.ndarray:
     """The sample indices of micro-batch ``step`` (a fresh permutation per epoch)."""
     spe = math.ceil(n / bs)
