@@ -15,7 +15,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from vlcp.cli.main import cli
-from vlcp.cli.publish import commit_operations, hide_paths, public_json
+from vlcp.cli.publish import commit_operations, public_json
+from vlcp.report.card import (
+    public_values as hide_paths,  # what publish applies to every JSON value
+)
 from vlcp.store.output import read_manifest, write_json
 
 

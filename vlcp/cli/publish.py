@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -65,14 +64,6 @@ def upload_files(out: Path) -> list[str]:
     return list(filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS))
 
 
-def hide_paths(value: Any) -> Any:
-    """``value`` with every string of it (nested in lists and dicts, keys left as they are) shown as the card and
-    the report show it (``vlcp.report.card.public_values``): an absolute local path becomes ``…/<its last part>``."""
-    from vlcp.report.card import public_values
-
-    return public_values(value)
-
-
 def public_json(path: Path) -> bytes | None:
     """The public copy of the JSON file ``path`` (its values with local paths hidden, written as
     ``vlcp.store.output.write_json`` writes, so a vlcp file changes only where a path was), or None when it
@@ -82,8 +73,11 @@ def public_json(path: Path) -> bytes | None:
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path} is not readable JSON ({exc.__class__.__name__}: {exc}): cannot check it for "
                          f"local paths; fix or remove it before publishing") from None
-    hidden = hide_paths(value)
-    return None if hidden is value or hidden == value else (json.dumps(hidden, indent=2) + "\n").encode()
+    from vlcp.report.card import public_values
+    from vlcp.store.output import json_text
+
+    hidden = public_values(value)
+    return None if hidden == value else json_text(hidden).encode()
 
 
 def commit_operations(out: Path) -> list:

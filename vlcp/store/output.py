@@ -155,10 +155,15 @@ def set_data(root: Path) -> str | None:
     return params.get("data") or ident.get("name")
 
 
+def json_text(obj) -> str:
+    """How vlcp writes a JSON file (``write_json``; ``vlcp publish``'s public copies alike)."""
+    return json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
+
+
 def write_json(path: Path, obj) -> None:
     from vlcp.store.cache import atomic_write_text
 
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(path, json_text(obj))
 
 
 def publish(out: Path, build) -> None:
