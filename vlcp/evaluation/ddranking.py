@@ -183,7 +183,8 @@ def export(out: Path, dest: Path, *, dataset: str | None = None, teacher: Path |
     if soft is None:
         from vlcp.evaluation.relabel import soft_label_names
 
-        record["soft_label_choices"] = soft_label_names(out) if len(soft_label_names(out)) > 1 else []
+        names = soft_label_names(out)
+        record["soft_label_choices"] = names if len(names) > 1 else []
     states = None
     if weights is not None:
         states, record["teacher"] = teacher_files(weights, order, name)
