@@ -1,27 +1,29 @@
 #!/usr/bin/env bash
-# The test suite on a CUDA machine: every test whose code path picks `--device auto` runs on the GPU there
-# (fp16 pipelines, AMP GradScaler, CUDA generators, per-process devices), which the CPU-only CI never sees.
-# Usage, from the repository root of a GPU machine (wheels the machine lacks may be put in .whl/):
-#   OUT=/tmp/out bash benchmarks/cuda_checks.sh
-# Writes $OUT/env.txt, $OUT/pytest.txt and $OUT/junit.xml; prints the pytest summary.
+# The CUDA tests on a GPU machine: the four questions of tests/test_throughput.py (hf-static's tokens, batched
+# reference captions, the img2img memory fit, the fine-tuning plan), each its own test, and the fine-tuning
+# plan's tests; with arguments, those pytest arguments instead (e.g. `tests/ -n 8` for the whole suite, where
+# every test whose path picks `--device auto` runs on the GPU).
+# Usage, from the repository root of a GPU machine (with .whl/ from benchmarks/device_wheels.sh):
+#   OUT=/tmp/out bash benchmarks/cuda_checks.sh [pytest arguments]
+# Writes $OUT/env.txt and $OUT/pytest.txt; prints them as it goes.
 set -u
+cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/vlcp-cuda-checks}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  pip install -q --no-deps --target /tmp/vlcp-site .whl/*.whl >/dev/null 2>&1
-  export PYTHONPATH=/tmp/vlcp-site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+. benchmarks/device_env.sh || exit 1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+  python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'gpu', torch.cuda.is_available())"
   nproc
-} >"$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+} 2>&1 | tee "$OUT/env.txt"
+args=("$@")
+[ ${#args[@]} -gt 0 ] || args=(tests/test_throughput.py tests/test_micro_batch.py)
+# a test that hangs fails alone (pytest-timeout is on the image), and `timeout` ends the whole run in time
+per_test=()
+python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout "${TEST_TIMEOUT:-240}")
 # -p no:cacheprovider: the checkout may be read-only; the browser test skips without Chromium
-timeout "${PYTEST_TIMEOUT:-420}" python -m pytest -q -rfE -p no:cacheprovider --durations=10 \
-  --junitxml "$OUT/junit.xml" "$@" >"$OUT/pytest.txt" 2>&1
+set -o pipefail
+timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -rfEs -p no:cacheprovider --durations=10 "${per_test[@]}" \
+  "${args[@]}" 2>&1 | tee "$OUT/pytest.txt"
 echo "pytest rc $?"
-tail -40 "$OUT/pytest.txt"

@@ -93,7 +93,8 @@ def build_llava(s: rf.Setup):
 
 def bench_captions(s: rf.Setup, model, processor, images: list, batch: int, tokens: int, engine, label: str,
                    mode: str = "greedy") -> tuple[float, float, list[str]]:
-    """(captions/s, peak GB, captions) of ``images`` in calls of ``batch``."""
+    """(captions/s, peak GB, captions) of ``images`` in calls of ``batch`` (reference mode without an engine:
+    ``caption_images`` makes one generate call per image, and the decode limit is that of batch 1)."""
     from vlcp.models.captioner import PROMPT, caption_images, format_prompt
 
     chunks = [images[i:i + batch] for i in range(0, len(images), batch)]
@@ -114,7 +115,9 @@ def bench_captions(s: rf.Setup, model, processor, images: list, batch: int, toke
     prompt = processor(images=images[:1], text=[text], return_tensors="pt")["input_ids"].shape[1]
     pre_sec = rf.timed(s, lambda: run(1, chunks[:1]))
     pre_flops = rf.count_flops(lambda: run(1, chunks[:1]))
-    limit = rf.decode_limit(s, model, len(chunks[0]), prompt, tokens, sec / len(chunks), (pre_sec, pre_flops))
+    calls = len(chunks[0]) if mode == "reference" and engine is None else 1  # generate calls per chunk
+    limit = rf.decode_limit(s, model, len(chunks[0]) // calls, prompt, tokens, sec / len(chunks) / calls,
+                            (pre_sec / calls, pre_flops / calls))
     s.rows.append((f"captions {label}, batch {batch}, {tokens} new tokens", f"{len(images) / sec:.2f} captions/s",
                    rf.peak_gb(s), limit))
     return len(images) / sec, s.rows[-1][2], texts
@@ -143,7 +146,8 @@ def captions_section(s: rf.Setup, compare: bool) -> tuple[float, float]:
                for e, what in ((None, "one image per call (old)"), ("hf", "batched, hf"))]
         s.compare.append((f"captions reference ({t} tokens): one per call -> batch {n}", ref[0][0], ref[1][0],
                           "captions/s", f"{sum(a == b for a, b in zip(ref[0][2], ref[1][2]))}/{n} identical"))
-    del model
+    del model, processor
+    rf.release(s)  # transformers keeps the compiled call on the model (a cycle): LLaVA stays until collected
     return new[0], new[1]
 
 
@@ -262,7 +266,7 @@ def bench_finetune(s: rf.Setup, pipe, method: str, checkpointing: bool | None, r
     return sec
 
 
-def finetune_section(s: rf.Setup, pipe, res: int, compare: bool) -> dict:
+def finetune_section(s: rf.Setup, pipe, res: int, compare: bool, compiled: bool = True) -> dict:
     """{(method, checkpointing): (seconds per micro-batch of 8, peak GB)}: the rows of the stage table; with
     ``compare``, full fine-tuning as it ran before issue 25 (8 x 4 passes, checkpointing on, eager, AdamW's
     foreach kernel) and as ``vlcp distill`` runs it now (``micro_batch.speed_for``: the plan from memory, fused
@@ -279,7 +283,7 @@ def finetune_section(s: rf.Setup, pipe, res: int, compare: bool) -> dict:
     dev = s.device.split(":")[0]
     runs = [("old", True, None, ""), ("new", None, speed_for(dev), " (new)"),
             ("channels_last", None, speed_for(dev, channels_last=True), " (new, --finetune-channels-last)")]
-    if not s.quick:  # inductor on a CPU compiles for minutes: the reduced run checks the eager paths only
+    if not s.quick and compiled:  # inductor on a CPU compiles for minutes: the reduced run checks eager paths
         runs.append(("compiled", None, speed_for(dev, compile_unet=True), " (new, --finetune-compile)"))
     for name, ckpt, speed, tag in runs:
         ft[(method, name)] = (bench_finetune(s, pipe, method, ckpt, res, speed, acc, tag or " (old)"), s.rows[-1][2])
@@ -297,6 +301,16 @@ def _unet_flops(pipe, batch: int, res: int) -> int:
     emb = torch.zeros(batch, 77, pipe.text_encoder.config.hidden_size, device=pipe.device, dtype=pipe.unet.dtype)
     with torch.no_grad():
         return rf.count_flops(lambda: pipe.unet(x, 10, encoder_hidden_states=emb))
+
+
+def plain_layout(pipe) -> None:
+    """The UNet and VAE back in NCHW, as before issue 25, and forgotten by vlcp's one-way layout switches."""
+    import torch
+
+    pipe.unet.to(memory_format=torch.contiguous_format)
+    pipe.vae.to(memory_format=torch.contiguous_format)
+    pipe.vae._vlcp_channels_last = False  # latents._encode
+    pipe._vlcp_prepared = set()  # synthesis.prepare
 
 
 def bench_synthesis(s: rf.Setup, pipe, res: int, steps: int, n: int, per_call: int, speed, label: str):
@@ -323,17 +337,18 @@ def bench_synthesis(s: rf.Setup, pipe, res: int, steps: int, n: int, per_call: i
     return n / sec, s.rows[-1][2], imgs
 
 
-def synthesis_section(s: rf.Setup, pipe, res: int, compare: bool) -> tuple[float, float]:
+def synthesis_section(s: rf.Setup, pipe, res: int, compare: bool, compiled: bool = True) -> tuple[float, float]:
     from vlcp.method.synthesis import Speed, speed_for
 
     steps, n = (3, 2) if s.quick else (50, 32)
     dev = "cuda" if s.cuda else "cpu"
-    if compare:  # the old path first: the new one turns the pipeline to channels_last in place
+    if compare:  # the old path first, in NCHW: the new one (and the latents stage) turn it channels_last in place
+        plain_layout(pipe)
         old = bench_synthesis(s, pipe, res, steps, n, 1 if s.quick else 8, Speed(), "plain (old)")
     new = bench_synthesis(s, pipe, res, steps, n, n, speed_for(dev, max_batch=n), "channels_last + memory fit")
     if compare:
         runs = [("calls of 8 -> 32, channels_last", new)]
-        if s.cuda:  # inductor compiles the real UNet for minutes on a CPU
+        if s.cuda and compiled:  # inductor compiles the real UNet for minutes on a CPU
             runs.append(("... + compiled UNet", bench_synthesis(s, pipe, res, steps, n, n, speed_for(dev, True, n),
                                                                 "+ compiled UNet")))
         for what, res_ in runs:
@@ -381,16 +396,47 @@ def estimate(rates: dict, ft_sec: dict, ipc: int = 10) -> list[tuple[str, float,
     return out
 
 
+def figures(s: rf.Setup, name: str, rates: dict, ft: dict) -> dict:
+    """What ``--json`` writes after every section (a run cut short keeps what it measured) and ``--estimate``
+    reads back: the rows, the comparisons, and the rates the estimates are made of."""
+    return {"device": name, "quick": s.quick, "rows": list(s.rows), "compare": list(s.compare),
+            "rates": rates, "finetune": [[m, how, sec, peak] for (m, how), (sec, peak) in ft.items()]}
+
+
+def merged(paths: list[Path]) -> tuple[str, bool, dict, dict]:
+    """(device, quick, rates, fine-tuning) of several ``--json`` files of one device (a run per time limit)."""
+    rates, ft, devices, quick = {}, {}, set(), False
+    for path in paths:
+        d = json.loads(path.read_text())
+        devices.add(d["device"])
+        quick |= bool(d.get("quick"))
+        rates.update({k: tuple(v) for k, v in d.get("rates", {}).items()})
+        ft.update({(m, how): (sec, peak) for m, how, sec, peak in d.get("finetune", [])})
+    if len(devices) != 1:
+        raise SystemExit(f"--estimate: the files were measured on different devices: {sorted(devices)}")
+    return devices.pop(), quick, rates, ft
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="reduced shapes (see the module docstring)")
     ap.add_argument("--compare", action="store_true", help="the old paths beside the new ones, with ratios")
+    ap.add_argument("--skip-compiled", action="store_true",
+                    help="with --compare: leave out the compiled UNet rows of fine-tuning and img2img (inductor "
+                         "compiles for minutes); hf-static's compiled decode step is the new captions path and stays")
     ap.add_argument("--gpu", help="the roofline row to use (benchmarks/roofline.py) when the name does not match")
-    ap.add_argument("--json", type=Path, help="write the figures here too")
+    ap.add_argument("--json", type=Path, help="write the figures here too, after every section")
     ap.add_argument("--stages", type=lambda v: v.split(","), default=STAGES,
                     help=f"comma-separated subset of {','.join(STAGES)} (a run that fits a time limit)")
+    ap.add_argument("--estimate", type=Path, nargs="+", metavar="JSON",
+                    help="print the `vlcp distill` estimates from the --json files of runs of parts of the stages on "
+                         "one device (measures nothing)")
     a = ap.parse_args(argv)
+    if a.estimate:
+        name, quick, rates, ft = merged(a.estimate)
+        rf.report(rf.Setup("cpu", quick, None, None), name, rates, ft, quick)
+        return 0
     import torch
 
     from vlcp.models.loading import half_precision, torch_device
@@ -406,27 +452,47 @@ def main(argv=None) -> int:
     print(f"device: {name}; {mode}; roofline row: {gpu.name if gpu else 'none'}", flush=True)
     t_all = time.perf_counter()
     rates, ft = {}, {}
-    if "captions" in a.stages:
-        rates["captions"] = captions_section(s, a.compare)
-    res = 64 if a.quick else 512
-    pipe = build_sd(s) if {"latents", "finetune", "synthesis"} & set(a.stages) else None
-    if "latents" in a.stages:
-        rates["latents"] = (latents_section(s, pipe, res, a.compare), s.rows[-1][2])
-    if "finetune" in a.stages:
-        ft = finetune_section(s, pipe, res, a.compare)
-    if "synthesis" in a.stages:
-        rates["synthesis"] = synthesis_section(s, pipe, res, a.compare)
-    if "detector" in a.stages:
-        bench_detector(s)
-    out = rf.report(s, name, rates, ft, a.quick)
-    if len(rates) == 3 and ft:
-        out["estimate"] = estimate(rates, ft)
-    note = "" if s.cuda else "; CPU peak = process peak RSS so far, not per stage"
-    print(f"\nbenchmark wall time: {time.perf_counter() - t_all:.0f} s{note}")
-    if a.json:
-        a.json.write_text(json.dumps(out, indent=1))
+
+    def save() -> None:
+        if a.json:
+            a.json.write_text(json.dumps(figures(s, name, rates, ft), indent=1))
+
+    compiled = not a.skip_compiled
+    try:
+        if "captions" in a.stages:
+            rates["captions"] = captions_section(s, a.compare)
+            save()
+        res = 64 if a.quick else 512
+        pipe = build_sd(s) if {"latents", "finetune", "synthesis"} & set(a.stages) else None
+        if "latents" in a.stages:
+            rates["latents"] = (latents_section(s, pipe, res, a.compare), s.rows[-1][2])
+            save()
+        if "finetune" in a.stages:
+            ft = finetune_section(s, pipe, res, a.compare, compiled)
+            save()
+        if "synthesis" in a.stages:
+            rates["synthesis"] = synthesis_section(s, pipe, res, a.compare, compiled)
+            save()
+        if "detector" in a.stages:
+            bench_detector(s)
+    finally:  # a section that fails or a time limit's SIGTERM (turned into SystemExit) still prints the rest
+        out = {**figures(s, name, rates, ft), **rf.report(s, name, rates, ft, a.quick)}
+        if len(rates) == 3 and ft:
+            out["estimate"] = estimate(rates, ft)
+        note = "" if s.cuda else "; CPU peak = process peak RSS so far, not per stage"
+        print(f"\nbenchmark wall time: {time.perf_counter() - t_all:.0f} s{note}", flush=True)
+        if a.json:
+            a.json.write_text(json.dumps(out, indent=1))
     return 0
 
 
+def _sigterm_exits() -> None:
+    """``timeout`` sends SIGTERM: exit through ``finally`` (the table so far) instead of dying silently."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+
+
 if __name__ == "__main__":
+    _sigterm_exits()
     sys.exit(main())

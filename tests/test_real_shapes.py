@@ -40,3 +40,26 @@ def test_estimate_scales_the_measured_rates_to_imagenette(rs):
     assert est["latents"] == pytest.approx((9469 / 10.0 / 3600, 3.0))
     assert est["finetune lora"] == pytest.approx((8 * 1184 * 1.5 / 3600, 11.0))  # 8 epochs x ceil(9469 / 8)
     assert est["synthesis"] == pytest.approx((100 / 0.5 / 3600, 5.0))
+
+
+def test_estimate_merges_the_json_of_runs_of_parts_of_the_stages(rs, tmp_path, capsys):
+    """The GPU plan runs the captions and the other stages in two calls (a time limit each); --estimate makes
+    the `vlcp distill` table from their --json files, as one run of all stages would have."""
+    import roofline as rf
+
+    s = rf.Setup("cuda", False, None, None)
+    a = rs.figures(s, "NVIDIA H200", {"captions": (20.0, 60.0)}, {})
+    b = rs.figures(s, "NVIDIA H200", {"latents": (70.0, 9.0), "synthesis": (5.0, 8.0)},
+                   {("full", "old"): (0.30, 23.0), ("full", "new"): (0.12, 40.0), ("lora", True): (0.3, 6.2)})
+    (tmp_path / "a.json").write_text(rs.json.dumps(a))
+    (tmp_path / "b.json").write_text(rs.json.dumps(b))
+    assert rs.main(["--estimate", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    plain = {"captions": 20.0, "latents": 70.0, "synthesis": 5.0}
+    for ds in (rf.IMAGENETTE, rf.IMAGENET):
+        for g in (1, 8):
+            hours = rf.distill_hours(plain, 0.12, ds, 10, g)  # the fastest new fine-tuning path
+            assert f"| {ds.name} | {g} | {' | '.join(f'{hours[k]:.2f}' for k in hours)} |" in out
+    (tmp_path / "c.json").write_text(rs.json.dumps(rs.figures(s, "NVIDIA A100", {}, {})))
+    with pytest.raises(SystemExit, match="different devices"):
+        rs.main(["--estimate", str(tmp_path / "a.json"), str(tmp_path / "c.json")])

@@ -43,14 +43,19 @@ def _count_forwards(model):
     return calls, handle
 
 
-@pytest.mark.parametrize("eng", [Engine("static"), Engine("static", compile="eager")], ids=["static", "compiled"])
+@pytest.mark.parametrize("eng", [Engine("static"), Engine("static", compile="eager"),
+                                 Engine("static", compile="aot_eager")], ids=["static", "compiled", "aot_eager"])
 def test_greedy_static_cache_is_token_identical_to_the_dynamic_one(llava, images, eng):
-    """The compiled variant runs transformers' CompileConfig path with dynamo's eager backend (inductor takes
-    ~2 min for this model on 2 cores; on CUDA --caption-engine hf-static uses inductor with CUDA graphs)."""
+    """The compiled variants run transformers' CompileConfig path with dynamo's eager backend and with
+    aot_eager, which also traces through AOTAutograd (where inference mode and the cache's in-place updates
+    meet); inductor takes ~2 min for this model on 2 cores; on CUDA --caption-engine hf-static uses inductor
+    with CUDA graphs."""
     model, proc = llava
     plain = caption_images(model, proc, images, NAMES, PROMPT, 24)
     assert len(set(plain)) >= 3  # the tiny model's captions differ by image: the comparison can fail
+    model.__dict__.pop("_compiled_call", None)  # (a compiled call of an earlier variant)
     assert caption_images(model, proc, images, NAMES, PROMPT, 24, "greedy", None, eng) == plain
+    assert hasattr(model, "_compiled_call") == bool(eng.compile)  # transformers did compile the decode step
 
 
 def _group_sizes(proc, names):
@@ -102,6 +107,38 @@ def test_a_batch_whose_captions_all_end_early_stops_early(llava, images, mode, e
         cut = next(i for i, w in enumerate(words) if proc.tokenizer.convert_tokens_to_ids(w) in ends)
         assert s.split() == words[:cut + 1]
     assert len({len(s.split()) for s in short}) > 1  # rows ended at different steps: the early ones were padded
+
+
+def _oom_above(model, monkeypatch, rows: int) -> list[int]:
+    """``model.generate`` runs out of memory (torch's own error) on a batch of more than ``rows``."""
+    import torch
+
+    calls, real = [], model.generate
+
+    def generate(**kw):
+        calls.append(len(kw["input_ids"]))
+        if len(kw["input_ids"]) > rows:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(**kw)
+
+    monkeypatch.setattr(model, "generate", generate)
+    return calls
+
+
+@pytest.mark.parametrize("mode, eng", [("greedy", "hf"), ("reference", "hf")])
+def test_a_caption_batch_out_of_memory_is_captioned_as_halves(llava, images, monkeypatch, mode, eng):
+    model, proc = llava
+    seeds = [cap.item_seed(0, f"image {i}") for i in range(len(images))]
+    whole = caption_images(model, proc, images, NAMES, PROMPT, 24, mode, seeds, eng)
+    calls, halved = _oom_above(model, monkeypatch, 2), []
+    assert cap.caption_fitting(model, proc, images, NAMES, PROMPT, 24, mode, seeds, eng, halved.append) == whole
+    if mode == "greedy":  # 6 -> 3 + 3 -> (1 + 2) + (1 + 2): the failed calls first, in order
+        assert calls == [6, 3, 1, 2, 3, 1, 2] and halved == [6, 3, 3]
+    assert halved[0] == 6 and max(_group_sizes(proc, NAMES)) > 2  # reference: a call per prompt length; one failed
+    monkeypatch.setattr(model, "generate", lambda **kw: (_ for _ in ()).throw(
+        __import__("torch").OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(__import__("torch").OutOfMemoryError):  # one image that does not fit: the error stands
+        cap.caption_fitting(model, proc, images[:1], NAMES[:1], PROMPT, 24, mode, seeds[:1], eng)
 
 
 def test_kv_cache_bytes_per_token_come_from_the_config():
@@ -165,6 +202,27 @@ def test_the_engine_is_in_no_key_and_is_checked(vlcp, tmp_path):
     assert r.exit_code == 2 and "'vllm' is not one of 'hf', 'hf-static'" in r.output
 
 
+def test_a_run_whose_caption_batch_runs_out_of_memory_finishes_and_says_so_once(vlcp, tmp_path, monkeypatch):
+    import torch
+
+    real = cap.caption_images
+
+    def short_of_memory(model, processor, images, *a, **kw):
+        if len(images) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, processor, images, *a, **kw)
+
+    monkeypatch.setattr(cap, "caption_images", short_of_memory)
+    r = vlcp("distill", "--data", "digits", "--tiny", "--classes", "0,1", "--max-per-class", "2", "--ipc", "1",
+             "--until", "captions", "--caption-batch-size", "4", "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    m = read_manifest(tmp_path / "a")
+    assert m["stages"]["captions"]["items_computed"] == 4
+    said = [w for w in m["warnings"] if "ran out of GPU memory" in w]
+    assert said == ["a caption batch of 4 ran out of GPU memory and was captioned as two halves (the same captions); "
+                    "a smaller --caption-batch-size skips the retries"]  # once, though the halves of 2 failed too
+
+
 def _cuda() -> bool:
     import torch
 
@@ -193,50 +251,94 @@ def test_vae_encoding_in_channels_last_is_the_plain_encoding(tiny_models_dir, tm
     np.testing.assert_allclose(fast_pairs, pairs, atol=1e-5)
 
 
-@pytest.mark.skipif(not _cuda(), reason="needs CUDA: runs in benchmarks/cuda_checks.sh")
-def test_on_cuda_the_fast_paths_make_the_plain_paths_outputs(tiny_models_dir, tmp_path, images):
-    """What decides whether hf-static may become the CUDA default: in fp16 on the GPU, the compiled static
-    cache's greedy tokens and the batched reference captions against the plain paths; and the memory fit of
-    img2img (measured peak, smaller calls, channels_last) within rounding of the plain path."""
-    import torch
+# -- on CUDA (benchmarks/cuda_checks.sh): four questions, each its own test, so that one GPU run answers all four.
+# What decides whether hf-static may become the CUDA default: in fp16 on the GPU, the compiled static cache's
+# greedy tokens and the batched reference captions against the plain paths; then the memory fit of img2img and
+# the fine-tuning plan.
+cuda_only = pytest.mark.skipif(not _cuda(), reason="needs CUDA: runs in benchmarks/cuda_checks.sh")
 
-    from vlcp.models.loading import load_captioner, load_img2img, resolve
-    from vlcp.models.tiny import TINY_LLAVA, TINY_SD
+
+@pytest.fixture(scope="module")
+def cuda_llava(tiny_models_dir, tmp_path_factory):
+    from vlcp.models.loading import load_captioner, resolve
+    from vlcp.models.tiny import TINY_LLAVA
     from vlcp.store.cache import StageCache
 
-    cache = StageCache(tmp_path / "c")
-    model, proc = load_captioner(resolve(str(tiny_models_dir / TINY_LLAVA), cache), "cuda")
+    return load_captioner(resolve(str(tiny_models_dir / TINY_LLAVA), StageCache(tmp_path_factory.mktemp("c"))),
+                          "cuda")
+
+
+def _differ(a: list[str], b: list[str]) -> str:
+    return f"{sum(x != y for x, y in zip(a, b))}/{len(a)} captions differ: " + \
+        "; ".join(f"{x!r} vs {y!r}" for x, y in zip(a, b) if x != y)[:2000]
+
+
+@cuda_only
+def test_on_cuda_hf_static_greedy_captions_are_the_dynamic_caches(cuda_llava, images):
+    import torch
+
+    model, proc = cuda_llava
     assert model.dtype == torch.float16 and cap.batch_for_model(model, 32) >= 1
     plain = caption_images(model, proc, images, NAMES, PROMPT, 24)
-    assert caption_images(model, proc, images, NAMES, PROMPT, 24, "greedy", None, "hf-static") == plain
+    static = caption_images(model, proc, images, NAMES, PROMPT, 24, "greedy", None, "hf-static")
+    assert hasattr(model, "_compiled_call")  # transformers compiled the decode step (CompileConfig, CUDA graphs)
+    assert static == plain, _differ(static, plain)
+
+
+@cuda_only
+def test_on_cuda_batched_reference_captions_are_the_one_image_calls(cuda_llava, images):
+    model, proc = cuda_llava
     seeds = list(range(len(images)))
     alone = caption_images(model, proc, images, NAMES, PROMPT, 24, "reference", seeds)
-    assert caption_images(model, proc, images, NAMES, PROMPT, 24, "reference", seeds, "hf") == alone
-    pipe = load_img2img(resolve(str(tiny_models_dir / TINY_SD), cache, probe_file="model_index.json"), "cuda")
+    batched = caption_images(model, proc, images, NAMES, PROMPT, 24, "reference", seeds, "hf")
+    assert batched == alone, _differ(batched, alone)
+
+
+@cuda_only
+def test_on_cuda_img2img_fitted_to_memory_is_the_plain_path(tiny_models_dir, tmp_path):
+    from vlcp.models.loading import load_img2img, resolve
+    from vlcp.models.tiny import TINY_SD
+    from vlcp.store.cache import StageCache
+
+    pipe = load_img2img(resolve(str(tiny_models_dir / TINY_SD), StageCache(tmp_path / "c"),
+                                probe_file="model_index.json"), "cuda")
     lat = np.random.default_rng(0).normal(size=(5, 4, 16, 16)).astype(np.float32)
     prompts, s = ["a digit", "zero", "a seven", "one", "two"], syn.Sampling(steps=6)
     ref = syn.sample(pipe, lat, prompts, [1, 2, 3, 4, 5], s)
     fast = syn.sample(pipe, lat, prompts, [1, 2, 3, 4, 5], s, syn.speed_for("cuda"))
     assert pipe._vlcp_image_bytes[(4, 16, 16)] > 0  # the first call measured one image's peak
-    assert np.abs(ref.astype(int) - fast.astype(int)).max() <= 2
-    # fine-tuning: the pass measured on the GPU (fits), fused AdamW, channels_last, no checkpointing where it fits
+    diff = np.abs(ref.astype(int) - fast.astype(int))
+    assert diff.max() <= 2, (diff.max(), (diff > 0).mean())
+
+
+@cuda_only
+def test_on_cuda_the_fine_tuning_plan_fits_without_checkpointing_and_makes_the_same_update(tiny_models_dir,
+                                                                                           tmp_path):
+    """The pass measured on the GPU fits, fused AdamW, no checkpointing where it fits; the weights end within
+    5 % of their movement of the old path's (8 x 4 passes, checkpointing, foreach AdamW), as on the CPU."""
     from dataclasses import replace
 
     from vlcp.method import finetune
     from vlcp.method import micro_batch as mb
+    from vlcp.models.loading import load_img2img, resolve
+    from vlcp.models.tiny import TINY_SD
+    from vlcp.store.cache import StageCache
 
+    ref = resolve(str(tiny_models_dir / TINY_SD), StageCache(tmp_path / "c"), probe_file="model_index.json")
     lat = np.random.default_rng(2).normal(size=(20, 4, 16, 16)).astype(np.float32)
     caps = [f"digit {i % 10}" for i in range(20)]
     old = finetune.FinetuneParams(epochs=2, batch_size=4, accumulation=2, lr=1e-4, ema=False,
                                   gradient_checkpointing=True)
-    runs = {}
+    runs, start = {}, None
     for name, p in (("old", old), ("new", replace(old, gradient_checkpointing=None, speed=mb.speed_for("cuda")))):
-        pipe = load_img2img(resolve(str(tiny_models_dir / TINY_SD), cache, probe_file="model_index.json"), "cuda")
+        pipe = load_img2img(ref, "cuda")
+        start = start or {k: v.detach().float().cpu().numpy().copy() for k, v in pipe.unet.state_dict().items()}
         runs[name] = finetune.train(pipe, lat, caps, p, StageCache(tmp_path / name), "k", progress=False)
     (w_old, m_old), (w_new, m_new) = runs["old"], runs["new"]
     ran = m_new["passes"]
     assert ran["fits"] >= 8 and ran["micro_batch"] == 8 and not ran["gradient_checkpointing"] and ran["halved"] == 0
     assert ran["fused_optimizer"] and not ran["channels_last"] and m_old["passes"]["gradient_checkpointing"]
     np.testing.assert_allclose(m_new["losses"], m_old["losses"], rtol=2e-2)
-    worst = max(float(np.abs(w_new[k] - w_old[k]).max()) for k in w_old)
-    assert worst < 1e-3, worst  # 5 AdamW steps of lr 1e-4: rounding, not another update
+    moved = np.sqrt(sum(float(((w_old[k] - start[k]) ** 2).sum()) for k in w_old))
+    apart = np.sqrt(sum(float(((w_new[k] - w_old[k]) ** 2).sum()) for k in w_old))
+    assert moved > 0 and apart < 0.05 * moved, (apart, moved)  # rounding, not another update

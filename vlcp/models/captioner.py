@@ -119,6 +119,32 @@ def caption_images(model, processor, images: list, class_names: list[str], promp
     return _greedy_captions(model, processor, images, class_names, prompt, max_new_tokens, eng)
 
 
+def caption_fitting(model, processor, images: list, class_names: list[str], prompt: str, max_new_tokens: int,
+                    mode: str = "greedy", seeds: list[int] | None = None, engine: Engine | str | None = None,
+                    on_halve=None) -> list[str]:
+    """``caption_images``; a batch that runs out of GPU memory is captioned again as two halves, down to one
+    image (the batch from memory counts the KV cache, not the dynamic cache's growth or the allocator's
+    fragments). Each row's caption does not depend on its batch (greedy rows; a generator per row), so a halved
+    batch makes the same captions, as any batch size does. ``on_halve(n)`` is told each batch of n halved."""
+    import torch
+
+    try:
+        return caption_images(model, processor, images, class_names, prompt, max_new_tokens, mode, seeds, engine)
+    except torch.OutOfMemoryError:
+        if len(images) == 1:
+            raise
+    # out of the handler: the failed call's frames and tensors are released before the retry
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if on_halve:
+        on_halve(len(images))
+    h = len(images) // 2
+    halves = [slice(0, h), slice(h, len(images))]
+    return [c for part in halves for c in caption_fitting(
+        model, processor, images[part], class_names[part], prompt, max_new_tokens, mode,
+        seeds[part] if seeds is not None else None, engine, on_halve)]
+
+
 def _cache_kwargs(model, eng: Engine) -> dict:
     """What ``generate`` takes for the engine's cache: none for the dynamic one."""
     if eng.cache == "dynamic":
@@ -266,7 +292,8 @@ def batch_for_model(model, max_new_tokens: int) -> int:
 
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     free, _ = torch.cuda.mem_get_info(model.device)
-    cfg = model.config
+    free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)  # the allocator's
+    cfg = model.config  # cached but unused blocks are free to the KV cache too (as synthesis and fine-tuning count)
     image_tokens = getattr(cfg, "image_seq_length", None) or 576
     kv = kv_bytes_per_token(cfg.get_text_config(), torch.finfo(model.dtype).bits // 8)
     prompt = image_tokens + PROMPT_TEXT_TOKENS

@@ -32,10 +32,10 @@ def captions(run: Run, step: Step) -> None:
         if todo:
             model, processor = run.models["captioner"]()
             seeds = [captions_mod.item_seed(p.caption_seed, st.samples[i].digest) for i in todo]
-            made = dict(zip(todo, captions_mod.caption_images(model, processor, [st.samples[i].load() for i in todo],
-                                                              [names[i] for i in todo], p.caption_prompt,
-                                                              p.caption_max_tokens, p.caption_mode, seeds,
-                                                              engine)))
+            made = dict(zip(todo, captions_mod.caption_fitting(model, processor, [st.samples[i].load() for i in todo],
+                                                               [names[i] for i in todo], p.caption_prompt,
+                                                               p.caption_max_tokens, p.caption_mode, seeds,
+                                                               engine, halved)))
         for i in idx:
             text = imported[i] if i in imported else made[i]
             if not text.strip():
@@ -44,6 +44,15 @@ def captions(run: Run, step: Step) -> None:
             yield {"caption": text}, None
 
     engine = step.p.caption_engine  # unkeyed: how generate runs (vlcp/models/captioner.py, Engine)
+
+    warned: list[int] = []
+
+    def halved(n: int) -> None:
+        """Said once a run (every batch may be halved the same way)."""
+        if not warned:
+            run.warn(f"a caption batch of {n} ran out of GPU memory and was captioned as two halves (the same "
+                     f"captions); a smaller --caption-batch-size skips the retries")
+        warned.append(n)
 
     def auto_batch() -> int:
         """Asked only when captions are computed (a cached run imports no torch): on CUDA from the loaded
