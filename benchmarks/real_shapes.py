@@ -117,7 +117,7 @@ def bench_captions(s: rf.Setup, model, processor, images: list, batch: int, toke
     pre_flops = rf.count_flops(lambda: run(1, chunks[:1]))
     calls = len(chunks[0]) if mode == "reference" and engine is None else 1  # generate calls per chunk
     limit = rf.decode_limit(s, model, len(chunks[0]) // calls, prompt, tokens, sec / len(chunks) / calls,
-                            (pre_sec / calls, pre_flops / calls))
+                            (pre_sec / calls, pre_flops / calls), static=engine == "hf-static")
     s.rows.append((f"captions {label}, batch {batch}, {tokens} new tokens", f"{len(images) / sec:.2f} captions/s",
                    rf.peak_gb(s), limit))
     return len(images) / sec, s.rows[-1][2], texts

@@ -126,9 +126,11 @@ def distill_hours(rates: dict, finetune_sec: float, ds: Dataset, ipc: int = 10, 
 
 
 # -- what real_shapes.py prints ------------------------------------------------------------------------
-def decode_limit(s, model, batch: int, prompt: int, tokens: int, sec: float, prefill: tuple) -> str:
+def decode_limit(s, model, batch: int, prompt: int, tokens: int, sec: float, prefill: tuple,
+                 static: bool = False) -> str:
     """The decoding step's share of the bandwidth floor, and the prefill's of the FLOP peak (``prefill``: its
-    seconds and FLOPs; ``sec``: one call of ``batch`` rows and ``tokens`` new tokens)."""
+    seconds and FLOPs; ``sec``: one call of ``batch`` rows and ``tokens`` new tokens). A ``static`` cache's
+    attention reads all of its preallocated length at every step, not the mean context."""
     import torch
 
     from vlcp.models.captioner import kv_bytes_per_token
@@ -139,7 +141,8 @@ def decode_limit(s, model, batch: int, prompt: int, tokens: int, sec: float, pre
     if sec <= prefill[0] or tokens < 2:
         return f"decode: within the timer's noise, prefill {percent(pre)} of FLOP/s"
     step = (sec - prefill[0]) / (tokens - 1)
-    dec = fraction(s, lambda g: decode_fraction(g, weights, kv, batch, prompt + tokens / 2, step))
+    context = prompt + tokens if static else prompt + tokens / 2
+    dec = fraction(s, lambda g: decode_fraction(g, weights, kv, batch, context, step))
     return f"step {1000 * step:.1f} ms: decode {percent(dec)} of bandwidth, prefill {percent(pre)} of FLOP/s"
 
 
