@@ -87,11 +87,16 @@ def test_a_non_empty_dir_needs_force_and_dir_must_not_overlap_out(runs, tmp_path
     dest = tmp_path / "d"
     dest.mkdir()
     (dest / "keep.txt").write_text("x")
+    for force in ([], ["--force"]):  # a folder vlcp did not write is never replaced (tests/test_out_safety.py)
+        r = vlcp("export", outs["lora"], dest, "--format", "diffusers", *force)
+        assert r.exit_code == 2 and f"DIR {dest} is not empty and holds no output of vlcp" in r.output
+    assert (dest / "keep.txt").exists()
+    (dest / "keep.txt").unlink()
+    assert vlcp("export", outs["lora"], dest, "--format", "diffusers").exit_code == 0
     r = vlcp("export", outs["lora"], dest, "--format", "diffusers")
     assert r.exit_code == 2 and f"DIR {dest} is not empty; pass --force to replace it" in r.output
-    assert (dest / "keep.txt").exists()
     r = vlcp("export", outs["lora"], dest, "--format", "diffusers", "--force")
-    assert r.exit_code == 0 and not (dest / "keep.txt").exists()
+    assert r.exit_code == 0 and (dest / "pytorch_lora_weights.safetensors").is_file()
     r = vlcp("export", outs["lora"], outs["lora"] / "w", "--format", "diffusers")
     assert r.exit_code == 2 and "overlap" in r.output
     r = vlcp("export", outs["lora"], dest, "--format", "diffusers", "--dataset", "cifar10")

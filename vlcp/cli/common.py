@@ -35,6 +35,12 @@ class Ctx:
     verbose: int
     quiet: bool
 
+    def __post_init__(self):
+        from vlcp.store.files import keep
+
+        keep("the cache folder (--cache-dir)", self.cache_dir)  # never inside an output that --force replaces
+        keep("the data folder (--data-dir)", self.data_dir)
+
     def cache(self):
         from vlcp.store.cache import StageCache
         from vlcp.store.parallel import check_writable
@@ -85,6 +91,9 @@ class user_errors:
             raise click.UsageError(str(exc)) from None
         if isinstance(exc, (DatasetError, DistillError, ModelError, CaptionFileError, CorruptEntry, ScalarLogError)):
             raise click.ClickException(str(exc)) from None  # found while running: exit code 1
+        if isinstance(exc, OSError) and exc.strerror:  # the disk: full, read-only, a folder gone; exit code 1
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror} (errno {exc.errno})") from None
         return False
 
 

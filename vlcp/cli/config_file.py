@@ -134,6 +134,9 @@ def check(ctx: click.Context, values: dict, where: str, manifest: bool) -> dict:
             raise click.BadParameter(f"{where}: {key!r} is not {what}", param_hint="--config")
         if param.name in out:
             raise click.BadParameter(f"{where}: {param.name} is given twice", param_hint="--config")
+        if param.name == "force":  # a shared file must not replace folders: the one who runs it asks
+            raise click.BadParameter(f"{where}: {key!r} is not taken from a file; pass --force on the command line",
+                                     param_hint="--config")
         out[param.name] = convert(ctx, param, key, value, where)
     return out
 

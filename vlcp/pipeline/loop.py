@@ -29,8 +29,9 @@ def distill(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> dic
 
     t_start = time.perf_counter()
     alone = not parallel.world().parallel
+    seen: set[tuple[str, str]] = set()
     try:
-        for attempt in range(3):  # a blob found corrupt when first read is dropped; the rerun recomputes it
+        while True:  # a blob found corrupt when first read is dropped; the rerun recomputes it, then finds the next
             run = start(cfg, cache, dry_run)
             try:
                 _run_stages(run)
@@ -41,9 +42,9 @@ def distill(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> dic
                     publish(run)  # the first read of the synthetic images: a corrupt one is recomputed too
                 break
             except CorruptEntry as exc:
-                if attempt == 2:
+                if (exc.stage, exc.key) in seen or not exc.stage:  # corrupt again after recomputing: the disk
                     raise DistillError(str(exc)) from None
-                log.warning("%s: recomputing it", exc)
+                seen.add((exc.stage, exc.key))  # (the cache logged it when it dropped the entry)
         if not alone and not dry_run:
             publish(run)  # after the other processes have ended: a corrupt image here needs a rerun
     finally:

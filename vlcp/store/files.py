@@ -6,6 +6,19 @@ import os
 import secrets
 from pathlib import Path
 
+_KEPT: dict[str, Path] = {}
+
+
+def keep(what: str, path: str | os.PathLike) -> None:
+    """Register a folder that no output may be or contain (the cache, the data folder): ``--force`` replaces an
+    output folder whole, and whatever lay in it would go with it."""
+    _KEPT[what] = Path(path)
+
+
+def kept() -> list[tuple[str, Path]]:
+    """(what, folder) of every folder an output must leave alone: the current folder and those registered."""
+    return [("the current folder", Path.cwd()), *_KEPT.items()]
+
 
 def new_file(folder: str | os.PathLike, prefix: str, suffix: str = "") -> tuple[int, str]:
     """(fd, path) of a new, unique file in ``folder``, opened for writing: ``tempfile.mkstemp`` with the mode

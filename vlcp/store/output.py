@@ -121,21 +121,66 @@ def _of_type(kind: type):
     return lambda v: v if isinstance(v, kind) else kind()
 
 
-def check_out(out: Path, force: bool, name: str = "--out") -> None:
-    """Refuse an output folder (``name``: how the command calls it) that is a file, or a non-empty folder
-    without ``--force``, before any work."""
+OUTPUT_MARKS = ("manifest.json",)  # what every folder vlcp distill, refine, select and baseline write holds
+EXPORT_MARKS = ("classes.json", "diffusion_pytorch_model.safetensors", "pytorch_lora_weights.safetensors")
+
+
+def check_out(out: Path, force: bool, name: str = "--out", marks: tuple[str, ...] = OUTPUT_MARKS) -> None:
+    """Refuse, before any work, an output folder (``name``: how the command calls it) that is a file; that is or
+    contains the current folder, the cache or the data folder (``files.kept``); or that is not empty, unless it
+    is a folder vlcp wrote (it holds one of ``marks``) and ``--force`` is given: a replaced folder goes whole."""
+    from vlcp.store.files import kept
+
     if out.exists() and not out.is_dir():
         raise OutputError(f"{name} {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputError(f"{name} {out} is not empty; pass --force to replace it")
+    o = Path(out).resolve()
+    for what, folder in kept():
+        f = Path(folder).resolve()
+        if f == o or o in f.parents:
+            raise OutputError(f"{name} {out} is or contains {what} ({folder}): write the output to a folder of "
+                              f"its own")
+    _check_writable(out, name)
+    if out.is_dir() and any(out.iterdir()):
+        if not any((out / m).exists() for m in marks):
+            raise OutputError(f"{name} {out} is not empty and holds no output of vlcp (no {' or '.join(marks)}): "
+                              f"not replaced, even with --force; empty it or choose another folder")
+        if not force:
+            raise OutputError(f"{name} {out} is not empty; pass --force to replace it")
+
+
+def _work_folder(out: Path) -> Path:
+    """Where ``publish`` builds the new folder: beside ``out``, or inside it when it is a mount point."""
+    import os
+
+    return out if out.is_dir() and os.path.ismount(out) else out.parent
+
+
+def _check_writable(out: Path, name: str) -> None:
+    """A probe file in the folder ``publish`` will write (its nearest existing ancestor if not made yet): a
+    read-only disk or folder is one line before any work, not a traceback after it."""
+    import os
+
+    from vlcp.store.files import new_file
+
+    work = Path(out).resolve()
+    work = _work_folder(work) if work.exists() else work.parent
+    work = next((a for a in (work, *work.parents) if a.exists()), work)
+    try:
+        fd, probe = new_file(work, ".vlcp-write-probe-")
+    except OSError as exc:
+        raise OutputError(f"{name} {out} cannot be written: {work} is not writable "
+                          f"({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_export(out: Path, dest: Path, force: bool) -> None:
-    """``vlcp export``'s DIR: a folder of its own (not OUT, not inside it, not above it), then as ``check_out``."""
+    """``vlcp export``'s DIR: a folder of its own (not OUT, not inside it, not above it), then as ``check_out``
+    (an export it may replace holds DD-Ranking's classes.json or diffusers' weights)."""
     o, d = Path(out).resolve(), Path(dest).resolve()
     if d == o or o in d.parents or d in o.parents:
         raise OutputError(f"DIR {dest} and OUT {out} overlap: export to a folder of its own")
-    check_out(Path(dest), force, "DIR")
+    check_out(Path(dest), force, "DIR", EXPORT_MARKS + OUTPUT_MARKS)
 
 
 def read_manifest(root: Path) -> dict:
@@ -167,9 +212,12 @@ def write_json(path: Path, obj) -> None:
 
 
 def publish(out: Path, build) -> None:
-    """Call build(tmp_dir), then swap tmp_dir into ``out`` (the old content goes only after success)."""
+    """Call build(tmp_dir), then swap tmp_dir into ``out`` (the old content goes only after success). A mount
+    point (a container's ``VOLUME /out``) cannot be renamed: its content is swapped inside it instead."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
+    if _work_folder(out) == out:
+        return _publish_inside(out, build)
     tmp = new_dir(out.parent, f".{out.name}.tmp-")
     try:
         build(tmp)
@@ -180,6 +228,25 @@ def publish(out: Path, build) -> None:
         tmp.rename(out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish_inside(out: Path, build) -> None:
+    """``publish`` into a folder that must stay (a mount point): build in a hidden folder inside it, move the old
+    entries aside, the new ones in, then delete the old. Not one rename, so a crash between the two moves
+    leaves both hidden folders inside ``out`` (nothing is lost)."""
+    tmp = new_dir(out, ".vlcp-tmp-")
+    try:
+        build(tmp)
+        old = new_dir(out, ".vlcp-old-")
+        for p in out.iterdir():
+            if p not in (tmp, old):
+                p.rename(old / p.name)
+        for p in tmp.iterdir():
+            p.rename(out / p.name)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
