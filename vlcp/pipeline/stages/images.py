@@ -33,4 +33,21 @@ def images(run: Run, step: Step) -> None:
     for c, idx in enumerate(run.st.by_class):
         if not idx:
             raise DatasetError(f"class {ds.classes[c].folder!r} has no usable images")
+    _enough_for_ipc(run)
     run.manifest["images_per_class"] = {f: len(idx) for f, idx in zip(run.folders, run.st.by_class)}
+
+
+def _enough_for_ipc(run: Run) -> None:
+    """A class with fewer usable images than IPC stops the clusters stage; say so here, before the hours of
+    captions and latents (and in a dry run), with the clusters stage's own words. A check, not an input: it
+    reads the config, not the stage's keyed parameters."""
+    from vlcp.pipeline.run import DistillError
+    from vlcp.pipeline.table import STAGE_NAMES
+
+    p = run.cfg
+    if p.allow_duplicates or STAGE_NAMES.index(run.cfg.until or "output") < STAGE_NAMES.index("clusters"):
+        return
+    for c, idx in enumerate(run.st.by_class):
+        if len(idx) < p.ipc:
+            raise DistillError(f"class {run.folders[c]!r} ({run.ds.classes[c].name}) has {len(idx)} usable images, "
+                               f"fewer than --ipc {p.ipc}; lower --ipc or pass --allow-duplicates")
