@@ -108,3 +108,14 @@ def test_force_is_not_taken_from_a_config_file(vlcp, tmp_path):
     r = vlcp("distill", "--config", cfg, "--data", "digits", "--tiny", "--out", tmp_path / "out")
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert f"{cfg}: 'force' is not taken from a file; pass --force on the command line" in r.output
+
+
+def test_a_dry_run_says_the_real_run_would_stop_at_its_out(vlcp, tmp_path):
+    out = tmp_path / "out"
+    assert vlcp(*RUN, "--out", out).exit_code == 0
+    r = vlcp(*RUN, "--dry-run", "--out", out)
+    assert r.exit_code == 0 and "stage" in r.output  # the plan is printed ...
+    assert r.output.strip().splitlines()[-1] == (f"the real run would stop before any work: --out {out} is not "
+                                                 f"empty; pass --force to replace it")  # ... and what would stop it
+    r = vlcp(*RUN, "--dry-run", "--force", "--out", out)
+    assert "would stop" not in r.output

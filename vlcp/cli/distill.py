@@ -39,14 +39,18 @@ def distill(obj: Ctx, **kw):
 def run_distill(obj: Ctx, cfg, dry_run: bool = False, command: str = "distill") -> None:
     """Validate, check --out, run (or plan) the stages, print the summary: shared by distill and refine.
     ``cfg.log_dir``: TensorBoard curves of what this run trains, in ``log_dir/<command>-<OUT name>-<time>``."""
+    from vlcp.store.output import OutputError, check_out
     from vlcp.store.parallel import world
 
+    out_problem = None
     with user_errors():
         cfg.validate()
-        if not dry_run:
-            from vlcp.store.output import check_out
-
+        try:
             check_out(Path(cfg.out), cfg.force)
+        except OutputError as exc:
+            if not dry_run:
+                raise
+            out_problem = str(exc)  # a plan is still worth printing; the real run would stop at once
     if cfg.tiny and not obj.quiet:
         click.echo("--tiny: tiny random models (built offline, cached); captions and images are noise, "
                    "for tests and demos only.", err=True)
@@ -66,6 +70,8 @@ def run_distill(obj: Ctx, cfg, dry_run: bool = False, command: str = "distill") 
     if not obj.quiet and world().main:  # in a multi-process launch rank 0 speaks for all (OUT/ranks/ has each)
         _summary(manifest, dry_run)
         if dry_run:
+            if out_problem:
+                click.echo(f"the real run would stop before any work: {out_problem}", err=True)
             return
         made = "train/<class>/*.png, train/metadata.jsonl, README.md, " if "output" in manifest["stages"] else ""
         click.echo(f"wrote {cfg.out}/ ({made}manifest.json{', preview.png' if made else ''})")
