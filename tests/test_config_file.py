@@ -274,3 +274,29 @@ def test_a_config_file_and_a_manifest_reproduce_the_flags_run(vlcp, tmp_path):
     r = vlcp("distill", "--config", tmp_path / "A" / "manifest.json", "--force")
     assert r.exit_code == 0, r.output
     same_but_out(all_hits(tmp_path / "A"), tmp_path / "A", force=True)
+
+
+def test_a_manifest_replayed_from_another_folder_finds_its_relative_data(vlcp, tmp_path, monkeypatch):
+    """--data as typed (``ds``) is relative to where the run ran; the manifest also records the folder in full."""
+    import numpy as np
+    from PIL import Image
+
+    work = tmp_path / "work"
+    for c in ("cat", "dog"):
+        (work / "ds" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * i + (c == "dog") * 100, np.uint8)).save(work / "ds" / c / f"{i}.png")
+    monkeypatch.chdir(work)
+    assert vlcp("distill", "--data", "ds", "--tiny", "--ipc", "1", "--until", "images", "--out", tmp_path / "a"
+                ).exit_code == 0
+    first = read_manifest(tmp_path / "a")
+    assert first["parameters"]["data"] == "ds"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = vlcp("distill", "--config", tmp_path / "a" / "manifest.json", "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    again = read_manifest(tmp_path / "b")
+    assert again["parameters"]["data"] == str((work / "ds").resolve())
+    same = ("name", "digest", "images", "classes")
+    assert [again["dataset"][k] for k in same] == [first["dataset"][k] for k in same]  # the same images

@@ -83,7 +83,21 @@ def read(value: str) -> tuple[dict, str, bool]:
     params = data.get("parameters")
     if not isinstance(params, dict):
         raise click.BadParameter(f"{value}: not a vlcp manifest (no \"parameters\" object)", param_hint="--config")
-    return {k: v for k, v in params.items() if k not in MANIFEST_SKIPS}, value, True
+    return {k: v for k, v in _data_from_anywhere(params, data).items() if k not in MANIFEST_SKIPS}, value, True
+
+
+def _data_from_anywhere(params: dict, manifest: dict) -> dict:
+    """A run's ``--data`` as it was typed is relative to where it ran: from another folder, take the dataset
+    folder the manifest recorded in full (``dataset.name``) when that one exists."""
+    data, ident = params.get("data"), manifest.get("dataset")
+    if not isinstance(data, str) or Path(data).is_absolute() or Path(data).exists() or not isinstance(ident, dict):
+        return params
+    from vlcp.data.datasets import KNOWN
+
+    full = ident.get("name")
+    if data in KNOWN or not isinstance(full, str) or not Path(full).is_absolute() or not Path(full).is_dir():
+        return params
+    return {**params, "data": full}
 
 
 def parse(text: str, suffix: str, where: str) -> dict:
