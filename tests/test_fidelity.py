@@ -174,7 +174,7 @@ def test_rded_teacher_is_trained_once_and_cached(vlcp, tmp_path, monkeypatch):
     r = vlcp(*args)
     assert r.exit_code == 0 and "n/a (no test in its window)" in r.output  # 1 epoch: no test after 0.8 E
     first = json.loads((tmp_path / "r.json").read_text())
-    assert vlcp(*args).exit_code == 0
+    assert vlcp(*args, "--force").exit_code == 0  # --force: r.json exists
     assert calls == ["teacher", "seed 0", "seed 0"]  # the second run loads the cached teacher
     second = json.loads((tmp_path / "r.json").read_text())
     assert second["teacher"] == first["teacher"] and first["teacher"]["source"].startswith("trained by vlcp")

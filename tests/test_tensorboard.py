@@ -131,7 +131,7 @@ def test_rded_teacher_logs_once_and_not_when_cached(vlcp, tmp_path):
                                                                                    abs=6e-5))]
     assert "evaluate/rded-convnet3/run0/loss" in c
     time.sleep(1.1)  # another start second, so the rerun's folder name differs by its time, not by a suffix
-    assert vlcp(*args).exit_code == 0  # the teacher comes from the cache: only the student's curves
+    assert vlcp(*args, "--force").exit_code == 0  # the teacher comes from the cache: only the student's curves
     again = curves(next(p for p in run_folders(tmp_path / "logs") if p != run))
     assert not [t for t in again if "/teacher/" in t] and "evaluate/rded-convnet3/run0/loss" in again
 

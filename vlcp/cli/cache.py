@@ -15,6 +15,7 @@ from vlcp.cli.common import (
     human,
     user_errors,
 )
+from vlcp.cli.distill_options import CAPTION_MAX_TOKENS, CAPTION_MODE, CAPTION_SEED
 
 
 @click.group()
@@ -29,15 +30,18 @@ def captions():
 @click.option("--tiny", is_flag=True, help="The captions of the tiny captioner.")
 @click.option("--captioner", help="[default: llava-hf/llava-1.5-7b-hf]")
 @click.option("--caption-prompt", default=default("caption_prompt"), help="[default: the paper's prompt]")
-@click.option("--caption-max-tokens", type=click.IntRange(min=1), help="[default: 256; 32 with --tiny]")
+@click.option(*CAPTION_MODE[0], **{**CAPTION_MODE[1], "help": "The --caption-mode the captions were made with."})
+@click.option(*CAPTION_SEED[0], **{**CAPTION_SEED[1], "help": "--caption-mode reference: the --caption-seed the "
+                                                               "captions were made with."})
+@click.option(*CAPTION_MAX_TOKENS[0], **CAPTION_MAX_TOKENS[1])
 @click.option("--captions-from", type=click.Path(exists=True, dir_okay=False),
               help="The captions a distillation imported with this file (they are cached under its hash).")
 @click.option("--classes", help="Comma-separated subset of classes.")
 @click.option("--max-per-class", type=click.IntRange(min=1))
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.pass_obj
-def captions_export(obj: Ctx, data, out, tiny, captioner, caption_prompt, caption_max_tokens, captions_from,
-                    classes, max_per_class, force):
+def captions_export(obj: Ctx, data, out, tiny, captioner, caption_prompt, caption_mode, caption_seed,
+                    caption_max_tokens, captions_from, classes, max_per_class, force):
     """Write the cached captions of a dataset, one {"file_name", "text"} object per line (nothing is computed:
     run `vlcp distill ... --until captions` first)."""
     check_data(data)
@@ -49,9 +53,9 @@ def captions_export(obj: Ctx, data, out, tiny, captioner, caption_prompt, captio
     if out.exists() and not force:
         raise click.UsageError(f"{out} exists; pass --force to replace it")
     cfg = DistillConfig(data=data, ipc=1, out=out.parent / ".unused", data_dir=obj.data_dir, device=obj.device,
-                        tiny=tiny, captioner=captioner, caption_prompt=caption_prompt,
-                        caption_max_tokens=caption_max_tokens, max_per_class=max_per_class, progress=False,
-                        captions_from=captions_from, missing_captions="caption",
+                        tiny=tiny, captioner=captioner, caption_prompt=caption_prompt, caption_mode=caption_mode,
+                        caption_seed=caption_seed, caption_max_tokens=caption_max_tokens, max_per_class=max_per_class,
+                        progress=False, captions_from=captions_from, missing_captions="caption",
                         classes=[c.strip() for c in classes.split(",") if c.strip()] if classes else None)
     with user_errors():
         rows = cached_captions(cfg, obj.cache())

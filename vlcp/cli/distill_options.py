@@ -28,6 +28,22 @@ REFINE = [
                                   show_default=True)),
 ]
 FORCE = (("--force",), dict(is_flag=True, help="Replace a non-empty --out."))
+# every seed option: what all its users take (sklearn's KMeans random_state, numpy, torch.manual_seed), so that a
+# bad seed is a usage error naming the option, before anything runs
+SEED = click.IntRange(0, 2**32 - 1)
+CAPTION_MODE = (("--caption-mode",), dict(
+    type=choice("caption_mode"), default=default("caption_mode"), show_default=True,
+    help="reference: as LLaVA's model_vqa.py made the reference's captions (llava_v1 conversation with its "
+         "system message, image padded to a square, sampling at temperature 0.2, one image per call), seeded "
+         "per image by --caption-seed (a batch is one call whose every row samples with its own seed: the "
+         "one-image captions); greedy: chat template without a system message, batched greedy decoding."))
+CAPTION_SEED = (("--caption-seed",), dict(
+    type=SEED, default=default("caption_seed"), show_default=True,
+    help="--caption-mode reference: each image's sampling seed comes from this and the image's hash "
+         "(not --seed: other seeds reuse the captions)."))
+CAPTION_MAX_TOKENS = (("--caption-max-tokens",), dict(
+    type=click.IntRange(min=1), help="New tokens per caption. [default: 1024 with --caption-mode reference "
+                                     "(model_vqa.py), 256 greedy; 32 with --tiny]"))
 
 
 def log_dir(command: str, what: str, name: str = "<OUT name>") -> tuple[tuple[str, ...], dict]:
@@ -72,17 +88,9 @@ distill_options = options(
     O("--caption-prompt", default=default("caption_prompt"),
       help="Prompt for captions; {CLASSNAME} is replaced. [default: the reference's question, byte for byte "
            "(config_produce_llava.py: no space after 'image.')]"),
-    O("--caption-mode", type=choice("caption_mode"), default=default("caption_mode"), show_default=True,
-      help="reference: as LLaVA's model_vqa.py made the reference's captions (llava_v1 conversation with its "
-           "system message, image padded to a square, sampling at temperature 0.2, one image per call), seeded "
-           "per image by --caption-seed (a batch is one call whose every row samples with its own seed: the "
-           "one-image captions); greedy: chat template without a system message, batched greedy decoding."),
-    O("--caption-seed", type=int, default=default("caption_seed"), show_default=True,
-      help="--caption-mode reference: each image's sampling seed comes from this and the image's hash "
-           "(not --seed: other seeds reuse the captions)."),
-    O("--caption-max-tokens", type=click.IntRange(min=1), help="New tokens per caption. "
-                                                               "[default: 1024 with --caption-mode reference "
-                                                               "(model_vqa.py), 256 greedy; 32 with --tiny]"),
+    O(*CAPTION_MODE[0], **CAPTION_MODE[1]),
+    O(*CAPTION_SEED[0], **CAPTION_SEED[1]),
+    O(*CAPTION_MAX_TOKENS[0], **CAPTION_MAX_TOKENS[1]),
     O("--captions-from", type=click.Path(exists=True, dir_okay=False),
       help="Use these captions (the reference .jsonl: {\"file_name\": \"<class>/<file>\", \"text\": ...}, "
            "'MM' read as '_'), e.g. the VLCP authors' LLaVA captions, instead of running the captioner."),
@@ -240,7 +248,7 @@ distill_options = options(
     O("--out", type=click.Path(path_type=Path), required=True, help="Output folder (an ImageFolder)."),
     O("--until", type=StageChoice(), help="Stop after this stage (its artefacts stay cached)."),
     O("--tiny", is_flag=True, help="Tiny random models built offline: for tests and demos, output is noise."),
-    O("--seed", type=int, default=default("seed"), show_default=True,
+    O("--seed", type=SEED, default=default("seed"), show_default=True,
       help="Seed of K-Means, fine-tuning, the detector and the synthesis noise."),
     O("--config", is_eager=True, expose_value=False, callback=apply_config, metavar="FILE|NAME",
       help="Take options from a YAML/TOML file (keys: option names, e.g. finetune_lr or finetune-lr), a "

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from vlcp.cli.common import Ctx, check_data, check_model_paths, table, user_errors
+from vlcp.cli.common import Ctx, check_data, check_model_paths, table, usage_error, user_errors
+from vlcp.cli.distill_options import SEED, say_where_curves_went
 from vlcp.cli.distill_options import log_dir as log_dir_option
-from vlcp.cli.distill_options import say_where_curves_went
 
 log = logging.getLogger("vlcp")
 
@@ -44,7 +44,9 @@ BASELINE_LOG_DIR = log_dir_option("baseline", "dm/dc: matching/loss per iteratio
                    "NAME its only ones): epoch e uses crop e mod M of each image, KL to its label, instead of the "
                    "protocol's augmentation, mixing and labels (put SYNTH_DIR first).")
 @click.option("--test-every", type=click.IntRange(min=0), help="Test every N epochs for best-during-training.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write all results here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write all results here (an existing file only with --force).")
+@click.option("--force", is_flag=True, help="Replace an existing --json file.")
 @click.option("--caption-fusion", is_flag=True,
               help="Also a separate row (never the headline): a classifier whose head sees [visual features ; CLIP "
                    "text embedding of the image's prompt (vlcp distill folders) or caption]; test images use their "
@@ -60,7 +62,7 @@ BASELINE_LOG_DIR = log_dir_option("baseline", "dm/dc: matching/loss per iteratio
 @click.pass_obj
 def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug, full, teacher, teacher_epochs,
              test_every, json_path, caption_fusion, captioner, fusion_caption_prompt, clip, tiny, log_dir,
-             soft_labels):
+             soft_labels, force):
     """Train on a distilled ImageFolder SYNTH_DIR, report top-1 on the real test split.
 
     The headline number is the accuracy after the last epoch (mean +- std over seeds). The best test
@@ -79,6 +81,10 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
     if ignored:  # the stored crops and labels replace the online teacher and the protocol's augmentation
         raise click.UsageError(f"--soft-labels trains on the stored crops and labels: {', '.join(ignored)} would be "
                                "ignored (relabel with another teacher instead)")
+    if force and not json_path:
+        raise usage_error("--force replaces an existing --json file: give --json")
+    if json_path and json_path.exists() and not force:  # before the training, not after it
+        raise usage_error(f"--json {json_path} exists; pass --force to replace it")
     check_data(data)
     check_model_paths(captioner=captioner, clip=clip)
     from vlcp.evaluation import evaluate as ev
@@ -152,7 +158,7 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
 @click.option("--data", required=True, help="Dataset name or ImageFolder path.")
 @click.option("--ipc", type=click.IntRange(min=1), required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="random: the sampling seed; dm/dc: initial images, networks, batches, augmentations.")
 @click.option("--feature-epochs", type=click.IntRange(min=1), default=20, show_default=True,
               help="herding/kcenter: epochs of the ConvNet-3 whose features they use.")

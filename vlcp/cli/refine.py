@@ -9,7 +9,7 @@ import click
 
 from vlcp.cli.common import Ctx, check_data, check_model_paths, user_errors
 from vlcp.cli.distill import run_distill
-from vlcp.cli.distill_options import refine_options, say_where_curves_went
+from vlcp.cli.distill_options import SEED, refine_options, say_where_curves_went
 
 
 @click.command("refine")
@@ -122,7 +122,7 @@ def report_cmd(obj: Ctx, out: Path):
               help="Stage 2: lambda z(quality) + (1 - lambda) diversity.")
 @click.option("--select", "mode", type=click.Choice(["random", "relevance", "sas"]), default="sas", show_default=True,
               help="random: seeded random-from-pool control; relevance: top IPC by CLIP relevance; sas: both stages.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --select random.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of --select random.")
 @click.option("--clip-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--allow-duplicates", is_flag=True, help="A class with fewer pool images than IPC reuses them.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")

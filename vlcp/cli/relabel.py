@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from vlcp.cli.common import Ctx, check_data, usage_error, user_errors
+from vlcp.cli.distill_options import SEED, say_where_curves_went
 from vlcp.cli.distill_options import log_dir as log_dir_option
-from vlcp.cli.distill_options import say_where_curves_went
 
 MODELS = ["convnet3", "convnet6", "resnetap10", "resnet18", "resnet18-modified", "resnet18-bn"]
 RELABEL_LOG_DIR = log_dir_option("relabel", "--teacher auto, when it trains the teacher: its loss, lr and training "
@@ -25,7 +25,7 @@ RELABEL_LOG_DIR = log_dir_option("relabel", "--teacher auto, when it trains the 
 @click.option("--data", help="The real dataset the set distils [default: the one in OUT/manifest.json].")
 @click.option("--crops", type=click.IntRange(min=1), default=300, show_default=True,
               help="Crops per image (M); `evaluate --soft-labels` trains epoch e on crop e mod M (SRe²L: 300).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the crop positions and flips.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the crop positions and flips.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Stored labels are softmax(teacher logits / T); evaluate trains with the same T.")
 @click.option("--min-scale", type=click.FloatRange(min=0, max=1, min_open=True), default=0.08, show_default=True,

@@ -21,16 +21,25 @@ def to_rgb(img):
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
     elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        import numpy as np
-
-        a = np.asarray(img, dtype=np.float64)
-        hi = a.max() or 1.0
-        img = Image.fromarray((a / hi * 255).round().astype(np.uint8))
+        img = Image.fromarray(to_8bit(img))
     elif img.mode == "F":
         import numpy as np
 
         img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
     return img.convert("RGB")
+
+
+def to_8bit(img):
+    """A 16-bit grey image as uint8 by the format's full range, not the image's own maximum: level v of 0..65535
+    becomes round(v / 257), so 65535 -> 255, mid-grey 32767 -> 127, 32768 -> 128, and a dark image stays dark.
+    257 = 65535 / 255: an 8-bit level k stored as 16 bits the usual way (k * 257, which maps 255 to 65535)
+    comes back as k exactly; rounding (not ``v >> 8``, which truncates) keeps every level within half a step.
+    Mode ``I`` (32-bit) is what Pillow makes of a 16-bit PGM/PPM (its levels scaled to 0..65535), so it is read
+    on the same scale, values outside 0..65535 clipped."""
+    import numpy as np
+
+    a = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+    return ((a + 128) // 257).astype(np.uint8)  # == round(a / 257): a / 257 never ends in exactly .5
 
 
 def open_rgb(path: str | Path):

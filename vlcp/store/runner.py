@@ -187,9 +187,12 @@ def _compute(cache: StageCache, stage: str, keys: list[str], batches: list[list[
 
     bar = tqdm(total=sum(len(b) for b in batches), desc=progress if isinstance(progress, str) else stage,
                unit=opts.unit, disable=progress is False, leave=False)
-    for batch in batches:
-        done = [(i, meta, tensors) for i, (meta, tensors) in zip(batch, compute(batch))]
-        entries = cache.put_many(stage, [(keys[i], meta, tensors) for i, meta, tensors in done], retain=opts.retain)
-        yield from ((i, e) for (i, _, _), e in zip(done, entries))  # stored together: one index commit
-        bar.update(len(batch))
-    bar.close()
+    try:
+        for batch in batches:
+            done = [(i, meta, tensors) for i, (meta, tensors) in zip(batch, compute(batch))]
+            entries = cache.put_many(stage, [(keys[i], meta, tensors) for i, meta, tensors in done],
+                                     retain=opts.retain)
+            yield from ((i, e) for (i, _, _), e in zip(done, entries))  # stored together: one index commit
+            bar.update(len(batch))
+    finally:  # also when a batch fails: the bar's line is cleared, so the error message starts a line of its own
+        bar.close()
