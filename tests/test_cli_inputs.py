@@ -216,3 +216,14 @@ def test_a_16_bit_pgm_read_as_mode_i_scales_the_same(tmp_path):
 
     out_of_range = Image.fromarray(np.array([[-5, 70000]], dtype=np.int32))
     assert to_8bit(out_of_range).tolist() == [[0, 255]]
+
+
+def test_the_python_api_checks_seeds_as_the_command_line_does():
+    from vlcp.pipeline.config import ConfigError, DistillConfig
+
+    for kw, msg in (({"seed": -1}, "--seed must be in [0, 4294967295], got -1"),
+                    ({"caption_seed": 2**32}, "--caption-seed must be in [0, 4294967295], got 4294967296")):
+        with pytest.raises(ConfigError) as err:
+            DistillConfig(data="digits", ipc=1, out="x", **kw).validate()
+        assert f"{err.value.param} {err.value.message}" == msg
+    DistillConfig(data="digits", ipc=1, out="x", seed=2**32 - 1, caption_seed=0).validate()

@@ -130,6 +130,8 @@ class DistillConfig:
                      "detector_epochs", "image_size", "max_per_class", "pool_multiplier", "clip_batch_size",
                      "mask_batch_size"):
             _at_least("--" + name.replace("_", "-"), getattr(self, name), 1)
+        for name in ("seed", "caption_seed"):  # what KMeans, numpy and torch.manual_seed all take
+            _in_range("--" + name.replace("_", "-"), getattr(self, name), 0, 2**32 - 1)
         _at_least("--resolution", self.resolution, 8)
         _at_least("--finetune-resolution", self.finetune_resolution, 8)
         _positive("--finetune-lr", self.finetune_lr)
