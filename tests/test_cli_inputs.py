@@ -227,3 +227,18 @@ def test_the_python_api_checks_seeds_as_the_command_line_does():
             DistillConfig(data="digits", ipc=1, out="x", **kw).validate()
         assert f"{err.value.param} {err.value.message}" == msg
     DistillConfig(data="digits", ipc=1, out="x", seed=2**32 - 1, caption_seed=0).validate()
+
+
+def test_clearing_the_whole_cache_needs_yes_and_a_look_creates_no_folder(vlcp, tmp_path, cache_dir):
+    from vlcp.store.cache import StageCache
+
+    StageCache(cache_dir).put("captions", "k", {"caption": "a cat"})
+    r = vlcp("cache", "clear")  # no terminal to ask (CliRunner's stdin is not a tty)
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == (
+        f"Error: clearing the whole cache {cache_dir} needs --yes (or --stage STAGE for one stage)")
+    assert StageCache(cache_dir).has("captions", "k")
+    r = vlcp("cache", "clear", "--yes")
+    assert r.exit_code == 0 and not StageCache(cache_dir).has("captions", "k")
+    nowhere = tmp_path / "no" / "cache"
+    r = vlcp("cache", "info", cache=nowhere)
+    assert r.exit_code == 0 and "(empty)" in r.output and not nowhere.exists() and not nowhere.parent.exists()

@@ -42,12 +42,13 @@ def commands(tmp: Path) -> dict[str, tuple[list[str], str]]:
                             "vlcp.pipeline.loop.cached_captions"),
         "datasets": (["datasets"], "vlcp.data.datasets.is_present"),
         "cache info": (["cache", "info"], "vlcp.store.cache.StageCache.stats"),
-        "cache clear": (["cache", "clear"], "vlcp.store.cache.StageCache.clear"),
+        "cache clear": (["cache", "clear", "--yes"], "vlcp.store.cache.StageCache.clear"),
         "cache merge": (["cache", "merge", tmp / "other"], "vlcp.store.merge.merge"),
     }
 
 
 def invoke(tmp: Path, args: list) -> object:
+    (tmp / "cache").mkdir(exist_ok=True)  # (`cache info` reads an existing cache only: a look creates no folder)
     base = ["--cache-dir", str(tmp / "cache"), "--data-dir", str(tmp / "data")]
     return CliRunner().invoke(cli, base + [str(a) for a in args])
 

@@ -13,6 +13,7 @@ from vlcp.cli.common import (
     check_model_paths,
     default,
     human,
+    usage_error,
     user_errors,
 )
 from vlcp.cli.distill_options import CAPTION_MAX_TOKENS, CAPTION_MODE, CAPTION_SEED
@@ -79,7 +80,7 @@ def cache():
 @click.pass_obj
 def cache_info(obj: Ctx, as_json):
     """Entries and bytes per stage."""
-    stats = obj.cache().stats()
+    stats = obj.cache().stats() if Path(obj.cache_dir).is_dir() else {}  # a look creates no folder
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return
@@ -96,10 +97,19 @@ def cache_info(obj: Ctx, as_json):
                                            "models")),
               help="Only this stage (default: everything). A stage whose items are shared with other stages "
                    "(e.g. candidate_scores: detector_scores) clears the shared items, and says so.")
+@click.option("--yes", "-y", is_flag=True, help="Clear the whole cache without asking (no --stage).")
 @click.pass_obj
-def cache_clear(obj: Ctx, stage):
-    """Remove cached artefacts (all, or one stage's)."""
+def cache_clear(obj: Ctx, stage, yes):
+    """Remove cached artefacts (all, or one stage's). Clearing everything asks first (it may hold hours of
+    captions and fine-tuning); without a terminal to ask, it needs --yes."""
     from vlcp.pipeline.table import STAGE_NAMES, STAGES
+
+    if stage is None and not yes:
+        import sys
+
+        if not sys.stdin.isatty():
+            raise usage_error(f"clearing the whole cache {obj.cache_dir} needs --yes (or --stage STAGE for one stage)")
+        click.confirm(f"Remove every cached artefact in {obj.cache_dir}?", abort=True)
 
     stored = STAGES[STAGE_NAMES.index(stage)].stored_as if stage in STAGE_NAMES else ()
     cache = obj.cache()
