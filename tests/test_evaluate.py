@@ -123,7 +123,7 @@ def test_minimax_and_rded_protocols_run_on_digits(vlcp, tmp_path):
     first = json.loads((tmp_path / "r.json").read_text())["teacher"]
     assert first["source"] == "trained by vlcp (not RDED's observer)" and 0 <= first["accuracy"] <= 100
     assert "teacher" in vlcp("cache", "info").output
-    vlcp(*args)
+    assert vlcp(*args, "--force").exit_code == 0  # --force: r.json exists
     assert json.loads((tmp_path / "r.json").read_text())["teacher"] == first  # cached, not retrained
 
 

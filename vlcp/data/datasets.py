@@ -188,19 +188,31 @@ def load_dataset(data: str, data_dir: str | os.PathLike, split: str = "train", c
 SPLIT_FOLDERS = {"test": ("test", "val", "validation")}  # ImageNet-style folders call the test split val/
 
 
+class NoTestSplit(DatasetError):
+    """``--data DIR`` has no test split folder: testing on DIR would test on the images it trains on."""
+
+
 def _split_folder(root: Path, split: str) -> Path:
-    """``root/<split>`` (for the test split also ``val/`` or ``validation/``) when ``root`` holds split folders;
-    ``root`` itself when it is one ImageFolder (its classes at the top)."""
-    if _image_files(root):
-        return root
+    """``root/<split>`` (for the test split also ``val/`` or ``validation/``) when ``root`` holds split folders.
+    A folder without them (its classes at the top) is training data only: its train split is ``root`` itself
+    (what ``vlcp distill`` reads), and its test split raises NoTestSplit, as does a ``train/`` without a test
+    folder: a test on ``root`` would test on the very images a set was distilled from."""
     names = SPLIT_FOLDERS.get(split, (split,))
-    found = next((root / n for n in names if (root / n).is_dir()), None)
+    loose = bool(_image_files(root))  # image files at the top: root is one ImageFolder, whatever its sub-folders
+    found = None if loose else next((root / n for n in names if (root / n).is_dir()), None)
     if found is not None:
         return found
-    if (root / "train").is_dir() and split != "train":
-        raise DatasetError(f"--data {root} has a train/ folder but no {' or '.join(n + '/' for n in names)} for "
-                           f"the {split} split (an ImageFolder of the same classes)")
-    return root
+    if split == "train":
+        return root
+    folders = " or ".join(n + "/" for n in names)
+    if (root / "train").is_dir() and not loose:
+        raise NoTestSplit(f"--data {root} has a train/ folder but no {folders} for the {split} split (an "
+                          f"ImageFolder of the same classes)")
+    raise NoTestSplit(f"--data {root} has no {split} split (no {folders} folder): its class folders are the "
+                      f"training images vlcp distill reads, and testing on them would test on the images a set was "
+                      f"distilled from; give a folder with train/ and {names[0]}/"
+                      + (f" (or {names[1]}/)" if len(names) > 1 else "") + " split folders, one sub-folder per class "
+                      "in each")
 
 
 def check_data(data: str) -> None:

@@ -160,7 +160,9 @@ def run(cfg: ScoreConfig, cache) -> dict:
     from vlcp.evaluation.protocols import make_protocol
     from vlcp.evaluation.samples import (
         check_dataset,
+        load_test,
         synthetic_samples,
+        test_for,
         test_tensors,
         train_tensors,
     )
@@ -172,9 +174,17 @@ def run(cfg: ScoreConfig, cache) -> dict:
     unknown = [s for s in cfg.scores if s not in SCORES]
     if unknown:
         raise EvalError(f"unknown score {unknown[0]!r}; known: {', '.join(SCORES)}")
-    train_ds, test_ds = load_dataset(cfg.data, cfg.data_dir, "train"), load_dataset(cfg.data, cfg.data_dir, "test")
+    train_ds, test_ds = load_dataset(cfg.data, cfg.data_dir, "train"), load_test(cfg.data, cfg.data_dir)
     check_dataset(test_ds)
     samples, counts = synthetic_samples(Path(cfg.out), train_ds, cfg.ipc)
+    held = {s.class_idx for s in samples}
+    if len(held) < len(train_ds.classes):  # the real subsets and the full set would be of other classes than it
+        missing = [c.folder for i, c in enumerate(train_ds.classes) if i not in held]
+        raise EvalError(f"{train_ds.name} has {len(train_ds.classes)} classes; the set lacks "
+                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: DD-Ranking's scores compare "
+                        "it with random real images and the full real set of every class (vlcp evaluate tests a "
+                        "set of a class subset on its own classes)")
+    test_ds = test_for(test_ds, train_ds)
     ipc, n = min(counts.values()), len(train_ds.classes)
     p = make_protocol(cfg.protocol, cfg.data, ipc, cfg.model, cfg.epochs, None, n, teacher_epochs=cfg.teacher_epochs)
     soft = any(s != "lrs-hard" for s in cfg.scores)

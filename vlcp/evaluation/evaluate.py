@@ -18,8 +18,12 @@ from vlcp.evaluation.protocols import (
 )
 from vlcp.evaluation.samples import (
     check_dataset,
+    load_test,
+    set_classes,
     synthetic_samples,
+    test_for,
     test_tensors,
+    tested_classes,
     train_tensors,
 )
 from vlcp.evaluation.teacher import teacher_net
@@ -75,9 +79,12 @@ def run(cfg: EvalConfig, cache) -> dict:
 
     t0 = time.perf_counter()
     train_ds = load_dataset(cfg.data, cfg.data_dir, "train")
-    test_ds = load_dataset(cfg.data, cfg.data_dir, "test")
+    test_ds = load_test(cfg.data, cfg.data_dir)
     check_dataset(test_ds)
     samples, counts = _training_set(cfg, train_ds)
+    of = len(train_ds.classes)
+    train_ds, samples = set_classes(train_ds, samples)  # a set of a class subset: trained and tested on those
+    test_ds = test_for(test_ds, train_ds)
     p = make_protocol(cfg.protocol or default_protocol(cfg.data), cfg.data, min(counts.values()), cfg.model,
                       cfg.epochs, cfg.aug, len(train_ds.classes), test_every=cfg.test_every,
                       teacher_epochs=cfg.teacher_epochs)
@@ -109,7 +116,7 @@ def run(cfg: EvalConfig, cache) -> dict:
     fused = _fused_row(cfg, fusion, cache, (samples, x, y), train_ds, (test_ds, test)) if fusion else None
     return {
         "vlcp_version": __version__, "synthetic": None if cfg.full else str(cfg.synth_dir), "full": cfg.full,
-        "dataset": train_ds.identity(), "test_split": {"split": test_ds.split, "images": len(test_ds.samples)},
+        "dataset": train_ds.identity(), "test_split": tested_classes(test_ds, of),
         "images_per_class": counts, "train_images": len(samples), "protocol": asdict(p),
         "best_label": best_label(p.best_after), "device": dev, "teacher": tinfo, "accuracy": summarise(runs),
         **({"soft_labels": soft.record} if soft else {}),

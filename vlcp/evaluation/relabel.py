@@ -32,7 +32,7 @@ import numpy as np
 
 from vlcp.data.datasets import Dataset
 from vlcp.evaluation.protocols import EvalError, Protocol
-from vlcp.evaluation.samples import NOT_CLASSES, synthetic_samples
+from vlcp.evaluation.samples import NOT_CLASSES, set_classes, synthetic_samples
 
 SOFT_DIR = "soft_labels"
 FORMAT = "vlcp-soft-labels/1"
@@ -142,10 +142,9 @@ def _teacher(cfg: RelabelConfig, ds: Dataset, ipc: int, cache, device: str):
     if path is None:
         path = tch.find_teacher(cache.root, ds, cfg.model, cfg.teacher_epochs)
     if path is None:
-        from vlcp.data.datasets import load_dataset
-        from vlcp.evaluation.samples import test_tensors, train_tensors
+        from vlcp.evaluation.samples import load_test, test_for, test_tensors, train_tensors
 
-        test = test_tensors(load_dataset(cfg.data, cfg.data_dir, "test").samples, p, cfg.progress)
+        test = test_tensors(test_for(load_test(cfg.data, cfg.data_dir), ds).samples, p, cfg.progress)
         net, info = tch.teacher_net(p, ds, lambda: train_tensors(ds.samples, p, cfg.progress), test, device, cache,
                                     None, cfg.progress)
         if "file" not in info:  # torchvision's ImageNet teacher (or a file that could not be written)
@@ -208,6 +207,7 @@ def relabel(cfg: RelabelConfig, cache) -> dict:
     name = cfg.name or default_name(cfg.crops, cfg.seed, cfg.temperature)
     ds = load_dataset(cfg.data, cfg.data_dir, "train")
     samples, rel = set_samples(out, ds)
+    ds, samples = set_classes(ds, samples)  # a set of a class subset: a teacher and soft labels over its classes
     ipc = min(np.unique([s.class_idx for s in samples], return_counts=True)[1].tolist())
     device = torch_device(cfg.device)
     net, tp, tinfo = _teacher(cfg, ds, ipc, cache, device)
@@ -306,6 +306,9 @@ def load_soft_labels(folder: str | os.PathLike, name: str | None, samples: list,
     if file_digest(weights) != meta["sha256"]:
         raise EvalError(f"{weights} is not the file {side.name} describes (sha256 differs): {redo}")
     if meta["classes"] != [c.folder for c in ds.classes]:
+        if set(meta["classes"]) > {c.folder for c in ds.classes}:  # labelled before a subset kept its own classes
+            raise EvalError(f"soft labels {name!r} are over {len(meta['classes'])} classes, the set holds "
+                            f"{len(ds.classes)} of them (it is evaluated on those): {redo}")
         raise EvalError(f"soft labels {name!r} are over the classes of another dataset than {ds.name}")
     _, rel = set_samples(folder, ds)
     if rel != meta["images"]:

@@ -1,6 +1,7 @@
 """Reading image sets as arrays: a synthetic ImageFolder matched to a dataset's classes, and tensors at a protocol's size."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,51 @@ def synthetic_samples(folder: Path, ds: Dataset, ipc: int | None):
 def check_dataset(ds: Dataset) -> None:
     if not ds.samples:
         raise DatasetError(f"{ds.name} has no images in split {ds.split}")
+
+
+def load_test(data: str, data_dir) -> Dataset:
+    """The real test split of ``data``; EvalError (exit code 2) for a folder without one, whose only images are
+    the training images (``datasets.NoTestSplit``)."""
+    from vlcp.data.datasets import NoTestSplit, load_dataset
+
+    try:
+        return load_dataset(data, data_dir, "test")
+    except NoTestSplit as exc:
+        raise EvalError(str(exc)) from None
+
+
+def only_classes(ds: Dataset, folders: list[str]) -> Dataset:
+    """A copy of ``ds`` with the classes ``folders`` (canonical ids) only, labelled 0..k-1 in that order."""
+    index = {c.folder: i for i, c in enumerate(ds.classes)}
+    missing = [f for f in folders if f not in index]
+    if missing:
+        raise EvalError(f"the {ds.split} split of {ds.name} has no class {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''}")
+    new = {index[f]: i for i, f in enumerate(folders)}
+    return replace(ds, classes=[ds.classes[index[f]] for f in folders],
+                   samples=[replace(s, class_idx=new[s.class_idx]) for s in ds.samples if s.class_idx in new])
+
+
+def set_classes(ds: Dataset, samples: list) -> tuple[Dataset, list]:
+    """(``ds``, ``samples``) over the classes the set's ``samples`` hold (a set distilled with ``--classes``):
+    unchanged (the same objects) when they hold every class of ``ds``; else ``ds`` restricted to those classes,
+    in its order, and the samples relabelled alike, so a network has one output per class of the set."""
+    keep = sorted({s.class_idx for s in samples})
+    if len(keep) == len(ds.classes):
+        return ds, samples
+    new = {old: i for i, old in enumerate(keep)}
+    return (only_classes(ds, [ds.classes[i].folder for i in keep]),
+            [replace(s, class_idx=new[s.class_idx]) for s in samples])
+
+
+def test_for(test_ds: Dataset, train_ds: Dataset) -> Dataset:
+    """The test split over the classes of ``train_ds`` (those of a set of a class subset, ``set_classes``):
+    ``test_ds`` itself when it has the same classes; EvalError when it lacks one of them."""
+    folders = [c.folder for c in train_ds.classes]
+    return test_ds if [c.folder for c in test_ds.classes] == folders else only_classes(test_ds, folders)
+
+
+def tested_classes(test_ds: Dataset, of: int) -> dict:
+    """What the results record of the test split: its images, the classes tested and the dataset's count."""
+    return {"split": test_ds.split, "images": len(test_ds.samples), "classes": [c.folder for c in test_ds.classes],
+            "dataset_classes": of}
