@@ -175,3 +175,16 @@ def test_a_folder_with_train_and_val_gives_val_as_the_test_split(tmp_path):
     (tmp_path / "d" / "val").rename(tmp_path / "d" / "elsewhere")
     with pytest.raises(DatasetError, match=r"has a train/ folder but no test/ or val/ or validation/ for the test split"):
         load_dataset(str(tmp_path / "d"), tmp_path, "test")
+
+
+def test_a_macos_zip_folder_is_not_a_class(tmp_path):
+    """Unzipping a folder zipped on a Mac leaves __MACOSX/ (resource forks named like images) beside the classes."""
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / "ds" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "ds" / c / "0.png")
+    (tmp_path / "ds" / "__MACOSX" / "cat").mkdir(parents=True)
+    (tmp_path / "ds" / "__MACOSX" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    ds = load_dataset(str(tmp_path / "ds"), tmp_path)
+    assert [c.folder for c in ds.classes] == ["cat", "dog"] and len(ds.samples) == 2

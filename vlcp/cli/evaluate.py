@@ -109,7 +109,10 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
              " ".join(f"{v:.2f}" for v in a["per_seed"]), str(p["epochs"]), f"{res['seconds']:.1f}")]
     if not obj.quiet:
         what = "full training set" if full else f"{synth_dir} ({res['train_images']} images)"
-        click.echo(f"{res['dataset']['name']}: {what}; test: {res['test_split']['images']} real images")
+        t = res["test_split"]
+        classes, of = t.get("classes") or [], t.get("dataset_classes")
+        sub = f" of the set's {len(classes)} classes (of {of})" if of and len(classes) < of else ""
+        click.echo(f"{res['dataset']['name']}: {what}; test: {t['images']} real images{sub}")
         if res["teacher"]:
             click.echo(f"teacher: {res['teacher']['source']}, test accuracy {res['teacher']['accuracy']:.2f}")
         if res.get("soft_labels"):

@@ -362,13 +362,18 @@ def _image_files(folder: Path) -> list[Path]:
                   and p.suffix.lower() in IMG_EXTENSIONS)
 
 
+def is_class_dir(d: Path) -> bool:
+    """A sub-folder that is a class: not hidden, not the ``__MACOSX`` folder macOS adds to a zip file."""
+    return d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX"
+
+
 def _image_folder(name: str, folder: Path, names: dict[str, str] | None, digest, split: str = "train",
                   source: dict | None = None, only: list[str] | None = None, data_name: str | None = None) -> Dataset:
     """One sub-folder per class, as torchvision's ImageFolder; unreadable files are skipped later."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{folder} is not a directory")
-    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    subdirs = sorted(d for d in folder.iterdir() if is_class_dir(d))
     if only is not None:
         missing = [w for w in only if not (folder / w).is_dir()]
         if missing:

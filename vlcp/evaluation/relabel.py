@@ -142,7 +142,12 @@ def _teacher(cfg: RelabelConfig, ds: Dataset, ipc: int, cache, device: str):
     if path is None:
         path = tch.find_teacher(cache.root, ds, cfg.model, cfg.teacher_epochs)
     if path is None:
-        from vlcp.evaluation.samples import load_test, test_for, test_tensors, train_tensors
+        from vlcp.evaluation.samples import (
+            load_test,
+            test_for,
+            test_tensors,
+            train_tensors,
+        )
 
         test = test_tensors(test_for(load_test(cfg.data, cfg.data_dir), ds).samples, p, cfg.progress)
         net, info = tch.teacher_net(p, ds, lambda: train_tensors(ds.samples, p, cfg.progress), test, device, cache,

@@ -261,23 +261,30 @@ def train_detector(cache, ds, p, spec: DetectorSpec, key: str, device: str, prog
     killed training resumes), or loaded from ``spec.weights``; its real test accuracy goes in meta."""
     from pathlib import Path
 
-    from vlcp.data.datasets import load_dataset
+    from vlcp.data.datasets import NoTestSplit, load_dataset
     from vlcp.evaluation.samples import tensors_from_samples
     from vlcp.evaluation.training import accuracy, train
 
     w = spec.weights
-    test = tensors_from_samples(load_dataset(spec.data, spec.data_dir, "test", spec.classes).samples, p.image_size,
-                                p.channels)
+    try:
+        test = tensors_from_samples(load_dataset(spec.data, spec.data_dir, "test", spec.classes).samples,
+                                    p.image_size, p.channels)
+        untested = {}
+    except NoTestSplit:  # a folder without a test split: the detector still refines, its accuracy is unknown
+        test, untested = None, {"accuracy_note": "not measured: --data has no test split"}
+
+    def score(net) -> float | None:
+        return None if test is None else round(accuracy(net, *test, p, device) * 100, 2)
+
     if w and not Path(w).is_file():  # a torchvision model name
         net = torchvision_detector(w, [c.name for c in ds.classes], device)
-        return {"source": f"torchvision:{w}", "model": w, "accuracy": round(accuracy(net, *test, p, device) * 100,
-                                                                            2)}, {}
+        return {"source": f"torchvision:{w}", "model": w, "accuracy": score(net), **untested}, {}
     if w:
         net = load_detector(w, p, len(ds.classes), device)
-        return {"source": str(w), "model": p.model, "accuracy": round(accuracy(net, *test, p, device) * 100, 2)}, \
-            net_state(net)
+        return {"source": str(w), "model": p.model, "accuracy": score(net), **untested}, net_state(net)
     x, y = tensors_from_samples(ds.samples, p.image_size, p.channels)
     net, res = train(p, (x, y, len(ds.classes)), spec.seed, device, test=test, progress=progress and "detector",
                      resume=(cache, "detector_checkpoint", key, max(1, p.epochs // 10)), curve="detector")
-    return {"source": "trained by vlcp", "model": p.model, "epochs": p.epochs,
-            "accuracy": round(res["accuracy"] * 100, 2)}, net_state(net)
+    acc = round(res["accuracy"] * 100, 2) if "accuracy" in res else None
+    return {"source": "trained by vlcp", "model": p.model, "epochs": p.epochs, "accuracy": acc, **untested}, \
+        net_state(net)
