@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from vlcp.cli.common import Ctx, check_data, check_model_paths, table, usage_error, user_errors
+from vlcp.cli.common import (
+    Ctx,
+    check_data,
+    check_model_paths,
+    table,
+    usage_error,
+    user_errors,
+)
 from vlcp.cli.distill_options import SEED, say_where_curves_went
 from vlcp.cli.distill_options import log_dir as log_dir_option
 

@@ -77,7 +77,7 @@ def count_images(cfg) -> tuple[int | None, int | None]:
         if (root / "train").is_dir() and not any(f.is_file() and f.suffix.lower() in IMG_EXTENSIONS
                                                  for f in root.iterdir()):
             root = root / "train"  # as load_dataset reads a folder: its train/ split, e.g. a set vlcp wrote
-        from vlcp.data.datasets import is_class_dir
+        from vlcp.data.images import is_class_dir
 
         dirs = [d for d in root.iterdir() if is_class_dir(d)] if root.is_dir() else []
         images = sum(1 for d in dirs for f in d.iterdir() if f.suffix.lower() in IMG_EXTENSIONS) or None

@@ -23,7 +23,7 @@ import numpy as np
 
 from vlcp.data.downloads import download, extract
 from vlcp.data.errors import DatasetError
-from vlcp.data.images import IMG_EXTENSIONS, BadImage, open_rgb
+from vlcp.data.images import IMG_EXTENSIONS, BadImage, is_class_dir, open_rgb
 from vlcp.store.cache import file_digest, stable_hash
 
 
@@ -360,11 +360,6 @@ _LOADERS = {"digits": _digits, "idx": _fashion_mnist, "cifar": _cifar, "fastai":
 def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                   and p.suffix.lower() in IMG_EXTENSIONS)
-
-
-def is_class_dir(d: Path) -> bool:
-    """A sub-folder that is a class: not hidden, not the ``__MACOSX`` folder macOS adds to a zip file."""
-    return d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX"
 
 
 def _image_folder(name: str, folder: Path, names: dict[str, str] | None, digest, split: str = "train",

@@ -7,6 +7,11 @@ from pathlib import Path
 IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 
 
+def is_class_dir(d: Path) -> bool:
+    """A sub-folder that is a class: not hidden, not the ``__MACOSX`` folder macOS adds to a zip file."""
+    return d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX"
+
+
 class BadImage(Exception):
     """A file that cannot be decoded as an image (truncated, empty, not an image)."""
 

@@ -59,7 +59,8 @@ def match_classes(folders: list[str], ds: Dataset) -> dict[str, int]:
 def synthetic_samples(folder: Path, ds: Dataset, ipc: int | None):
     """The first ``ipc`` images (by file name) of each class folder, as Samples labelled for ``ds``. ``folder`` is
     a set vlcp wrote (its class folders in ``train/``, or at its root before issue 23) or any ImageFolder."""
-    from vlcp.data.datasets import Sample, _image_files, is_class_dir
+    from vlcp.data.datasets import Sample, _image_files
+    from vlcp.data.images import is_class_dir
     from vlcp.store.output import images_dir
 
     if not Path(folder).is_dir():

@@ -57,6 +57,7 @@ def _run_stages(run: Run) -> None:
     enabled = [s for s in STAGES if s.enabled_by is None or getattr(run.cfg, s.enabled_by)]
     last = STAGE_NAMES.index(run.cfg.until or "output")
     todo = [s for s in enabled if STAGE_NAMES.index(s.name) <= last]
+    run.todo = [s.name for s in todo]
     try:
         for i, stage in enumerate(todo):
             stage.run(run, Step(run, stage))

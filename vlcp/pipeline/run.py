@@ -120,6 +120,7 @@ class Run:
     files: dict[str, Any] = field(default_factory=dict)  # JSON files written next to manifest.json
     writers: list[Callable[[Path], None]] = field(default_factory=list)  # images, sheets, plots
     st: State = field(default_factory=State)
+    todo: list[str] = field(default_factory=list)  # the stages this run goes through (the loop sets it)
 
     @property
     def folders(self) -> list[str]:

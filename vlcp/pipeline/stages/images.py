@@ -42,10 +42,9 @@ def _enough_for_ipc(run: Run) -> None:
     captions and latents (and in a dry run), with the clusters stage's own words. A check, not an input: it
     reads the config, not the stage's keyed parameters."""
     from vlcp.pipeline.run import DistillError
-    from vlcp.pipeline.table import STAGE_NAMES
 
     p = run.cfg
-    if p.allow_duplicates or STAGE_NAMES.index(run.cfg.until or "output") < STAGE_NAMES.index("clusters"):
+    if p.allow_duplicates or "clusters" not in run.todo:
         return
     for c, idx in enumerate(run.st.by_class):
         if len(idx) < p.ipc:
