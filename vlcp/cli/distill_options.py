@@ -253,7 +253,8 @@ distill_options = options(
     O("--config", is_eager=True, expose_value=False, callback=apply_config, metavar="FILE|NAME",
       help="Take options from a YAML/TOML file (keys: option names, e.g. finetune_lr or finetune-lr), a "
            "shipped config (see --list-configs) or an OUT/manifest.json (rerun that distillation). Options "
-           "given on the command line win."),
+           "given on the command line win; relative paths in a file are taken from the current folder, as on the "
+           "command line (a manifest's --data also from the folder it recorded); --force is never taken from it."),
     O("--list-configs", is_flag=True, is_eager=True, expose_value=False, callback=list_configs,
       help="List the shipped configs (the paper's settings) and exit."),
     O(*FORCE[0], **FORCE[1]),
