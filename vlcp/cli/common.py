@@ -87,8 +87,8 @@ class user_errors:
 
         if isinstance(exc, ConfigError):  # a parameter out of range: exit code 2, naming the option
             raise click.BadParameter(exc.message, param_hint=exc.param) from None
-        if isinstance(exc, (EvalError, OutputError)):  # a folder that does not fit: bad input, exit code 2
-            raise click.UsageError(str(exc)) from None
+        if isinstance(exc, (EvalError, OutputError)):  # a folder that does not fit: bad input, exit code 2 (one
+            raise usage_error(str(exc)) from None  # line: the message names the folder, a usage banner adds nothing)
         if isinstance(exc, (DatasetError, DistillError, ModelError, CaptionFileError, CorruptEntry, ScalarLogError)):
             raise click.ClickException(str(exc)) from None  # found while running: exit code 1
         if isinstance(exc, OSError) and exc.strerror:  # the disk: full, read-only, a folder gone; exit code 1
