@@ -119,3 +119,78 @@ def test_a_dry_run_says_the_real_run_would_stop_at_its_out(vlcp, tmp_path):
                                                  f"empty; pass --force to replace it")  # ... and what would stop it
     r = vlcp(*RUN, "--dry-run", "--force", "--out", out)
     assert "would stop" not in r.output
+
+
+def test_a_manifest_json_of_another_tool_is_not_vlcps(vlcp, tmp_path):
+    app = tmp_path / "webapp"
+    (app / "src").mkdir(parents=True)
+    (app / "manifest.json").write_text('{"name": "my-pwa"}')
+    (app / "src" / "app.js").write_text("code\n")
+    line = _one_line_error(vlcp(*RUN, "--out", app, "--force"), 2)
+    assert "holds no output of vlcp (no manifest.json)" in line and (app / "src" / "app.js").is_file()
+
+
+def test_refine_detection_only_can_be_rerun_into_its_own_folder(vlcp, tmp_path):
+    from PIL import Image
+
+    foreign = tmp_path / "foreign"
+    for c in ("0", "1"):
+        (foreign / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (int(c) * 200, 0, 0)).save(foreign / c / "a.png")
+    args = ["refine", foreign, "--data", "digits", "--detector-epochs", "1", "--out", tmp_path / "r"]
+    assert vlcp(*args).exit_code == 0
+    assert (tmp_path / "r" / "report.json").is_file()
+    r = vlcp(*args, "--force")
+    assert r.exit_code == 0, r.output
+
+
+def _mount(monkeypatch, vol: Path) -> None:
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p).resolve() == vol.resolve() or real(p))
+
+
+def test_a_mount_point_swap_cut_short_puts_everything_back(tmp_path, monkeypatch):
+    from vlcp.store import output
+
+    vol = tmp_path / "vol"
+    (vol / "train" / "a").mkdir(parents=True)
+    (vol / "train" / "a" / "0.png").write_bytes(b"old image")
+    (vol / "manifest.json").write_text('{"vlcp_version": "old"}')
+    (vol / "lost+found").mkdir()
+    _mount(monkeypatch, vol)
+    real, calls = Path.rename, []
+
+    def rename(self, target):
+        calls.append(self.name)
+        if len(calls) == 3:  # both old entries moved aside, the first new one about to go in: Ctrl-C
+            raise KeyboardInterrupt
+        return real(self, target)
+
+    def build(tmp):
+        (tmp / "train").mkdir()
+        (tmp / "train" / "new.png").write_bytes(b"new image")
+        (tmp / "manifest.json").write_text('{"vlcp_version": "new"}')
+
+    monkeypatch.setattr(Path, "rename", rename)
+    try:
+        output.publish(vol, build)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the swap was not interrupted")
+    monkeypatch.setattr(Path, "rename", real)
+    assert calls[:2] == ["manifest.json", "train"]  # the old manifest goes first
+    assert sorted(p.name for p in vol.iterdir()) == ["lost+found", "manifest.json", "train"]  # nothing hidden left
+    assert (vol / "manifest.json").read_text() == '{"vlcp_version": "old"}'
+    assert (vol / "train" / "a" / "0.png").read_bytes() == b"old image"
+    output.publish(vol, build)  # uninterrupted: the new set, the manifest moved in last, lost+found left alone
+    assert sorted(p.name for p in vol.iterdir()) == ["lost+found", "manifest.json", "train"]
+    assert (vol / "manifest.json").read_text() == '{"vlcp_version": "new"}' and (vol / "train" / "new.png").is_file()
+
+
+def test_a_fresh_volume_with_only_lost_and_found_is_empty(vlcp, tmp_path, monkeypatch):
+    vol = tmp_path / "vol"
+    (vol / "lost+found").mkdir(parents=True)
+    _mount(monkeypatch, vol)
+    assert vlcp(*RUN, "--out", vol).exit_code == 0
+    assert (vol / "manifest.json").is_file() and (vol / "lost+found").is_dir()

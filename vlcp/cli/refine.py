@@ -46,9 +46,9 @@ def refine_cmd(obj: Ctx, folder: Path, data: str, out: Path, **opts):
     cfg = DistillConfig(data=data, ipc=1, **common)
     with user_errors():
         cfg.validate()
-        from vlcp.store.output import check_out
+        from vlcp.store.output import DETECTION_MARKS, OUTPUT_MARKS, check_out
 
-        check_out(out, cfg.force)
+        check_out(out, cfg.force, marks=DETECTION_MARKS + OUTPUT_MARKS)
         with scalars.logging_to(cfg.log_dir, scalars.run_name("refine", out)) as curves:
             report = refine_folder.detect_only(folder, cfg, obj.cache())
     say_where_curves_went(curves, obj.quiet)

@@ -123,6 +123,25 @@ def _of_type(kind: type):
 
 OUTPUT_MARKS = ("manifest.json",)  # what every folder vlcp distill, refine, select and baseline write holds
 EXPORT_MARKS = ("classes.json", "diffusion_pytorch_model.safetensors", "pytorch_lora_weights.safetensors")
+DETECTION_MARKS = ("report.json",)  # vlcp refine's detection-only folder
+NOT_CONTENT = ("lost+found",)  # a freshly formatted volume's: not an output's content, and left in place
+
+
+def _is_vlcp_file(path: Path) -> bool:
+    """A mark file that vlcp wrote: its JSON names vlcp (``vlcp_version``, or the DD-Ranking export's ``format``);
+    a weights file of a diffusers export counts by its name. Many tools write a ``manifest.json``."""
+    if path.suffix != ".json":
+        return path.is_file()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and ("vlcp_version" in data or str(data.get("format", "")).startswith("vlcp-"))
+
+
+def _content(out: Path) -> list[Path]:
+    """What replacing ``out`` would remove: all but a volume's lost+found and vlcp's own leftovers of a swap."""
+    return [p for p in out.iterdir() if p.name not in NOT_CONTENT and not p.name.startswith((".vlcp-old-", ".vlcp-tmp-"))]
 
 
 def check_out(out: Path, force: bool, name: str = "--out", marks: tuple[str, ...] = OUTPUT_MARKS) -> None:
@@ -140,8 +159,8 @@ def check_out(out: Path, force: bool, name: str = "--out", marks: tuple[str, ...
             raise OutputError(f"{name} {out} is or contains {what} ({folder}): write the output to a folder of "
                               f"its own")
     _check_writable(out, name)
-    if out.is_dir() and any(out.iterdir()):
-        if not any((out / m).exists() for m in marks):
+    if out.is_dir() and _content(out):
+        if not any(_is_vlcp_file(out / m) for m in marks if (out / m).exists()):
             raise OutputError(f"{name} {out} is not empty and holds no output of vlcp (no {' or '.join(marks)}): "
                               f"not replaced, even with --force; empty it or choose another folder")
         if not force:
@@ -235,17 +254,28 @@ def publish(out: Path, build) -> None:
 
 def _publish_inside(out: Path, build) -> None:
     """``publish`` into a folder that must stay (a mount point): build in a hidden folder inside it, move the old
-    entries aside, the new ones in, then delete the old. Not one rename, so a crash between the two moves
-    leaves both hidden folders inside ``out`` (nothing is lost)."""
+    entries aside (``manifest.json`` first), the new ones in (``manifest.json`` last, so a folder with a manifest
+    is whole), then delete the old. An error or Ctrl-C while moving puts every entry back where it was; a volume's
+    lost+found stays."""
     tmp = new_dir(out, ".vlcp-tmp-")
     try:
         build(tmp)
         old = new_dir(out, ".vlcp-old-")
-        for p in out.iterdir():
-            if p not in (tmp, old):
+        first = sorted(_content(out), key=lambda p: p.name != "manifest.json")
+        last = sorted(tmp.iterdir(), key=lambda p: p.name == "manifest.json")
+        moved: list[tuple[Path, Path]] = []
+        try:
+            for p in first:
                 p.rename(old / p.name)
-        for p in tmp.iterdir():
-            p.rename(out / p.name)
+                moved.append((old / p.name, p))
+            for p in last:
+                p.rename(out / p.name)
+                moved.append((out / p.name, p))
+        except BaseException:
+            for now, was in reversed(moved):  # new entries back into tmp, then the old ones back into out
+                now.rename(was)
+            shutil.rmtree(old, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
