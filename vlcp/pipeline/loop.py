@@ -22,6 +22,9 @@ from vlcp.store.runner import Lazy, PlanStop
 
 log = logging.getLogger("vlcp")
 
+MAX_RESTARTS = 100  # corrupt entries found one by one (each read restarts the run) before vlcp says to clear
+
+
 def distill(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> dict:
     """Run (or plan) the enabled stages up to ``cfg.until``; return the manifest (written to OUT unless dry)."""
     from vlcp.store import arrays, parallel
@@ -42,8 +45,14 @@ def distill(cfg: DistillConfig, cache: StageCache, dry_run: bool = False) -> dic
                     publish(run)  # the first read of the synthetic images: a corrupt one is recomputed too
                 break
             except CorruptEntry as exc:
-                if (exc.stage, exc.key) in seen or not exc.stage:  # corrupt again after recomputing: the disk
-                    raise DistillError(str(exc)) from None
+                if (exc.stage, exc.key) in seen or not exc.stage:
+                    raise DistillError(f"cache entry {exc.stage}/{exc.key[:12]} is corrupt again right after it was "
+                                       f"recomputed ({exc.reason}): the disk or another process writing this cache "
+                                       f"is at fault, not the entry") from None
+                if len(seen) == MAX_RESTARTS:  # each restart re-reads the index: a damaged cache is cleared faster
+                    raise DistillError(f"{MAX_RESTARTS} corrupt cache entries found and recomputed, and more "
+                                       f"remain ({exc}): the cache is damaged; `vlcp cache clear --stage "
+                                       f"{exc.stage}` (or the whole cache) recomputes them in one run") from None
                 seen.add((exc.stage, exc.key))  # (the cache logged it when it dropped the entry)
         if not alone and not dry_run:
             publish(run)  # after the other processes have ended: a corrupt image here needs a rerun
