@@ -181,10 +181,11 @@ def test_class_with_fewer_images_than_ipc(vlcp, tmp_path):
     args = ["distill", "--data", "digits", "--tiny", "--max-per-class", "2", "--contamination", "0", "--ipc", "3",
             "--no-finetune"]
     r = vlcp(*args, "--out", tmp_path / "o")
-    assert r.exit_code == 1 and "class '0' (handwritten digit 0) has 2 usable images, fewer than --ipc 3" in r.output
+    assert r.exit_code == 1 and ("class '0' (handwritten digit 0) has 2 usable images (--max-per-class), fewer than "
+                                 "--ipc 3; raise --max-per-class 2, lower --ipc or pass --allow-duplicates") in r.output
     assert "captions:" not in r.output  # said after the images are read, before the captions (hours on real data)
     r = vlcp(*args, "--dry-run", "--out", tmp_path / "o")  # the plan says it too
-    assert r.exit_code == 1 and "has 2 usable images, fewer than --ipc 3" in r.output
+    assert r.exit_code == 1 and "has 2 usable images (--max-per-class), fewer than --ipc 3" in r.output
     r = vlcp(*args, "--until", "latents", "--out", tmp_path / "o")  # no clusters: no IPC to fill
     assert r.exit_code == 0, r.output
     r = vlcp(*args, "--allow-duplicates", "--steps", "2", "--out", tmp_path / "o", "--force")

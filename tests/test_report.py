@@ -516,3 +516,20 @@ def test_without_chromium_the_browser_test_skips_or_fails_on_ci(monkeypatch):
     monkeypatch.setenv("VLCP_REQUIRE_BROWSER", "1")  # .ci/run sets it where apt could install chromium
     with pytest.raises(pytest.fail.Exception, match="VLCP_REQUIRE_BROWSER is set but no chromium"):
         browser_or_skip()
+
+
+def test_an_evaluation_of_a_class_subset_is_not_set_against_the_papers_numbers(tmp_path):
+    """A set of 3 classes tested on those 3 (vlcp evaluate's test_split) is not the paper's 10-class setting."""
+    folder = make_folder(tmp_path / "out", ipc=10)
+    (folder / "evaluations").mkdir()
+    res = evaluation(ipc=10)
+    res["test_split"] = {"split": "test", "images": 1176, "classes": ["n01440764", "n02102040", "n02979186"],
+                         "dataset_classes": 10}
+    (folder / "evaluations" / "minimax-resnetap10-abc.json").write_text(json.dumps(res))
+    text, _ = build_page(folder)
+    table = text[text.index('<section id="evaluation">'):text.index("</section>", text.index('id="evaluation"'))]
+    row = next(r for r in table.split("<tr>")[2:] if "<td>resnetap10</td>" in r and "vlcp/published.json" not in r)
+    assert row.startswith("<td>resnetap10</td><td>minimax, 3 of 10 classes</td>")
+    assert "64.80 ± 3.60" not in row  # no paper figure beside it
+    published = text[text.index("Published for imagenette, IPC 10"):]
+    assert "61.00" not in published[:published.index("</table>")]  # nor its figure in the published table's column

@@ -78,14 +78,14 @@ def dataset_classes(data: str, data_dir: Path) -> tuple[str, list]:
 def read_pool(pool: Path, name: str, classes: list) -> list[PoolClass]:
     """The pool's class folders matched to dataset classes (by id or name, as ``vlcp evaluate``)."""
     from vlcp.data.datasets import Dataset, _image_files
+    from vlcp.data.images import is_class_dir
     from vlcp.evaluation.samples import NOT_CLASSES, match_classes
     from vlcp.store.output import images_dir
 
     if not Path(pool).is_dir():
         raise SelectError(f"pool {pool} is not a directory")
     pool = images_dir(Path(pool))  # a vlcp set's train/ (or its root, before issue 23), or any ImageFolder
-    subdirs = sorted(d for d in pool.iterdir()
-                     if d.is_dir() and not d.name.startswith(".") and d.name not in NOT_CLASSES)
+    subdirs = sorted(d for d in pool.iterdir() if is_class_dir(d) and d.name not in NOT_CLASSES)
     if not subdirs:
         raise SelectError(f"pool {pool} has no class folders: expected an ImageFolder (one sub-folder per class)")
     mapping = match_classes([d.name for d in subdirs], Dataset(name, "train", None, classes, []))

@@ -26,6 +26,7 @@ import os
 import shutil
 from pathlib import Path
 
+from vlcp.data.images import is_class_dir
 from vlcp.evaluation.protocols import EvalError
 
 DDRANKING = "ddranking 0.2.0"
@@ -159,8 +160,7 @@ def export(out: Path, dest: Path, *, dataset: str | None = None, teacher: Path |
         raise EvalError(f"{out} has no vlcp manifest naming its dataset: pass the dataset")
     name = ddranking_name(dataset)
     src = images_dir(out)
-    folders = sorted(x.name for x in src.iterdir() if x.is_dir() and not x.name.startswith(".")
-                     and x.name not in NOT_CLASSES)
+    folders = sorted(x.name for x in src.iterdir() if is_class_dir(x) and x.name not in NOT_CLASSES)
     vlcp_classes = _vlcp_classes(manifest, dataset, folders)
     order = class_order(dataset, vlcp_classes)
     ids = _match_folders(folders, dataset, order)

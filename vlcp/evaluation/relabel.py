@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from vlcp.data.datasets import Dataset
+from vlcp.data.images import is_class_dir
 from vlcp.evaluation.protocols import EvalError, Protocol
 from vlcp.evaluation.samples import NOT_CLASSES, set_classes, synthetic_samples
 
@@ -77,7 +78,7 @@ def class_dirs(out: str | os.PathLike) -> list[Path]:
     from vlcp.store.output import images_dir
 
     root = images_dir(Path(out))
-    dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in NOT_CLASSES)
+    dirs = sorted(d for d in root.iterdir() if is_class_dir(d) and d.name not in NOT_CLASSES)
     if not dirs:
         raise EvalError(f"{out} has no class folders: expected a vlcp set (OUT/train/<class>/) or an ImageFolder")
     return dirs

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlcp.data.images import is_class_dir
 from vlcp.store.output import images_dir, prototype_records, read_metadata
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
@@ -105,7 +106,7 @@ def class_folders(f: Folder) -> list[tuple[str, str]]:
         out = [(k, str(as_dict(v).get("name", k))) for k, v in as_dict(f.prototypes.get("classes")).items()]
     if not out:
         out = [(d.name, d.name) for d in sorted(f.images_root.iterdir())
-               if d.is_dir() and not d.name.startswith(".") and d.name not in NOT_CLASSES]
+               if is_class_dir(d) and d.name not in NOT_CLASSES]
         if out:
             f.problems.append("manifest.json lists no classes: the class folders on disk are shown")
     return out

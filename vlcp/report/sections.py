@@ -249,18 +249,31 @@ def evaluation_section(f: Folder) -> EvaluationSection:
     ipc = as_dict(f.manifest.get("parameters")).get("ipc")
     rows, evals = [], [evaluation_record(n, r) for n, r in f.evaluations]
     soft = [as_dict(r.get("soft_labels")).get("name") for _, r in f.evaluations]  # `vlcp evaluate --soft-labels`
-    for e, labels in zip(evals, soft):
-        paper = [] if labels else [  # stored soft labels are another protocol than the paper's: no comparison
+    subsets = [class_subset(r) for _, r in f.evaluations]
+    for e, labels, sub in zip(evals, soft, subsets):
+        paper = [] if labels or sub else [  # soft labels, a class subset: not the paper's setting, no comparison
             p for p in matching_published(f, e["dataset"] or dataset, e["ipc"], e["protocol"], e["model"])
             if p.get("method") == "VLCP"]
+        how = f"{e['protocol']}, soft labels {public(labels)}" if labels else e["protocol"]
         rows.append(EvaluationRow(
-            public(e["model"]), f"{e['protocol']}, soft labels {public(labels)}" if labels else e["protocol"],
+            public(e["model"]), f"{how}, {sub}" if sub else how,
             num(e["ipc"]),
             num(e["epochs"]), num(e["seeds"]), e["final"], e["best"], e["best_label"], e["per_seed"],
             pm(paper[0]) if paper else None, str(paper[0].get("source", "")) if paper else "", e["file"]))
-    ours = {(e["protocol"], e["model"]): e["final"] for e, labels in zip(evals, soft) if not labels}
+    ours = {(e["protocol"], e["model"]): e["final"] for e, labels, sub in zip(evals, soft, subsets)
+            if not labels and not sub}
     return EvaluationSection(public(dataset), rows, fusion_items(f.evaluations),
                              published_table(f, dataset, ipc, ours))
+
+
+def class_subset(result: dict) -> str | None:
+    """"3 of 10 classes" when the evaluation tested a set of a class subset on those classes (its ``test_split``),
+    else None: such an accuracy is not comparable with the paper's, measured over every class."""
+    t = as_dict(result.get("test_split"))
+    classes, of = t.get("classes"), t.get("dataset_classes")
+    if isinstance(classes, list) and isinstance(of, int) and len(classes) < of:
+        return f"{len(classes)} of {of} classes"
+    return None
 
 
 def fusion_items(evaluations: list[tuple[str, dict]]) -> list[FusionItem]:

@@ -48,5 +48,8 @@ def _enough_for_ipc(run: Run) -> None:
         return
     for c, idx in enumerate(run.st.by_class):
         if len(idx) < p.ipc:
-            raise DistillError(f"class {run.folders[c]!r} ({run.ds.classes[c].name}) has {len(idx)} usable images, "
-                               f"fewer than --ipc {p.ipc}; lower --ipc or pass --allow-duplicates")
+            capped = p.max_per_class is not None and len(idx) == p.max_per_class
+            how = f"raise --max-per-class {p.max_per_class}, lower --ipc" if capped else "lower --ipc"
+            raise DistillError(f"class {run.folders[c]!r} ({run.ds.classes[c].name}) has {len(idx)} usable images"
+                               f"{' (--max-per-class)' if capped else ''}, fewer than --ipc {p.ipc}; {how} or pass "
+                               f"--allow-duplicates")
