@@ -24,6 +24,6 @@ per_test=()
 python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout "${TEST_TIMEOUT:-240}")
 # -p no:cacheprovider: the checkout may be read-only; the browser test skips without Chromium
 set -o pipefail
-timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -rfEs -p no:cacheprovider --durations=10 "${per_test[@]}" \
+timeout -k 10 "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -rfEs -p no:cacheprovider --durations=10 "${per_test[@]}" \
   "${args[@]}" 2>&1 | tee "$OUT/pytest.txt"
 echo "pytest rc $?"

@@ -2,7 +2,9 @@
 # benchmarks/device_wheels.sh) installed beside the image's own packages, this checkout on the path, unbuffered
 # output (a time limit must not swallow what was printed).
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ -n "${VLCP_DEVICE_ENV:-}" ]; then  # sourced once already (gpu_session.sh, then cuda_checks.sh)
+  :
+elif ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/vlcp-site \
     .whl/*.whl || { echo "device_env: the wheels in .whl/ did not install" >&2; return 1; }
   export PYTHONPATH=/tmp/vlcp-site:$PWD
@@ -10,3 +12,4 @@ else
   echo "device_env: no .whl/ (run benchmarks/device_wheels.sh here and carry .whl): diffusers may be missing" >&2
   export PYTHONPATH=$PWD
 fi
+export VLCP_DEVICE_ENV=1
