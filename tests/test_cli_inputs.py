@@ -242,3 +242,18 @@ def test_clearing_the_whole_cache_needs_yes_and_a_look_creates_no_folder(vlcp, t
     nowhere = tmp_path / "no" / "cache"
     r = vlcp("cache", "info", cache=nowhere)
     assert r.exit_code == 0 and "(empty)" in r.output and not nowhere.exists() and not nowhere.parent.exists()
+
+
+def test_ddranking_json_over_an_existing_file_needs_force_before_any_training(vlcp, tmp_path, monkeypatch):
+    from vlcp.evaluation import ddranking_scores
+
+    monkeypatch.setattr(ddranking_scores, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    (tmp_path / "set" / "0").mkdir(parents=True)
+    kept = tmp_path / "scores.json"
+    kept.write_text('{"mine": 1}')
+    r = vlcp("ddranking", tmp_path / "set", "--dataset", "digits", "--json", kept)
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == (
+        f"Error: --json {kept} exists; pass --force to replace it")
+    r = vlcp("ddranking", tmp_path / "set", "--dataset", "digits", "--force")
+    assert r.exit_code == 2 and "--force replaces an existing --json file: give --json" in r.output
+    assert kept.read_text() == '{"mine": 1}'

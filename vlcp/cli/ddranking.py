@@ -39,10 +39,11 @@ LABELS = {"hlr": "HLR (pp)", "ior": "IOR (pp)", "alpha": "alpha (x100)", "lrs": 
               help="Teacher weights (safetensors) [default: as vlcp evaluate --protocol rded].")
 @click.option("--teacher-epochs", type=click.IntRange(min=1), help="Epochs of the teacher vlcp trains.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the results here.")
+              help="Also write the results here (an existing file only with --force).")
+@click.option("--force", is_flag=True, help="Replace an existing --json file.")
 @click.pass_obj
 def ddranking(obj: Ctx, out: Path, dataset, scores, protocol, model, runs, epochs, ipc, full_epochs, full_accuracy,
-              lrs_weight, ars_weight, teacher, teacher_epochs, json_path):
+              lrs_weight, ars_weight, teacher, teacher_epochs, json_path, force):
     """DD-Ranking's scores of the synthetic set OUT: LRS with hard labels, LRS with soft labels, ARS.
 
     The formulas are DD-Ranking's (alpha = w IOR - (1 - w) HLR, LRS = (e^alpha - e^-1) / (e - e^-1); ARS
@@ -50,6 +51,10 @@ def ddranking(obj: Ctx, out: Path, dataset, scores, protocol, model, runs, epoch
     IPC and on the full real set. Results of a folder vlcp made also go to OUT/evaluations/ddranking-<hash>.json.
     """
     scores = tuple(scores) or SCORES
+    if force and not json_path:
+        raise usage_error("--force replaces an existing --json file: give --json")
+    if json_path and json_path.exists() and not force:  # before the training, as vlcp evaluate
+        raise usage_error(f"--json {json_path} exists; pass --force to replace it")
     from vlcp.store.output import set_data
 
     dataset = dataset or set_data(out)
