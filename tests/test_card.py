@@ -146,7 +146,7 @@ def test_upload_selection_leaves_out_ranks_and_hidden_files(run, tmp_path):
     assert IGNORE_PATTERNS == ["ranks/*", ".*", "*/.*"]
 
 
-def test_publish_writes_the_card_then_reports_the_offline_hub(run, tmp_path):
+def test_publish_reports_the_offline_hub_and_leaves_out_as_it_was(run, tmp_path):
     _, cache, out = run
     out = copy(out, tmp_path / "out")
     (out / "README.md").unlink()
@@ -156,7 +156,33 @@ def test_publish_writes_the_card_then_reports_the_offline_hub(run, tmp_path):
     assert r.returncode == 1, r.stderr
     assert "Error: upload to someone/digits failed: OfflineModeIsEnabled" in r.stderr
     assert "Traceback" not in r.stderr
-    assert 'load_dataset("someone/digits")' in (out / "README.md").read_text()
+    assert not (out / "README.md").exists()  # the card for a repository that got nothing is not written
+
+
+def test_publish_sends_the_card_it_built_and_writes_it_after_the_upload(run, tmp_path, monkeypatch):
+    """The Hub is out of reach here: its two calls are recorded at huggingface_hub's API boundary."""
+    import huggingface_hub
+
+    vlcp, _, out = run
+    out = copy(out, tmp_path / "out")
+    (out / "README.md").write_text(card.MARKER + "\nan old card for another repository\n")
+    sent = {}
+
+    def create_commit(self, repo_id, operations, **kw):
+        assert not (out / "README.md").read_text().count("someone/digits")  # not written before the upload
+        sent.update({op.path_in_repo: op.path_or_fileobj for op in operations})
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: f"https://huggingface.co/datasets/{repo_id}")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
+    r = vlcp("publish", out, "someone/digits")
+    assert r.exit_code == 0, r.output
+    text = (out / "README.md").read_text()
+    assert 'load_dataset("someone/digits")' in text and sent["README.md"] == text.encode()
+    assert r.output.splitlines()[-2:] == [f"card: {out / 'README.md'}",
+                                          f"uploaded {len(sent)} files to https://huggingface.co/datasets/someone/"
+                                          f"digits (local paths hidden in "
+                                          f"{sum(isinstance(v, bytes) for v in sent.values()) - 1} JSON files)"]
 
 
 def test_publish_refuses_a_bad_repo_id_or_folder(run, tmp_path):

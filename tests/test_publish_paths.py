@@ -113,7 +113,7 @@ def test_a_json_file_that_is_not_json_stops_the_publish_before_the_hub(tmp_path)
         public_json(out / "evaluations" / "broken.json")
     (out / "README.md").unlink()  # the card is rebuilt from the manifest first
     r = CliRunner().invoke(cli, ["--cache-dir", str(tmp_path / "cache"), "publish", str(out), "someone/name"])
-    assert r.exit_code == 1 and r.output.count("\n") == 2 and r.output.startswith("card: ")
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and not (out / "README.md").exists()  # OUT unchanged
     assert f"Error: {out / 'evaluations' / 'broken.json'} is not readable JSON (JSONDecodeError" in r.output
 
 

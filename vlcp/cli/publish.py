@@ -31,28 +31,34 @@ IGNORE_PATTERNS = ["ranks/*", ".*", "*/.*"]
 @click.pass_obj
 def publish_cmd(obj: Ctx, out: Path, repo_id: str, private: bool, revision: str | None, token: str | None):
     """Upload the distilled set OUT to the Hugging Face dataset repository REPO_ID (user/name), with its
-    dataset card OUT/README.md (rewritten first unless you edited it and removed its vlcp marker line). The JSON
-    files go with their absolute local paths shown as .../name, as the card shows them; OUT itself is unchanged."""
+    dataset card OUT/README.md (rebuilt for REPO_ID unless you edited it and removed its vlcp marker line; the
+    new card is written into OUT once the upload succeeded). The JSON files go with their absolute local paths
+    shown as .../name, as the card shows them; nothing else in OUT changes."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         raise usage_error(f"REPO_ID {repo_id!r} is not a Hugging Face repository id (user/name): {exc}") from None
-    from vlcp.report.card import CardError, build, read_manifest
+    from vlcp.report.card import CARD, CardError, is_vlcp_card, read_manifest, render
 
     try:
         read_manifest(out)
-        card = build(out, repo_id)
+        card = render(out, repo_id) if is_vlcp_card(out / CARD) else None
     except CardError as exc:
         raise usage_error(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(f"could not write {out / 'README.md'}: {exc}") from None
+    url, ops = upload(out, repo_id, private=private, revision=revision, token=token, card=card)
+    if card is not None:  # after the upload: a failed one leaves OUT's card as it was
+        from vlcp.store.cache import atomic_write_text
+
+        try:
+            atomic_write_text(out / CARD, card)
+        except OSError as exc:
+            raise click.ClickException(f"uploaded to {url}, but could not write {out / CARD}: {exc}") from None
     if not obj.quiet:
-        click.echo(f"card: {card}" if card else f"card: {out / 'README.md'} (edited by hand: left as it is)")
-    url, ops = upload(out, repo_id, private=private, revision=revision, token=token)
-    if not obj.quiet:
-        hidden = sum(isinstance(op.path_or_fileobj, bytes) for op in ops)
+        click.echo(f"card: {out / CARD}" if card is not None else f"card: {out / CARD} (edited by hand: left as it "
+                                                                    f"is)")
+        hidden = sum(isinstance(op.path_or_fileobj, bytes) and op.path_in_repo.endswith(".json") for op in ops)
         click.echo(f"uploaded {len(ops)} files to {url} (local paths hidden in {hidden} JSON files)")
 
 
@@ -80,22 +86,27 @@ def public_json(path: Path) -> bytes | None:
     return None if hidden == value else json_text(hidden).encode()
 
 
-def commit_operations(out: Path) -> list:
+def commit_operations(out: Path, card: str | None = None) -> list:
     """What the upload commits (huggingface_hub ``CommitOperationAdd``s, in ``upload_files`` order): a JSON file
     (``*.json``) that names a local path as its public copy (bytes), every other file from its path on disk.
     Nothing on disk changes: ``vlcp`` still reads the manifest's full paths (e.g. ``data_dir``)."""
     from huggingface_hub import CommitOperationAdd
 
     ops = []
-    for rel in upload_files(out):
+    files = upload_files(out)
+    if card is not None and "README.md" not in files:
+        files = sorted([*files, "README.md"])
+    for rel in files:
         path = Path(out) / rel
         copy = public_json(path) if rel.lower().endswith(".json") else None
+        if rel == "README.md" and card is not None:  # the card built for this upload, not yet on disk
+            copy = card.encode("utf-8")
         ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=path if copy is None else copy))
     return ops
 
 
 def upload(out: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-           token: str | None = None) -> tuple[str, list]:
+           token: str | None = None, card: str | None = None) -> tuple[str, list]:
     """Create the dataset repository (if missing) and commit ``commit_operations(out)`` in one commit; returns
     the repository URL and the operations. Any failure on the way (a JSON file that is not JSON, offline mode,
     the network, authentication, permissions) is one line, exit code 1."""
@@ -104,7 +115,7 @@ def upload(out: Path, repo_id: str, *, private: bool = False, revision: str | No
     from vlcp import __version__
 
     try:
-        ops = commit_operations(out)
+        ops = commit_operations(out, card)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     api = HfApi(token=token)
