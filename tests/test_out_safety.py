@@ -194,3 +194,22 @@ def test_a_fresh_volume_with_only_lost_and_found_is_empty(vlcp, tmp_path, monkey
     _mount(monkeypatch, vol)
     assert vlcp(*RUN, "--out", vol).exit_code == 0
     assert (vol / "manifest.json").is_file() and (vol / "lost+found").is_dir()
+
+
+def test_a_bind_mount_that_ismount_misses_is_filled_in_place_when_its_rename_is_refused(vlcp, tmp_path, monkeypatch):
+    """A bind mount inside one filesystem looks like a plain folder, but renaming it fails with EBUSY."""
+    vol = tmp_path / "vol"
+    assert vlcp(*RUN, "--out", vol).exit_code == 0
+    inode, real = vol.stat().st_ino, Path.rename
+
+    def busy(self, target):
+        if Path(self).resolve() == vol.resolve():
+            raise OSError(errno.EBUSY, "Device or resource busy", str(self))
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", busy)
+    r = vlcp(*RUN, "--out", vol, "--force", "--seed", "5")
+    assert r.exit_code == 0, r.output
+    assert vol.stat().st_ino == inode and read_manifest(vol)["parameters"]["seed"] == 5
+    assert not [p.name for p in vol.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".vol")]  # the sibling build folder is gone

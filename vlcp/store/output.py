@@ -15,6 +15,7 @@ files and 0700 folders would keep those modes after the rename, and a shared ``O
 """
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
@@ -243,7 +244,13 @@ def publish(out: Path, build) -> None:
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-            out.rename(old)
+            try:
+                out.rename(old)
+            except OSError as exc:  # a bind mount that ismount does not see (same filesystem): swap inside it
+                if exc.errno != errno.EBUSY:
+                    raise
+                return _publish_inside(out, lambda inside: [shutil.move(str(q), str(inside / q.name))
+                                                            for q in sorted(tmp.iterdir())])
         tmp.rename(out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
