@@ -257,3 +257,10 @@ def test_ddranking_json_over_an_existing_file_needs_force_before_any_training(vl
     r = vlcp("ddranking", tmp_path / "set", "--dataset", "digits", "--force")
     assert r.exit_code == 2 and "--force replaces an existing --json file: give --json" in r.output
     assert kept.read_text() == '{"mine": 1}'
+
+
+def test_one_seed_shows_its_mean_without_a_spread():
+    from vlcp.cli.evaluate import mean_std
+
+    assert mean_std({"mean": 8.36, "std": 0.0, "per_seed": [8.36]}) == "8.36 (1 seed)"
+    assert mean_std({"mean": 52.0, "std": 1.0, "per_seed": [51.0, 53.0]}) == "52.00 ± 1.00"

@@ -110,8 +110,8 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
     p, a = res["protocol"], res["accuracy"]
     best = a.get("best_during_training")
     rows = [("model", "protocol", "top-1 (final)", res["best_label"], "per seed (final)", "epochs", "seconds"),
-            (p["model"], p["name"], f"{a['mean']:.2f} ± {a['std']:.2f}",
-             f"{best['mean']:.2f} ± {best['std']:.2f}" if best else
+            (p["model"], p["name"], mean_std(a),
+             mean_std(best) if best else
              "n/a (tested at end only)" if not p["test_every"] else "n/a (no test in its window)",
              " ".join(f"{v:.2f}" for v in a["per_seed"]), str(p["epochs"]), f"{res['seconds']:.1f}")]
     if not obj.quiet:
@@ -132,7 +132,7 @@ def evaluate(obj: Ctx, synth_dir, data, protocol, model, seeds, epochs, ipc, aug
         f = fused["accuracy"]
         click.echo(f"caption fusion ({fused['note']}; {fused['label']}):")
         table([("model", "protocol", "top-1 (final), caption fusion", "per seed (final)"),
-                (p["model"], p["name"], f"{f['mean']:.2f} ± {f['std']:.2f}", " ".join(f"{v:.2f}" for v in f["per_seed"]))])
+                (p["model"], p["name"], mean_std(f), " ".join(f"{v:.2f}" for v in f["per_seed"]))])
     from vlcp.store.output import write_json
 
     if json_path:
@@ -275,3 +275,10 @@ def _matching(obj: Ctx, method, ds, data, ipc, seed, match) -> tuple[dict, dict]
     record = {k: v for k, v in m.items() if k != "losses"}
     record.update(cached=res.cached, loss_curve=baselines.loss_curve(m["losses"]))
     return baselines.array_images(res.images, ipc), record
+
+
+def mean_std(a: dict) -> str:
+    """"mean ± std" over the seeds; one seed has no spread to show, so its mean stands alone."""
+    if len(a.get("per_seed") or []) == 1:
+        return f"{a['mean']:.2f} (1 seed)"
+    return f"{a['mean']:.2f} ± {a['std']:.2f}"
