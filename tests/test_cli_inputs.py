@@ -264,3 +264,28 @@ def test_one_seed_shows_its_mean_without_a_spread():
 
     assert mean_std({"mean": 8.36, "std": 0.0, "per_seed": [8.36]}) == "8.36 (1 seed)"
     assert mean_std({"mean": 52.0, "std": 1.0, "per_seed": [51.0, 53.0]}) == "52.00 ± 1.00"
+
+
+def test_refine_judges_a_baseline_set_and_a_dc_without_its_loops_is_a_usage_error(vlcp, tmp_path):
+    base = ["baseline", "--data", "digits", "--ipc", "2"]
+    assert vlcp(*base, "--method", "random", "--out", tmp_path / "b").exit_code == 0
+    r = vlcp("refine", tmp_path / "b", "--data", "digits", "--detector-epochs", "1", "--out", tmp_path / "r")
+    assert r.exit_code == 0, r.output  # vlcp's own set, but no distillation to rerun: detection only
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["mode"] == "detection only (not a vlcp distill output)"
+    r = vlcp(*base, "--method", "dc", "--iterations", "1", "--out", tmp_path / "dc")
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == (
+        "Error: DC's outer/inner loops are published for IPC 1, 10, 20, 30, 40, 50; pass --outer-loop and "
+        "--inner-loop for IPC 2")
+    assert not (tmp_path / "dc").exists()
+
+
+def test_a_dry_run_lists_a_named_dataset_it_will_download_even_unsized():
+    from vlcp.cli.needs import needs
+    from vlcp.pipeline.config import DistillConfig
+    from vlcp.pipeline.table import STAGE_NAMES
+
+    line = needs(DistillConfig(data="cifar10", ipc=10, out="x"), 50000, 10, STAGE_NAMES)[1]
+    assert line == ("  downloads: 18.4 GB, once (then cached): llava-hf/llava-1.5-7b-hf 14.1 GB, "
+                    "stable-diffusion-v1-5/stable-diffusion-v1-5 4.3 GB, cifar10 (size not known here)")
+    line = needs(DistillConfig(data="digits", ipc=10, out="x"), 1438, 10, STAGE_NAMES)[1]
+    assert "digits" not in line  # scikit-learn ships it

@@ -209,7 +209,7 @@ def test_export_refuses_what_ddranking_cannot_read(tmp_path):
     woof_set(tmp_path / "out")
     with pytest.raises(ddr.EvalError, match="no dataset for vlcp's 'imageidc'"):
         ddr.export(tmp_path / "out", tmp_path / "a", dataset="imageidc")
-    with pytest.raises(ddr.EvalError, match="pass the dataset"):
+    with pytest.raises(ddr.EvalError, match="pass --dataset NAME"):
         ddr.export(tmp_path / "out", tmp_path / "a")
     with pytest.raises(Exception, match="overlap"):
         ddr.export(tmp_path / "out", tmp_path / "out" / "dd", dataset="imagewoof")

@@ -196,7 +196,7 @@ def test_bad_input_gives_one_line_errors(vlcp, tmp_path):
     r = err("--method", "dm", "--ipc", "1", "--captions", caps)
     assert r.exit_code == 2 and "--captions and --clip apply only with --caption-loss" in r.output
     r = err("--method", "dm", "--ipc", "1", "--masks", "foo")
-    assert r.exit_code == 1 and "unknown mask source 'foo'; available: threshold, clipseg" in r.output
+    assert r.exit_code == 2 and "unknown mask source 'foo'; available: threshold, clipseg" in r.output  # a bad value
     r = err("--method", "dm", "--ipc", "1", "--mask-prompt", "digit")
     assert r.exit_code == 2 and "--segmenter and --mask-prompt apply only with --masks clipseg" in r.output
     r = err("--method", "dm", "--ipc", "1", "--masks", "clipseg", "--mask-prompt", " ")

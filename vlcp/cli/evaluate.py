@@ -266,7 +266,10 @@ def _matching(obj: Ctx, method, ds, data, ipc, seed, match) -> tuple[dict, dict]
         from vlcp.baselines.masks import Segmenter
 
         match["segmenter"] = Segmenter(seg["segmenter"], cap["tiny"], seg["mask_prompt"])
-    cfg = matching.make_config(method, ipc, seed=seed, **match)
+    try:  # a value the method cannot take (DC's loops for an unpublished IPC, an unknown mask source): usage, 2
+        cfg = matching.make_config(method, ipc, seed=seed, **match)
+    except ValueError as exc:
+        raise usage_error(str(exc)) from None
     res = matching.run(cfg, ds, data, obj.cache(), obj.device, not obj.quiet, every, spec)
     m = res.meta
     if not obj.quiet:

@@ -52,7 +52,11 @@ def needs(cfg, images: int | None, classes: int | None, stages: list[str]) -> li
         downloads.append(cfg.clip or "openai/clip-vit-base-patch32")
     if cfg.object_masks or cfg.min_foreground is not None:
         downloads.append(cfg.segmenter or "CIDAS/clipseg-rd64-refined")
-    sized = [(name, MODEL_GB.get(name)) for name in downloads] + [(cfg.data, DATA_GB.get(cfg.data))]
+    from vlcp.data.datasets import KNOWN
+
+    if getattr(KNOWN.get(cfg.data), "url", None):  # a named dataset vlcp downloads: listed, sized or not
+        downloads.append(cfg.data)
+    sized = [(name, MODEL_GB.get(name)) for name in downloads if name != cfg.data] + [(cfg.data, DATA_GB.get(cfg.data))]
     parts = [f"{name} {gb:.2f} GB" if gb and gb < 1 else f"{name} {gb:.1f} GB" if gb else
              f"{name} ({'local' if Path(name).expanduser().exists() else 'size not known here'})"
              for name, gb in sized if gb or name in downloads]

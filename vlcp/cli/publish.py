@@ -30,7 +30,7 @@ IGNORE_PATTERNS = ["ranks/*", ".*", "*/.*"]
               help="Hugging Face token with write access [default: the one `hf auth login` stored].")
 @click.pass_obj
 def publish_cmd(obj: Ctx, out: Path, repo_id: str, private: bool, revision: str | None, token: str | None):
-    """Upload the distilled set OUT to the Hugging Face dataset repository REPO_ID (user/name), with its
+    """Upload the set OUT that vlcp distill wrote to the Hugging Face dataset repository REPO_ID (user/name), with its
     dataset card OUT/README.md (rebuilt for REPO_ID unless you edited it and removed its vlcp marker line; the
     new card is written into OUT once the upload succeeded). The JSON files go with their absolute local paths
     shown as .../name, as the card shows them; nothing else in OUT changes."""

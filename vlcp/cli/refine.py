@@ -21,9 +21,10 @@ from vlcp.cli.distill_options import SEED, refine_options, say_where_curves_went
 def refine_cmd(obj: Ctx, folder: Path, data: str, out: Path, **opts):
     """Detector-guided refinement of a distilled ImageFolder.
 
-    On vlcp's own output (it has a manifest.json) this reruns that distillation with --refine, so
-    candidates come from the cached prototypes. On any other folder (D4M, Minimax...) only detection is
-    possible: every image is judged and OUT/report.json lists the defective ones.
+    On a vlcp distill output (its manifest.json has the run's parameters) this reruns that distillation with
+    --refine, so candidates come from the cached prototypes. On any other folder (D4M, Minimax..., or a vlcp
+    baseline or select output, which has no prototypes) only detection is possible: every image is judged and
+    OUT/report.json lists the defective ones.
     """
     check_data(data)
     from vlcp.pipeline.config import DistillConfig
@@ -39,7 +40,7 @@ def refine_cmd(obj: Ctx, folder: Path, data: str, out: Path, **opts):
         run_distill(obj, DistillConfig.from_params(params, until=None, **common), command="refine")
         return
     if not obj.quiet:
-        click.echo(f"{folder} is not a vlcp output: detection only, no candidates can be generated; "
+        click.echo(f"{folder} is not a vlcp distill output: detection only, no candidates can be generated; "
                    f"writing {out}/report.json")
     from vlcp.pipeline import refine_folder
 
@@ -64,10 +65,13 @@ def _manifest_params(folder: Path) -> dict | None:
     if not manifest.exists():
         return None
     try:
-        params = json.loads(manifest.read_text()).get("parameters")
+        m = json.loads(manifest.read_text())
+        params = m.get("parameters")
     except (OSError, ValueError, AttributeError) as exc:
         raise click.UsageError(f"{manifest} is unreadable ({exc.__class__.__name__}: {exc}); restore it, or move "
                                f"it away to treat {folder} as a foreign folder (detection only)") from None
+    if "baseline" in m or m.get("command") == "select":  # vlcp's, but no distillation to rerun: detection only
+        return None
     if not isinstance(params, dict) or "data" not in params or "ipc" not in params:
         raise click.UsageError(f"{manifest} has no distillation parameters; move it away to treat {folder} as a "
                                f"foreign folder (detection only)")

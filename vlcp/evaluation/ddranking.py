@@ -157,7 +157,7 @@ def export(out: Path, dest: Path, *, dataset: str | None = None, teacher: Path |
     manifest = read_manifest(out)
     dataset = dataset or _set_dataset(manifest).get("name")
     if not dataset:
-        raise EvalError(f"{out} has no vlcp manifest naming its dataset: pass the dataset")
+        raise EvalError(f"{out} has no vlcp manifest naming its dataset: pass --dataset NAME")
     name = ddranking_name(dataset)
     src = images_dir(out)
     folders = sorted(x.name for x in src.iterdir() if is_class_dir(x) and x.name not in NOT_CLASSES)

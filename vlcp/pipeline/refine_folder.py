@@ -37,7 +37,7 @@ def detect_only(folder, cfg, cache) -> dict:
         st["confidence"] += sc["probs"][c]
     for st in per_class.values():
         st["confidence"] = round(st["confidence"] / st["images"], 4)
-    report = {"vlcp_version": __version__, "folder": str(folder), "mode": "detection only (not a vlcp output)",
+    report = {"vlcp_version": __version__, "folder": str(folder), "mode": "detection only (not a vlcp distill output)",
               "beta": beta, "detector": det.entry.meta, "per_class": per_class, "images": rows}
     publish(Path(cfg.out), lambda tmp: write_json(tmp / "report.json", report))
     return report
