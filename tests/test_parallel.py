@@ -230,11 +230,18 @@ def test_unwritable_cache_is_refused_before_any_work(tmp_path, vlcp, monkeypatch
     with pytest.raises(ParallelError, match=r"file is not a folder"):
         parallel.check_writable(tmp_path / "file" / "cache")
 
-    def denied(*a, **k):
-        raise PermissionError(13, "Permission denied")
+    from vlcp.store import files
 
-    monkeypatch.setattr("tempfile.mkstemp", denied)  # root ignores mode bits: deny the probe instead
-    res = vlcp("distill", *RUN, "--out", tmp_path / "out", cache=tmp_path / "ro")
+    real = files.new_file
+
+    def denied(folder, *a, **k):  # root ignores mode bits: deny the cache's probe instead (in tmp_path)
+        if str(folder) == str(tmp_path):
+            raise PermissionError(13, "Permission denied")
+        return real(folder, *a, **k)
+
+    monkeypatch.setattr(files, "new_file", denied)
+    (tmp_path / "outs").mkdir()  # (--out's own probe goes there)
+    res = vlcp("distill", *RUN, "--out", tmp_path / "outs" / "out", cache=tmp_path / "ro")
     assert res.exit_code == 1
     assert res.output.strip().splitlines()[-1] == (f"Error: cache directory {tmp_path / 'ro'} is not writable by "
                                                    f"this process ({tmp_path}: Permission denied)")

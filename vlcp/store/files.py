@@ -20,6 +20,17 @@ def kept() -> list[tuple[str, Path]]:
     return [("the current folder", Path.cwd()), *_KEPT.items()]
 
 
+def probe_write(path: str | os.PathLike) -> Path:
+    """Create and remove a probe file in the nearest existing folder of ``path`` (returned); OSError if that
+    folder takes no new file. Permission bits alone would miss root squashing and read-only mounts."""
+    p = Path(path)
+    folder = next((a for a in (p, *p.parents) if a.exists()), p)
+    fd, probe = new_file(folder, ".vlcp-write-probe-")
+    os.close(fd)
+    os.unlink(probe)
+    return folder
+
+
 def new_file(folder: str | os.PathLike, prefix: str, suffix: str = "") -> tuple[int, str]:
     """(fd, path) of a new, unique file in ``folder``, opened for writing: ``tempfile.mkstemp`` with the mode
     ``open`` would give it (0666 less the umask) instead of 0600."""

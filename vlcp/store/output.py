@@ -178,20 +178,16 @@ def _work_folder(out: Path) -> Path:
 def _check_writable(out: Path, name: str) -> None:
     """A probe file in the folder ``publish`` will write (its nearest existing ancestor if not made yet): a
     read-only disk or folder is one line before any work, not a traceback after it."""
-    import os
-
-    from vlcp.store.files import new_file
+    from vlcp.store.files import probe_write
 
     work = Path(out).resolve()
     work = _work_folder(work) if work.exists() else work.parent
-    work = next((a for a in (work, *work.parents) if a.exists()), work)
     try:
-        fd, probe = new_file(work, ".vlcp-write-probe-")
+        probe_write(work)
     except OSError as exc:
-        raise OutputError(f"{name} {out} cannot be written: {work} is not writable "
+        where = next((a for a in (work, *work.parents) if a.exists()), work)
+        raise OutputError(f"{name} {out} cannot be written: {where} is not writable "
                           f"({exc.strerror or exc})") from None
-    os.close(fd)
-    os.unlink(probe)
 
 
 def check_export(out: Path, dest: Path, force: bool) -> None:

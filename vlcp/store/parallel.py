@@ -262,22 +262,20 @@ def check_writable(root: str | os.PathLike) -> None:
     """Refuse a cache directory this process cannot write, before any work: one line, nothing left behind.
 
     Every process of a launch writes the shared cache, so each one checks by creating (and removing) a
-    probe file in the nearest existing folder of the path; permission bits alone would miss root
-    squashing and read-only mounts."""
-    import tempfile
+    probe file in the nearest existing folder of the path (``files.probe_write``)."""
     from pathlib import Path
+
+    from vlcp.store.files import probe_write
 
     p = Path(root)
     probe = next((a for a in (p, *p.parents) if a.exists()), p)
     if not probe.is_dir():
         raise ParallelError(f"cache directory {root}: {probe} is not a folder")
     try:
-        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".vlcp-write-probe-")
+        probe_write(probe)
     except OSError as exc:
         raise ParallelError(f"cache directory {root} is not writable by this process "
                             f"({probe}: {exc.strerror or exc})") from None
-    os.close(fd)
-    os.unlink(tmp)
 
 
 def local_device(device: str, cuda_count: int) -> str:

@@ -12,8 +12,8 @@ if TYPE_CHECKING:
 def clusters(run: Run, step: Step) -> None:
     """K-Means per class (k = IPC, n_init 10, --seed); the centres are the image prototypes. One entry per
     class, not kept in memory: the peak is one class's latents whatever the number of classes."""
-    from vlcp.pipeline.run import DistillError
     from vlcp.pipeline.stages import masks as ms
+    from vlcp.pipeline.stages.images import too_few
     from vlcp.store.arrays import array_hash
 
     p, st = step.p, run.st
@@ -22,13 +22,12 @@ def clusters(run: Run, step: Step) -> None:
 
     def compute(idx):
         for c in idx:
-            f, rows = run.folders[c], st.inliers[c]
+            rows = st.inliers[c]
             try:
                 centres, members, dup = clusters_mod.class_clusters(ms.features(run, rows, c, p.object_masks), rows,
                                                                     p.ipc, p.seed, p.allow_duplicates)
             except clusters_mod.TooFewImages:
-                raise DistillError(f"class {f!r} ({run.ds.classes[c].name}) has {len(rows)} usable images, fewer "
-                                   f"than --ipc {p.ipc}; lower --ipc or pass --allow-duplicates") from None
+                raise too_few(run, c, len(rows)) from None
             if p.object_masks:
                 centres = ms.unmasked_centres(run, members)
             yield ({"members": members, "sizes": [len(m) for m in members], "duplicated": dup,

@@ -41,15 +41,21 @@ def _enough_for_ipc(run: Run) -> None:
     """A class with fewer usable images than IPC stops the clusters stage; say so here, before the hours of
     captions and latents (and in a dry run), with the clusters stage's own words. A check, not an input: it
     reads the config, not the stage's keyed parameters."""
+    if run.cfg.allow_duplicates or "clusters" not in run.todo:
+        return
+    for c, idx in enumerate(run.st.by_class):
+        if len(idx) < run.cfg.ipc:
+            raise too_few(run, c, len(idx))
+
+
+def too_few(run: Run, c: int, n: int):
+    """The error of class ``c`` with ``n`` usable images, fewer than IPC (here and in the clusters stage),
+    naming --max-per-class where that cap is what limits it."""
     from vlcp.pipeline.run import DistillError
 
     p = run.cfg
-    if p.allow_duplicates or "clusters" not in run.todo:
-        return
-    for c, idx in enumerate(run.st.by_class):
-        if len(idx) < p.ipc:
-            capped = p.max_per_class is not None and len(idx) == p.max_per_class
-            how = f"raise --max-per-class {p.max_per_class}, lower --ipc" if capped else "lower --ipc"
-            raise DistillError(f"class {run.folders[c]!r} ({run.ds.classes[c].name}) has {len(idx)} usable images"
-                               f"{' (--max-per-class)' if capped else ''}, fewer than --ipc {p.ipc}; {how} or pass "
-                               f"--allow-duplicates")
+    capped = p.max_per_class is not None and n == p.max_per_class
+    how = f"raise --max-per-class {p.max_per_class}, lower --ipc" if capped else "lower --ipc"
+    return DistillError(f"class {run.folders[c]!r} ({run.ds.classes[c].name}) has {n} usable images"
+                        f"{' (--max-per-class)' if capped else ''}, fewer than --ipc {p.ipc}; {how} or pass "
+                        f"--allow-duplicates")
